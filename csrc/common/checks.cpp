@@ -1,0 +1,142 @@
+#include "weightshare/checks.h"
+
+#include <c10/util/Exception.h>
+
+#include "weightshare/packing.h"
+#include "weightshare/search_table.h"
+
+namespace weightshare {
+namespace {
+
+bool is_float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_device(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() || t.device().is_cuda(), "weightshare: ", name,
+              " must be on a CPU or CUDA device, got ", t.device());
+}
+
+void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), "weightshare: ", name, " is on ", t.device(), " but ", ref_name,
+              " is on ", ref.device(), "; all inputs must be on the same device");
+}
+
+void check_dense(const at::Tensor& t, const char* name) {
+  check_device(t, name);
+  TORCH_CHECK_VALUE(t.numel() > 0, "weightshare: ", name, " is empty (shape ", t.sizes(), ")");
+  TORCH_CHECK_VALUE(t.is_contiguous(), "weightshare: ", name, " must be contiguous (call .contiguous())");
+  TORCH_CHECK_VALUE(!t.is_complex(), "weightshare: ", name, " must be real");
+}
+
+void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(is_float_type(t.scalar_type()), "weightshare: ", name,
+                   " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  check_dense(t, name);
+}
+
+void check_uint8(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kByte, "weightshare: ", name, " must be uint8, got ", t.scalar_type());
+  check_dense(t, name);
+}
+
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& w) {
+  check_float(t, name);
+  check_same_device(t, name, w, "w");
+  TORCH_CHECK_VALUE(t.sizes() == w.sizes(), "weightshare: ", name, " must have the shape of w ", w.sizes(),
+                    ", got ", t.sizes());
+}
+
+int64_t rows_of(const at::Tensor& w) { return w.dim() >= 2 ? w.size(0) : 1; }
+
+Grouping grouping(const at::Tensor& w, int64_t groups, const char* what) {
+  const int64_t rows = rows_of(w);
+  TORCH_CHECK_VALUE(groups >= 1 && rows % groups == 0, "weightshare: ", what, " has ", groups,
+                    " groups, which must divide the ", rows, " rows of w (dim 0); use 1 (per layer) or ", rows,
+                    " (per output row)");
+  return Grouping{w.numel(), rows, groups, w.numel() / groups};
+}
+
+void check_codebook(const at::Tensor& codebook, const at::Tensor& w) {
+  check_float(codebook, "codebook");
+  check_same_device(codebook, "codebook", w, "w");
+  TORCH_CHECK_VALUE(codebook.dim() == 2, "weightshare: codebook must be 2-D [G, K], got shape ", codebook.sizes());
+  TORCH_CHECK_VALUE(codebook.size(1) >= 1 && codebook.size(1) <= kMaxCodebook, "weightshare: codebook has K=",
+                    codebook.size(1), " entries; K must be in 1..", kMaxCodebook, " (indices are uint8)");
+}
+
+}  // namespace
+
+void fail_value(const std::string& message) { TORCH_CHECK_VALUE(false, "weightshare: ", message); }
+
+void check_bits(int64_t bits) {
+  TORCH_CHECK_VALUE(bits >= kMinBits && bits <= kMaxBits, "weightshare: bits must be in ", kMinBits, "..",
+                    kMaxBits, ", got ", bits);
+}
+
+void check_pack(const at::Tensor& idx, int64_t bits) {
+  check_bits(bits);
+  check_uint8(idx, "idx");
+  TORCH_CHECK_VALUE(idx.dim() >= 1, "weightshare: idx must have at least one dimension");
+}
+
+void check_unpack(const at::Tensor& packed, int64_t bits, int64_t n) {
+  check_bits(bits);
+  check_uint8(packed, "packed");
+  TORCH_CHECK_VALUE(packed.dim() >= 1, "weightshare: packed must have at least one dimension");
+  TORCH_CHECK_VALUE(n >= 1, "weightshare: n (indices per row) must be >= 1, got ", n);
+  const int64_t expect = packed_row_bytes(n, static_cast<int>(bits));
+  TORCH_CHECK_VALUE(packed.size(-1) == expect, "weightshare: packed rows of ", n, " indices at ", bits,
+                    " bits must hold ", expect, " bytes, got last dimension ", packed.size(-1));
+}
+
+Grouping check_assign(const at::Tensor& w, const at::Tensor& codebook) {
+  check_float(w, "w");
+  check_codebook(codebook, w);
+  return grouping(w, codebook.size(0), "codebook");
+}
+
+Grouping check_kmeans_step(const at::Tensor& w, const at::Tensor& idx, int64_t k,
+                           const std::optional<at::Tensor>& importance, int64_t groups) {
+  check_float(w, "w");
+  check_uint8(idx, "idx");
+  check_same_device(idx, "idx", w, "w");
+  TORCH_CHECK_VALUE(idx.sizes() == w.sizes(), "weightshare: idx must have the shape of w ", w.sizes(), ", got ",
+                    idx.sizes());
+  TORCH_CHECK_VALUE(k >= 1 && k <= kMaxCodebook, "weightshare: k must be in 1..", kMaxCodebook, ", got ", k);
+  if (importance.has_value()) check_like(*importance, "importance", w);
+  return grouping(w, groups, "groups");
+}
+
+Grouping check_loss_aware_assign(const at::Tensor& w, const std::optional<at::Tensor>& grad, const at::Tensor& hdiag,
+                                 const at::Tensor& codebook, const std::optional<at::Tensor>& penalty) {
+  check_float(w, "w");
+  if (grad.has_value()) check_like(*grad, "grad", w);
+  check_like(hdiag, "hdiag", w);
+  check_codebook(codebook, w);
+  if (penalty.has_value()) {
+    check_float(*penalty, "penalty");
+    check_same_device(*penalty, "penalty", w, "w");
+    TORCH_CHECK_VALUE(penalty->sizes() == codebook.sizes(), "weightshare: penalty must have the shape of codebook ",
+                      codebook.sizes(), ", got ", penalty->sizes());
+  }
+  return grouping(w, codebook.size(0), "codebook");
+}
+
+void check_kmeans1d_optimal(const at::Tensor& values, const at::Tensor& weights, int64_t k) {
+  TORCH_CHECK_TYPE(values.scalar_type() == at::kDouble, "weightshare: values must be float64, got ",
+                   values.scalar_type());
+  TORCH_CHECK_TYPE(weights.scalar_type() == at::kDouble, "weightshare: weights must be float64, got ",
+                   weights.scalar_type());
+  check_dense(values, "values");
+  check_dense(weights, "weights");
+  TORCH_CHECK(values.device().is_cpu() && weights.device().is_cpu(),
+              "weightshare: kmeans1d_optimal runs on the CPU (a sequential dynamic programme); values and weights "
+              "must be CPU tensors");
+  TORCH_CHECK_VALUE(values.dim() == 1 && weights.dim() == 1 && values.numel() == weights.numel(),
+                    "weightshare: values and weights must be 1-D of equal length, got ", values.sizes(), " and ",
+                    weights.sizes());
+  TORCH_CHECK_VALUE(k >= 1 && k <= kMaxCodebook, "weightshare: k must be in 1..", kMaxCodebook, ", got ", k);
+}
+
+}  // namespace weightshare

@@ -1,0 +1,35 @@
+#pragma once
+// One input check per op, shared by the CPU and CUDA implementations (compiled once, in common/checks.cpp).
+// Each failure raises through TORCH_CHECK_* with a message naming the argument:
+//   TypeError  (TORCH_CHECK_TYPE)  wrong dtype
+//   ValueError (TORCH_CHECK_VALUE) wrong shape, size, range, empty, non-contiguous
+//   RuntimeError (TORCH_CHECK)     device mismatch
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace weightshare {
+
+// A weight tensor seen as `rows` rows (dim 0; 1 for a 1-D tensor) split into `groups` consecutive row blocks,
+// each with its own codebook. Group g covers the flat elements [g * group_numel, (g + 1) * group_numel).
+struct Grouping {
+  int64_t numel;
+  int64_t rows;
+  int64_t groups;
+  int64_t group_numel;
+};
+
+void check_bits(int64_t bits);
+void check_pack(const at::Tensor& idx, int64_t bits);
+void check_unpack(const at::Tensor& packed, int64_t bits, int64_t n);
+Grouping check_assign(const at::Tensor& w, const at::Tensor& codebook);
+Grouping check_kmeans_step(const at::Tensor& w, const at::Tensor& idx, int64_t k,
+                           const std::optional<at::Tensor>& importance, int64_t groups);
+Grouping check_loss_aware_assign(const at::Tensor& w, const std::optional<at::Tensor>& grad, const at::Tensor& hdiag,
+                                 const at::Tensor& codebook, const std::optional<at::Tensor>& penalty);
+void check_kmeans1d_optimal(const at::Tensor& values, const at::Tensor& weights, int64_t k);
+
+// Raised after a kernel reports a bad value it found in the data (NaN weight, index out of range, ...).
+[[noreturn]] void fail_value(const std::string& message);
+
+}  // namespace weightshare

@@ -1,0 +1,40 @@
+#pragma once
+// Which SIMD path the CPU kernels take: the best the CPU supports, capped by the environment variable
+// WS_CPU_SIMD = scalar | avx2 | avx512 (read on every call, so tests and benchmarks can compare the paths).
+#include <cstdlib>
+#include <cstring>
+
+namespace weightshare {
+
+enum class Simd { Scalar = 0, Avx2 = 2, Avx512 = 3 };
+
+inline Simd simd_level() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                           __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
+  static const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  Simd best = avx512 ? Simd::Avx512 : avx2 ? Simd::Avx2 : Simd::Scalar;
+  const char* env = std::getenv("WS_CPU_SIMD");
+  if (env != nullptr) {
+    if (std::strcmp(env, "scalar") == 0 || std::strcmp(env, "0") == 0) return Simd::Scalar;
+    if (std::strcmp(env, "avx2") == 0 && best >= Simd::Avx2) return Simd::Avx2;
+  }
+  return best;
+#else
+  return Simd::Scalar;
+#endif
+}
+
+inline const char* simd_name(Simd s) {
+  return s == Simd::Avx512 ? "avx512" : s == Simd::Avx2 ? "avx2" : "scalar";
+}
+
+}  // namespace weightshare
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define WS_X86 1
+#define WS_AVX2 __attribute__((target("avx2,fma,f16c,bmi2")))
+#define WS_AVX512 __attribute__((target("avx2,fma,f16c,bmi2,avx512f,avx512bw,avx512vl,avx512dq")))
+#endif

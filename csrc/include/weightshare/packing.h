@@ -1,0 +1,50 @@
+#pragma once
+// The packed-index layout, the single definition every kernel (CPU and CUDA) and formats.py follow.
+//
+// A tensor of indices [..., n] (each < 2**bits, bits in 1..8) packs row by row (a row = the last dimension):
+//   * a row is a little-endian bit stream: index i occupies stream bits [i*bits, (i+1)*bits), least significant
+//     bit first, and stream bit s lives in byte s/8 at bit position s%8;
+//   * each row is padded with zero bits to a whole number of 32-bit words, so every row starts 4-byte aligned
+//     and kernels may read a row as little-endian uint32 words;
+//   * the packed tensor is uint8 [..., packed_row_bytes(n, bits)].
+// For bits in {1, 2, 4, 8} no index straddles a byte; for 3, 5, 6, 7 an index may span two bytes.
+#include <cstdint>
+
+#include "weightshare/macros.h"
+
+namespace weightshare {
+
+constexpr int kMinBits = 1;
+constexpr int kMaxBits = 8;
+
+WS_HD int64_t packed_row_words(int64_t n, int bits) { return (n * bits + 31) / 32; }
+WS_HD int64_t packed_row_bytes(int64_t n, int bits) { return packed_row_words(n, bits) * 4; }
+
+// Index i of a packed row (reads only bytes that hold its bits).
+WS_HD uint32_t unpack_one(const uint8_t* row, int64_t i, int bits) {
+  const int64_t bit = i * bits;
+  const uint8_t* p = row + (bit >> 3);
+  const int shift = static_cast<int>(bit & 7);
+  uint32_t v = p[0];
+  if (shift + bits > 8) v |= static_cast<uint32_t>(p[1]) << 8;
+  return (v >> shift) & ((1u << bits) - 1u);
+}
+
+// Word w (bits [32w, 32w+32) of the stream) of a row of n indices. Sets *bad when an index is >= 2**bits.
+WS_HD uint32_t pack_word(const uint8_t* idx_row, int64_t n, int bits, int64_t w, bool* bad) {
+  const int64_t first_bit = 32 * w;
+  const int64_t first = first_bit / bits;
+  int64_t last = (first_bit + 31) / bits;
+  if (last > n - 1) last = n - 1;
+  const uint32_t limit = 1u << bits;
+  uint32_t word = 0;
+  for (int64_t i = first; i <= last; ++i) {
+    const uint32_t v = idx_row[i];
+    if (v >= limit) *bad = true;
+    const int64_t s = i * bits - first_bit;  // may be negative: the index started in the previous word
+    word |= s >= 0 ? (v << s) : (v >> -s);
+  }
+  return word;
+}
+
+}  // namespace weightshare

@@ -1,0 +1,40 @@
+// Every op schema of the weightshare library, in one place. The CPU and CUDA kernels register their
+// implementations under the same names (cpu/*.cpp, cuda/*.cu); python/weightshare/ops.py adds the fake (meta)
+// kernels, autograd and documented wrappers. See csrc/README.md for how to add an op.
+#include <Python.h>
+#include <torch/library.h>
+
+// `import weightshare._C` loads this library, whose static initialisers register the ops below. No Python
+// functions live here: everything is reached through torch.ops.weightshare.*.
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "weightshare native ops (see torch.ops.weightshare)",
+                               -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(weightshare, m) {
+  // Packs uint8 indices [..., n], each < 2**bits, into uint8 [..., packed_row_bytes(n, bits)] (layout:
+  // include/weightshare/packing.h). Raises ValueError if an index does not fit in `bits`.
+  m.def("pack(Tensor idx, int bits) -> Tensor");
+
+  // Inverse of pack: uint8 [..., packed_row_bytes(n, bits)] -> uint8 indices [..., n], bit-exact.
+  m.def("unpack(Tensor packed, int bits, int n) -> Tensor");
+
+  // Nearest codebook entry of each weight: w float [R, ...], codebook [G, K] (G divides R; group g serves rows
+  // g*R/G .. (g+1)*R/G-1), returns uint8 indices shaped like w. Ties go to the lowest index (search_table.h).
+  m.def("assign(Tensor w, Tensor codebook) -> Tensor");
+
+  // Lloyd statistics of an assignment: per group g and entry j, the float64 sums
+  //   sums[g,j] = sum h*w,  weights[g,j] = sum h,  sqsums[g,j] = sum h*w^2   over weights with idx == j
+  // (h = importance, or 1). New centroid = sums/weights; distortion of codebook c = sum(sqsums - 2c*sums + c^2*weights).
+  m.def("kmeans_step(Tensor w, Tensor idx, int k, Tensor? importance=None, int groups=1) -> (Tensor, Tensor, Tensor)");
+
+  // Loss-aware assignment, the second-order model of the loss change of moving w to entry c:
+  //   argmin_j  grad*(c_j - w) + 0.5*hdiag*(c_j - w)^2 + penalty[g, j]
+  // (grad None = 0; penalty [G, K] carries a size/entropy cost per entry). Ties go to the lowest index.
+  m.def("loss_aware_assign(Tensor w, Tensor? grad, Tensor hdiag, Tensor codebook, Tensor? penalty=None) -> Tensor");
+
+  // Exact weighted 1-D k-means (dynamic programme) over sorted distinct float64 values with float64 weights:
+  // returns (centroids float64 [min(k, n)], ascending; the optimal weighted squared error, float64 scalar). CPU only.
+  m.def("kmeans1d_optimal(Tensor values, Tensor weights, int k) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,162 @@
+"""Typed, documented wrappers of torch.ops.weightshare.*, their fake (meta) kernels, and the reference fallback.
+
+Every op runs on CPU and CUDA with one schema (csrc/ops.cpp). Inputs must be contiguous; bad input raises
+TypeError (dtype), ValueError (shape, range, bad values) or RuntimeError (device mismatch) naming the argument.
+Without the native library, the same calls run the pure-PyTorch reference (weightshare.reference).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from weightshare import reference
+from weightshare._native import NATIVE, has_kernel
+from weightshare.formats import packed_row_bytes
+
+__all__ = ["pack", "unpack", "assign", "kmeans_step", "loss_aware_assign", "kmeans1d_optimal"]
+
+
+def _native(op: str, *tensors: Tensor) -> bool:
+    return has_kernel(op, tensors[0].device.type)
+
+
+def pack(idx: Tensor, bits: int) -> Tensor:
+    """Bit-pack uint8 indices [..., n] (each < 2**bits, bits 1..8) into uint8 [..., packed_row_bytes(n, bits)].
+
+    Layout: weightshare.formats. Raises ValueError if an index does not fit in `bits`."""
+    if _native("pack", idx):
+        return torch.ops.weightshare.pack(idx, bits)
+    return reference.pack(idx, bits)
+
+
+def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
+    """Inverse of pack: uint8 [..., packed_row_bytes(n, bits)] -> uint8 indices [..., n], bit-exact."""
+    if _native("unpack", packed):
+        return torch.ops.weightshare.unpack(packed, bits, n)
+    return reference.unpack(packed, bits, n)
+
+
+def _as_2d(codebook: Tensor) -> Tensor:
+    return codebook.unsqueeze(0) if codebook.dim() == 1 else codebook
+
+
+def assign(w: Tensor, codebook: Tensor) -> Tensor:
+    """Index of the nearest codebook entry for every weight (uint8, shaped like w).
+
+    w: float32/float16/bfloat16 [R, ...]. codebook: [K] or [G, K] (any of the three float dtypes), K <= 256;
+    G divides R and group g serves rows g*R/G .. (g+1)*R/G - 1 (G = 1: one codebook per layer, G = R: per row).
+    Distances are compared in fp32 against midpoints between sorted entries; a weight exactly on a midpoint goes
+    to the entry with the lower index, and duplicate entries resolve to their lowest index (exact rule:
+    csrc/include/weightshare/search_table.h). +-Inf weights go to the largest/smallest entry. NaN weights and
+    non-finite codebooks raise ValueError.
+
+    Per-weight importance does not change the nearest entry (argmin_j h*(w-c_j)^2 = argmin_j (w-c_j)^2 for h > 0);
+    it enters through kmeans_step (weighted centroids) and loss_aware_assign (curvature plus entry penalties)."""
+    codebook = _as_2d(codebook)
+    if _native("assign", w):
+        return torch.ops.weightshare.assign(w, codebook)
+    return reference.assign(w, codebook)
+
+
+def kmeans_step(w: Tensor, idx: Tensor, k: int, importance: Optional[Tensor] = None, groups: int = 1):
+    """Lloyd statistics of an assignment, per group g and entry j (float64 [G, k] each):
+
+        sums[g, j] = sum h*w,   weights[g, j] = sum h,   sqsums[g, j] = sum h*w^2   over weights with idx == j
+
+    with h = importance (or 1). The weighted centroid is sums / weights, and the weighted distortion of any
+    codebook c under this assignment is sum_j (sqsums - 2*c*sums + c^2*weights). The CPU kernel is bit-identical
+    for any thread count; the CUDA kernel uses float64 atomics (last-bit differences between runs)."""
+    if _native("kmeans_step", w):
+        return torch.ops.weightshare.kmeans_step(w, idx, k, importance, groups)
+    return reference.kmeans_step(w, idx, k, importance, groups)
+
+
+def loss_aware_assign(w: Tensor, grad: Optional[Tensor], hdiag: Tensor, codebook: Tensor,
+                      penalty: Optional[Tensor] = None) -> Tensor:
+    """Per weight, the entry minimising the second-order model of the loss change of moving w to it:
+
+        grad*(c_j - w) + 0.5*hdiag*(c_j - w)^2 + penalty[g, j]
+
+    evaluated in fp32 as ((0.5*hdiag*d + grad)*d) + penalty with d = c_j - w; ties go to the lowest index.
+    grad None means 0; hdiag may be negative (then the far entries win, as the model says). penalty: [K] or
+    [G, K], a per-entry cost (e.g. a size/entropy price); +inf forbids an entry. Non-finite w, grad or hdiag raise
+    ValueError."""
+    codebook = _as_2d(codebook)
+    if penalty is not None:
+        penalty = _as_2d(penalty).expand_as(codebook).contiguous()
+    if _native("loss_aware_assign", w):
+        return torch.ops.weightshare.loss_aware_assign(w, grad, hdiag, codebook, penalty)
+    return reference.loss_aware_assign(w, grad, hdiag, codebook, penalty)
+
+
+def kmeans1d_optimal(values: Tensor, weights: Tensor, k: int):
+    """Exact weighted 1-D k-means over sorted distinct float64 values with float64 weights >= 0.
+
+    Returns (centroids float64 [min(k, n)] ascending, optimal weighted squared error). Runs on the CPU
+    (a sequential dynamic programme, O(k n log n)); CUDA inputs are moved there and the results moved back."""
+    device = values.device
+    values, weights = values.cpu(), weights.cpu()
+    if _native("kmeans1d_optimal", values):
+        c, cost = torch.ops.weightshare.kmeans1d_optimal(values, weights, k)
+    else:
+        c, cost = reference.kmeans1d_optimal(values, weights, k)
+    return c.to(device), cost.to(device)
+
+
+# ----------------------------------------------------------------------------------------------- fake kernels
+if NATIVE:
+
+    def _check(cond: bool, msg: str, exc=ValueError):
+        if not cond:
+            raise exc(f"weightshare: {msg}")
+
+    def _rows(w: Tensor) -> int:
+        return w.shape[0] if w.dim() >= 2 else 1
+
+    @torch.library.register_fake("weightshare::pack")
+    def _pack_fake(idx, bits):
+        _check(1 <= bits <= 8, f"bits must be in 1..8, got {bits}")
+        _check(idx.dtype == torch.uint8, f"idx must be uint8, got {idx.dtype}", TypeError)
+        _check(idx.dim() >= 1, "idx must have at least one dimension")
+        return idx.new_empty((*idx.shape[:-1], packed_row_bytes(idx.shape[-1], bits)))
+
+    @torch.library.register_fake("weightshare::unpack")
+    def _unpack_fake(packed, bits, n):
+        _check(1 <= bits <= 8, f"bits must be in 1..8, got {bits}")
+        _check(packed.dtype == torch.uint8, f"packed must be uint8, got {packed.dtype}", TypeError)
+        _check(packed.dim() >= 1 and packed.shape[-1] == packed_row_bytes(n, bits),
+               f"packed rows of {n} indices at {bits} bits must hold {packed_row_bytes(n, bits)} bytes")
+        return packed.new_empty((*packed.shape[:-1], n))
+
+    def _check_codebook(w, codebook):
+        _check(w.dtype in reference._FLOATS, f"w must be float32, float16 or bfloat16, got {w.dtype}", TypeError)
+        _check(codebook.dim() == 2 and 1 <= codebook.shape[1] <= 256, "codebook must be [G, K] with K in 1..256")
+        _check(_rows(w) % codebook.shape[0] == 0, "codebook groups must divide the rows of w")
+
+    @torch.library.register_fake("weightshare::assign")
+    def _assign_fake(w, codebook):
+        _check_codebook(w, codebook)
+        return torch.empty_like(w, dtype=torch.uint8)
+
+    @torch.library.register_fake("weightshare::kmeans_step")
+    def _kmeans_step_fake(w, idx, k, importance=None, groups=1):
+        _check(idx.shape == w.shape, "idx must have the shape of w")
+        _check(1 <= k <= 256, f"k must be in 1..256, got {k}")
+        _check(groups >= 1 and _rows(w) % groups == 0, "groups must divide the rows of w")
+        return tuple(w.new_empty((groups, k), dtype=torch.float64) for _ in range(3))
+
+    @torch.library.register_fake("weightshare::loss_aware_assign")
+    def _loss_aware_assign_fake(w, grad, hdiag, codebook, penalty=None):
+        _check_codebook(w, codebook)
+        _check(hdiag.shape == w.shape and (grad is None or grad.shape == w.shape),
+               "grad and hdiag must have the shape of w")
+        _check(penalty is None or penalty.shape == codebook.shape, "penalty must have the shape of codebook")
+        return torch.empty_like(w, dtype=torch.uint8)
+
+    @torch.library.register_fake("weightshare::kmeans1d_optimal")
+    def _kmeans1d_optimal_fake(values, weights, k):
+        _check(values.dim() == 1 and values.shape == weights.shape, "values and weights must be 1-D, equal length")
+        m = min(k, values.shape[0])
+        return values.new_empty((m,)), values.new_empty(())

@@ -1,0 +1,154 @@
+"""Slow, obviously-correct PyTorch versions of every op. Tests compare the kernels against these, and ws.ops
+falls back to them when the native library is missing. They follow the exact definitions in the op docs
+(including fp32 rounding order), so kernel and reference agree bit for bit where the docs say so."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from weightshare.formats import packed_row_bytes
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------- packing
+def pack(idx: Tensor, bits: int) -> Tensor:
+    n = idx.shape[-1]
+    if int(idx.max()) >= (1 << bits):
+        raise ValueError(f"weightshare: idx holds a value >= 2**bits = {1 << bits}")
+    v = idx.to(torch.int64)
+    stream = ((v[..., None] >> torch.arange(bits, device=idx.device)) & 1).reshape(*idx.shape[:-1], n * bits)
+    total = packed_row_bytes(n, bits) * 8
+    stream = torch.nn.functional.pad(stream, (0, total - n * bits))
+    weights = 1 << torch.arange(8, device=idx.device)
+    return (stream.reshape(*idx.shape[:-1], total // 8, 8) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
+    if packed.shape[-1] != packed_row_bytes(n, bits):
+        raise ValueError(f"weightshare: packed rows of {n} indices at {bits} bits must hold "
+                         f"{packed_row_bytes(n, bits)} bytes, got {packed.shape[-1]}")
+    stream = (packed.to(torch.int64)[..., None] >> torch.arange(8, device=packed.device)) & 1
+    stream = stream.reshape(*packed.shape[:-1], -1)[..., : n * bits].reshape(*packed.shape[:-1], n, bits)
+    return (stream << torch.arange(bits, device=packed.device)).sum(-1).to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------------- assignment
+def _float_below(x: Tensor) -> Tensor:
+    """The largest float32 strictly below each finite x (mirror of float_below in search_table.h)."""
+    b = x.view(torch.int32)
+    below = torch.where(x > 0, b - 1, b + 1)
+    below = torch.where(x == 0, torch.full_like(b, -2147483647), below)  # 0x80000001: -smallest denormal
+    return below.view(torch.float32)
+
+
+def search_table(c: Tensor) -> tuple[Tensor, Tensor]:
+    """(thresholds, order) of one group's fp32 codebook, exactly as build_search_table in search_table.h."""
+    if not torch.isfinite(c).all():
+        raise ValueError("weightshare: codebook contains NaN or Inf; codebook entries must be finite")
+    vals, perm = torch.sort(c, stable=True)
+    keep = torch.ones_like(vals, dtype=torch.bool)
+    keep[1:] = vals[1:] != vals[:-1]
+    vals, order = vals[keep], perm[keep]  # stable sort: the first of equal values has the lowest index
+    a, b = vals[:-1], vals[1:]
+    t = 0.5 * a + 0.5 * b
+    t = torch.where(order[1:] < order[:-1], _float_below(t), t)
+    t = torch.minimum(torch.maximum(t, a), _float_below(b))
+    return t, order
+
+
+def _groups(w: Tensor, G: int) -> Tensor:
+    rows = w.shape[0] if w.dim() >= 2 else 1
+    if rows % G:
+        raise ValueError(f"weightshare: {G} groups must divide the {rows} rows of w")
+    return w.reshape(G, -1)
+
+
+def assign(w: Tensor, codebook: Tensor) -> Tensor:
+    x = _groups(w.float(), codebook.shape[0])
+    if torch.isnan(x).any():
+        raise ValueError("weightshare: w contains NaN; NaN weights have no nearest codebook entry")
+    out = torch.empty(x.shape, dtype=torch.uint8, device=w.device)
+    for g in range(x.shape[0]):
+        t, order = search_table(codebook[g].float())
+        for s in range(0, x.shape[1], 1 << 16):  # bounded memory
+            xs = x[g, s : s + (1 << 16)]
+            pos = (t[None, :] < xs[:, None]).sum(1)
+            out[g, s : s + (1 << 16)] = order[pos].to(torch.uint8)
+    return out.reshape(w.shape)
+
+
+def kmeans_step(w: Tensor, idx: Tensor, k: int, importance: Tensor | None = None, groups: int = 1):
+    x = _groups(w.double(), groups)
+    ix = _groups(idx, groups).long()
+    if int(ix.max()) >= k:
+        raise ValueError(f"weightshare: idx holds a value >= k = {k}")
+    h = torch.ones_like(x) if importance is None else _groups(importance.double(), groups)
+    flat = ix + torch.arange(groups, device=w.device)[:, None] * k
+    out = []
+    for v in (h * x, h, h * x * x):
+        out.append(torch.zeros(groups * k, dtype=torch.float64, device=w.device)
+                   .index_add_(0, flat.reshape(-1), v.reshape(-1)).reshape(groups, k))
+    return tuple(out)
+
+
+def loss_aware_assign(w: Tensor, grad: Tensor | None, hdiag: Tensor, codebook: Tensor,
+                      penalty: Tensor | None = None) -> Tensor:
+    G, K = codebook.shape
+    x = _groups(w.float(), G)
+    g = torch.zeros_like(x) if grad is None else _groups(grad.float(), G)
+    hh = 0.5 * _groups(hdiag.float(), G)
+    c = codebook.float()
+    p = torch.zeros_like(c) if penalty is None else penalty.float()
+    if not (torch.isfinite(x).all() and torch.isfinite(g).all() and torch.isfinite(hh).all()):
+        raise ValueError("weightshare: w, grad or hdiag contains NaN or Inf")
+    out = torch.empty(x.shape, dtype=torch.uint8, device=w.device)
+    for s in range(0, x.shape[1], 1 << 14):
+        sl = slice(s, s + (1 << 14))
+        d = c[:, None, :] - x[:, sl, None]  # same fp32 rounding order as the kernels: ((hh*d + g)*d) + p
+        obj = (hh[:, sl, None] * d + g[:, sl, None]) * d + p[:, None, :]
+        out[:, sl] = obj.argmin(-1).to(torch.uint8)  # argmin returns the first minimum: ties -> lowest index
+    return out.reshape(w.shape)
+
+
+# ----------------------------------------------------------------------------------------------- 1-D k-means
+def kmeans1d_optimal(values: Tensor, weights: Tensor, k: int):
+    """O(k n^2) dynamic programme: the definition the O(k n log n) kernel must match (small n only)."""
+    x = values.double().tolist()
+    wt = weights.double().tolist()
+    n = len(x)
+    m = min(k, n)
+    W = [0.0] * (n + 1)
+    S = [0.0] * (n + 1)
+    Q = [0.0] * (n + 1)
+    for i in range(n):
+        W[i + 1] = W[i] + wt[i]
+        S[i + 1] = S[i] + wt[i] * x[i]
+        Q[i + 1] = Q[i] + wt[i] * x[i] * x[i]
+
+    def cost(i, j):
+        ws = W[j + 1] - W[i]
+        if ws <= 0:
+            return 0.0
+        s = S[j + 1] - S[i]
+        return max(0.0, Q[j + 1] - Q[i] - s * s / ws)
+
+    inf = float("inf")
+    D = [[inf] * n for _ in range(m)]
+    A = [[0] * n for _ in range(m)]
+    for j in range(n):
+        D[0][j] = cost(0, j)
+    for layer in range(1, m):
+        for j in range(layer, n):
+            for i in range(layer, j + 1):
+                v = D[layer - 1][i - 1] + cost(i, j)
+                if v < D[layer][j]:
+                    D[layer][j], A[layer][j] = v, i
+    cents = [0.0] * m
+    end = n - 1
+    for layer in range(m - 1, -1, -1):
+        start = 0 if layer == 0 else A[layer][end]
+        ws = W[end + 1] - W[start]
+        cents[layer] = (S[end + 1] - S[start]) / ws if ws > 0 else x[(start + end) // 2]
+        end = start - 1
+    return torch.tensor(cents, dtype=torch.float64), torch.tensor(D[m - 1][n - 1], dtype=torch.float64)
