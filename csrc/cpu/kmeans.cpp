@@ -66,16 +66,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kmeans_step_cpu(const at::Tensor&
     });
   });
   if (bad) fail_value("idx holds a value >= k = " + std::to_string(k));
-  // [G, chunks, 3, K] -> [3, G, K], summing the chunks in order (no reduction whose order depends on threads)
-  at::Tensor total = at::zeros({3, G, K}, stats.options());
-  double* tot = total.data_ptr<double>();
+  // [G, chunks, 3, K] -> three [G, K], summing the chunks in order (no reduction whose order depends on threads).
+  // Three separate tensors: the schema promises outputs that do not alias.
+  const auto opts = w.options().dtype(at::kDouble);
+  at::Tensor out[3] = {at::zeros({G, K}, opts), at::zeros({G, K}, opts), at::zeros({G, K}, opts)};
+  double* dst[3] = {out[0].data_ptr<double>(), out[1].data_ptr<double>(), out[2].data_ptr<double>()};
   at::parallel_for(0, G, 64, [&](int64_t b, int64_t e) {
     for (int64_t g = b; g < e; ++g)
       for (int64_t c = 0; c < chunks; ++c)
         for (int q = 0; q < 3; ++q)
-          for (int j = 0; j < K; ++j) tot[(q * G + g) * K + j] += st[((g * chunks + c) * 3 + q) * K + j];
+          for (int j = 0; j < K; ++j) dst[q][g * K + j] += st[((g * chunks + c) * 3 + q) * K + j];
   });
-  return {total[0], total[1], total[2]};
+  return {out[0], out[1], out[2]};
 }
 
 // ---------------------------------------------------------------------------------------------------------------

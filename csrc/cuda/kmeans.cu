@@ -22,7 +22,8 @@ __device__ __forceinline__ double to_d(T x) { return static_cast<double>(static_
 template <typename T>
 __global__ void kmeans_step_kernel(const T* __restrict__ w, const uint8_t* __restrict__ idx, const T* __restrict__ h,
                                    int K, int64_t group_numel, int64_t tiles_per_group, int64_t G,
-                                   double* __restrict__ out /* [3, G, K] */, int* error) {
+                                   double* __restrict__ sums, double* __restrict__ weights,
+                                   double* __restrict__ sqsums, int* error) {
   extern __shared__ double s_acc[];  // [3, K]
   for (int j = threadIdx.x; j < 3 * K; j += blockDim.x) s_acc[j] = 0.0;
   __syncthreads();
@@ -44,9 +45,10 @@ __global__ void kmeans_step_kernel(const T* __restrict__ w, const uint8_t* __res
   }
   if (bad) atomicOr(error, 1);
   __syncthreads();
+  double* out[3] = {sums, weights, sqsums};
   for (int j = threadIdx.x; j < 3 * K; j += blockDim.x) {
     const int q = j / K, e = j % K;
-    if (s_acc[j] != 0.0) atomicAdd(&out[(q * G + g) * K + e], s_acc[j]);
+    if (s_acc[j] != 0.0) atomicAdd(&out[q][g * K + e], s_acc[j]);
   }
 }
 
@@ -58,14 +60,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kmeans_step_cuda(const at::Tensor
   const int K = static_cast<int>(k);
   const int64_t tiles = (gr.group_numel + kTile - 1) / kTile;
   TORCH_CHECK(gr.groups * tiles <= INT32_MAX, "weightshare: kmeans_step: too many tiles for one launch");
-  at::Tensor out = at::zeros({3, gr.groups, K}, w.options().dtype(at::kDouble));
+  const auto opts = w.options().dtype(at::kDouble);  // three separate outputs: the schema promises no aliasing
+  at::Tensor out[3] = {at::zeros({gr.groups, K}, opts), at::zeros({gr.groups, K}, opts),
+                       at::zeros({gr.groups, K}, opts)};
   const at::Tensor h = importance.has_value() ? importance->to(w.scalar_type()).contiguous() : at::Tensor();
   cuda::ErrorFlag error(w);
   WS_DISPATCH_FLOAT(w.scalar_type(), "weightshare::kmeans_step_cuda", [&] {
     kmeans_step_kernel<scalar_t><<<static_cast<unsigned>(gr.groups * tiles), cuda::kThreads,
                                    3 * K * sizeof(double), cuda::stream()>>>(
         w.data_ptr<scalar_t>(), idx.data_ptr<uint8_t>(), h.defined() ? h.data_ptr<scalar_t>() : nullptr, K,
-        gr.group_numel, tiles, gr.groups, out.data_ptr<double>(), error.ptr());
+        gr.group_numel, tiles, gr.groups, out[0].data_ptr<double>(), out[1].data_ptr<double>(),
+        out[2].data_ptr<double>(), error.ptr());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   error.check("idx holds a value >= k = " + std::to_string(k));

@@ -104,19 +104,9 @@ def _distortion(codebook: Tensor, stats) -> Tensor:
     return (sqsums - 2 * c * sums + c * c * weights).sum(1).clamp_min(0)
 
 
-def kmeans(w: Tensor, k: int, importance: Optional[Tensor] = None, init: str = "linear", groups: int = 1,
-           max_iter: int = 30, tol: float = 1e-6, seed: int = 0, codebook: Optional[Tensor] = None) -> KMeansResult:
-    """Weighted Lloyd k-means of the scalar weights w into k shared values per group.
-
-    Each iteration is two passes over the weights: `ops.assign` (nearest entry) and `ops.kmeans_step`
-    (weighted sums). Stops when the distortion improves by less than `tol` (relative), after `max_iter`
-    assignments. An empty cluster keeps its value. Pass `codebook` to start from given values instead of `init`."""
-    _validate(w, k, importance, groups)
-    w = w.detach().contiguous()
-    imp = None if importance is None else importance.detach().to(w.dtype).contiguous()
-    c = (init_codebook(w, k, init, imp, groups, seed) if codebook is None else
-         codebook.detach().reshape(groups, k).float().clone())
-    prev = None
+def _lloyd(w: Tensor, c: Tensor, k: int, imp: Optional[Tensor], groups: int, max_iter: int, tol: float):
+    """Lloyd passes from codebook c; returns (codebook, idx, distortion, passes), idx being nearest under codebook."""
+    prev, prev_idx = None, None
     it = 0
     while True:
         it += 1
@@ -124,12 +114,45 @@ def kmeans(w: Tensor, k: int, importance: Optional[Tensor] = None, init: str = "
         stats = ops.kmeans_step(w, idx, k, imp, groups)
         dist = _distortion(c, stats)
         total = float(dist.sum())
-        converged = prev is not None and prev - total <= tol * max(prev, 1e-300)
-        if converged or it >= max_iter:
-            break
-        prev = total
+        fixed_point = prev_idx is not None and torch.equal(idx, prev_idx)  # the update cannot change anything
+        if fixed_point or (prev is not None and prev - total <= tol * max(prev, 1e-300)) or it >= max_iter:
+            return c, idx, dist, it
+        prev, prev_idx = total, idx
         sums, weights, _ = stats
         c = torch.where(weights > 0, sums / weights.clamp_min(1e-300), c.double()).float()
+
+
+def _coarse_lloyd(w: Tensor, c: Tensor, k: int, imp: Optional[Tensor], groups: int, bins: int) -> Tensor:
+    """Lloyd to convergence on a fine weighted histogram (each bin a point at its weighted mean, weighing its total
+    importance): nearly the full-data fixed point at a tiny fraction of the cost, so the full passes that
+    follow only polish."""
+    x = w.reshape(groups, -1).float()
+    h = None if imp is None else imp.reshape(groups, -1)
+    weight, wsum, lo, span = _weighted_histogram(x, h, bins)
+    centres = lo.double() + (torch.arange(bins, device=w.device, dtype=torch.float64) + 0.5) / bins * span.double()
+    means = torch.where(weight > 0, wsum / weight.clamp_min(1e-300), centres).float().contiguous()
+    c, _, _, _ = _lloyd(means, c, k, weight.float().contiguous(), groups, max_iter=200, tol=1e-9)
+    return c
+
+
+def kmeans(w: Tensor, k: int, importance: Optional[Tensor] = None, init: str = "linear", groups: int = 1,
+           max_iter: int = 30, tol: float = 1e-5, seed: int = 0, codebook: Optional[Tensor] = None,
+           coarse_bins: int = 16384) -> KMeansResult:
+    """Weighted Lloyd k-means of the scalar weights w into k shared values per group.
+
+    After the initial codebook (`init`, or the given `codebook`), Lloyd first runs to convergence on a
+    `coarse_bins`-bin weighted histogram of each group (skipped for small groups or coarse_bins=0), then polishes
+    with full passes over the weights: `ops.assign` (nearest entry) then `ops.kmeans_step` (weighted sums) per
+    pass, until the distortion improves by less than `tol` (relative) or after `max_iter` passes. An empty
+    cluster keeps its value. The result's codebook is sorted ascending and idx is the nearest assignment."""
+    _validate(w, k, importance, groups)
+    w = w.detach().contiguous()
+    imp = None if importance is None else importance.detach().to(w.dtype).contiguous()
+    c = (init_codebook(w, k, init, imp, groups, seed) if codebook is None else
+         codebook.detach().reshape(groups, k).float().clone())
+    if coarse_bins and w.numel() // groups > 8 * coarse_bins:
+        c = _coarse_lloyd(w, c, k, imp, groups, coarse_bins)
+    c, idx, dist, it = _lloyd(w, c, k, imp, groups, max_iter, tol)
     order = torch.argsort(c, dim=1)  # ascending codebook: remap the indices through the permutation
     inverse = torch.argsort(order, dim=1).to(torch.uint8)
     c = torch.gather(c, 1, order)
@@ -154,7 +177,7 @@ def kmeans_optimal(w: Tensor, k: int, importance: Optional[Tensor] = None, group
     for g in range(groups):
         xg = x[g].double()
         vals = None
-        if bins is None:
+        if bins is None and xg.numel() <= max_exact:  # else: more distinct values than max_exact is possible
             vals, inv = torch.unique(xg, sorted=True, return_inverse=True)
             if vals.numel() <= max_exact:
                 hw = torch.ones_like(xg) if h is None else h[g].double()
@@ -175,5 +198,5 @@ def kmeans_optimal(w: Tensor, k: int, importance: Optional[Tensor] = None, group
             c = torch.cat([c, c[-1:].expand(k - c.numel())])
         cents[g] = c.float().to(w.device)
     if binned and refine > 0:
-        return kmeans(w, k, imp, groups=groups, max_iter=refine + 1, tol=0.0, codebook=cents)
-    return kmeans(w, k, imp, groups=groups, max_iter=1, codebook=cents)
+        return kmeans(w, k, imp, groups=groups, max_iter=refine + 1, tol=0.0, codebook=cents, coarse_bins=0)
+    return kmeans(w, k, imp, groups=groups, max_iter=1, codebook=cents, coarse_bins=0)

@@ -1,0 +1,34 @@
+"""Shared test fixtures: the devices to run on (CUDA only when a GPU and the CUDA kernels are both present) and the
+CPU SIMD paths (each test that takes `simd` runs once per path the kernels have)."""
+import pytest
+import torch
+
+import weightshare as ws
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and ws.cuda_built() else [])
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def pytest_report_header(config):
+    return (f"weightshare: native={ws.NATIVE} cuda_built={ws.cuda_built()} "
+            f"cuda_available={torch.cuda.is_available()} devices={DEVICES}")
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+@pytest.fixture(params=["scalar", "avx2", "avx512"])
+def simd(request, monkeypatch):
+    """CPU SIMD path (a path the CPU lacks falls back to the best it has, which is still a valid run)."""
+    monkeypatch.setenv("WS_CPU_SIMD", request.param)
+    return request.param
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)
+
+
+requires_native = pytest.mark.skipif(not ws.NATIVE, reason=f"native library missing: {ws.NATIVE_ERROR}")
