@@ -37,4 +37,23 @@ TORCH_LIBRARY(weightshare, m) {
   // Exact weighted 1-D k-means (dynamic programme) over sorted distinct float64 values with float64 weights:
   // returns (centroids float64 [min(k, n)], ascending; the optimal weighted squared error, float64 scalar). CPU only.
   m.def("kmeans1d_optimal(Tensor values, Tensor weights, int k) -> (Tensor, Tensor)");
+
+  // Decodes packed indices [R, packed_row_bytes(n, bits)] through codebook [G, K] (G divides R, K <= 2**bits) into
+  // a dense tensor of `shape` (shape[0] == R, numel == R * n) with the codebook's dtype. The reference path and
+  // an autograd helper; the shared-weight kernels never call it.
+  m.def("dequantize(Tensor packed, Tensor codebook, int bits, int[] shape) -> Tensor");
+
+  // y = x @ W^T + bias with W [out_features, in_features] given only as packed indices [out_features,
+  // packed_row_bytes(in_features, bits)] and codebook [G, K]; x [..., in_features] fp32/fp16/bf16, y has x's
+  // dtype. activation "float": exact (fp32 accumulation); "int8": activations quantized per row to int8 on the
+  // fly and the codebook looked up as int8 values (per-group scale). The dense W is never materialised.
+  m.def(
+      "shared_linear(Tensor x, Tensor packed, Tensor codebook, int bits, int out_features, int in_features, "
+      "Tensor? bias=None, str activation=\"float\") -> Tensor");
+
+  // Gradients of shared_linear's float path: (grad_x [..., in_features] in x's dtype, or empty when not needed;
+  // grad_codebook [G, K] float32: per entry, the sum of dL/dW over the weights that use it, or empty).
+  m.def(
+      "shared_linear_backward(Tensor grad_out, Tensor x, Tensor packed, Tensor codebook, int bits, "
+      "int out_features, int in_features, bool need_x_grad, bool need_codebook_grad) -> (Tensor, Tensor)");
 }

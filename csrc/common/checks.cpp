@@ -139,4 +139,82 @@ void check_kmeans1d_optimal(const at::Tensor& values, const at::Tensor& weights,
   TORCH_CHECK_VALUE(k >= 1 && k <= kMaxCodebook, "weightshare: k must be in 1..", kMaxCodebook, ", got ", k);
 }
 
+namespace {
+
+PackedWeight check_packed_weight(const at::Tensor& packed, const at::Tensor& codebook, int64_t bits, int64_t rows,
+                                 int64_t cols) {
+  check_bits(bits);
+  check_uint8(packed, "packed");
+  check_float(codebook, "codebook");
+  check_same_device(codebook, "codebook", packed, "packed");
+  TORCH_CHECK_VALUE(codebook.dim() == 2, "weightshare: codebook must be 2-D [G, K], got shape ", codebook.sizes());
+  const int64_t K = codebook.size(1);
+  TORCH_CHECK_VALUE(K >= 1 && K <= (int64_t(1) << bits), "weightshare: codebook has K=", K,
+                    " entries, more than 2**bits = ", int64_t(1) << bits, " (bits=", bits, ")");
+  TORCH_CHECK_VALUE(rows >= 1 && cols >= 1, "weightshare: the weight must have at least one row and column, got ",
+                    rows, " x ", cols);
+  const int64_t row_bytes = packed_row_bytes(cols, static_cast<int>(bits));
+  TORCH_CHECK_VALUE(packed.dim() == 2 && packed.size(0) == rows && packed.size(1) == row_bytes,
+                    "weightshare: packed must be [", rows, ", ", row_bytes, "] for ", rows, " rows of ", cols,
+                    " indices at ", bits, " bits, got ", packed.sizes());
+  TORCH_CHECK_VALUE(rows % codebook.size(0) == 0, "weightshare: codebook has ", codebook.size(0),
+                    " groups, which must divide the ", rows, " rows");
+  return PackedWeight{rows, cols, codebook.size(0), K, row_bytes};
+}
+
+}  // namespace
+
+PackedWeight check_dequantize(const at::Tensor& packed, const at::Tensor& codebook, int64_t bits,
+                              at::IntArrayRef shape) {
+  TORCH_CHECK_VALUE(!shape.empty(), "weightshare: shape must have at least one dimension");
+  int64_t numel = 1;
+  for (int64_t s : shape) {
+    TORCH_CHECK_VALUE(s >= 1, "weightshare: shape must be positive, got ", shape);
+    TORCH_CHECK_VALUE(numel <= (int64_t(1) << 40) / s, "weightshare: shape ", shape, " is too large");
+    numel *= s;
+  }
+  const int64_t rows = shape[0];
+  return check_packed_weight(packed, codebook, bits, rows, numel / rows);
+}
+
+PackedWeight check_shared_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
+                                 int64_t bits, int64_t out_features, int64_t in_features,
+                                 const std::optional<at::Tensor>& bias, c10::string_view activation,
+                                 Activation* parsed) {
+  check_float(x, "x");
+  check_same_device(packed, "packed", x, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == in_features, "weightshare: x must be [..., in_features=",
+                    in_features, "], got ", x.sizes());
+  const PackedWeight pw = check_packed_weight(packed, codebook, bits, out_features, in_features);
+  if (bias.has_value()) {
+    check_float(*bias, "bias");
+    check_same_device(*bias, "bias", x, "x");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out_features, "weightshare: bias must be [",
+                      out_features, "], got ", bias->sizes());
+  }
+  if (activation == "float") {
+    *parsed = Activation::Float;
+  } else if (activation == "int8") {
+    *parsed = Activation::Int8;
+  } else {
+    TORCH_CHECK_VALUE(false, "weightshare: activation must be \"float\" or \"int8\", got \"", activation, "\"");
+  }
+  return pw;
+}
+
+PackedWeight check_shared_linear_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& packed,
+                                          const at::Tensor& codebook, int64_t bits, int64_t out_features,
+                                          int64_t in_features) {
+  Activation unused;
+  const PackedWeight pw =
+      check_shared_linear(x, packed, codebook, bits, out_features, in_features, std::nullopt, "float", &unused);
+  check_float(grad_out, "grad_out");
+  check_same_device(grad_out, "grad_out", x, "x");
+  TORCH_CHECK_VALUE(grad_out.dim() == x.dim() && grad_out.size(-1) == out_features &&
+                        grad_out.numel() / out_features == x.numel() / in_features,
+                    "weightshare: grad_out must be [..., out_features=", out_features, "] matching x ", x.sizes(),
+                    ", got ", grad_out.sizes());
+  return pw;
+}
+
 }  // namespace weightshare

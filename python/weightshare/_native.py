@@ -24,12 +24,22 @@ except Exception as exc:  # ImportError, or OSError from a library that does not
     )
 
 
+def _registered_kernels() -> frozenset:
+    """(op, device type) pairs the native library registered, read once at import: a plain set lookup is what
+    torch.compile can trace (the dispatcher query itself would break the graph)."""
+    if not NATIVE:
+        return frozenset()
+    names = [n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("weightshare::")]
+    return frozenset((op, dev) for op in names for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                     if torch._C._dispatch_has_kernel_for_dispatch_key(f"weightshare::{op}", key))
+
+
+_KERNELS = _registered_kernels()
+
+
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether the native library registered `op` (e.g. "assign") for a device type ("cpu" or "cuda")."""
-    if not NATIVE:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"weightshare::{op}", key)
+    return (op, device_type) in _KERNELS
 
 
 def cuda_built() -> bool:

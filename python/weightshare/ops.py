@@ -15,7 +15,8 @@ from weightshare import reference
 from weightshare._native import NATIVE, has_kernel
 from weightshare.formats import packed_row_bytes
 
-__all__ = ["pack", "unpack", "assign", "kmeans_step", "loss_aware_assign", "kmeans1d_optimal"]
+__all__ = ["pack", "unpack", "assign", "kmeans_step", "loss_aware_assign", "kmeans1d_optimal", "dequantize",
+           "shared_linear"]
 
 
 def _native(op: str, *tensors: Tensor) -> bool:
@@ -105,6 +106,54 @@ def kmeans1d_optimal(values: Tensor, weights: Tensor, k: int):
     return c.to(device), cost.to(device)
 
 
+def dequantize(packed: Tensor, codebook: Tensor, bits: int, shape) -> Tensor:
+    """Dense weight of `shape` (codebook's dtype) from packed indices [shape[0], packed_row_bytes(n, bits)],
+    n = prod(shape[1:]), through codebook [G, K] (G divides shape[0], K <= 2**bits). Indices must be < K; an index
+    >= K (only possible when K < 2**bits) reads NaN, so corrupt data shows instead of passing silently."""
+    codebook = _as_2d(codebook)
+    shape = [int(s) for s in shape]
+    if _native("dequantize", packed):
+        return torch.ops.weightshare.dequantize(packed, codebook, bits, shape)
+    return reference.dequantize(packed, codebook, bits, shape)
+
+
+def shared_linear(x: Tensor, packed: Tensor, codebook: Tensor, bits: int, out_features: int, in_features: int,
+                  bias: Optional[Tensor] = None, activation: str = "float") -> Tensor:
+    """y = x @ W^T + bias, W [out_features, in_features] read directly from its packed form (never materialised).
+
+    x: [..., in_features] float32/float16/bfloat16; y has x's dtype. packed: [out_features,
+    packed_row_bytes(in_features, bits)]; codebook: [K] or [G, K] (G divides out_features: 1 = per layer, or
+    per output row), K <= 2**bits. activation="float": exact, fp32 accumulation. activation="int8": the fast CPU
+    inference path: x quantized per row and the codebook per group to symmetric int8, exact integer dot products
+    (reference.shared_linear defines it to the bit). Differentiable in x, codebook and bias (float formula; the
+    int8 path's gradient is the float path's: straight-through)."""
+    codebook = _as_2d(codebook)
+    if _native("shared_linear", x):
+        return torch.ops.weightshare.shared_linear(x, packed, codebook, bits, out_features, in_features, bias,
+                                                   activation)
+    return _SharedLinearReference.apply(x, packed, codebook, bits, out_features, in_features, bias, activation)
+
+
+class _SharedLinearReference(torch.autograd.Function):
+    """Autograd for the reference path (no native library)."""
+
+    @staticmethod
+    def forward(ctx, x, packed, codebook, bits, out_features, in_features, bias, activation):
+        ctx.save_for_backward(x, packed, codebook)
+        ctx.meta = (bits, out_features, in_features, bias is not None)
+        return reference.shared_linear(x, packed, codebook, bits, out_features, in_features, bias, activation)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, packed, codebook = ctx.saved_tensors
+        bits, out_f, in_f, has_bias = ctx.meta
+        gx, gc = reference.shared_linear_backward(grad, x, packed, codebook, bits, out_f, in_f,
+                                                  ctx.needs_input_grad[0], ctx.needs_input_grad[2])
+        gb = grad.reshape(-1, out_f).sum(0) if has_bias and ctx.needs_input_grad[6] else None
+        return (gx if ctx.needs_input_grad[0] else None, None, gc.to(codebook.dtype) if ctx.needs_input_grad[2]
+                else None, None, None, None, gb, None)
+
+
 # ----------------------------------------------------------------------------------------------- fake kernels
 if NATIVE:
 
@@ -160,3 +209,58 @@ if NATIVE:
         _check(values.dim() == 1 and values.shape == weights.shape, "values and weights must be 1-D, equal length")
         m = min(k, values.shape[0])
         return values.new_empty((m,)), values.new_empty(())
+
+    @torch.library.register_fake("weightshare::dequantize")
+    def _dequantize_fake(packed, codebook, bits, shape):
+        _check(1 <= bits <= 8, f"bits must be in 1..8, got {bits}")
+        _check(codebook.dim() == 2 and codebook.shape[1] <= (1 << bits), "codebook must be [G, K], K <= 2**bits")
+        n = 1
+        for d in shape[1:]:
+            n *= d
+        _check(packed.shape == (shape[0], packed_row_bytes(n, bits)), "packed does not match shape")
+        return packed.new_empty(shape, dtype=codebook.dtype)
+
+    def _check_linear(x, packed, codebook, bits, out_features, in_features):
+        _check(x.dtype in reference._FLOATS, f"x must be float32, float16 or bfloat16, got {x.dtype}", TypeError)
+        _check(x.shape[-1] == in_features, f"x must be [..., in_features={in_features}]")
+        _check(packed.shape == (out_features, packed_row_bytes(in_features, bits)),
+               f"packed must be [{out_features}, {packed_row_bytes(in_features, bits)}]")
+        _check(codebook.dim() == 2 and codebook.shape[1] <= (1 << bits) and out_features % codebook.shape[0] == 0,
+               "codebook must be [G, K] with G dividing out_features and K <= 2**bits")
+
+    @torch.library.register_fake("weightshare::shared_linear")
+    def _shared_linear_fake(x, packed, codebook, bits, out_features, in_features, bias=None, activation="float"):
+        _check_linear(x, packed, codebook, bits, out_features, in_features)
+        _check(activation in ("float", "int8"), f"activation must be 'float' or 'int8', got {activation!r}")
+        return x.new_empty((*x.shape[:-1], out_features))
+
+    @torch.library.register_fake("weightshare::shared_linear_backward")
+    def _shared_linear_backward_fake(grad_out, x, packed, codebook, bits, out_features, in_features, need_x_grad,
+                                     need_codebook_grad):
+        _check_linear(x, packed, codebook, bits, out_features, in_features)
+        gx = x.new_empty(x.shape) if need_x_grad else x.new_empty(0)
+        gc = codebook.new_empty(codebook.shape, dtype=torch.float32) if need_codebook_grad else \
+            codebook.new_empty(0, dtype=torch.float32)
+        return gx, gc
+
+    def _shared_linear_setup(ctx, inputs, output):
+        x, packed, codebook, bits, out_features, in_features, bias, activation = inputs
+        ctx.save_for_backward(x, packed, codebook)
+        ctx.meta = (bits, out_features, in_features, bias is not None)
+
+    def _shared_linear_backward(ctx, grad):
+        x, packed, codebook = ctx.saved_tensors
+        bits, out_f, in_f, has_bias = ctx.meta
+        need_x, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        gx = gc = gb = None
+        if need_x or need_c:
+            gx, gc = torch.ops.weightshare.shared_linear_backward(grad.contiguous(), x, packed, codebook, bits, out_f,
+                                                                  in_f, need_x, need_c)
+            gx = gx if need_x else None
+            gc = gc.to(codebook.dtype) if need_c else None
+        if has_bias and ctx.needs_input_grad[6]:
+            gb = grad.reshape(-1, out_f).sum(0)
+        return gx, None, gc, None, None, None, gb, None
+
+    torch.library.register_autograd("weightshare::shared_linear", _shared_linear_backward,
+                                    setup_context=_shared_linear_setup)

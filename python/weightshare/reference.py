@@ -152,3 +152,76 @@ def kmeans1d_optimal(values: Tensor, weights: Tensor, k: int):
         cents[layer] = (S[end + 1] - S[start]) / ws if ws > 0 else x[(start + end) // 2]
         end = start - 1
     return torch.tensor(cents, dtype=torch.float64), torch.tensor(D[m - 1][n - 1], dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------- shared weights
+def dequantize(packed: Tensor, codebook: Tensor, bits: int, shape) -> Tensor:
+    """Dense weight of `shape` from packed indices; indices >= K read NaN (documented in ops.dequantize)."""
+    rows = shape[0]
+    n = 1
+    for s in shape[1:]:
+        n *= s
+    idx = unpack(packed, bits, n).long()  # [rows, n]
+    G, K = codebook.shape
+    table = torch.full((G, 1 << bits), float("nan"), dtype=torch.float32, device=codebook.device)
+    table[:, :K] = codebook.float()
+    groups = torch.arange(rows, device=packed.device) // (rows // G)
+    return table[groups[:, None], idx].to(codebook.dtype).reshape(shape)
+
+
+def quantize_int8_symmetric(t: Tensor, dim: int = -1):
+    """Per-slice symmetric int8: scale = max|t| / 127 (1 where the slice is all zero), q = round(t / scale)."""
+    t = t.float()
+    scale = t.abs().amax(dim, keepdim=True) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(t / scale).clamp_(-127, 127)
+    return q, scale
+
+
+def shared_linear(x: Tensor, packed: Tensor, codebook: Tensor, bits: int, out_features: int, in_features: int,
+                  bias: Tensor | None = None, activation: str = "float") -> Tensor:
+    """The definition the kernels follow. float: fp32 x @ W^T (+ bias). int8: activations per row and the
+    codebook per group quantized to symmetric int8, exact integer dot products, then
+    y = acc * (scale_x * scale_w) + bias in fp32."""
+    x2 = x.reshape(-1, in_features)
+    if activation == "float":
+        w = dequantize(packed, codebook, bits, (out_features, in_features)).float()
+        y = x2.float() @ w.T
+        if bias is not None:
+            y = y + bias.float()
+    elif activation == "int8":
+        G, K = codebook.shape
+        cq, sw = quantize_int8_symmetric(codebook, dim=1)  # [G, K], [G, 1]
+        table = torch.zeros(G, 1 << bits)
+        table[:, :K] = cq
+        idx = unpack(packed, bits, in_features).long()
+        groups = torch.arange(out_features) // (out_features // G)
+        wq = table[groups[:, None], idx].long()  # [out, in]
+        xq, sx = quantize_int8_symmetric(x2, dim=1)  # [M, in], [M, 1]
+        acc = (xq.long() @ wq.T).float()
+        y = acc * (sx * sw[groups, 0][None, :])
+        if bias is not None:
+            y = y + bias.float()
+    else:
+        raise ValueError(f"weightshare: activation must be 'float' or 'int8', got {activation!r}")
+    return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+
+
+def shared_linear_backward(grad_out: Tensor, x: Tensor, packed: Tensor, codebook: Tensor, bits: int,
+                           out_features: int, in_features: int, need_x_grad: bool, need_codebook_grad: bool):
+    g2 = grad_out.reshape(-1, out_features).float()
+    x2 = x.reshape(-1, in_features).float()
+    w = dequantize(packed, codebook, bits, (out_features, in_features)).float()
+    gx = (g2 @ w).to(x.dtype).reshape(x.shape) if need_x_grad else x.new_empty(0)
+    if need_codebook_grad:
+        G, K = codebook.shape
+        gw = g2.T @ x2  # [out, in]
+        idx = unpack(packed, bits, in_features).long()
+        groups = torch.arange(out_features, device=x.device) // (out_features // G)
+        valid = (idx < K).reshape(-1)  # an index >= K has no entry to credit
+        flat = (groups[:, None] * K + idx).reshape(-1)[valid]
+        gc = torch.zeros(G * K, dtype=torch.float32, device=x.device).index_add_(0, flat, gw.reshape(-1)[valid])
+        gc = gc.reshape(G, K)
+    else:
+        gc = codebook.new_empty(0, dtype=torch.float32)
+    return gx, gc

@@ -29,6 +29,26 @@ Grouping check_loss_aware_assign(const at::Tensor& w, const std::optional<at::Te
                                  const at::Tensor& codebook, const std::optional<at::Tensor>& penalty);
 void check_kmeans1d_optimal(const at::Tensor& values, const at::Tensor& weights, int64_t k);
 
+// A packed weight matrix: `rows` rows of `cols` indices, codebook [groups, K] (K <= 2**bits).
+struct PackedWeight {
+  int64_t rows;
+  int64_t cols;
+  int64_t groups;
+  int64_t K;
+  int64_t row_bytes;
+};
+PackedWeight check_dequantize(const at::Tensor& packed, const at::Tensor& codebook, int64_t bits,
+                              at::IntArrayRef shape);
+enum class Activation { Float, Int8 };
+// Returns the packed-weight description; x must be [..., in_features].
+PackedWeight check_shared_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
+                                 int64_t bits, int64_t out_features, int64_t in_features,
+                                 const std::optional<at::Tensor>& bias, c10::string_view activation,
+                                 Activation* parsed);
+PackedWeight check_shared_linear_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& packed,
+                                          const at::Tensor& codebook, int64_t bits, int64_t out_features,
+                                          int64_t in_features);
+
 // Raised after a kernel reports a bad value it found in the data (NaN weight, index out of range, ...).
 [[noreturn]] void fail_value(const std::string& message);
 

@@ -12,8 +12,10 @@ inline Simd simd_level() {
 #if defined(__x86_64__) || defined(_M_X64)
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                            __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
+  // the AVX-512 paths use byte permutes (VBMI) and int8 dot products (VNNI): Ice Lake, Sapphire Rapids, Zen 4+
   static const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                             __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vnni");
   Simd best = avx512 ? Simd::Avx512 : avx2 ? Simd::Avx2 : Simd::Scalar;
   const char* env = std::getenv("WS_CPU_SIMD");
   if (env != nullptr) {
@@ -36,5 +38,6 @@ inline const char* simd_name(Simd s) {
 #include <immintrin.h>
 #define WS_X86 1
 #define WS_AVX2 __attribute__((target("avx2,fma,f16c,bmi2")))
-#define WS_AVX512 __attribute__((target("avx2,fma,f16c,bmi2,avx512f,avx512bw,avx512vl,avx512dq")))
+#define WS_AVX512 \
+  __attribute__((target("avx2,fma,f16c,bmi2,avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512vnni")))
 #endif

@@ -1,0 +1,202 @@
+// CPU shared_linear, float path, and the op entry point.
+//  * up to kGemvRows rows of x (batch-1 inference): a GEMV that decodes 16 indices at a time into a register
+//    (byte permute + variable shift, then a permute lookup of the codebook held in registers) and feeds FMAs for
+//    every x row, four independent accumulators per row; parallel over output rows.
+//  * more rows: decode a panel of W rows (~2 MiB, cache resident) once and multiply it with all rows of x by
+//    the dense GEMM (at::mm); the panel is reused across the whole batch.
+#include "shared_linear.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "weightshare/cpu_decode.h"
+#include "weightshare/dispatch.h"
+
+namespace weightshare::cpu {
+namespace {
+
+constexpr int64_t kGemvRows = 4;
+
+// Per-thread decode state: the table of the group last used.
+struct GroupTable {
+  DecodeTable table;
+  int64_t group = -1;
+  const DecodeTable& get(const PackedLinear& w, int64_t row) {
+    const int64_t g = row / w.rows_per_group;
+    if (g != group) {
+      table.fill(w.codebook + g * w.K, static_cast<int>(w.K), w.bits);
+      group = g;
+    }
+    return table;
+  }
+};
+
+// Scalar/portable GEMV: decode the row into a buffer, then plain dot products (the compiler vectorises them).
+template <int BITS>
+void gemv_rows_portable(const PackedLinear& w, const float* x, int64_t M, int64_t r0, int64_t r1, float* y) {
+  GroupTable gt;
+  std::vector<float> row(w.in_features);
+  for (int64_t r = r0; r < r1; ++r) {
+    decode_scalar<BITS>(w.packed + r * w.row_bytes, 0, w.in_features, gt.get(w, r).v, row.data());
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * w.in_features;
+      float acc = 0.0f;
+      for (int64_t i = 0; i < w.in_features; ++i) acc += row[i] * xm[i];
+      y[m * w.out_features + r] = acc;
+    }
+  }
+}
+
+#ifdef WS_X86
+template <int BITS, int M>
+WS_AVX512 void gemv_rows_avx512(const PackedLinear& w, const float* x, int64_t r0, int64_t r1, float* y) {
+  const Avx512Unpack16<BITS> unpack;
+  GroupTable gt;
+  const int64_t in = w.in_features;
+  const int64_t blocks = in / 16;
+  const int64_t tail = blocks * 16;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = w.packed + r * w.row_bytes;
+    const DecodeTable& dt = gt.get(w, r);
+    const float* table = dt.v;
+    const Avx512Lookup<BITS> lookup(dt);
+    __m512 acc[M][4];
+    for (int m = 0; m < M; ++m)
+      for (int u = 0; u < 4; ++u) acc[m][u] = _mm512_setzero_ps();
+    int64_t blk = 0;
+    for (; blk + 4 <= blocks; blk += 4) {
+      for (int u = 0; u < 4; ++u) {
+        const __m512 wv = lookup(unpack.indices(row, blk + u));
+        for (int m = 0; m < M; ++m)
+          acc[m][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * in + 16 * (blk + u)), acc[m][u]);
+      }
+    }
+    for (; blk < blocks; ++blk) {
+      const __m512 wv = lookup(unpack.indices(row, blk));
+      for (int m = 0; m < M; ++m) acc[m][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * in + 16 * blk), acc[m][0]);
+    }
+    for (int m = 0; m < M; ++m) {
+      float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
+                                                   _mm512_add_ps(acc[m][2], acc[m][3])));
+      for (int64_t i = tail; i < in; ++i) s += table[unpack_one(row, i, BITS)] * x[m * in + i];
+      y[m * w.out_features + r] = s;
+    }
+  }
+}
+#endif
+
+#ifdef WS_X86
+template <int BITS>
+WS_AVX512 void decode_rows_avx512(const PackedLinear& w, int64_t r0, int64_t r1, int64_t dst_row0, float* dst) {
+  const Avx512Unpack16<BITS> unpack;
+  GroupTable gt;
+  const int64_t blocks = w.in_features / 16;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = w.packed + r * w.row_bytes;
+    const DecodeTable& dt = gt.get(w, r);
+    const Avx512Lookup<BITS> lookup(dt);
+    float* out = dst + (r - dst_row0) * w.in_features;
+    for (int64_t blk = 0; blk < blocks; ++blk) _mm512_storeu_ps(out + 16 * blk, lookup(unpack.indices(row, blk)));
+    decode_scalar<BITS>(row, blocks * 16, w.in_features - blocks * 16, dt.v, out + blocks * 16);
+  }
+}
+#endif
+
+template <int BITS>
+void gemv(const PackedLinear& w, const float* x, int64_t M, float* y) {
+  const int64_t grain = std::max<int64_t>(1, 65536 / w.in_features);
+  const Simd simd = simd_level();
+  at::parallel_for(0, w.out_features, grain, [&](int64_t r0, int64_t r1) {
+#ifdef WS_X86
+    if (simd == Simd::Avx512) {
+      switch (M) {
+        case 1: return gemv_rows_avx512<BITS, 1>(w, x, r0, r1, y);
+        case 2: return gemv_rows_avx512<BITS, 2>(w, x, r0, r1, y);
+        case 3: return gemv_rows_avx512<BITS, 3>(w, x, r0, r1, y);
+        default: return gemv_rows_avx512<BITS, 4>(w, x, r0, r1, y);
+      }
+    }
+#endif
+    gemv_rows_portable<BITS>(w, x, M, r0, r1, y);
+  });
+}
+
+}  // namespace
+
+PackedLinear make_packed_linear(const at::Tensor& packed, const at::Tensor& codebook_f32, const PackedWeight& pw,
+                                int64_t bits) {
+  return PackedLinear{packed.data_ptr<uint8_t>(), codebook_f32.data_ptr<float>(), pw.rows,    pw.cols,
+                      pw.row_bytes,               pw.groups,                      pw.K,       pw.rows / pw.groups,
+                      static_cast<int>(bits)};
+}
+
+int64_t panel_rows(const PackedLinear& w) {
+  const int64_t rows = std::max<int64_t>(16, ((int64_t(1) << 19) / w.in_features) / 16 * 16);
+  return std::min(rows, w.out_features);
+}
+
+void decode_panel(const PackedLinear& w, int64_t r0, int64_t r1, float* dst) {
+  const Simd simd = simd_level();
+  WS_DISPATCH_BITS(w.bits, BITS, [&] {
+    at::parallel_for(r0, r1, std::max<int64_t>(1, 16384 / w.in_features), [&](int64_t b, int64_t e) {
+#ifdef WS_X86
+      if (simd == Simd::Avx512) return decode_rows_avx512<BITS>(w, b, e, r0, dst);
+#endif
+      GroupTable gt;
+      for (int64_t r = b; r < e; ++r)
+        decode_scalar<BITS>(w.packed + r * w.row_bytes, 0, w.in_features, gt.get(w, r).v,
+                            dst + (r - r0) * w.in_features);
+    });
+  });
+}
+
+void linear_float(const PackedLinear& w, const float* x, int64_t M, float* y) {
+  if (M <= kGemvRows) {
+    WS_DISPATCH_BITS(w.bits, BITS, [&] { gemv<BITS>(w, x, M, y); });
+    return;
+  }
+  // Batched: y[:, r0:r1] = x @ panel^T, panel decoded once per call and reused for all M rows.
+  const int64_t P = panel_rows(w);
+  at::Tensor panel = at::empty({P, w.in_features}, at::kFloat);
+  const at::Tensor xt = at::from_blob(const_cast<float*>(x), {M, w.in_features}, at::kFloat);
+  at::Tensor yt = at::from_blob(y, {M, w.out_features}, at::kFloat);
+  for (int64_t r0 = 0; r0 < w.out_features; r0 += P) {
+    const int64_t r1 = std::min(w.out_features, r0 + P);
+    decode_panel(w, r0, r1, panel.data_ptr<float>());
+    yt.slice(1, r0, r1).copy_(at::mm(xt, panel.slice(0, 0, r1 - r0).t()));
+  }
+}
+
+}  // namespace weightshare::cpu
+
+namespace weightshare {
+namespace {
+
+at::Tensor shared_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook, int64_t bits,
+                             int64_t out_features, int64_t in_features, const std::optional<at::Tensor>& bias,
+                             c10::string_view activation) {
+  Activation act;
+  const PackedWeight pw =
+      check_shared_linear(x, packed, codebook, bits, out_features, in_features, bias, activation, &act);
+  const at::Tensor cb = codebook.to(at::kFloat).contiguous();
+  const cpu::PackedLinear w = cpu::make_packed_linear(packed, cb, pw, bits);
+  const at::Tensor x2 = x.reshape({-1, in_features}).to(at::kFloat).contiguous();
+  const int64_t M = x2.size(0);
+  at::Tensor y = at::empty({M, out_features}, x.options().dtype(at::kFloat));
+  if (act == Activation::Float) {
+    cpu::linear_float(w, x2.data_ptr<float>(), M, y.data_ptr<float>());
+  } else {
+    cpu::linear_int8(w, x2, y.data_ptr<float>());
+  }
+  if (bias.has_value()) y.add_(bias->to(at::kFloat));
+  auto out_sizes = x.sizes().vec();
+  out_sizes.back() = out_features;
+  return y.to(x.scalar_type()).reshape(out_sizes);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(weightshare, CPU, m) { m.impl("shared_linear", &shared_linear_cpu); }
+
+}  // namespace weightshare

@@ -1,0 +1,32 @@
+#pragma once
+// Internal interface between the CPU shared-linear files (forward float, forward int8, backward).
+#include <ATen/core/Tensor.h>
+
+#include "weightshare/checks.h"
+
+namespace weightshare::cpu {
+
+// A packed weight with its codebook as fp32 [G, K], ready for the kernels.
+struct PackedLinear {
+  const uint8_t* packed;
+  const float* codebook;  // [groups, K] fp32 contiguous
+  int64_t out_features, in_features, row_bytes, groups, K, rows_per_group;
+  int bits;
+};
+
+PackedLinear make_packed_linear(const at::Tensor& packed, const at::Tensor& codebook_f32, const PackedWeight& pw,
+                                int64_t bits);
+
+// y[M, out] (fp32) = x[M, in] (fp32) @ W^T, exact fp32 accumulation.
+void linear_float(const PackedLinear& w, const float* x, int64_t M, float* y);
+
+// y[M, out] (fp32) by the int8 definition in reference.shared_linear (before bias).
+void linear_int8(const PackedLinear& w, const at::Tensor& x_f32, float* y);
+
+// Decodes rows [r0, r1) of W into dst [r1 - r0, in] fp32 (panel of the batched and backward paths).
+void decode_panel(const PackedLinear& w, int64_t r0, int64_t r1, float* dst);
+
+// Rows of W decoded per panel: about 2 MiB of fp32, a multiple of 16 rows.
+int64_t panel_rows(const PackedLinear& w);
+
+}  // namespace weightshare::cpu

@@ -1,0 +1,61 @@
+// CPU gradients of shared_linear (float formula): grad_x = grad_out @ W and grad_codebook[g, j] = sum of
+// (grad_out^T @ x)[r, i] over the weights (r, i) of group g whose index is j. W is decoded panel by panel
+// (shared_linear.cpp's decode_panel), never whole.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "shared_linear.h"
+#include "weightshare/packing.h"
+
+namespace weightshare {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> shared_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                                              const at::Tensor& packed, const at::Tensor& codebook,
+                                                              int64_t bits, int64_t out_features, int64_t in_features,
+                                                              bool need_x_grad, bool need_codebook_grad) {
+  const PackedWeight pw =
+      check_shared_linear_backward(grad_out, x, packed, codebook, bits, out_features, in_features);
+  const at::Tensor cb = codebook.to(at::kFloat).contiguous();
+  const cpu::PackedLinear w = cpu::make_packed_linear(packed, cb, pw, bits);
+  const at::Tensor g2 = grad_out.reshape({-1, out_features}).to(at::kFloat).contiguous();
+  const at::Tensor x2 = x.reshape({-1, in_features}).to(at::kFloat).contiguous();
+  const int64_t P = cpu::panel_rows(w);
+  at::Tensor panel = at::empty({P, in_features}, at::kFloat);
+  at::Tensor gx = need_x_grad ? at::zeros({x2.size(0), in_features}, at::kFloat) : at::Tensor();
+  std::vector<double> gc(need_codebook_grad ? pw.groups * pw.K : 0, 0.0);
+  for (int64_t r0 = 0; r0 < out_features; r0 += P) {
+    const int64_t r1 = std::min(out_features, r0 + P);
+    const at::Tensor g_panel = g2.slice(1, r0, r1);
+    if (need_x_grad) {
+      cpu::decode_panel(w, r0, r1, panel.data_ptr<float>());
+      gx.addmm_(g_panel, panel.slice(0, 0, r1 - r0));
+    }
+    if (need_codebook_grad) {
+      const at::Tensor gw = at::mm(g_panel.t(), x2).contiguous();  // dL/dW for the panel rows
+      const float* gwp = gw.data_ptr<float>();
+      for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t* row = w.packed + r * w.row_bytes;
+        double* dst = gc.data() + (r / w.rows_per_group) * pw.K;
+        const float* src = gwp + (r - r0) * in_features;
+        for (int64_t i = 0; i < in_features; ++i) {
+          const uint32_t j = unpack_one(row, i, w.bits);
+          if (j < static_cast<uint32_t>(pw.K)) dst[j] += src[i];  // an index >= K has no entry to credit
+        }
+      }
+    }
+  }
+  at::Tensor grad_x = need_x_grad ? gx.to(x.scalar_type()).reshape(x.sizes()) : x.new_empty({0});
+  at::Tensor grad_c = need_codebook_grad
+                          ? at::from_blob(gc.data(), {pw.groups, pw.K}, at::kDouble).to(at::kFloat)
+                          : codebook.new_empty({0}, codebook.options().dtype(at::kFloat));
+  return {grad_x, grad_c};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(weightshare, CPU, m) { m.impl("shared_linear_backward", &shared_linear_backward_cpu); }
+
+}  // namespace weightshare

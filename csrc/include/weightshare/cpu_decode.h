@@ -1,0 +1,82 @@
+#pragma once
+// CPU decoding of packed index rows (layout: packing.h) into codebook values, shared by dequantize and the
+// shared-weight matmuls. A block of 16 indices always starts on a byte boundary (16 * bits bits = 2 * bits bytes),
+// so the SIMD decoder handles whole 16-blocks and a scalar loop the row's tail.
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "weightshare/cpu_features.h"
+#include "weightshare/packing.h"
+
+namespace weightshare {
+
+// A group's codebook as a 2**bits-entry fp32 table (entries >= K are NaN: an index >= K is corrupt data and must
+// show, not pass silently), padded to 256 entries and 64-byte aligned for the permute-based lookups.
+struct DecodeTable {
+  alignas(64) float v[256];
+  void fill(const float* codebook, int K, int bits) {
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    for (int j = 0; j < 256; ++j) v[j] = j < K && j < (1 << bits) ? codebook[j] : nan;
+  }
+};
+
+template <int BITS>
+inline void decode_scalar(const uint8_t* row, int64_t begin, int64_t count, const float* table, float* out) {
+  for (int64_t i = 0; i < count; ++i) out[i] = table[unpack_one(row, begin + i, BITS)];
+}
+
+#ifdef WS_X86
+
+// Constant byte-permute pattern and shifts that move index j of a 16-block (2*BITS bytes) into the low bits of
+// 32-bit lane j: lane j takes bytes (j*BITS)/8 and the next one, then shifts right by (j*BITS)%8.
+template <int BITS>
+struct Avx512Unpack16 {
+  __m512i pattern, shifts, mask;
+  WS_AVX512 Avx512Unpack16() {
+    alignas(64) uint8_t p[64];
+    alignas(64) int32_t s[16];
+    for (int j = 0; j < 16; ++j) {
+      const int bit = j * BITS;
+      p[4 * j] = static_cast<uint8_t>(bit / 8);
+      p[4 * j + 1] = static_cast<uint8_t>(bit / 8 + 1 < 16 ? bit / 8 + 1 : 15);
+      p[4 * j + 2] = p[4 * j + 3] = 0;
+      s[j] = bit % 8;
+    }
+    pattern = _mm512_load_si512(p);
+    shifts = _mm512_load_si512(s);
+    mask = _mm512_set1_epi32((1 << BITS) - 1);
+  }
+  // Indices [16*blk, 16*blk + 16) of the row as int32 lanes. The masked load reads only the block's 2*BITS bytes.
+  WS_AVX512 inline __m512i indices(const uint8_t* row, int64_t blk) const {
+    const __m128i bytes = _mm_maskz_loadu_epi8((__mmask16)((1u << (2 * BITS)) - 1u), row + blk * 2 * BITS);
+    const __m512i v = _mm512_permutexvar_epi8(pattern, _mm512_broadcast_i32x4(bytes));
+    return _mm512_and_si512(_mm512_srlv_epi32(v, shifts), mask);
+  }
+};
+
+// The codebook table in registers: 16 entries in one register (bits <= 4), 32 in two (5), up to 256 in 16 (6-8).
+template <int BITS>
+struct Avx512Lookup {
+  static constexpr int kRegs = BITS <= 4 ? 1 : (1 << BITS) / 16;
+  __m512 t[kRegs];
+  WS_AVX512 explicit Avx512Lookup(const DecodeTable& table) {
+    for (int r = 0; r < kRegs; ++r) t[r] = _mm512_load_ps(table.v + 16 * r);
+  }
+  WS_AVX512 inline __m512 operator()(__m512i idx) const {
+    if constexpr (BITS <= 4) {
+      return _mm512_permutexvar_ps(idx, t[0]);
+    } else {
+      __m512 r = _mm512_permutex2var_ps(t[0], idx, t[1]);
+      for (int p = 1; p < kRegs / 2; ++p) {  // 32-entry pairs selected by index bits 5..7
+        const __mmask16 k = _mm512_cmpeq_epi32_mask(_mm512_srli_epi32(idx, 5), _mm512_set1_epi32(p));
+        r = _mm512_mask_mov_ps(r, k, _mm512_permutex2var_ps(t[2 * p], idx, t[2 * p + 1]));
+      }
+      return r;
+    }
+  }
+};
+
+#endif  // WS_X86
+
+}  // namespace weightshare

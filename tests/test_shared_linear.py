@@ -1,0 +1,186 @@
+"""shared_linear / dequantize / shared_linear_backward against the reference, on every dtype, width and path."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+
+import weightshare as ws
+from weightshare import reference
+
+from conftest import FLOAT_DTYPES, requires_native
+
+pytestmark = requires_native
+
+TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (5e-2, 5e-2)}
+
+
+def make_weight(out_f, in_f, bits, groups, gen, k=None):
+    k = k or (1 << bits)
+    idx = torch.randint(0, k, (out_f, in_f), generator=gen, dtype=torch.uint8)
+    return ws.ops.pack(idx, bits), torch.randn(groups, k, generator=gen) * 0.1, idx
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("shape", [(17, 33), (64, 256), (5, 1030)])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_dequantize(bits, shape, per_row, device, gen):
+    packed, cb, idx = make_weight(*shape, bits, shape[0] if per_row else 1, gen)
+    got = ws.ops.dequantize(packed.to(device), cb.to(device), bits, shape).cpu()
+    want = cb[torch.arange(shape[0])[:, None] // (shape[0] // cb.shape[0]), idx.long()]
+    assert torch.equal(got, want)
+    assert torch.equal(got, reference.dequantize(packed, cb, bits, shape))
+
+
+def test_dequantize_conv_shape_and_nan_for_unused_entries(device, gen):
+    packed, _, idx = make_weight(8, 3 * 3 * 3, 3, 1, gen)
+    cb = torch.randn(1, 5)  # K=5 < 2**3: indices 5..7 are not valid entries
+    w = ws.ops.dequantize(packed.to(device), cb.to(device), 3, (8, 3, 3, 3)).cpu()
+    assert w.shape == (8, 3, 3, 3)
+    assert torch.equal(torch.isnan(w).reshape(8, -1), idx >= 5)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("M", [1, 3, 4, 5, 9, 64])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_float_matches_reference(bits, M, per_row, simd, device, gen):
+    out_f, in_f = 48, 200  # in_f not a multiple of 16: SIMD blocks + scalar tail
+    packed, cb, _ = make_weight(out_f, in_f, bits, out_f if per_row else 1, gen)
+    x = torch.randn(M, in_f, generator=gen)
+    bias = torch.randn(out_f, generator=gen)
+    args = (x, packed, cb, bits, out_f, in_f, bias)
+    got = ws.ops.shared_linear(*[a.to(device) if isinstance(a, torch.Tensor) else a for a in args]).cpu()
+    torch.testing.assert_close(got, reference.shared_linear(*args), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_dtypes_and_leading_dims(dtype, device, gen):
+    packed, cb, _ = make_weight(40, 96, 4, 1, gen)
+    x = torch.randn(2, 3, 96, generator=gen).to(dtype)
+    y = ws.ops.shared_linear(x.to(device), packed.to(device), cb.to(dtype).to(device), 4, 40, 96).cpu()
+    assert y.dtype == dtype and y.shape == (2, 3, 40)
+    w = ws.ops.dequantize(packed, cb, 4, (40, 96))
+    torch.testing.assert_close(y.float(), F.linear(x.float(), w.to(dtype).float()), rtol=TOL[dtype][0],
+                               atol=TOL[dtype][1])
+
+
+def test_identity_gives_the_dequantised_weight(simd, device, gen):
+    # FLUTE's check: x = I selects the weight's columns exactly (one product with 1.0, the rest zeros)
+    for M in (4, 64):  # GEMV and batched paths
+        packed, cb, _ = make_weight(M, M, 3, 1, gen)
+        y = ws.ops.shared_linear(torch.eye(M).to(device), packed.to(device), cb.to(device), 3, M, M).cpu()
+        assert torch.equal(y, ws.ops.dequantize(packed, cb, 3, (M, M)).T)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("M", [1, 2, 8, 11])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_int8_is_bit_exact_to_its_definition(bits, M, per_row, simd, gen):
+    out_f, in_f = 24, 300
+    packed, cb, _ = make_weight(out_f, in_f, bits, out_f if per_row else 1, gen)
+    x = torch.randn(M, in_f, generator=gen)
+    bias = torch.randn(out_f, generator=gen)
+    got = ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f, bias, "int8")
+    assert torch.equal(got, reference.shared_linear(x, packed, cb, bits, out_f, in_f, bias, "int8"))
+
+
+def test_int8_error_is_small(gen):
+    packed, cb, _ = make_weight(256, 1024, 4, 1, gen)
+    x = torch.randn(3, 1024, generator=gen)
+    exact = ws.ops.shared_linear(x, packed, cb, 4, 256, 1024)
+    approx = ws.ops.shared_linear(x, packed, cb, 4, 256, 1024, None, "int8")
+    assert (approx - exact).norm() / exact.norm() < 0.02
+
+
+def test_int8_zero_rows_and_fewer_entries(gen):
+    packed, _, _ = make_weight(8, 64, 2, 1, gen, k=3)
+    cb = torch.tensor([[-0.5, 0.0, 0.25]])
+    x = torch.zeros(2, 64)
+    x[1] = torch.randn(64, generator=gen)
+    got = ws.ops.shared_linear(x, packed, cb, 2, 8, 64, None, "int8")
+    assert torch.equal(got, reference.shared_linear(x, packed, cb, 2, 8, 64, None, "int8"))
+    assert torch.equal(got[0], torch.zeros(8))
+
+
+@pytest.mark.parametrize("M", [1, 6])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_autograd_matches_dense(M, per_row, device, gen):
+    out_f, in_f, bits = 20, 50, 3
+    packed, cb, _ = make_weight(out_f, in_f, bits, out_f if per_row else 1, gen)
+    x = torch.randn(M, in_f, generator=gen, dtype=torch.float32)
+    bias = torch.randn(out_f, generator=gen)
+    xs, cs, bs = (t.clone().to(device).requires_grad_() for t in (x, cb, bias))
+    y = ws.ops.shared_linear(xs, packed.to(device), cs, bits, out_f, in_f, bs)
+    g = torch.randn_like(y)
+    y.backward(g)
+    xr, cr, br = (t.clone().requires_grad_() for t in (x, cb, bias))
+    yr = reference.shared_linear(xr, packed, cr, bits, out_f, in_f, br)  # differentiable through indexing
+    yr.backward(g.cpu())
+    torch.testing.assert_close(xs.grad.cpu(), xr.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cs.grad.cpu(), cr.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bs.grad.cpu(), br.grad)
+
+
+def test_gradcheck_float64_reference_agrees(gen):
+    # the backward op against finite differences of the forward (fp32: loose, but catches wrong formulas)
+    packed, cb, _ = make_weight(6, 10, 2, 1, gen)
+    x = torch.randn(3, 10, generator=gen, requires_grad=True)
+    c = cb.clone().requires_grad_()
+    torch.autograd.gradcheck(lambda a, b: ws.ops.shared_linear(a, packed, b, 2, 6, 10), (x, c), eps=1e-2,
+                             atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("activation", ["float", "int8"])
+def test_opcheck(activation, device, gen):
+    packed, cb, _ = make_weight(16, 40, 4, 16, gen)
+    x = torch.randn(3, 40, generator=gen)
+    args = (x.to(device), packed.to(device), cb.to(device), 4, 16, 40, torch.randn(16).to(device), activation)
+    opcheck(torch.ops.weightshare.shared_linear.default, args)
+    if activation == "float":
+        xg = x.to(device).requires_grad_()
+        opcheck(torch.ops.weightshare.shared_linear.default, (xg,) + args[1:])
+        opcheck(torch.ops.weightshare.shared_linear_backward.default,
+                (torch.randn(3, 16).to(device), args[0], args[1], args[2], 4, 16, 40, True, True))
+    opcheck(torch.ops.weightshare.dequantize.default, (packed.to(device), cb.to(device), 4, [16, 40]))
+
+
+def test_torch_compile_fullgraph(gen):
+    packed, cb, _ = make_weight(16, 40, 4, 1, gen)
+    x = torch.randn(2, 40, generator=gen)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(a):
+        return torch.relu(ws.ops.shared_linear(a, packed, cb, 4, 16, 40))
+
+    torch.testing.assert_close(f(x), torch.relu(ws.ops.shared_linear(x, packed, cb, 4, 16, 40)))
+
+
+@pytest.mark.parametrize("case,exc,match", [
+    ("codebook_too_big", ValueError, "more than 2\\*\\*bits"),
+    ("packed_shape", ValueError, "packed must be \\[16, 20\\]"),
+    ("x_features", ValueError, "x must be \\[..., in_features=40\\]"),
+    ("activation", ValueError, "activation must be"),
+    ("bias_shape", ValueError, "bias must be \\[16\\]"),
+    ("x_dtype", TypeError, "x must be float32"),
+    ("groups", ValueError, "must divide the 16 rows"),
+])
+def test_bad_input(case, exc, match, device, gen):
+    packed, cb, _ = make_weight(16, 40, 4, 1, gen)
+    a = dict(x=torch.randn(2, 40), packed=packed, codebook=cb, bits=4, out_features=16, in_features=40, bias=None,
+             activation="float")
+    if case == "codebook_too_big":
+        a["codebook"] = torch.randn(1, 17)
+    elif case == "packed_shape":
+        a["packed"] = torch.zeros(16, 24, dtype=torch.uint8)
+    elif case == "x_features":
+        a["x"] = torch.randn(2, 41)
+    elif case == "activation":
+        a["activation"] = "int4"
+    elif case == "bias_shape":
+        a["bias"] = torch.randn(15)
+    elif case == "x_dtype":
+        a["x"] = torch.randn(2, 40).double()
+    elif case == "groups":
+        a["codebook"] = torch.randn(3, 16)
+    a = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
+    with pytest.raises(exc, match=match):
+        torch.ops.weightshare.shared_linear(**a)
