@@ -51,6 +51,13 @@ TORCH_LIBRARY(weightshare, m) {
       "shared_linear(Tensor x, Tensor packed, Tensor codebook, int bits, int out_features, int in_features, "
       "Tensor? bias=None, str activation=\"float\") -> Tensor");
 
+  // 2-D convolution with a shared weight of weight_shape [out, in/groups, kh, kw] given as packed indices
+  // [out, packed_row_bytes(in/groups*kh*kw, bits)] and codebook [G, K] (G divides out); same semantics and
+  // arguments as F.conv2d (grouped, depthwise, dilated, any padding/stride; channels-last input accepted).
+  m.def(
+      "shared_conv2d(Tensor x, Tensor packed, Tensor codebook, int bits, int[] weight_shape, Tensor? bias=None, "
+      "int[] stride=[1, 1], int[] padding=[0, 0], int[] dilation=[1, 1], int groups=1) -> Tensor");
+
   // Gradients of shared_linear's float path: (grad_x [..., in_features] in x's dtype, or empty when not needed;
   // grad_codebook [G, K] float32: per entry, the sum of dL/dW over the weights that use it, or empty).
   m.def(

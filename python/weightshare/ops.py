@@ -16,7 +16,7 @@ from weightshare._native import NATIVE, has_kernel
 from weightshare.formats import packed_row_bytes
 
 __all__ = ["pack", "unpack", "assign", "kmeans_step", "loss_aware_assign", "kmeans1d_optimal", "dequantize",
-           "shared_linear"]
+           "shared_linear", "shared_conv2d"]
 
 
 def _native(op: str, *tensors: Tensor) -> bool:
@@ -132,6 +132,40 @@ def shared_linear(x: Tensor, packed: Tensor, codebook: Tensor, bits: int, out_fe
         return torch.ops.weightshare.shared_linear(x, packed, codebook, bits, out_features, in_features, bias,
                                                    activation)
     return _SharedLinearReference.apply(x, packed, codebook, bits, out_features, in_features, bias, activation)
+
+
+def _pair(v):
+    return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
+
+
+def shared_conv2d(x: Tensor, packed: Tensor, codebook: Tensor, bits: int, weight_shape, bias: Optional[Tensor] = None,
+                  stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
+    """F.conv2d with a shared weight of `weight_shape` [out, in/groups, kh, kw] given as packed indices
+    [out, packed_row_bytes(in/groups*kh*kw, bits)] and codebook [K] or [G, K] (G divides out).
+
+    Same semantics as F.conv2d (groups, depthwise, dilation, any padding/stride, channels-last input). The weight is
+    decoded in cache-sized panels of output channels and convolved by the dense kernels (oneDNN/cuDNN): decoding
+    costs O(weights), the conv O(weights x pixels). Differentiable in x, codebook and bias."""
+    codebook = _as_2d(codebook)
+    args = (x, packed, codebook, bits, [int(s) for s in weight_shape], bias, _pair(stride), _pair(padding),
+            _pair(dilation), int(groups))
+    if _native("shared_conv2d", x):
+        return torch.ops.weightshare.shared_conv2d(*args)
+    w = reference.dequantize(packed, codebook, bits, args[4])  # reference path: autograd through the indexing
+    return torch.nn.functional.conv2d(x, w.to(x.dtype), bias, args[6], args[7], args[8], args[9])
+
+
+def codebook_gradient(grad_weight: Tensor, packed: Tensor, bits: int, k: int, groups: int) -> Tensor:
+    """Per codebook entry, the sum of dL/dW over the weights that use it ([G, k] float32): the gradient of a
+    shared weight's codebook (Han et al.'s centroid fine-tuning), via kmeans_step's per-entry sums."""
+    rows = grad_weight.shape[0]
+    idx = unpack(packed, bits, grad_weight.numel() // rows)
+    if k < (1 << bits):  # indices >= k credit nothing (they read NaN forward): mask them out of the sums
+        keep = idx < k
+        grad_weight = grad_weight.reshape(rows, -1) * keep
+        idx = torch.where(keep, idx, torch.zeros_like(idx))
+    sums, _, _ = kmeans_step(grad_weight.reshape(rows, -1).float().contiguous(), idx, k, None, groups)
+    return sums.float()
 
 
 class _SharedLinearReference(torch.autograd.Function):
@@ -264,3 +298,31 @@ if NATIVE:
 
     torch.library.register_autograd("weightshare::shared_linear", _shared_linear_backward,
                                     setup_context=_shared_linear_setup)
+
+    @torch.library.register_fake("weightshare::shared_conv2d")
+    def _shared_conv2d_fake(x, packed, codebook, bits, weight_shape, bias=None, stride=(1, 1), padding=(0, 0),
+                            dilation=(1, 1), groups=1):
+        _check(x.dtype in reference._FLOATS, f"x must be float32, float16 or bfloat16, got {x.dtype}", TypeError)
+        _check(len(weight_shape) == 4 and x.dim() in (3, 4), "x must be [N, C, H, W] and weight_shape 4-D")
+        w = x.new_empty(weight_shape)
+        return torch.nn.functional.conv2d(x, w, None if bias is None else bias.to(x.dtype), stride, padding,
+                                          dilation, groups)
+
+    def _shared_conv2d_setup(ctx, inputs, output):
+        x, packed, codebook, bits, weight_shape, bias, stride, padding, dilation, groups = inputs
+        ctx.save_for_backward(x, packed, codebook)
+        ctx.meta = (bits, list(weight_shape), bias is not None, list(stride), list(padding), list(dilation), groups)
+
+    def _shared_conv2d_backward(ctx, grad):
+        x, packed, codebook = ctx.saved_tensors
+        bits, wshape, has_bias, stride, padding, dilation, groups = ctx.meta
+        w = dequantize(packed, codebook, bits, wshape).to(x.dtype)
+        need = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], has_bias and ctx.needs_input_grad[5]]
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad, x, w, [wshape[0]] if has_bias else None, stride, padding, dilation, False, [0, 0], groups, need)
+        gc = codebook_gradient(gw, packed, bits, codebook.shape[1], codebook.shape[0]).to(codebook.dtype) \
+            if need[1] else None
+        return gx if need[0] else None, None, gc, None, None, gb if need[2] else None, None, None, None, None
+
+    torch.library.register_autograd("weightshare::shared_conv2d", _shared_conv2d_backward,
+                                    setup_context=_shared_conv2d_setup)

@@ -1,0 +1,109 @@
+"""shared_conv2d against F.conv2d with the dequantised weight: groups, depthwise, dilation, panels, autograd."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+
+import weightshare as ws
+
+from conftest import FLOAT_DTYPES, requires_native
+
+pytestmark = requires_native
+
+CONVS = [  # (out, in, k, groups, stride, padding, dilation)
+    (16, 8, 3, 1, 1, 1, 1),      # plain 3x3
+    (32, 32, 3, 32, 2, 1, 1),    # depthwise, strided
+    (64, 16, 1, 4, 1, 0, 1),     # grouped 1x1
+    (10, 6, 5, 2, 1, 2, 2),      # dilated, grouped
+    (8, 3, 3, 1, 2, 0, 1),       # no padding
+]
+
+
+def make(out, cin, k, groups, bits, per_channel, gen):
+    n = cin // groups * k * k
+    idx = torch.randint(0, 1 << bits, (out, n), generator=gen, dtype=torch.uint8)
+    cb = torch.randn(out if per_channel else 1, 1 << bits, generator=gen) * 0.2
+    packed = ws.ops.pack(idx, bits)
+    shape = [out, cin // groups, k, k]
+    return packed, cb, shape, ws.ops.dequantize(packed, cb, bits, shape)
+
+
+@pytest.mark.parametrize("conv", CONVS)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_matches_dense_conv(conv, bits, per_channel, device, gen):
+    out, cin, k, g, s, p, d = conv
+    packed, cb, shape, w = make(out, cin, k, g, bits, per_channel, gen)
+    x = torch.randn(2, cin, 15, 13, generator=gen)
+    b = torch.randn(out, generator=gen)
+    y = ws.ops.shared_conv2d(x.to(device), packed.to(device), cb.to(device), bits, shape, b.to(device), s, p, d, g)
+    torch.testing.assert_close(y.cpu(), F.conv2d(x, w, b, s, p, d, g), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_dtypes_and_channels_last(dtype, device, gen):
+    packed, cb, shape, w = make(16, 8, 3, 1, 4, False, gen)
+    x = torch.randn(2, 8, 10, 10, generator=gen).to(dtype).to(memory_format=torch.channels_last)
+    y = ws.ops.shared_conv2d(x.to(device), packed.to(device), cb.to(device), 4, shape, None, 1, 1, 1, 1).cpu()
+    assert y.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(y.float(), F.conv2d(x.float(), w.to(dtype).float(), None, 1, 1), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("groups,per_channel", [(1, False), (1, True), (8, True)])
+def test_large_weight_goes_through_panels(groups, per_channel, gen):
+    # 512 x 512/g x 3 x 3 > 2**19 weights for g=1: decoded in several output-channel panels
+    packed, cb, shape, w = make(512, 512, 3, groups, 4, per_channel, gen)
+    x = torch.randn(1, 512, 6, 6, generator=gen)
+    y = ws.ops.shared_conv2d(x, packed, cb, 4, shape, None, 1, 1, 1, groups)
+    torch.testing.assert_close(y, F.conv2d(x, w, None, 1, 1, 1, groups), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_autograd(per_channel, device, gen):
+    packed, cb, shape, _ = make(12, 6, 3, 3, 3, per_channel, gen)
+    x = torch.randn(2, 6, 7, 7, generator=gen)
+    b = torch.randn(12, generator=gen)
+    xs, cs, bs = (t.clone().to(device).requires_grad_() for t in (x, cb, b))
+    y = ws.ops.shared_conv2d(xs, packed.to(device), cs, 3, shape, bs, 1, 1, 1, 3)
+    g = torch.randn_like(y)
+    y.backward(g)
+    xr, cr, br = (t.clone().requires_grad_() for t in (x, cb, b))
+    F.conv2d(xr, ws.reference.dequantize(packed, cr, 3, shape), br, 1, 1, 1, 3).backward(g.cpu())
+    for got, want in ((xs.grad, xr.grad), (cs.grad, cr.grad), (bs.grad, br.grad)):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_opcheck(device, gen):
+    packed, cb, shape, _ = make(8, 4, 3, 2, 4, True, gen)
+    x = torch.randn(2, 4, 6, 6, generator=gen).to(device)
+    args = (x, packed.to(device), cb.to(device), 4, shape, torch.randn(8).to(device), [1, 1], [1, 1], [1, 1], 2)
+    opcheck(torch.ops.weightshare.shared_conv2d.default, args)
+    opcheck(torch.ops.weightshare.shared_conv2d.default, (x.clone().requires_grad_(),) + args[1:])
+
+
+@pytest.mark.parametrize("case,exc,match", [
+    ("channels", ValueError, "x has 5 channels"),
+    ("shape_rank", ValueError, "weight_shape must be"),
+    ("groups", ValueError, "groups=3 must divide"),
+    ("dtype", TypeError, "x must be float32"),
+    ("bias", ValueError, "bias must be \\[8\\]"),
+    ("bits", ValueError, "bits must be in 1..8"),
+])
+def test_bad_input(case, exc, match, gen):
+    packed, cb, shape, _ = make(8, 4, 3, 1, 4, False, gen)
+    a = [torch.randn(1, 4, 6, 6), packed, cb, 4, shape, None, [1, 1], [1, 1], [1, 1], 1]
+    if case == "channels":
+        a[0] = torch.randn(1, 5, 6, 6)
+    elif case == "shape_rank":
+        a[4] = [8, 36]
+    elif case == "groups":
+        a[9] = 3
+    elif case == "dtype":
+        a[0] = a[0].double()
+    elif case == "bias":
+        a[5] = torch.randn(7)
+    elif case == "bits":
+        a[3] = 9
+    with pytest.raises(exc, match=match):
+        torch.ops.weightshare.shared_conv2d(*a)
