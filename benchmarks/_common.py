@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# benchmarks/results, or $WS_RESULTS_DIR (gpu_check.sh points it at the device tool's $OUT)
+RESULTS = Path(os.environ.get("WS_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
 
 def time_cpu(fn: Callable[[], object], repeat: int = 15, warmup: int = 2, min_time: float = 0.0) -> float:

@@ -1,0 +1,64 @@
+"""Shared-weight Conv2d speed on this CPU against dense F.conv2d (fp32), batch 1, in one run.
+
+    python benchmarks/bench_shared_conv.py          # writes benchmarks/results/shared_conv_cpu.json
+    pytest benchmarks/bench_shared_conv.py --benchmark-enable
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+import weightshare as ws  # noqa: E402
+from _common import machine, time_cpu, write_json  # noqa: E402
+
+CONVS = {  # name: (out, in, k, groups, stride, padding, hw)
+    "resnet3x3_64x64_56": (64, 64, 3, 1, 1, 1, 56),
+    "depthwise3x3_256_28": (256, 256, 3, 256, 1, 1, 28),
+    "pointwise1x1_256x128_28": (256, 128, 1, 1, 1, 0, 28),
+}
+BITS = 4
+
+
+def make(name, seed=0):
+    out, cin, k, g, s, p, hw = CONVS[name]
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, cin // g, k, k, generator=gen) * 0.05
+    r = ws.kmeans(w, 1 << BITS)
+    packed = ws.ops.pack(r.idx.reshape(out, -1), BITS)
+    shape = [out, cin // g, k, k]
+    dense = ws.ops.dequantize(packed, r.codebook, BITS, shape)
+    x = torch.randn(1, cin, hw, hw, generator=gen)
+    return x, packed, r.codebook, shape, dense, (s, p, 1, g)
+
+
+def run() -> dict:
+    out = {"machine": machine(), "bits": BITS, "results": []}
+    for name in CONVS:
+        x, packed, cb, shape, dense, (s, p, d, g) = make(name)
+        t_dense = time_cpu(lambda: F.conv2d(x, dense, None, s, p, d, g), repeat=30)
+        t_ws = time_cpu(lambda: ws.ops.shared_conv2d(x, packed, cb, BITS, shape, None, s, p, d, g), repeat=30)
+        row = {"conv": name, "dense_fp32_ms": t_dense * 1e3, "ws_ms": t_ws * 1e3, "ws_speed_vs_dense": t_dense / t_ws}
+        out["results"].append(row)
+        print(f"{name:26s} dense {row['dense_fp32_ms']:7.3f} ms  ws {row['ws_ms']:7.3f} ms  "
+              f"({row['ws_speed_vs_dense']:.2f}x)", flush=True)
+    return out
+
+
+@pytest.mark.parametrize("name", list(CONVS))
+@pytest.mark.parametrize("path", ["dense", "ws"])
+def test_conv(benchmark, name, path):
+    x, packed, cb, shape, dense, (s, p, d, g) = make(name)
+    benchmark.group = name
+    if path == "dense":
+        benchmark(F.conv2d, x, dense, None, s, p, d, g)
+    else:
+        benchmark(ws.ops.shared_conv2d, x, packed, cb, BITS, shape, None, s, p, d, g)
+
+
+if __name__ == "__main__":
+    print(write_json("shared_conv_cpu.json", run()))

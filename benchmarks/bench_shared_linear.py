@@ -1,0 +1,142 @@
+"""Shared-weight Linear speed on this CPU: ws.ops.shared_linear vs dense fp32 F.linear and torch's int8 dynamic
+quantized Linear on the same (dequantised) weight, all in one run.
+
+    python benchmarks/bench_shared_linear.py        # writes benchmarks/results/shared_linear_cpu.json
+    pytest benchmarks/bench_shared_linear.py --benchmark-enable
+
+Layers 4096x4096 and 11008x4096 (out x in), 4-bit indices, per-layer codebook of 16 trained-looking values,
+fp32 activations in and out, batch 1, 64 and 256. Reports time, speed-up ratios, GB/s of index traffic, and the
+output error (relative Frobenius norm against fp32 F.linear with the dequantised weight) of the int8 paths.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+import weightshare as ws  # noqa: E402
+from _common import machine, time_cpu, write_json  # noqa: E402
+
+SHAPES = [(4096, 4096), (11008, 4096)]
+BATCHES = [1, 64, 256]
+BITS = 4
+
+
+def make_layer(out_f, in_f, bits=BITS, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g) * 0.02
+    r = ws.kmeans(w, 1 << bits)  # a codebook fitted to Gaussian weights, as a compressed layer would have
+    packed = ws.ops.pack(r.idx, bits)
+    dense = ws.ops.dequantize(packed, r.codebook, bits, (out_f, in_f))
+    return packed, r.codebook, dense
+
+
+def int8_dynamic(dense):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lin = torch.nn.Linear(dense.shape[1], dense.shape[0], bias=False)
+        lin.weight.data = dense.clone()
+        return torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear},
+                                                      dtype=torch.qint8)
+
+
+def rel_err(y, ref):
+    return float((y - ref).norm() / ref.norm())
+
+
+def run() -> dict:
+    out = {"machine": machine(), "bits": BITS, "simd": os.environ.get("WS_CPU_SIMD", "best"), "results": []}
+    for out_f, in_f in SHAPES:
+        packed, cb, dense = make_layer(out_f, in_f)
+        qlin = int8_dynamic(dense)
+        for M in BATCHES:
+            x = torch.randn(M, in_f, generator=torch.Generator().manual_seed(1))
+            repeat = 40 if M == 1 else 8
+            t_dense = time_cpu(lambda: F.linear(x, dense), repeat=repeat)
+            t_float = time_cpu(lambda: ws.ops.shared_linear(x, packed, cb, BITS, out_f, in_f), repeat=repeat)
+            t_int8 = time_cpu(lambda: ws.ops.shared_linear(x, packed, cb, BITS, out_f, in_f, None, "int8"),
+                              repeat=repeat)
+            t_q = time_cpu(lambda: qlin(x), repeat=repeat)
+            ref = F.linear(x, dense)
+            row = {
+                "shape": [out_f, in_f], "batch": M,
+                "dense_fp32_ms": t_dense * 1e3, "ws_float_ms": t_float * 1e3, "ws_int8_ms": t_int8 * 1e3,
+                "torch_int8_dynamic_ms": t_q * 1e3,
+                "ws_float_speedup_vs_dense": t_dense / t_float,
+                "ws_int8_speedup_vs_torch_int8_dynamic": t_q / t_int8,
+                "ws_int8_speedup_vs_dense": t_dense / t_int8,
+                "ws_float_rel_err": rel_err(ws.ops.shared_linear(x, packed, cb, BITS, out_f, in_f), ref),
+                "ws_int8_rel_err": rel_err(ws.ops.shared_linear(x, packed, cb, BITS, out_f, in_f, None, "int8"), ref),
+                "torch_int8_dynamic_rel_err": rel_err(qlin(x), ref),
+                "index_gbps_float": packed.numel() / t_float / 1e9,
+                "index_gbps_int8": packed.numel() / t_int8 / 1e9,
+            }
+            row["int8_err_ratio_vs_torch"] = row["ws_int8_rel_err"] / row["torch_int8_dynamic_rel_err"]
+            out["results"].append(row)
+            print(f"{out_f}x{in_f} M={M:3d}: dense {row['dense_fp32_ms']:8.3f} ms | ws float {row['ws_float_ms']:8.3f}"
+                  f" ({row['ws_float_speedup_vs_dense']:5.2f}x) | ws int8 {row['ws_int8_ms']:8.3f} "
+                  f"({row['ws_int8_speedup_vs_torch_int8_dynamic']:5.2f}x torch-int8 {row['torch_int8_dynamic_ms']:.3f})"
+                  f" | err int8 {row['ws_int8_rel_err']:.2e} vs torch {row['torch_int8_dynamic_rel_err']:.2e}",
+                  flush=True)
+    return out
+
+
+def run_cuda() -> dict:
+    """H200 targets (issue): fp16 activations, 8192x8192 and 28672x8192, batch 1/16/256, 4-bit and 2-bit indices,
+    against cuBLAS fp16 (F.linear) on the dequantised weight; CUDA-event medians."""
+    from _common import time_cuda
+    out = {"machine": machine(), "results": []}
+    for out_f, in_f in [(8192, 8192), (28672, 8192)]:
+        for bits in (4, 2):
+            g = torch.Generator().manual_seed(0)
+            idx = torch.randint(0, 1 << bits, (out_f, in_f), generator=g, dtype=torch.uint8)
+            cb = (torch.randn(1, 1 << bits, generator=g) * 0.02).half().cuda()
+            packed = ws.ops.pack(idx.cuda(), bits)
+            dense = ws.ops.dequantize(packed, cb, bits, (out_f, in_f))
+            for M in (1, 16, 256):
+                x = torch.randn(M, in_f, device="cuda", dtype=torch.float16)
+                t_dense = time_cuda(lambda: F.linear(x, dense))
+                t_ws = time_cuda(lambda: ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f))
+                ref = F.linear(x.float(), dense.float())
+                err = float((ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f).float() - ref).norm() / ref.norm())
+                row = {"shape": [out_f, in_f], "bits": bits, "batch": M, "cublas_fp16_ms": t_dense * 1e3,
+                       "ws_ms": t_ws * 1e3, "speedup_vs_cublas": t_dense / t_ws, "rel_err": err}
+                out["results"].append(row)
+                print(f"cuda {out_f}x{in_f} {bits}-bit M={M}: cuBLAS {t_dense*1e3:.3f} ms ws {t_ws*1e3:.3f} ms "
+                      f"({t_dense / t_ws:.2f}x) err {err:.1e}", flush=True)
+            del dense
+    return out
+
+
+@pytest.fixture(scope="module", params=SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def layer(request):
+    out_f, in_f = request.param
+    packed, cb, dense = make_layer(out_f, in_f)
+    return out_f, in_f, packed, cb, dense
+
+
+@pytest.mark.parametrize("M", BATCHES)
+@pytest.mark.parametrize("path", ["dense", "ws_float", "ws_int8", "torch_int8_dynamic"])
+def test_linear(benchmark, layer, M, path):
+    out_f, in_f, packed, cb, dense = layer
+    x = torch.randn(M, in_f)
+    fn = {
+        "dense": lambda: F.linear(x, dense),
+        "ws_float": lambda: ws.ops.shared_linear(x, packed, cb, BITS, out_f, in_f),
+        "ws_int8": lambda: ws.ops.shared_linear(x, packed, cb, BITS, out_f, in_f, None, "int8"),
+        "torch_int8_dynamic": (lambda q: lambda: q(x))(int8_dynamic(dense)),
+    }[path]
+    benchmark.group = f"{out_f}x{in_f} batch {M}"
+    benchmark(fn)
+
+
+if __name__ == "__main__":
+    if "--cuda" in sys.argv:
+        print(write_json("shared_linear_cuda.json", run_cuda()))
+    else:
+        print(write_json("shared_linear_cpu.json", run()))

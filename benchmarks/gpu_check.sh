@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The one GPU check, for a lent H200 (device tool): build for sm_90 with all cores, run the CUDA tests (and a
+# compute-sanitizer memcheck pass over a small kernel run), run the GPU benchmarks; logs and JSON go to $OUT.
+#   device run:  bash benchmarks/gpu_check.sh        (timeout_s ~ 540)
+# Then commit the JSON it returns under benchmarks/results/ with the date and the GPU.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/benchmarks/results/gpu}
+mkdir -p "$OUT"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=$(nproc) WS_CUDA=1 PYTHONUNBUFFERED=1
+export WS_RESULTS_DIR="$OUT"
+PY=${PYTHON:-python3}
+t0=$SECONDS
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; "$PY" -c "import torch; print(torch.__version__)"; } \
+  > "$OUT/env.txt" 2>&1
+"$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+echo "build: $((SECONDS - t0)) s"
+"$PY" -c "import weightshare as ws; assert ws.cuda_built(), 'CUDA kernels missing'; print('cuda kernels ok')"
+# CUDA tests: every test parametrised with device=cuda, plus the cuda-only ones
+timeout 240 "$PY" -m pytest tests -q -x -k "cuda" -p no:cacheprovider > "$OUT/tests_cuda.log" 2>&1
+echo "cuda tests rc=$? ($(tail -1 "$OUT/tests_cuda.log"))"
+if command -v compute-sanitizer >/dev/null; then
+  timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -c "
+import torch, weightshare as ws
+w = torch.randn(1000, 77, device='cuda'); cb = torch.randn(1, 16, device='cuda')
+i = ws.ops.assign(w, cb); p = ws.ops.pack(i, 4); ws.ops.unpack(p, 4, 77); ws.ops.kmeans_step(w, i, 16)
+ws.ops.loss_aware_assign(w, w, w.abs(), cb)
+x = torch.randn(3, 77, device='cuda', dtype=torch.float16)
+ws.ops.shared_linear(x, p, cb, 4, 1000, 77); ws.ops.shared_linear(x, p, cb, 4, 1000, 77, None, 'int8')
+torch.cuda.synchronize(); print('memcheck workload done')" > "$OUT/memcheck.log" 2>&1
+  echo "memcheck rc=$? ($(grep -c 'ERROR SUMMARY: 0' "$OUT/memcheck.log") clean summaries)"
+fi
+timeout 150 "$PY" benchmarks/bench_assign.py --cuda 2>&1 | tail -4
+timeout 200 "$PY" benchmarks/bench_shared_linear.py --cuda 2>&1 | tail -14
+echo "gpu_check total $((SECONDS - t0)) s"
