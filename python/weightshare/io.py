@@ -1,0 +1,546 @@
+"""The compact model file: `save`, `load`, and `size_report` (which counts exactly the bytes `save` writes).
+
+A file is one container (container.py: JSON header, raw little-endian buffers, SHA-256 trailer; never pickle)
+holding, in the model's state_dict order:
+
+* per shared layer L (a SharedLinear / SharedConv1d / SharedConv2d):
+    - `L.indices`: the index stream, either the packed rows (uint8 [out, packed_row_bytes(n, bits)], exactly the
+      layer's `packed` buffer) or the rANS-coded stream of the unpacked indices (uint8 [bytes], entropy.py,
+      alphabet k, row-major over the weight); "auto" picks whichever is smaller, per layer;
+    - `L.codebook`: [groups, k], float16 when every value survives the round trip exactly, else float32;
+    - `L.bias` (if the layer has one), as stored in the model;
+* every other state_dict tensor (BatchNorm weights and statistics, layers left dense, ...) raw, under its
+  state_dict name.
+
+Metadata (the container's JSON)::
+
+    {"format": "weightshare.model", "version": 1,
+     "model": {"class": "LeNet5", "name": "lenet5" or null},     # name: ws.models.build_model's, if it is one
+     "layers": {L: {"kind": "linear" | "conv1d" | "conv2d", "weight_shape": [...], "bits": b, "k": k,
+                    "groups": G, "bias": bool, "activation": "float" | "int8",
+                    "index_encoding": "packed" | "rans", "codebook_dtype": "float32" | "float16",
+                    # conv kinds only:
+                    "stride": [...], "padding": [...], "dilation": [...], "conv_groups": g}},
+     "user": {... the caller's metadata ...}}
+
+`load` trusts nothing in the file: every field is validated against the format and against the model it loads
+into before the model is touched, decoded indices must be < k, and every problem raises ContainerError (a
+ValueError) naming the file and what is wrong.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from weightshare import entropy, models, ops
+from weightshare.container import ContainerError, container_size, read_container, write_container
+from weightshare.formats import MAX_BITS, MIN_BITS, packed_row_bytes
+from weightshare.nn import ACTIVATIONS, SharedConv1d, SharedConv2d, SharedLayer, SharedLinear, _numeric_padding
+from weightshare.replace import _is_gpt2_conv1d, _parents
+
+__all__ = ["save", "load", "size_report", "SizeReport", "LayerSize", "FORMAT_NAME", "FORMAT_VERSION"]
+
+FORMAT_NAME = "weightshare.model"
+FORMAT_VERSION = 1
+KINDS: dict[str, type] = {"linear": SharedLinear, "conv1d": SharedConv1d, "conv2d": SharedConv2d}
+_COMMON_KEYS = {"kind", "weight_shape", "bits", "k", "groups", "bias", "activation", "index_encoding",
+                "codebook_dtype"}
+_CONV_KEYS = {"stride", "padding", "dilation", "conv_groups"}
+_CODEBOOK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+EntropyCoding = Union[bool, str]
+
+
+# ----------------------------------------------------------------------------------------------- reports
+
+
+@dataclass
+class LayerSize:
+    """Sizes of one shared layer, in bytes unless said otherwise."""
+
+    name: str
+    kind: str
+    weights: int            # weights in the layer (dense-equivalent)
+    parameters: int         # weights + bias values
+    fp32_bytes: int         # the dense layer in float32
+    bits: int               # index bits per weight, packed
+    k: int
+    groups: int
+    packed_bytes: int       # packed index rows (32-bit aligned per row)
+    entropy_bytes: int      # rANS-coded index stream
+    shannon_bytes: float    # the Shannon bound of the indices (n * H / 8)
+    encoding: str           # what the file stores: "packed" or "rans"
+    index_bytes: int        # the stored index stream
+    codebook_bytes: int
+    bias_bytes: int
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.index_bytes + self.codebook_bytes + self.bias_bytes
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored index bits per weight (after entropy coding when the file uses it)."""
+        return 8 * self.index_bytes / max(self.weights, 1)
+
+
+@dataclass
+class SizeReport:
+    """Where the bytes of a saved model go. `file_bytes` is exactly the size of the file `save` writes."""
+
+    layers: list[LayerSize] = field(default_factory=list)
+    other_tensors: int = 0       # tensors stored raw (BatchNorm, dense layers, ...)
+    other_bytes: int = 0
+    other_fp32_bytes: int = 0
+    parameters: int = 0          # dense-equivalent trainable values of the whole model
+    fp32_bytes: int = 0          # the dense model with every float tensor in float32 (all params and buffers)
+    file_bytes: int = 0
+
+    @property
+    def overhead_bytes(self) -> int:
+        """Preamble, JSON header, alignment padding and checksum."""
+        return self.file_bytes - sum(l.stored_bytes for l in self.layers) - self.other_bytes
+
+    @property
+    def ratio(self) -> float:
+        """Compression ratio against the fp32 model."""
+        return self.fp32_bytes / self.file_bytes if self.file_bytes else float("nan")
+
+    def __str__(self) -> str:
+        head = ("layer", "kind", "params", "fp32 B", "bits", "k", "packed B", "rANS B", "Shannon B", "stored",
+                "bits/w", "codebook B", "bias B")
+        rows = [(l.name, l.kind, f"{l.parameters:,}", f"{l.fp32_bytes:,}", str(l.bits), str(l.k),
+                 f"{l.packed_bytes:,}", f"{l.entropy_bytes:,}", f"{l.shannon_bytes:,.0f}", l.encoding,
+                 f"{l.bits_per_weight:.3f}", f"{l.codebook_bytes:,}", f"{l.bias_bytes:,}") for l in self.layers]
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        fmt = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        lines = [fmt(head), "-" * len(fmt(head)), *map(fmt, rows)]
+        lines += [f"other tensors: {self.other_tensors} ({self.other_bytes:,} B; fp32 {self.other_fp32_bytes:,} B)",
+                  f"header, padding and checksum: {self.overhead_bytes:,} B",
+                  f"total: {self.parameters:,} parameters, fp32 {self.fp32_bytes:,} B -> file {self.file_bytes:,} B "
+                  f"({self.ratio:.2f}x)"]
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def _as_model(model_or_result: Any) -> nn.Module:
+    if isinstance(model_or_result, nn.Module):
+        return model_or_result
+    model = getattr(model_or_result, "model", None)
+    if isinstance(model, nn.Module):
+        return model
+    raise TypeError(f"expected an nn.Module or an object with a .model module, got {type(model_or_result).__name__}")
+
+
+def _check_entropy_coding(entropy_coding: EntropyCoding) -> None:
+    if not (entropy_coding is True or entropy_coding is False or entropy_coding == "auto"):
+        raise ValueError(f"entropy_coding must be True, False or 'auto', got {entropy_coding!r}")
+
+
+def _prefix(name: str) -> str:
+    return f"{name}." if name else ""
+
+
+def _kind(layer: SharedLayer) -> str:
+    return next(kind for kind, cls in KINDS.items() if isinstance(layer, cls))
+
+
+def _layer_spec(layer: SharedLayer, encoding: str, codebook_dtype: str) -> dict:
+    spec = {"kind": _kind(layer), "weight_shape": list(layer.weight_shape), "bits": layer.bits, "k": layer.k,
+            "groups": layer.groups, "bias": layer.bias is not None, "activation": layer.activation,
+            "index_encoding": encoding, "codebook_dtype": codebook_dtype}
+    if spec["kind"] != "linear":
+        spec.update(stride=list(layer.stride), padding=list(layer.padding), dilation=list(layer.dilation),
+                    conv_groups=layer.conv_groups)
+    return spec
+
+
+def _stored_codebook(layer: SharedLayer, where: str) -> Tensor:
+    """float16 when that is lossless for every value (e.g. a binary layer's +-1), else float32."""
+    codebook = layer.codebook.detach().float()
+    if not torch.isfinite(codebook).all():
+        raise ValueError(f"layer {where!r}: the codebook holds NaN or Inf; refusing to save it")
+    half = codebook.half()
+    return half if torch.equal(half.float(), codebook) else codebook
+
+
+@dataclass
+class _Plan:
+    tensors: dict[str, Tensor]  # exactly what the file stores, in order
+    metadata: dict
+    layers: list[LayerSize]
+    shared_tensors: set[str]    # names of the tensors that belong to shared layers
+    param_names: set[str]       # state_dict names that are parameters (the rest are buffers)
+
+
+def _plan(model: nn.Module, entropy_coding: EntropyCoding, metadata: Optional[dict], measure: bool) -> _Plan:
+    """Everything `save` would write: tensors in state_dict order and the JSON metadata. `measure` also runs the
+    entropy coder and the Shannon bound where the file itself would not need them (for size_report)."""
+    _check_entropy_coding(entropy_coding)
+    if metadata is not None and not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
+    shared = {name: m for name, m in model.named_modules() if isinstance(m, SharedLayer)}
+    owner = {_prefix(name) + key: (name, key) for name, m in shared.items() for key in ("packed", "codebook", "bias")}
+    param_names = {name for name, _ in model.named_parameters()}
+    streams: dict[str, dict[str, Tensor]] = {}  # layer -> encoding -> stream
+    codebooks = {name: _stored_codebook(layer, name) for name, layer in shared.items()}
+    sizes: dict[str, LayerSize] = {}
+    for name, layer in shared.items():
+        options = {"packed": layer.packed.detach()}
+        idx = layer.indices() if measure or entropy_coding else None
+        if idx is not None:
+            options["rans"] = entropy.encode(idx.reshape(-1), layer.k)
+        streams[name] = options
+        n = math.prod(layer.weight_shape)
+        nbias = 0 if layer.bias is None else layer.bias.numel()
+        sizes[name] = LayerSize(
+            name=name, kind=_kind(layer), weights=n, parameters=n + nbias, fp32_bytes=4 * (n + nbias),
+            bits=layer.bits, k=layer.k, groups=layer.groups, packed_bytes=options["packed"].numel(),
+            entropy_bytes=options["rans"].numel() if "rans" in options else 0,
+            shannon_bytes=entropy.entropy_bits(idx) / 8 if measure else 0.0, encoding="packed",
+            index_bytes=0, codebook_bytes=0, bias_bytes=0)
+
+    def build(choose: Callable[[str], str]) -> tuple[dict[str, Tensor], dict]:
+        tensors, layers = {}, {}
+        for key, tensor in model.state_dict().items():
+            if not isinstance(tensor, Tensor):
+                raise TypeError(f"state_dict entry {key!r} is a {type(tensor).__name__}; only tensors can be saved")
+            if key not in owner:
+                tensors[key] = tensor
+                continue
+            name, role = owner[key]
+            layer = shared[name]
+            if role == "packed":
+                encoding = choose(name)
+                tensors[_prefix(name) + "indices"] = streams[name][encoding]
+                layers[name] = _layer_spec(layer, encoding, str(codebooks[name].dtype).removeprefix("torch."))
+            elif role == "codebook":
+                tensors[key] = codebooks[name]
+            else:
+                tensors[key] = tensor
+        meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
+                "model": {"class": type(model).__name__, "name": _registry_name(model)},
+                "layers": layers, "user": {} if metadata is None else metadata}
+        return tensors, meta
+
+    def smaller(name: str) -> str:
+        return min(streams[name], key=lambda e: (streams[name][e].numel(), e != "packed"))
+
+    if entropy_coding == "auto":
+        tensors, meta = build(smaller)
+        # per-layer choices shrink the buffers; make sure header details (shapes, names) cannot undo that
+        packed_tensors, packed_meta = build(lambda name: "packed")
+        if container_size(packed_tensors, packed_meta) < container_size(tensors, meta):
+            tensors, meta = packed_tensors, packed_meta
+    else:
+        tensors, meta = build(lambda name: "rans" if entropy_coding else "packed")
+
+    for name, spec in meta["layers"].items():
+        size = sizes[name]
+        size.encoding = spec["index_encoding"]
+        size.index_bytes = tensors[_prefix(name) + "indices"].numel()
+        codebook, bias = tensors[_prefix(name) + "codebook"], tensors.get(_prefix(name) + "bias")
+        size.codebook_bytes = codebook.numel() * codebook.element_size()
+        size.bias_bytes = 0 if bias is None else bias.numel() * bias.element_size()
+    owned = {_prefix(name) + role for name in shared for role in ("indices", "codebook", "bias")}
+    return _Plan(tensors, meta, [sizes[name] for name in meta["layers"]], owned, param_names)
+
+
+def _registry_name(model: nn.Module) -> Optional[str]:
+    try:
+        return models.model_name(model)
+    except ValueError:
+        return None
+
+
+def save(model_or_result: Any, path: Union[str, os.PathLike], entropy_coding: EntropyCoding = "auto",
+         metadata: Optional[dict] = None) -> int:
+    """Write a model (or anything with a `.model`, e.g. a compression result) to `path`; returns bytes written.
+
+    entropy_coding: False stores packed indices; True stores rANS-coded indices; "auto" (default) stores, per
+    layer, whichever is smaller (and never makes the file larger than all-packed). `metadata`: a JSON-able dict
+    stored with the file. The write is atomic. The size equals `size_report(model, entropy_coding,
+    metadata).file_bytes`."""
+    plan = _plan(_as_model(model_or_result), entropy_coding, metadata, measure=False)
+    return write_container(path, plan.tensors, plan.metadata)
+
+
+def size_report(model_or_result: Any, entropy_coding: EntropyCoding = "auto",
+                metadata: Optional[dict] = None) -> SizeReport:
+    """Per shared layer and in total: parameters, fp32 bytes, index bits and bytes (packed, rANS, Shannon
+    bound), codebook and bias bytes, other tensors, and the exact file size `save` would write with the same
+    arguments (plus the compression ratio against the fp32 model, all parameters and buffers counted)."""
+    model = _as_model(model_or_result)
+    plan = _plan(model, entropy_coding, metadata, measure=True)
+    report = SizeReport(layers=plan.layers, file_bytes=container_size(plan.tensors, plan.metadata))
+    for name, tensor in plan.tensors.items():
+        if name in plan.shared_tensors:
+            continue
+        nbytes = tensor.numel() * tensor.element_size()
+        report.other_tensors += 1
+        report.other_bytes += nbytes
+        report.other_fp32_bytes += 4 * tensor.numel() if tensor.is_floating_point() else nbytes
+        if name in plan.param_names:
+            report.parameters += tensor.numel()
+    report.parameters += sum(l.parameters for l in plan.layers)
+    report.fp32_bytes = report.other_fp32_bytes + sum(l.fp32_bytes for l in plan.layers)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def _fail_for(path: Union[str, os.PathLike]) -> Callable[[str], ContainerError]:
+    where = os.fspath(path)
+    return lambda message: ContainerError(f"{where}: {message}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_field(spec: dict, key: str, lo: int, hi: Optional[int], what: str, fail) -> int:
+    value = spec[key]
+    if not _is_int(value) or value < lo or (hi is not None and value > hi):
+        bound = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise fail(f"{what}: {key} must be an integer {bound}, got {value!r:.80}")
+    return value
+
+
+def _int_list(spec: dict, key: str, length: int, lo: int, what: str, fail) -> tuple[int, ...]:
+    value = spec[key]
+    if not isinstance(value, list) or len(value) != length or not all(_is_int(v) and v >= lo for v in value):
+        raise fail(f"{what}: {key} must be a list of {length} integers >= {lo}, got {value!r:.120}")
+    return tuple(value)
+
+
+def _parse_layer(name: str, spec: Any, fail) -> dict:
+    """Schema-check one layer's metadata; returns it with tuples for the shape lists."""
+    what = f"layer {name!r}"
+    if not isinstance(spec, dict):
+        raise fail(f"{what}: metadata is a {type(spec).__name__}, not an object")
+    kind = spec.get("kind")
+    if kind not in KINDS:
+        raise fail(f"{what}: unknown layer kind {kind!r:.60} (this reader knows {', '.join(KINDS)})")
+    keys = _COMMON_KEYS | (_CONV_KEYS if kind != "linear" else set())
+    if set(spec) != keys:
+        raise fail(f"{what}: metadata keys are {sorted(spec)}, expected {sorted(keys)}")
+    dims = {"linear": 2, "conv1d": 3, "conv2d": 4}[kind]
+    out = dict(spec)
+    out["weight_shape"] = _int_list(spec, "weight_shape", dims, 1, what, fail)
+    bits = _int_field(spec, "bits", MIN_BITS, MAX_BITS, what, fail)
+    _int_field(spec, "k", 1, 1 << bits, what, fail)
+    groups = _int_field(spec, "groups", 1, None, what, fail)
+    if out["weight_shape"][0] % groups:
+        raise fail(f"{what}: groups={groups} does not divide the {out['weight_shape'][0]} output rows")
+    if not isinstance(spec["bias"], bool):
+        raise fail(f"{what}: bias must be true or false, got {spec['bias']!r:.60}")
+    if spec["activation"] not in (ACTIVATIONS if kind == "linear" else ("float",)):
+        raise fail(f"{what}: activation {spec['activation']!r:.60} is not supported for a {kind} layer")
+    if spec["index_encoding"] not in ("packed", "rans"):
+        raise fail(f"{what}: unknown index encoding {spec['index_encoding']!r:.60}")
+    if spec["codebook_dtype"] not in _CODEBOOK_DTYPES:
+        raise fail(f"{what}: codebook dtype must be one of {list(_CODEBOOK_DTYPES)}, got "
+                   f"{spec['codebook_dtype']!r:.60}")
+    if kind != "linear":
+        n = dims - 2
+        out["stride"] = _int_list(spec, "stride", n, 1, what, fail)
+        out["padding"] = _int_list(spec, "padding", n, 0, what, fail)
+        out["dilation"] = _int_list(spec, "dilation", n, 1, what, fail)
+        _int_field(spec, "conv_groups", 1, None, what, fail)
+    return out
+
+
+def _parse_metadata(metadata: dict, fail) -> tuple[dict, dict[str, dict]]:
+    """Check the file-level metadata; returns (model info, {layer name: parsed spec})."""
+    if metadata.get("format") != FORMAT_NAME:
+        raise fail(f"not a weightshare model file (format {metadata.get('format')!r:.60}, expected {FORMAT_NAME!r})")
+    if metadata.get("version") != FORMAT_VERSION:
+        raise fail(f"unsupported model file version {metadata.get('version')!r:.30} (this reader knows "
+                   f"{FORMAT_VERSION})")
+    expected = {"format", "version", "model", "layers", "user"}
+    if set(metadata) != expected:
+        raise fail(f"metadata keys are {sorted(metadata)}, expected {sorted(expected)}")
+    info, layers = metadata["model"], metadata["layers"]
+    if not isinstance(info, dict) or set(info) != {"class", "name"} or not isinstance(info["class"], str) \
+            or not (info["name"] is None or isinstance(info["name"], str)):
+        raise fail(f"metadata 'model' must be {{'class': str, 'name': str or null}}, got {info!r:.120}")
+    if not isinstance(layers, dict):
+        raise fail(f"metadata 'layers' is a {type(layers).__name__}, not an object")
+    return info, {name: _parse_layer(name, spec, fail) for name, spec in layers.items()}
+
+
+def _rebuild(info: dict) -> nn.Module:
+    name = info["name"]
+    if name not in models.MODELS:
+        raise ValueError(f"the file holds a {info['class']!r} model that ws.models.build_model cannot rebuild "
+                         f"(recorded name {name!r}); pass model= (an instance of that architecture)")
+    with torch.random.fork_rng(devices=[]):  # the weights are about to be overwritten: leave the caller's RNG be
+        return models.build_model(name)
+
+
+def _conv_args(module: nn.Module, numeric_padding: tuple) -> tuple:
+    return (tuple(module.weight_shape if isinstance(module, SharedLayer) else module.weight.shape),
+            tuple(module.stride), tuple(numeric_padding), tuple(module.dilation),
+            module.conv_groups if isinstance(module, SharedLayer) else module.groups)
+
+
+def _mismatch(target: nn.Module, spec: dict) -> Optional[str]:
+    """Why the model's module cannot hold the file's layer, or None when it can."""
+    kind, shape = spec["kind"], spec["weight_shape"]
+    bias = getattr(target, "bias", None)
+    if (bias is not None) != spec["bias"]:
+        return f"bias {'present' if spec['bias'] else 'absent'} in the file but not in the model's module"
+    if kind == "linear":
+        if isinstance(target, SharedLinear) or (isinstance(target, nn.Linear) and not isinstance(target, SharedLayer)):
+            got = tuple(target.weight_shape if isinstance(target, SharedLayer) else target.weight.shape)
+        elif _is_gpt2_conv1d(target):
+            got = tuple(target.weight.shape[::-1])
+        else:
+            return f"the file has a linear layer but the model's module is a {type(target).__name__}"
+        return None if got == shape else f"weight shape {list(shape)} in the file, {list(got)} in the model"
+    shared_type, dense_type = KINDS[kind], KINDS[kind].dense_type
+    if isinstance(target, shared_type):
+        padding = target.padding
+    elif isinstance(target, dense_type):
+        if target.padding_mode != "zeros":
+            return f"the model's conv uses padding_mode={target.padding_mode!r}"
+        try:
+            padding = _numeric_padding(target.padding, target.kernel_size, target.dilation)
+        except NotImplementedError as exc:
+            return str(exc)
+    else:
+        return f"the file has a {kind} layer but the model's module is a {type(target).__name__}"
+    want = (shape, spec["stride"], spec["padding"], spec["dilation"], spec["conv_groups"])
+    got = _conv_args(target, padding)
+    return None if got == want else f"conv (shape, stride, padding, dilation, groups) {want} in the file, {got} " \
+                                    "in the model"
+
+
+def _same_config(target: nn.Module, spec: dict) -> bool:
+    return (isinstance(target, KINDS[spec["kind"]]) and target.weight_shape == spec["weight_shape"]
+            and (target.bits, target.k, target.groups, target.activation)
+            == (spec["bits"], spec["k"], spec["groups"], spec["activation"]))
+
+
+def _new_layer(target: nn.Module, spec: dict) -> SharedLayer:
+    """An empty shared layer for `spec` on the target's device (bias in the target's bias dtype)."""
+    param = next(target.parameters(), None)
+    device = None if param is None else param.device
+    bias_dtype = None if getattr(target, "bias", None) is None else target.bias.dtype
+    shape, common = spec["weight_shape"], dict(bits=spec["bits"], k=spec["k"], groups=spec["groups"],
+                                               bias=spec["bias"], activation=spec["activation"], device=device,
+                                               dtype=bias_dtype)
+    if spec["kind"] == "linear":
+        return SharedLinear(shape[1], shape[0], **common)
+    cls = KINDS[spec["kind"]]
+    return cls(shape[1] * spec["conv_groups"], shape[0], shape[2:], stride=spec["stride"], padding=spec["padding"],
+               dilation=spec["dilation"], conv_groups=spec["conv_groups"], **common)
+
+
+def _decode_indices(name: str, spec: dict, stream: Tensor, fail) -> Tensor:
+    """The layer's packed buffer from its stored stream, after checking every decoded index is < k."""
+    what = f"layer {name!r}"
+    shape, bits, k = spec["weight_shape"], spec["bits"], spec["k"]
+    rows, n = shape[0], math.prod(shape[1:])
+    if stream.dtype != torch.uint8:
+        raise fail(f"{what}: index stream must be uint8, got {stream.dtype}")
+    if spec["index_encoding"] == "packed":
+        expected = (rows, packed_row_bytes(n, bits))
+        if tuple(stream.shape) != expected:
+            raise fail(f"{what}: packed indices must be {list(expected)}, got {list(stream.shape)}")
+        idx = ops.unpack(stream.contiguous(), bits, n)
+    else:
+        if stream.dim() != 1:
+            raise fail(f"{what}: an rANS stream must be 1-D, got shape {list(stream.shape)}")
+        try:  # n is bounded: the model holds a weight of exactly this shape
+            idx = entropy.decode(stream, rows * n, k).reshape(rows, n)
+        except ContainerError as exc:
+            raise fail(f"{what}: {exc}") from None
+    if idx.numel() and int(idx.max()) >= k:
+        raise fail(f"{what}: a decoded index is {int(idx.max())}, not below k={k}")
+    # re-pack: canonical bytes (zero padding bits) whatever the stored rows held there
+    return ops.pack(idx.contiguous(), bits)
+
+
+def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> nn.Module:
+    """Read a file written by `save` and return the model with its shared layers.
+
+    model None: the architecture is rebuilt with ws.models.build_model from the recorded name (ValueError if
+    there is none: then pass `model`) and returned in eval mode. A given model (dense, or already shared) is
+    modified in place and keeps its mode. Everything is validated before the model is touched; a corrupt,
+    truncated or hostile file raises ContainerError (a ValueError). Never unpickles."""
+    fail = _fail_for(path)
+    tensors, metadata = read_container(path)
+    info, specs = _parse_metadata(metadata, fail)
+    rebuilt = model is None
+    model = _rebuild(info) if rebuilt else _as_model(model)
+    modules = dict(model.named_modules())
+
+    layers: dict[str, SharedLayer] = {}
+    for name, spec in specs.items():
+        target = modules.get(name)
+        if target is None:
+            raise fail(f"layer {name!r} is not a module of the model")
+        reason = _mismatch(target, spec)
+        if reason:
+            raise fail(f"layer {name!r}: {reason}")
+        if _same_config(target, spec):
+            layers[name] = target
+        elif name == "":
+            raise fail("the file's root layer cannot replace the model's root module in place")
+        else:
+            layers[name] = _new_layer(target, spec)
+
+    # the state the model will have once its layers are replaced: what the file must provide, exactly
+    expected = model.state_dict()
+    for name, layer in layers.items():
+        for key in modules[name].state_dict():
+            expected.pop(_prefix(name) + key, None)
+        expected.update({_prefix(name) + key: value for key, value in layer.state_dict().items()})
+    streams = {_prefix(name) + "indices": name for name in layers}
+    provided = set(tensors) - set(streams)
+    needed = set(expected) - {_prefix(name) + "packed" for name in layers}
+    for stream in streams:
+        if stream not in tensors:
+            raise fail(f"missing tensor {stream!r} (the indices of layer {streams[stream]!r})")
+    if needed - provided:
+        raise fail(f"missing tensor(s) {sorted(needed - provided)[:10]} that the model needs")
+    if provided - needed:
+        raise fail(f"unexpected tensor(s) {sorted(provided - needed)[:10]} that the model does not have")
+
+    codebooks = {_prefix(name) + "codebook": name for name in layers}
+    state: dict[str, Tensor] = {}
+    for key in sorted(needed):
+        tensor, want = tensors[key], expected[key]
+        if key in codebooks:
+            dtype = _CODEBOOK_DTYPES[specs[codebooks[key]]["codebook_dtype"]]
+            if tensor.dtype != dtype:
+                raise fail(f"tensor {key!r} is {tensor.dtype} but the metadata says {dtype}")
+            if not torch.isfinite(tensor).all():
+                raise fail(f"tensor {key!r}: the codebook holds NaN or Inf")
+            tensor = tensor.float()
+        elif tensor.dtype != want.dtype:
+            raise fail(f"tensor {key!r} is {tensor.dtype} but the model's is {want.dtype}")
+        if tensor.shape != want.shape:
+            raise fail(f"tensor {key!r} has shape {list(tensor.shape)} but the model's is {list(want.shape)}")
+        state[key] = tensor
+    for stream, name in streams.items():
+        state[_prefix(name) + "packed"] = _decode_indices(name, specs[name], tensors[stream], fail)
+
+    holders = _parents(model)
+    for name, layer in layers.items():
+        old = modules[name]
+        if layer is not old:
+            layer.train(old.training)
+            for parent, attr in holders.get(id(old), []):
+                setattr(parent, attr, layer)
+    model.load_state_dict(state, strict=True)
+    return model.eval() if rebuilt else model
