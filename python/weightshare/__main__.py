@@ -1,0 +1,4 @@
+"""python -m weightshare: the command line (weightshare.cli)."""
+from weightshare.cli import main
+
+main()

@@ -1,0 +1,211 @@
+"""python -m weightshare demo | compress | bench | report  (each with --help)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[2]
+CHECKPOINTS = REPO / "checkpoints"
+DEMO_MODELS = ("lenet300100", "lenet5")
+
+
+def _load_baseline(name: str):
+    from weightshare.train import load_checkpoint
+    path = CHECKPOINTS / f"{name}.safetensors"
+    if not path.exists():
+        raise SystemExit(f"weightshare: no checkpoint {path}; train one with "
+                         f"`python -m weightshare.train --model {name} --out {path}`")
+    return load_checkpoint(path, expected_model=name)
+
+
+def _batch1_ms(model, x, repeat: int = 200) -> float:
+    model.eval()
+    with torch.no_grad():
+        for _ in range(10):
+            model(x)
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def compress_one(name: str, method: str, calib_size: int, out_dir: Path, bits: Optional[int] = None,
+                 max_accuracy_drop: Optional[float] = 0.0, progress: bool = False) -> dict:
+    """Compress a bundled model with `method` at zero held-out accuracy drop (or fixed bits), save it, reload the
+    file and measure: the record for summary.json."""
+    import weightshare as ws
+    from weightshare.compress import compress
+    from weightshare.data import mnist_splits
+    from weightshare.train import evaluate
+
+    splits = mnist_splits()
+    model = _load_baseline(name)
+    xs, ys = splits.train.tensors
+    calib = [(xs[i:i + 500], ys[i:i + 500]) for i in range(0, calib_size, 500)]
+    base_test = evaluate(model, splits.test)[1]
+
+    def val_accuracy(m):
+        return 1.0 - evaluate(m, splits.val)[1]
+
+    t0 = time.time()
+    r = compress(model, calib, F.cross_entropy, method=method, bits=bits,
+                 max_accuracy_drop=None if bits is not None else max_accuracy_drop,
+                 eval_fn=val_accuracy, progress=progress)
+    seconds = time.time() - t0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}-{method}{'' if bits is None else f'-{bits}bit'}.ws"
+    file_bytes = ws.save(r.model, path, metadata={"method": method, "baseline_test_error": base_test})
+    loaded = ws.load(path)  # the numbers below come from the file, not from the in-memory model
+    report = ws.size_report(loaded)
+    test_err = evaluate(loaded, splits.test)[1]
+    x1 = splits.test.tensors[0][:1]
+    return {
+        "model": name, "method": method, "bits": bits,
+        "baseline_test_error": base_test, "test_error": test_err,
+        "baseline_val_error": 1 - r.base_metric if r.base_metric is not None else None,
+        "val_error": 1 - r.metric if r.metric is not None else None,
+        "compression_ratio": report.ratio, "file": str(path), "file_bytes": file_bytes,
+        "fp32_bytes": report.fp32_bytes,
+        "layers": [{"name": l.name, "k": l.k, "bits": l.bits, "entropy": l.entropy} for l in r.layers],
+        "calibration_loss": [r.base_loss, r.loss], "predicted_loss_increase": r.predicted_increase,
+        "compress_seconds": seconds,
+        "batch1_ms_dense": _batch1_ms(model, x1), "batch1_ms_compressed": _batch1_ms(loaded, x1),
+    }
+
+
+def _table(records: list[dict]) -> str:
+    head = (f"{'model':12s} {'method':15s} {'base err':>8s} {'err':>7s} {'ratio':>7s} {'file B':>9s} "
+            f"{'bits/layer':>16s} {'dense ms':>8s} {'ws ms':>7s}")
+    lines = [head, "-" * len(head)]
+    for r in records:
+        bits = "/".join(str(l["bits"]) for l in r["layers"])
+        lines.append(f"{r['model']:12s} {r['method']:15s} {100 * r['baseline_test_error']:7.2f}% "
+                     f"{100 * r['test_error']:6.2f}% {r['compression_ratio']:6.1f}x {r['file_bytes']:9d} "
+                     f"{bits:>16s} {r['batch1_ms_dense']:8.3f} {r['batch1_ms_compressed']:7.3f}")
+    return "\n".join(lines)
+
+
+def _plot(records: list[dict], path: Path) -> Optional[Path]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    models = [m for m in DEMO_MODELS if any(r["model"] == m for r in records)]
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, name in zip(axes[0], models):
+        rs = [r for r in records if r["model"] == name]
+        for method in sorted({r["method"] for r in rs}):
+            pts = sorted((r["compression_ratio"], 100 * r["test_error"]) for r in rs if r["method"] == method)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
+        if rs:
+            ax.axhline(100 * rs[0]["baseline_test_error"], color="gray", ls="--", label="uncompressed")
+        ax.set_xscale("log")
+        ax.set_xlabel("compression ratio (fp32 model bytes / file bytes)")
+        ax.set_ylabel("test error (%)")
+        ax.set_title(name)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def cmd_demo(args) -> None:
+    from tqdm import tqdm
+    torch.manual_seed(0)
+    t0 = time.time()
+    out = Path(args.out)
+    jobs = [(m, meth, None) for m in args.models for meth in args.methods]
+    jobs += [(m, meth, b) for m in args.models for meth in args.methods for b in args.bits]
+    records = []
+    for name, method, bits in tqdm(jobs, desc="compressing", unit="run"):
+        records.append(compress_one(name, method, args.calib, out, bits, 0.0, args.verbose))
+        tqdm.write(f"{name} {method} {'search' if bits is None else f'{bits} bits'}: test error "
+                   f"{100 * records[-1]['test_error']:.2f}% at {records[-1]['compression_ratio']:.1f}x")
+    summary = out / "summary.json"
+    summary.write_text(json.dumps(records, indent=2) + "\n")
+    print()
+    print(_table(records))
+    plot = _plot(records, out / "error_vs_ratio.png")
+    print(f"\nwrote {summary}" + (f" and {plot}" if plot else "") + f"; demo took {time.time() - t0:.0f} s")
+
+
+def cmd_compress(args) -> None:
+    r = compress_one(args.model, args.method, args.calib, Path(args.out), args.bits, args.max_accuracy_drop,
+                     progress=True)
+    print(json.dumps(r, indent=2))
+
+
+def cmd_report(args) -> None:
+    import weightshare as ws
+    for f in args.files:
+        print(f"== {f}")
+        print(ws.size_report(ws.load(f)))
+
+
+def cmd_bench(args) -> None:
+    import weightshare as ws
+    model = ws.load(args.file)
+    dense = ws.load(args.file)
+    for name, m in list(dense.named_modules()):
+        for cname, child in list(m.named_children()):
+            if hasattr(child, "to_dense"):
+                setattr(m, cname, child.to_dense())
+    torch.set_num_threads(args.threads)
+    shape = {"lenet300100": (1, 1, 28, 28), "lenet5": (1, 1, 28, 28), "bnn_mlp": (1, 1, 28, 28)}
+    meta_model = getattr(model, "_weightshare_model_name", None)
+    for b in args.batch:
+        x = torch.randn(b, *shape.get(meta_model, (1, 1, 28, 28))[1:])
+        print(f"batch {b}: dense {_batch1_ms(dense, x):.3f} ms, compressed {_batch1_ms(model, x):.3f} ms "
+              f"({args.threads} threads)")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m weightshare", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="MNIST: compress LeNet-300-100 and LeNet-5 at zero held-out accuracy drop, "
+                                    "report, time, save files, plot")
+    d.add_argument("--out", default="out/demo", help="folder for the compressed files, summary.json and the plot")
+    d.add_argument("--models", nargs="+", default=list(DEMO_MODELS), choices=list(DEMO_MODELS))
+    d.add_argument("--methods", nargs="+", default=["loss_aware", "kmeans"],
+                   choices=["loss_aware", "kmeans", "hessian_kmeans", "uniform", "hashed"])
+    d.add_argument("--bits", nargs="*", type=int, default=[], help="also run every method at these fixed bit widths")
+    d.add_argument("--calib", type=int, default=2000, help="calibration samples from the training set")
+    d.add_argument("--verbose", action="store_true", help="log every search trial")
+    d.set_defaults(fn=cmd_demo)
+    c = sub.add_parser("compress", help="compress a bundled model and save it")
+    c.add_argument("--model", required=True, choices=["lenet300100", "lenet5", "bnn_mlp"])
+    c.add_argument("--method", default="loss_aware", choices=["loss_aware", "kmeans", "hessian_kmeans", "uniform",
+                                                              "hashed"])
+    c.add_argument("--bits", type=int, default=None, help="fixed bits per layer (default: search)")
+    c.add_argument("--max-accuracy-drop", type=float, default=0.0, help="on the held-out validation set")
+    c.add_argument("--calib", type=int, default=2000)
+    c.add_argument("--out", default="out")
+    c.set_defaults(fn=cmd_compress)
+    r = sub.add_parser("report", help="size breakdown of compressed files")
+    r.add_argument("files", nargs="+")
+    r.set_defaults(fn=cmd_report)
+    b = sub.add_parser("bench", help="inference time of a compressed file vs its dense model")
+    b.add_argument("file")
+    b.add_argument("--batch", nargs="+", type=int, default=[1, 64])
+    b.add_argument("--threads", type=int, default=torch.get_num_threads())
+    b.set_defaults(fn=cmd_bench)
+    args = ap.parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

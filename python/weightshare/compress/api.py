@@ -1,0 +1,215 @@
+"""ws.compress: compress a trained model's Linear/Conv layers by weight sharing under a loss or accuracy constraint."""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+import torch
+from torch import nn
+
+from weightshare.compress.baselines import METHODS, fit_baseline
+from weightshare.compress.layers import Layer, compressible_layers, mean_loss, weights_swapped
+from weightshare.compress.lagrangian import K_LADDER, LayerFits, Trial, search
+from weightshare.compress.quadratic import Fit
+
+
+@dataclass
+class LayerReport:
+    name: str
+    kind: str
+    shape: tuple
+    k: int
+    bits: int
+    entropy: float          # bits per weight of the index stream
+    bytes: float            # estimated: index stream (packed or entropy coded, the smaller) + fp32 codebook
+    predicted: float        # the model's predicted loss change of this layer alone
+
+
+@dataclass
+class CompressResult:
+    model: nn.Module                    # the compressed model (shared-weight layers where available)
+    method: str
+    fits: dict                          # layer name -> Fit (codebook, indices)
+    layers: list[LayerReport]
+    base_loss: float                    # calibration loss before and after
+    loss: float
+    predicted_increase: float
+    base_metric: Optional[float] = None  # eval_fn before and after (e.g. validation accuracy)
+    metric: Optional[float] = None
+    steps: list = field(default_factory=list)  # the search's trials (lagrangian.Trial), logged
+    budget: Optional[float] = None
+    seconds: float = 0.0
+
+    @property
+    def report(self) -> "CompressResult":
+        return self
+
+    @property
+    def weight_bytes_fp32(self) -> int:
+        return sum(4 * math.prod(r.shape) for r in self.layers)
+
+    @property
+    def compressed_weight_bytes(self) -> float:
+        return sum(r.bytes for r in self.layers)
+
+    @property
+    def weight_compression_ratio(self) -> float:
+        """fp32 bytes of the compressed layers' weights over their estimated compressed bytes (biases and other
+        parameters are counted by ws.size_report on the saved file)."""
+        return self.weight_bytes_fp32 / self.compressed_weight_bytes
+
+    def __str__(self) -> str:
+        lines = [f"method={self.method}  loss {self.base_loss:.5f} -> {self.loss:.5f} "
+                 f"(measured +{self.loss - self.base_loss:.5f}, predicted +{self.predicted_increase:.5f})"]
+        if self.metric is not None:
+            lines.append(f"eval metric {self.base_metric:.5f} -> {self.metric:.5f}")
+        lines.append(f"{'layer':24s} {'shape':>18s} {'k':>4s} {'bits':>4s} {'H(idx)':>7s} {'bytes':>10s} "
+                     f"{'pred dL':>10s}")
+        for r in self.layers:
+            lines.append(f"{r.name:24s} {str(tuple(r.shape)):>18s} {r.k:4d} {r.bits:4d} {r.entropy:7.3f} "
+                         f"{r.bytes:10.0f} {r.predicted:10.2e}")
+        lines.append(f"weights: {self.weight_bytes_fp32} fp32 bytes -> {self.compressed_weight_bytes:.0f} "
+                     f"({self.weight_compression_ratio:.1f}x)")
+        return "\n".join(lines)
+
+
+def _parse_budget(max_loss_increase, base_loss: float) -> Optional[float]:
+    if max_loss_increase is None:
+        return None
+    if isinstance(max_loss_increase, str):
+        s = max_loss_increase.strip()
+        if not s.endswith("%"):
+            raise ValueError(f"weightshare.compress: max_loss_increase must be a number (absolute) or a string "
+                             f"like '2%' (relative), got {max_loss_increase!r}")
+        return float(s[:-1]) / 100 * abs(base_loss)
+    v = float(max_loss_increase)
+    if not v >= 0:
+        raise ValueError(f"weightshare.compress: max_loss_increase must be >= 0, got {v}")
+    return v
+
+
+def _apply(model: nn.Module, layers: dict[str, Layer], fits: dict[str, Fit], shared: bool) -> nn.Module:
+    """A copy of the model whose layers carry the fits: shared-weight layers (ws.replace_layers) when available,
+    else dense dequantised weights."""
+    out = copy.deepcopy(model)
+    if shared:
+        try:
+            from weightshare.replace import replace_layers
+        except ImportError:
+            shared = False
+    if shared:
+        replace_layers(out, {n: (f.codebook, f.idx) for n, f in fits.items()})
+        return out
+    mods = dict(out.named_modules())
+    with torch.no_grad():
+        for n, f in fits.items():
+            mods[n].weight.copy_(f.dequantized().reshape(mods[n].weight.shape))
+    return out
+
+
+def compress(model: nn.Module, data, loss_fn: Callable, method: str = "loss_aware",
+             bits: Union[int, dict, None] = None, max_loss_increase=None, max_accuracy_drop: Optional[float] = None,
+             eval_fn: Optional[Callable[[nn.Module], float]] = None, prune: bool = True, progress: bool = True,
+             curvature: str = "fisher", budget_search_steps: int = 10,
+             shared_layers: bool = True, seed: int = 0) -> CompressResult:
+    """Compress `model`'s Linear/Conv1d/Conv2d layers by learned weight sharing.
+
+    data: calibration batches [(x, y), ...] (iterated several times): the loss model's statistics (gradient and
+    curvature diagonal, `curvature` = "fisher" | "hessian" | "ggn_diag") and the measured loss come from it.
+    method: "loss_aware" (ours) or a baseline: "kmeans", "hessian_kmeans", "uniform", "hashed".
+    bits: an int (every layer 2**bits entries) or {layer: bits}: fixed sizes, no search. Otherwise sizes are
+    searched under the constraint: loss_aware prices file bits and lets every layer choose its size and
+    entropy-constrained assignment, the price found by a measured bisection (lagrangian.py); the
+    baselines use the smallest uniform bit width that meets the constraint (their own zero-loss point).
+    Constraints: max_loss_increase (absolute number, or "2%" relative to the calibration loss), and/or
+    max_accuracy_drop with eval_fn(model) -> accuracy on held-out data (0 = no drop at all). Neither given: "1%".
+    """
+    if method not in METHODS:
+        raise ValueError(f"weightshare.compress: method must be one of {METHODS}, got {method!r}")
+    if max_accuracy_drop is not None and eval_fn is None:
+        raise ValueError("weightshare.compress: max_accuracy_drop needs eval_fn(model) -> accuracy")
+    t0 = time.time()
+    batches = list(data)
+    if not batches:
+        raise ValueError("weightshare.compress: data is empty")
+    model = model.eval()
+    layers = compressible_layers(model)
+    by_name = {l.name: l for l in layers}
+    base_loss = mean_loss(model, loss_fn, batches)
+    from weightshare.curvature import gather_stats
+    stats = gather_stats(model, loss_fn, batches, kind=curvature, seed=seed)
+    lstats = {l.name: (l.weight, stats.gradient[l.param], stats.diagonal[l.param]) for l in layers}
+    base_metric = eval_fn(model) if eval_fn is not None else None
+
+    def log(msg: str) -> None:
+        if progress:
+            from tqdm import tqdm
+            tqdm.write(msg)
+
+    def measure(fits: dict[str, Fit]) -> float:
+        with weights_swapped(by_name, {n: f.dequantized() for n, f in fits.items()}):
+            return mean_loss(model, loss_fn, batches)
+
+    def metric_of(fits: dict[str, Fit]) -> Optional[float]:
+        if eval_fn is None:
+            return None
+        with weights_swapped(by_name, {n: f.dequantized() for n, f in fits.items()}):
+            return eval_fn(model)
+
+    def feasible(fits: dict[str, Fit], loss: float) -> tuple[bool, Optional[float]]:
+        ok = budget is None or loss - base_loss <= budget + 1e-12
+        metric = metric_of(fits) if max_accuracy_drop is not None else None
+        if metric is not None:
+            ok = ok and base_metric - metric <= max_accuracy_drop + 1e-12
+        return ok, metric
+
+    budget = _parse_budget(max_loss_increase, base_loss)
+    if bits is None and budget is None and max_accuracy_drop is None:
+        budget = _parse_budget("1%", base_loss)
+    trials: list = []
+
+    if bits is not None:  # fixed sizes: every method fits each layer once
+        per = bits if isinstance(bits, dict) else {l.name: int(bits) for l in layers}
+        fits = {n: fit_baseline(method, *lstats[n], 1 << int(b), seed, prune) for n, b in per.items()}
+        loss = measure(fits)
+        chosen_budget = None
+    elif method == "loss_aware":
+        fitter = LayerFits(lstats, prune)
+        names = [l.name for l in layers]
+
+        def evaluate(fits: dict[str, Fit]):
+            loss = measure(fits)
+            ok, metric = feasible(fits, loss)
+            return loss - base_loss, metric, ok
+
+        def log_trial(t: Trial) -> None:
+            log(f"  mu={t.mu:.3e}: {t.bytes:.0f} bytes, loss +{t.measured:.5f} (predicted {t.predicted:+.5f}), "
+                f"metric {t.metric}, k={list(t.ks.values())} -> {'feasible' if t.feasible else 'infeasible'}")
+
+        fits, trials = search(names, fitter, evaluate, budget_search_steps, log=log_trial)
+        if fits is None:  # nothing feasible: the gentlest codebooks available (largest k, no size price)
+            fits = {n: fitter.get(n, max(K_LADDER), 0.0) for n in names}
+        loss = measure(fits)
+        chosen_budget = budget
+    else:  # a baseline's own operating point: the smallest uniform bit width meeting the constraint
+        fits, loss, chosen_budget = None, None, budget
+        for b in range(8, 0, -1):
+            trial = {l.name: fit_baseline(method, *lstats[l.name], 1 << b, seed, prune) for l in layers}
+            trial_loss = measure(trial)
+            ok, metric = feasible(trial, trial_loss)
+            log(f"{method} {b} bits: loss +{trial_loss - base_loss:.4f} metric {metric} -> "
+                f"{'feasible' if ok else 'infeasible'}")
+            if not ok and fits is not None:
+                break
+            fits, loss = trial, trial_loss
+            if not ok:
+                break
+    reports = [LayerReport(n, by_name[n].kind, tuple(by_name[n].weight.shape), f.k, f.bits, f.entropy, f.bytes,
+                           f.predicted) for n, f in fits.items()]
+    out = _apply(model, by_name, fits, shared_layers)
+    metric = metric_of(fits)
+    return CompressResult(out, method, fits, reports, base_loss, loss, sum(f.predicted for f in fits.values()),
+                          base_metric, metric, trials, chosen_budget, time.time() - t0)

@@ -1,0 +1,76 @@
+"""The compressible layers of a model and how candidate weights are swapped in to measure the real loss."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+@dataclass
+class Layer:
+    """One compressible layer: its module, qualified names, and its weight viewed as [rows, cols]."""
+    name: str           # module name, as in model.named_modules()
+    param: str          # "<name>.weight", the key of the curvature statistics
+    module: nn.Module
+    kind: str           # "linear" | "conv1d" | "conv2d"
+    weight: Tensor      # the original weight (detached copy, original shape)
+
+    @property
+    def numel(self) -> int:
+        return self.weight.numel()
+
+    @property
+    def rows(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def cols(self) -> int:
+        return self.weight.numel() // self.weight.shape[0]
+
+
+def compressible_layers(model: nn.Module) -> list[Layer]:
+    """Linear, Conv1d and Conv2d layers (subclasses included, e.g. BinaryLinear), in module order."""
+    layers = []
+    for name, m in model.named_modules():
+        if isinstance(m, COMPRESSIBLE) and isinstance(getattr(m, "weight", None), torch.Tensor):
+            kind = "linear" if isinstance(m, nn.Linear) else "conv1d" if isinstance(m, nn.Conv1d) else "conv2d"
+            layers.append(Layer(name, f"{name}.weight" if name else "weight", m, kind, m.weight.detach().clone()))
+    if not layers:
+        raise ValueError("weightshare.compress: the model has no Linear/Conv1d/Conv2d layer to compress")
+    return layers
+
+
+@contextlib.contextmanager
+def weights_swapped(layers: Mapping[str, Layer], weights: Mapping[str, Tensor]) -> Iterator[None]:
+    """Temporarily give the named layers other weights (same shape), restoring the originals afterwards."""
+    saved = {}
+    try:
+        for name, w in weights.items():
+            p = layers[name].module.weight
+            saved[name] = p.detach().clone()
+            with torch.no_grad():
+                p.copy_(w.reshape(p.shape).to(p.dtype))
+        yield
+    finally:
+        for name, w in saved.items():
+            with torch.no_grad():
+                layers[name].module.weight.copy_(w)
+
+
+def mean_loss(model: nn.Module, loss_fn, batches: list) -> float:
+    """Mean of loss_fn over the batches (weighted by batch size), in eval mode without gradients."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in batches:
+            n = len(y) if hasattr(y, "__len__") else 1
+            total += float(loss_fn(model(x), y)) * n
+            count += n
+    model.train(was_training)
+    return total / max(count, 1)
