@@ -4,8 +4,8 @@
 // Paths (the size thresholds are first guesses for the H200, to be tuned by measurement):
 //  * gemv_kernel, few rows of x (float: M <= 16 for fp32 x, <= 8 for fp16/bf16; int8: M <= 16). Memory-bound: 8
 //    warps per block, each warp owns 2 output rows and spreads their k-range over its lanes in units of 128
-//    indices (= BITS 16-byte loads per row); codebooks in per-warp shared tables; every decoded weight is applied
-//    to up to 8 rows of x held... in L1 (grid.z takes further groups of 8 rows); fp32 FMA or dp4a; warp-shuffle
+//    indices (= BITS 16-byte loads per row); codebooks in per-warp shared tables; each decoded weight is applied
+//    to up to 8 rows of x (read through L1; grid.z takes further groups of 8 rows); fp32 FMA or dp4a; warp-shuffle
 //    reduction. Split-K over grid.y when the rows alone do not fill the GPU.
 //  * forward_tile_kernel / grad_x_tile_kernel / grad_w_tile_kernel, many rows: 64x64 output tiles, 128 threads,
 //    reduction steps of 64. Each step decodes a 64x64 W tile once into shared memory (one 32-index chunk per
@@ -18,7 +18,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <mma.h>
 #include <torch/library.h>
 
 #include <atomic>
@@ -33,18 +32,13 @@
 namespace weightshare {
 namespace {
 
-using cuda::from_float;
-using cuda::native_t;
-using cuda::to_float;
+using namespace cuda;  // the device helpers and tile building blocks of cuda_decode.h
 
 constexpr int64_t kMaxInt8InFeatures = 131072;  // 131072 * 127 * 127 < 2**31: the int32 accumulator is exact
 constexpr int kGemvWarps = 8;
 constexpr int kGemvRows = 2;    // output rows per warp: each loaded x value feeds both
 constexpr int kGemvMaxMT = 8;   // x rows per GEMV block
 constexpr int kUnit = 128;      // indices per lane per GEMV step: 4 chunks, BITS 16-byte words
-constexpr int kT = 64;          // tile edge: output rows, output columns and reduction elements per step
-constexpr int kTileThreads = 128;
-constexpr int kAux = 2048;      // shared table / codebook-gradient budget, entries (8 KB)
 
 // ----------------------------------------------------------------------------------------------- epilogue
 enum class OutKind : int { Float, Half, BFloat16 };
@@ -115,10 +109,12 @@ __global__ void prepare_tables_kernel(const C* __restrict__ cb, int64_t G, int K
       continue;
     }
     float amax = 0.0f;
-    for (int j = lane; j < K; j += 32) amax = cuda::nan_max(amax, fabsf(to_float(c[j])));
-    for (int off = 16; off > 0; off >>= 1) amax = cuda::nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-    const float s = cuda::int8_scale(amax);
-    for (int j = lane; j < ts; j += 32) tabq[g * ts + j] = static_cast<int8_t>(j < K ? cuda::quantize_int8(to_float(c[j]), s) : 0);
+    for (int j = lane; j < K; j += 32) amax = nan_max(amax, fabsf(to_float(c[j])));
+    for (int off = 16; off > 0; off >>= 1) amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    const float s = int8_scale(amax);
+    for (int j = lane; j < ts; j += 32) {
+      tabq[g * ts + j] = static_cast<int8_t>(j < K ? quantize_int8(to_float(c[j]), s) : 0);
+    }
     if (lane == 0) scale[g] = s;
   }
 }
@@ -132,33 +128,24 @@ __global__ void __launch_bounds__(256) quantize_rows_kernel(const T* __restrict_
   for (int64_t m = blockIdx.x; m < M; m += gridDim.x) {
     const T* row = x + m * kin;
     float amax = 0.0f;
-    for (int64_t k = threadIdx.x; k < kin; k += blockDim.x) amax = cuda::nan_max(amax, fabsf(to_float(row[k])));
-    for (int off = 16; off > 0; off >>= 1) amax = cuda::nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    for (int64_t k = threadIdx.x; k < kin; k += blockDim.x) amax = nan_max(amax, fabsf(to_float(row[k])));
+    for (int off = 16; off > 0; off >>= 1) amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, off));
     __syncthreads();  // red is free (previous row done with it)
     if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = amax;
     __syncthreads();
-    for (int w = 0; w < int(blockDim.x >> 5); ++w) amax = cuda::nan_max(amax, red[w]);
-    const float s = cuda::int8_scale(amax);
+    for (int w = 0; w < int(blockDim.x >> 5); ++w) amax = nan_max(amax, red[w]);
+    const float s = int8_scale(amax);
     for (int64_t k4 = 4 * int64_t(threadIdx.x); k4 < kp; k4 += 4 * int64_t(blockDim.x)) {
       int q[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) q[e] = k4 + e < kin ? cuda::quantize_int8(to_float(row[k4 + e]), s) : 0;
-      *reinterpret_cast<int*>(xq + m * kp + k4) = cuda::pack4_s8(q[0], q[1], q[2], q[3]);
+      for (int e = 0; e < 4; ++e) q[e] = k4 + e < kin ? quantize_int8(to_float(row[k4 + e]), s) : 0;
+      *reinterpret_cast<int*>(xq + m * kp + k4) = pack4_s8(q[0], q[1], q[2], q[3]);
     }
     if (threadIdx.x == 0) sx[m] = s;
   }
 }
 
 // ----------------------------------------------------------------------------------------------- GEMV
-struct PackedRows {
-  const uint32_t* packed;
-  int64_t row_words;
-  int row_align;  // bytes every row start is aligned to: 4, 8 or 16
-  int64_t N, kin, rows_per_group;
-  const void* table;  // [G, 2**BITS] float or int8
-  int K;
-};
-
 struct GemvArgs {
   PackedRows w;
   const void* x;   // float path: T [M, kin]; int8 path: int8 [M, x_ld] (zero padded)
@@ -175,10 +162,10 @@ __device__ __forceinline__ void unpack8(const uint4& u, float (&v)[8]) {
   for (int e = 0; e < 8; ++e) v[e] = to_float(h[e]);
 }
 
-// x[k .. k+8) as fp32; TAIL: only `left` of them exist, the rest read 0.
-template <typename T, bool TAIL>
-__device__ __forceinline__ void load_x8(const T* p, bool vec, int64_t left, float (&v)[8]) {
-  if (!TAIL && vec) {
+// x[k .. k+8) as fp32 (16-byte loads when the rows allow).
+template <typename T>
+__device__ __forceinline__ void load_x8(const T* p, bool vec, float (&v)[8]) {
+  if (vec) {
     if constexpr (sizeof(T) == 4) {
       const float4 a = __ldg(reinterpret_cast<const float4*>(p)), b = __ldg(reinterpret_cast<const float4*>(p) + 1);
       v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
@@ -188,75 +175,81 @@ __device__ __forceinline__ void load_x8(const T* p, bool vec, int64_t left, floa
     return;
   }
 #pragma unroll
-  for (int e = 0; e < 8; ++e) v[e] = (!TAIL || e < left) ? to_float(p[e]) : 0.0f;
+  for (int e = 0; e < 8; ++e) v[e] = to_float(p[e]);
 }
 
-// One lane's unit of 128 indices of both rows against mc (<= MT) rows of x, 8 indices at a time.
-template <typename T, int BITS, int MT, bool TAIL>
-__device__ __forceinline__ void gemv_unit_float(const uint32_t (&w)[kGemvRows][4 * BITS], const float (*tab)[1 << BITS],
-                                                const T* x, int64_t x_ld, int mc, bool x_vec, int64_t k_unit,
-                                                int64_t kin, float (&acc)[kGemvRows][MT]) {
+// One chunk (32 indices, words w[r][0 .. BITS-1]) of both rows against mc (<= MT) rows of x, 8 indices at a time.
+template <typename T, int BITS, int MT>
+__device__ __forceinline__ void gemv_chunk_float(const uint32_t (&w)[kGemvRows][4 * BITS],
+                                                 const float (*tab)[1 << BITS], const T* x, int64_t x_ld, int mc,
+                                                 bool x_vec, int64_t k, float (&acc)[kGemvRows][MT]) {
 #pragma unroll
-  for (int q = 0; q < 4; ++q) {
+  for (int h = 0; h < 4; ++h) {
+    float wv[kGemvRows][8];
 #pragma unroll
-    for (int h = 0; h < 4; ++h) {
-      const int64_t k = k_unit + q * 32 + h * 8;
-      if (TAIL && k >= kin) continue;
-      float wv[kGemvRows][8];
+    for (int r = 0; r < kGemvRows; ++r) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) wv[r][e] = tab[r][chunk_index<BITS>(w[r], h * 8 + e)];
+    }
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if (m >= mc) break;
+      float xv[8];
+      load_x8<T>(x + m * x_ld + k + h * 8, x_vec, xv);
 #pragma unroll
       for (int r = 0; r < kGemvRows; ++r) {
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const float v = tab[r][cuda::chunk_index<BITS>(w[r] + q * BITS, h * 8 + e)];
-          wv[r][e] = (!TAIL || k + e < kin) ? v : 0.0f;  // padding bits decode to index 0: keep them out
-        }
-      }
-#pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        if (m >= mc) break;
-        float xv[8];
-        load_x8<T, TAIL>(x + m * x_ld + k, x_vec, kin - k, xv);
-#pragma unroll
-        for (int r = 0; r < kGemvRows; ++r) {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) acc[r][m] = fmaf(wv[r][e], xv[e], acc[r][m]);
-        }
+        for (int e = 0; e < 8; ++e) acc[r][m] = fmaf(wv[r][e], xv[e], acc[r][m]);
       }
     }
   }
 }
 
-// int8: x is zero padded to whole units and indices past kin meet those zeros, so no tail case.
+// The int8 twin: 4 weights per dp4a operand, 8 int8 activations per load.
 template <int BITS, int MT>
-__device__ __forceinline__ void gemv_unit_int8(const uint32_t (&w)[kGemvRows][4 * BITS], const int (*tab)[1 << BITS],
-                                               const int8_t* xq, int64_t x_ld, int mc, int64_t k_unit,
-                                               int (&acc)[kGemvRows][MT]) {
+__device__ __forceinline__ void gemv_chunk_int8(const uint32_t (&w)[kGemvRows][4 * BITS], const int (*tab)[1 << BITS],
+                                                const int8_t* xq, int64_t x_ld, int mc, int64_t k,
+                                                int (&acc)[kGemvRows][MT]) {
 #pragma unroll
-  for (int q = 0; q < 4; ++q) {
+  for (int h = 0; h < 4; ++h) {
+    int wq[kGemvRows][2];
 #pragma unroll
-    for (int h = 0; h < 4; ++h) {
-      const int64_t k = k_unit + q * 32 + h * 8;
-      int wq[kGemvRows][2];
+    for (int r = 0; r < kGemvRows; ++r) {
+#pragma unroll
+      for (int d = 0; d < 2; ++d) {
+        const int j = h * 8 + d * 4;
+        wq[r][d] = pack4_s8(tab[r][chunk_index<BITS>(w[r], j)], tab[r][chunk_index<BITS>(w[r], j + 1)],
+                            tab[r][chunk_index<BITS>(w[r], j + 2)], tab[r][chunk_index<BITS>(w[r], j + 3)]);
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if (m >= mc) break;
+      const uint2 xv = __ldg(reinterpret_cast<const uint2*>(xq + m * x_ld + k + h * 8));
 #pragma unroll
       for (int r = 0; r < kGemvRows; ++r) {
-#pragma unroll
-        for (int d = 0; d < 2; ++d) {
-          const uint32_t* c = w[r] + q * BITS;
-          const int j = h * 8 + d * 4;
-          wq[r][d] = cuda::pack4_s8(tab[r][cuda::chunk_index<BITS>(c, j)], tab[r][cuda::chunk_index<BITS>(c, j + 1)],
-                                    tab[r][cuda::chunk_index<BITS>(c, j + 2)], tab[r][cuda::chunk_index<BITS>(c, j + 3)]);
-        }
+        acc[r][m] = __dp4a(static_cast<int>(xv.x), wq[r][0], acc[r][m]);
+        acc[r][m] = __dp4a(static_cast<int>(xv.y), wq[r][1], acc[r][m]);
       }
+    }
+  }
+}
+
+// The last, partial unit of a float row, index by index (short; keeps the hot loop free of bounds checks, and keeps
+// the padding bits, which decode to index 0, out of the sums).
+template <typename T, int BITS, int MT>
+__device__ void gemv_tail_float(const uint32_t* const (&rows)[kGemvRows], const float (*tab)[1 << BITS], const T* x,
+                                int64_t x_ld, int mc, int64_t k0, int64_t kin, float (&acc)[kGemvRows][MT]) {
+  for (int64_t k = k0; k < kin; ++k) {
+    float wv[kGemvRows];
 #pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        if (m >= mc) break;
-        const uint2 xv = __ldg(reinterpret_cast<const uint2*>(xq + m * x_ld + k));
+    for (int r = 0; r < kGemvRows; ++r) wv[r] = tab[r][unpack_one(reinterpret_cast<const uint8_t*>(rows[r]), k, BITS)];
 #pragma unroll
-        for (int r = 0; r < kGemvRows; ++r) {
-          acc[r][m] = __dp4a(static_cast<int>(xv.x), wq[r][0], acc[r][m]);
-          acc[r][m] = __dp4a(static_cast<int>(xv.y), wq[r][1], acc[r][m]);
-        }
-      }
+    for (int m = 0; m < MT; ++m) {
+      if (m >= mc) break;
+      const float xv = to_float(x[m * x_ld + k]);
+#pragma unroll
+      for (int r = 0; r < kGemvRows; ++r) acc[r][m] = fmaf(wv[r], xv, acc[r][m]);
     }
   }
 }
@@ -271,9 +264,11 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const GemvArgs a)
   const int64_t n_first = (int64_t(blockIdx.x) * kGemvWarps + warp) * kGemvRows;
   if (n_first >= a.w.N) return;  // whole warps only: no block-wide barrier below
   int64_t n[kGemvRows];
+  const uint32_t* rows[kGemvRows];
 #pragma unroll
   for (int r = 0; r < kGemvRows; ++r) {
     n[r] = n_first + r < a.w.N ? n_first + r : n_first;  // a missing last row repeats the first and is not stored
+    rows[r] = a.w.packed + n[r] * a.w.row_words;
     const int64_t g = n[r] / a.w.rows_per_group;
     for (int j = lane; j < TS; j += 32) {
       if constexpr (INT8) {
@@ -287,23 +282,33 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const GemvArgs a)
 
   const int64_t m0 = int64_t(blockIdx.z) * MT;
   const int mc = static_cast<int>(a.out.M - m0 < MT ? a.out.M - m0 : MT);
+  const T* x = static_cast<const T*>(a.x) + m0 * a.x_ld;
+  const int8_t* xq = static_cast<const int8_t*>(a.x) + m0 * a.x_ld;
   Acc acc[kGemvRows][MT] = {};
   const int64_t u_end = min(a.units, (blockIdx.y + 1) * a.units_per_split);
   for (int64_t u = blockIdx.y * a.units_per_split + lane; u < u_end; u += 32) {
+    // int8 rows of x are zero padded to whole units, so only the float path has a partial last unit.
+    if (!INT8 && (u + 1) * kUnit > a.w.kin) {
+      if constexpr (!INT8) gemv_tail_float<T, BITS, MT>(rows, s_tab[warp], x, a.x_ld, mc, u * kUnit, a.w.kin, acc);
+      continue;
+    }
+    // All four chunks' words in flight at once (BITS 16-byte loads per row when aligned), then one chunk at a
+    // time: the loop is not unrolled (code size), so the next chunk's words shift down into w[r][0 .. BITS-1].
     uint32_t w[kGemvRows][4 * BITS];
 #pragma unroll
-    for (int r = 0; r < kGemvRows; ++r) {
-      cuda::load_words(a.w.packed + n[r] * a.w.row_words, u * 4 * BITS, a.w.row_words, a.w.row_align, w[r]);
-    }
-    if constexpr (INT8) {
-      gemv_unit_int8<BITS, MT>(w, s_tab[warp], static_cast<const int8_t*>(a.x) + m0 * a.x_ld, a.x_ld, mc,
-                               u * kUnit, acc);
-    } else {
-      const T* x = static_cast<const T*>(a.x) + m0 * a.x_ld;
-      if ((u + 1) * kUnit <= a.w.kin) {
-        gemv_unit_float<T, BITS, MT, false>(w, s_tab[warp], x, a.x_ld, mc, a.x_vec, u * kUnit, a.w.kin, acc);
+    for (int r = 0; r < kGemvRows; ++r) load_words(rows[r], u * 4 * BITS, a.w.row_words, a.w.row_align, w[r]);
+#pragma unroll 1
+    for (int q = 0; q < 4; ++q) {
+      const int64_t k = u * kUnit + q * 32;
+      if constexpr (INT8) {
+        gemv_chunk_int8<BITS, MT>(w, s_tab[warp], xq, a.x_ld, mc, k, acc);
       } else {
-        gemv_unit_float<T, BITS, MT, true>(w, s_tab[warp], x, a.x_ld, mc, a.x_vec, u * kUnit, a.w.kin, acc);
+        gemv_chunk_float<T, BITS, MT>(w, s_tab[warp], x, a.x_ld, mc, a.x_vec, k, acc);
+      }
+#pragma unroll
+      for (int r = 0; r < kGemvRows; ++r) {
+#pragma unroll
+        for (int i = 0; i < 3 * BITS; ++i) w[r][i] = w[r][i + BITS];
       }
     }
   }
@@ -319,248 +324,6 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const GemvArgs a)
 }
 
 // ----------------------------------------------------------------------------------------------- tiles
-// Operand tiles live in shared memory reduction-major, a[r][p] and b[r][q], for all three products (forward: r = k;
-// grad_x: r = n; grad_W: r = m), so one micro-kernel serves them. E is the stored element: float, a 16-bit type,
-// or (int8) an int packing 4 consecutive reduction elements (a dp4a operand).
-template <typename E> constexpr int kPack = std::is_same_v<E, int> ? 4 : 1;
-template <typename E> constexpr int kRows = kT / kPack<E>;
-template <typename E> constexpr int kLd = kT + 16 / int(sizeof(E));  // 16-byte rows, staggered banks
-constexpr int kLdC = kT + 4;                                          // fp32/int32 result tile c[p][q]
-template <typename E> constexpr int kOpBytes = 2 * kRows<E> * kLd<E> * int(sizeof(E));
-template <typename E> constexpr int kTileBytes = kOpBytes<E> > kT * kLdC * 4 ? kOpBytes<E> : kT * kLdC * 4;
-
-template <typename E>
-__device__ __forceinline__ E zero_of() {
-  if constexpr (std::is_same_v<E, int> || std::is_same_v<E, float>) {
-    return E(0);
-  } else {
-    return from_float<E>(0.0f);
-  }
-}
-
-// A [TR x TC] tile at (r0, c0) of a row-major matrix src[rows][cols], staged global -> registers (a step ahead) ->
-// shared. TRANSPOSE stores it as s[c][r] (its columns are the reduction axis); consecutive threads then take
-// consecutive rows, so those column stores hit distinct banks. Elements outside the matrix read 0.
-template <typename E, int TR, int TC, bool TRANSPOSE>
-struct DenseTile {
-  static constexpr int V = 16 / sizeof(E);
-  static constexpr int NV = TR * TC / V / kTileThreads;
-  static_assert(NV * V * kTileThreads == TR * TC, "tile must split evenly into 16-byte vectors");
-  uint4 reg[NV];
-
-  __device__ static void at(int i, int& r, int& c) {
-    const int v = threadIdx.x + kTileThreads * i;
-    r = TRANSPOSE ? v % TR : v / (TC / V);
-    c = (TRANSPOSE ? v / TR : v % (TC / V)) * V;
-  }
-  __device__ void load(const E* __restrict__ src, int64_t rows, int64_t cols, bool vec, int64_t r0, int64_t c0) {
-#pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      int r, c;
-      at(i, r, c);
-      const int64_t gr = r0 + r, gc = c0 + c;
-      if (vec && gr < rows && gc + V <= cols) {
-        reg[i] = __ldg(reinterpret_cast<const uint4*>(src + gr * cols + gc));
-      } else {
-        E* e = reinterpret_cast<E*>(&reg[i]);
-#pragma unroll
-        for (int j = 0; j < V; ++j) e[j] = (gr < rows && gc + j < cols) ? src[gr * cols + gc + j] : zero_of<E>();
-      }
-    }
-  }
-  __device__ void store(E* s) const {
-#pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      int r, c;
-      at(i, r, c);
-      if constexpr (TRANSPOSE) {
-        const E* e = reinterpret_cast<const E*>(&reg[i]);
-#pragma unroll
-        for (int j = 0; j < V; ++j) s[(c + j) * kLd<E> + r] = e[j];
-      } else {
-        *reinterpret_cast<uint4*>(s + r * kLd<E> + c) = reg[i];
-      }
-    }
-  }
-};
-
-// Per-group tables seen by a block: a shared copy of groups [first, first + count) when they fit in kAux entries,
-// else the global tables (L1-cached). Entry (g, i) = base[(g - first) * TS + i].
-template <typename Entry, int TS>
-struct Table {
-  const Entry* base;
-  int64_t first;
-  __device__ Entry operator()(int64_t g, uint32_t i) const { return base[(g - first) * TS + i]; }
-};
-
-template <typename Entry, int TS>
-__device__ Table<Entry, TS> stage_table(const Entry* global, int64_t g_lo, int64_t g_hi, Entry* s) {
-  const int64_t count = (g_hi - g_lo + 1) * TS;
-  if (count > kAux) return {global, 0};
-  for (int i = threadIdx.x; i < count; i += blockDim.x) s[i] = global[g_lo * TS + i];
-  __syncthreads();
-  return {s, g_lo};
-}
-
-// W[n0 : n0+64, k0 : k0+64]: thread t loads chunk (k0/32 + t/64) of row n0 + t%64 (BITS words) a step ahead and
-// decodes it into the tile when storing.
-template <int BITS>
-struct PackedTile {
-  uint32_t w[BITS];
-  __device__ static int row() { return threadIdx.x % kT; }
-  __device__ static int col() { return (threadIdx.x / kT) * 32; }
-  __device__ void load(const PackedRows& p, int64_t n0, int64_t k0) {
-    const int64_t n = n0 + row();
-    if (n < p.N) {
-      cuda::load_words(p.packed + n * p.row_words, ((k0 + col()) / 32) * BITS, p.row_words, p.row_align, w);
-    } else {
-#pragma unroll
-      for (int i = 0; i < BITS; ++i) w[i] = 0;
-    }
-  }
-  __device__ uint32_t index(int j) const { return cuda::chunk_index<BITS>(w, j); }
-
-  // TRANSPOSE (forward, r = k): b[k][n]; else (grad_x, r = n): b[n][k]. Weights outside W are 0.
-  template <typename E, bool TRANSPOSE, typename Tab>
-  __device__ void store(const PackedRows& p, const Tab& tab, int64_t n0, int64_t k0, E* b) const {
-    const int nl = row(), kl = col();
-    const int64_t n = n0 + nl;
-    const int64_t left = n < p.N ? p.kin - (k0 + kl) : 0;  // indices of this chunk inside W
-    const int64_t g = n < p.N ? n / p.rows_per_group : 0;
-    if constexpr (std::is_same_v<E, int>) {
-#pragma unroll
-      for (int d = 0; d < 8; ++d) {
-        int q[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) q[e] = 4 * d + e < left ? int(tab(g, index(4 * d + e))) : 0;
-        b[(kl / 4 + d) * kLd<E> + nl] = cuda::pack4_s8(q[0], q[1], q[2], q[3]);
-      }
-    } else if constexpr (TRANSPOSE) {
-#pragma unroll
-      for (int j = 0; j < 32; ++j) b[(kl + j) * kLd<E> + nl] = from_float<E>(j < left ? tab(g, index(j)) : 0.0f);
-    } else {
-      constexpr int V = 16 / sizeof(E);
-#pragma unroll
-      for (int v = 0; v < 32 / V; ++v) {
-        uint4 pk;
-        E* e = reinterpret_cast<E*>(&pk);
-#pragma unroll
-        for (int j = 0; j < V; ++j) e[j] = from_float<E>(v * V + j < left ? tab(g, index(v * V + j)) : 0.0f);
-        *reinterpret_cast<uint4*>(b + nl * kLd<E> + kl + v * V) = pk;
-      }
-    }
-  }
-};
-
-// fp32 FMA (E = float) or dp4a (E = int) micro-kernel: thread (tid/8, tid%8) owns c[4p' .. +4][8q' .. +8].
-template <typename E>
-struct ScalarMma {
-  using Acc = std::conditional_t<std::is_same_v<E, int>, int, float>;
-  Acc acc[4][8];
-  __device__ ScalarMma() {
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 8; ++j) acc[i][j] = 0;
-  }
-  __device__ static Acc mac(float a, float b, float c) { return fmaf(a, b, c); }
-  __device__ static Acc mac(int a, int b, int c) { return __dp4a(a, b, c); }
-  __device__ void step(const E* a, const E* b) {
-    const int p = (threadIdx.x / 8) * 4, q = (threadIdx.x % 8) * 8;
-#pragma unroll 4
-    for (int r = 0; r < kRows<E>; ++r) {
-      E av[4], bv[8];
-      *reinterpret_cast<uint4*>(av) = *reinterpret_cast<const uint4*>(a + r * kLd<E> + p);
-      *reinterpret_cast<uint4*>(bv) = *reinterpret_cast<const uint4*>(b + r * kLd<E> + q);
-      *reinterpret_cast<uint4*>(bv + 4) = *reinterpret_cast<const uint4*>(b + r * kLd<E> + q + 4);
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[i][j] = mac(av[i], bv[j], acc[i][j]);
-    }
-  }
-  __device__ void store(Acc* c) const {
-    const int p = (threadIdx.x / 8) * 4, q = (threadIdx.x % 8) * 8;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      *reinterpret_cast<uint4*>(c + (p + i) * kLdC + q) = *reinterpret_cast<const uint4*>(&acc[i][0]);
-      *reinterpret_cast<uint4*>(c + (p + i) * kLdC + q + 4) = *reinterpret_cast<const uint4*>(&acc[i][4]);
-    }
-  }
-};
-
-// Tensor-core micro-kernel for fp16/bf16 operands (fp32 accumulate): 4 warps in 2x2, each 32x32 = 2x2 fragments.
-// a[r][p] is the col-major form of the p x r operand, b[r][q] the row-major form of the r x q one.
-template <typename E>
-struct WmmaMma {
-  using Acc = float;
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2][2];
-  __device__ WmmaMma() {
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.0f);
-  }
-  __device__ static int p0() { return (threadIdx.x / 64) * 32; }
-  __device__ static int q0() { return ((threadIdx.x / 32) % 2) * 32; }
-  __device__ void step(const E* a, const E* b) {
-    using namespace nvcuda;
-#pragma unroll
-    for (int r = 0; r < kT; r += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::col_major> fa[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::row_major> fb[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], a + r * kLd<E> + p0() + 16 * i, kLd<E>);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], b + r * kLd<E> + q0() + 16 * j, kLd<E>);
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-    }
-  }
-  __device__ void store(float* c) const {
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        nvcuda::wmma::store_matrix_sync(c + (p0() + 16 * i) * kLdC + q0() + 16 * j, acc[i][j], kLdC,
-                                        nvcuda::wmma::mem_row_major);
-      }
-  }
-};
-
-template <typename E>
-using MmaFor = std::conditional_t<std::is_same_v<E, float> || std::is_same_v<E, int>, ScalarMma<E>, WmmaMma<E>>;
-
-// The reduction loop shared by the tile kernels: steps [t0, t1), loading step t+1 into registers while step t
-// computes; leaves the 64x64 result in c (which aliases the operand tiles).
-template <typename E, typename Mma, typename A, typename B, typename LoadA, typename LoadB, typename StoreB>
-__device__ void tile_mainloop(unsigned char* smem, int64_t t0, int64_t t1, A& ta, B& tb, LoadA load_a,
-                              LoadB load_b, StoreB store_b) {
-  E* sa = reinterpret_cast<E*>(smem);
-  E* sb = sa + kRows<E> * kLd<E>;
-  Mma mma;
-  if (t0 < t1) {
-    load_a(t0);
-    load_b(t0);
-  }
-  for (int64_t t = t0; t < t1; ++t) {
-    __syncthreads();  // the previous step is done reading the tiles
-    ta.store(sa);
-    store_b(t, sb);
-    __syncthreads();
-    if (t + 1 < t1) {
-      load_a(t + 1);
-      load_b(t + 1);
-    }
-    mma.step(sa, sb);
-  }
-  __syncthreads();
-  mma.store(reinterpret_cast<typename Mma::Acc*>(smem));
-  __syncthreads();
-}
-
 struct TileArgs {
   PackedRows w;
   const void* x;   // forward: x [M, kin] (int8: xq as int [M, x_cols]); grad_W: x [M, kin]
@@ -599,10 +362,328 @@ __global__ void __launch_bounds__(kTileThreads) forward_tile_kernel(const TileAr
   PackedTile<BITS> tb;
   const int64_t t0 = blockIdx.z * a.steps_per_split, t1 = min(a.steps, t0 + a.steps_per_split);
   tile_mainloop<E, MmaFor<E>>(
-      smem, t0, t1, ta, tb,
+      smem, t0, t1, ta,
       [&](int64_t t) { ta.load(static_cast<const E*>(a.x), a.M, a.x_cols, a.x_vec, m0, t * kRows<E>); },
       [&](int64_t t) { tb.load(a.w, n0, t * kT); },
       [&](int64_t t, E* sb) { tb.template store<E, true>(a.w, tab, n0, t * kT, sb); });
   tile_epilogue<typename MmaFor<E>::Acc>(a, smem, m0, n0, a.w.N);
 }
 
+// grad_x tile [m0, +64) x [k0, +64) = grad_out[m0.., :] @ W[:, k0..]: the reduction runs over W's rows, so the
+// decoded tile is stored b[n][k]. grid: (ceil(M / 64), ceil(kin / 64), splits of ceil(N / 64) steps).
+template <typename E, int BITS>
+__global__ void __launch_bounds__(kTileThreads) grad_x_tile_kernel(const TileArgs a) {
+  __shared__ __align__(128) unsigned char smem[kTileBytes<E>];
+  __shared__ __align__(16) float aux[kAux];
+  const int64_t m0 = int64_t(blockIdx.x) * kT, k0 = int64_t(blockIdx.y) * kT;
+  const auto tab = stage_table<float, (1 << BITS)>(static_cast<const float*>(a.w.table), 0,
+                                                   (a.w.N - 1) / a.w.rows_per_group, aux);
+  DenseTile<E, kT, kT, true> ta;
+  PackedTile<BITS> tb;
+  const int64_t t0 = blockIdx.z * a.steps_per_split, t1 = min(a.steps, t0 + a.steps_per_split);
+  tile_mainloop<E, MmaFor<E>>(
+      smem, t0, t1, ta,
+      [&](int64_t t) { ta.load(static_cast<const E*>(a.g), a.M, a.w.N, a.g_vec, m0, t * kT); },
+      [&](int64_t t) { tb.load(a.w, t * kT, k0); },
+      [&](int64_t t, E* sb) { tb.template store<E, false>(a.w, tab, t * kT, k0, sb); });
+  tile_epilogue<float>(a, smem, m0, k0, a.w.kin);
+}
+
+// dL/dW tile [n0, +64) x [k0, +64) = grad_out[:, n0..]^T @ x[:, k0..] (reduction over the rows of x), scattered by
+// index into grad_codebook: into per-block shared sums when the tile's groups fit, else straight into global
+// memory. Indices >= K have no entry and credit nothing (as the reference). Splits of the rows of x scatter their
+// partial tiles independently (the scatter is linear). grid: (ceil(kin / 64), ceil(N / 64), splits of ceil(M / 64)).
+template <typename E, int BITS>
+__global__ void __launch_bounds__(kTileThreads) grad_w_tile_kernel(const TileArgs a) {
+  __shared__ __align__(128) unsigned char smem[kTileBytes<E>];
+  __shared__ __align__(16) float aux[kAux];
+  const int64_t k0 = int64_t(blockIdx.x) * kT, n0 = int64_t(blockIdx.y) * kT;
+  const int K = a.w.K;
+  const int64_t g_lo = n0 / a.w.rows_per_group, g_hi = (min(n0 + kT, a.w.N) - 1) / a.w.rows_per_group;
+  const int64_t hist_size = (g_hi - g_lo + 1) * K;
+  const bool shared_hist = hist_size <= kAux;
+  if (shared_hist) {
+    for (int i = threadIdx.x; i < hist_size; i += kTileThreads) aux[i] = 0.0f;  // published by the loop's barriers
+  }
+  DenseTile<E, kT, kT, false> ta, tb;
+  const int64_t t0 = blockIdx.z * a.steps_per_split, t1 = min(a.steps, t0 + a.steps_per_split);
+  tile_mainloop<E, MmaFor<E>>(
+      smem, t0, t1, ta,
+      [&](int64_t t) { ta.load(static_cast<const E*>(a.g), a.M, a.w.N, a.g_vec, t * kT, n0); },
+      [&](int64_t t) { tb.load(static_cast<const E*>(a.x), a.M, a.w.kin, a.x_vec, t * kT, k0); },
+      [&](int64_t, E* sb) { tb.store(sb); });
+
+  PackedTile<BITS> pt;
+  pt.load(a.w, n0, k0);
+  const float* c = reinterpret_cast<const float*>(smem);
+  const int nl = pt.row(), kl = pt.col();
+  const int64_t n = n0 + nl;
+  if (n < a.w.N) {
+    const int64_t g = n / a.w.rows_per_group;
+    float* hist = shared_hist ? aux + (g - g_lo) * K : a.grad_codebook + g * K;
+    const int64_t left = a.w.kin - (k0 + kl);
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      const uint32_t e = pt.index(j);
+      if (j < left && e < uint32_t(K)) atomicAdd(hist + e, c[nl * kLdC + kl + j]);
+    }
+  }
+  if (shared_hist) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < hist_size; i += kTileThreads) {
+      if (aux[i] != 0.0f) atomicAdd(a.grad_codebook + g_lo * K + i, aux[i]);  // NaN != 0: propagated
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------- host
+int sm_count(int device) {
+  static std::atomic<int> cache[64];
+  if (device < 0 || device >= 64) return 132;
+  int v = cache[device].load(std::memory_order_relaxed);
+  if (v == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
+    cache[device].store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+bool rows_vec16(const void* p, int64_t row_bytes) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && row_bytes % 16 == 0;
+}
+
+int row_alignment(const void* p, int64_t row_bytes) {
+  if (rows_vec16(p, row_bytes)) return 16;
+  return reinterpret_cast<uintptr_t>(p) % 8 == 0 && row_bytes % 8 == 0 ? 8 : 4;
+}
+
+// Split-K: when `blocks` do not fill the GPU, split the `steps` of the reduction so that about two blocks per SM
+// run, keeping >= min_steps per split. Returns the number of splits (none empty) and the steps of each.
+std::pair<int, int64_t> split_k(int64_t blocks, int64_t steps, int64_t min_steps, int sms) {
+  int64_t s = 1;
+  if (blocks < sms) s = std::min<int64_t>({ceil_div(2 * sms, blocks), steps / min_steps, 64});
+  s = std::max<int64_t>(s, 1);
+  const int64_t per = ceil_div(steps, s);
+  return {static_cast<int>(ceil_div(steps, per)), per};
+}
+
+OutKind out_kind(at::ScalarType t) {
+  return t == at::kFloat ? OutKind::Float : (t == at::kHalf ? OutKind::Half : OutKind::BFloat16);
+}
+
+Epilogue make_epilogue(const at::Tensor& y, int64_t M, int64_t ld) {
+  Epilogue e{};
+  e.y = y.data_ptr();
+  e.kind = out_kind(y.scalar_type());
+  e.M = M;
+  e.ld = ld;
+  e.rows_per_group = 1;
+  e.splits = 1;
+  return e;
+}
+
+// Allocates the split-K workspace (stream-ordered: safe to release when the caller returns).
+at::Tensor set_splits(Epilogue& e, int splits, bool int8, const at::Tensor& like) {
+  e.splits = splits;
+  if (splits == 1) return at::Tensor();
+  at::Tensor ws = at::empty({splits, e.M, e.ld}, like.options().dtype(int8 ? at::kInt : at::kFloat));
+  e.partial = ws.data_ptr();
+  return ws;
+}
+
+void finalize(const Epilogue& e, bool int8) {
+  if (e.splits == 1) return;
+  if (int8) {
+    finalize_kernel<int><<<cuda::blocks_for(e.M * e.ld), cuda::kThreads, 0, cuda::stream()>>>(e);
+  } else {
+    finalize_kernel<float><<<cuda::blocks_for(e.M * e.ld), cuda::kThreads, 0, cuda::stream()>>>(e);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void check_grid(int64_t y, int64_t z) {
+  TORCH_CHECK_VALUE(y <= 65535 && z <= 65535, "weightshare: shared_linear is too large for one launch (grid ", y,
+                    " x ", z, ")");
+}
+
+// The packed weight (4-byte aligned, as the kernels read words) and its per-group tables.
+struct Prepared {
+  at::Tensor packed, table, scale;
+  PackedRows rows;
+};
+
+Prepared prepare(const at::Tensor& packed, const at::Tensor& codebook, int bits, const PackedWeight& pw, bool int8) {
+  Prepared p;
+  p.packed = reinterpret_cast<uintptr_t>(packed.data_ptr()) % 4 == 0 ? packed : packed.clone();
+  const int ts = 1 << bits;
+  p.table = at::empty({pw.groups, ts}, codebook.options().dtype(int8 ? at::kChar : at::kFloat));
+  if (int8) p.scale = at::empty({pw.groups}, codebook.options().dtype(at::kFloat));
+  WS_DISPATCH_FLOAT(codebook.scalar_type(), "weightshare::shared_linear_tables", [&] {
+    using C = native_t<scalar_t>;
+    prepare_tables_kernel<C><<<cuda::blocks_for(pw.groups * 32), cuda::kThreads, 0, cuda::stream()>>>(
+        reinterpret_cast<const C*>(codebook.data_ptr<scalar_t>()), pw.groups, static_cast<int>(pw.K), ts,
+        int8 ? nullptr : p.table.data_ptr<float>(), int8 ? p.table.data_ptr<int8_t>() : nullptr,
+        int8 ? p.scale.data_ptr<float>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  const uint8_t* base = p.packed.data_ptr<uint8_t>();
+  p.rows = PackedRows{reinterpret_cast<const uint32_t*>(base), pw.row_bytes / 4, row_alignment(base, pw.row_bytes),
+                      pw.rows, pw.cols, pw.rows / pw.groups, p.table.data_ptr(), static_cast<int>(pw.K)};
+  return p;
+}
+
+template <typename T, int BITS, bool INT8>
+void launch_gemv(GemvArgs a, int sms, const at::Tensor& like) {
+  const int64_t M = a.out.M;
+  // Two specialisations: M = 1 (the decode case) and up to 8 rows per block (the kernel stops at the real count).
+  const int mt = M == 1 ? 1 : kGemvMaxMT;
+  const int64_t mblocks = ceil_div(M, mt), nblocks = ceil_div(a.w.N, kGemvWarps * kGemvRows);
+  a.units = ceil_div(a.w.kin, kUnit);
+  const auto [splits, per] = split_k(nblocks * mblocks, a.units, 16, sms);
+  a.units_per_split = per;
+  const at::Tensor ws = set_splits(a.out, splits, INT8, like);
+  check_grid(splits, mblocks);
+  auto* kernel = mt == 1 ? gemv_kernel<T, BITS, 1, INT8> : gemv_kernel<T, BITS, kGemvMaxMT, INT8>;
+  kernel<<<dim3(static_cast<unsigned>(nblocks), splits, static_cast<unsigned>(mblocks)), kGemvWarps * 32, 0,
+           cuda::stream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  finalize(a.out, INT8);
+}
+
+// A tile kernel over (gx, gy) output tiles, its `steps` reduction steps split over grid.z. partials: the splits
+// write raw sums that finalize_kernel reduces (grad_w_tile_kernel instead scatters each split atomically).
+void launch_tiles(void (*kernel)(TileArgs), TileArgs a, int64_t gx, int64_t gy, int64_t steps, bool partials,
+                  bool int8, int sms, const at::Tensor& like) {
+  a.steps = steps;
+  const auto [splits, per] = split_k(gx * gy, steps, 4, sms);
+  a.steps_per_split = per;
+  const at::Tensor ws = partials ? set_splits(a.out, splits, int8, like) : at::Tensor();
+  check_grid(gy, splits);
+  kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), splits), kTileThreads, 0, cuda::stream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (partials) finalize(a.out, int8);
+}
+
+at::Tensor shared_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook, int64_t bits,
+                              int64_t out_features, int64_t in_features, const std::optional<at::Tensor>& bias,
+                              c10::string_view activation) {
+  Activation act;
+  const PackedWeight pw =
+      check_shared_linear(x, packed, codebook, bits, out_features, in_features, bias, activation, &act);
+  const bool int8 = act == Activation::Int8;
+  // Same words as the CPU check (cpu/shared_linear_int8.cpp), so one test matches both devices.
+  TORCH_CHECK_VALUE(!int8 || in_features <= kMaxInt8InFeatures, "weightshare: activation=\"int8\" supports ",
+                    "in_features <= ", kMaxInt8InFeatures, " (int32 accumulators), got ", in_features);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.numel() / in_features;
+  auto sizes = x.sizes().vec();
+  sizes.back() = out_features;
+  at::Tensor y = at::empty(sizes, x.options());
+  const Prepared w = prepare(packed, codebook, static_cast<int>(bits), pw, int8);
+  const at::Tensor b = bias.has_value() ? bias->to(at::kFloat) : at::Tensor();
+  const int sms = sm_count(x.get_device());
+  const int64_t mt = ceil_div(M, kT), nt = ceil_div(out_features, kT), steps = ceil_div(in_features, kT);
+
+  Epilogue e = make_epilogue(y, M, out_features);
+  e.bias = b.defined() ? b.data_ptr<float>() : nullptr;
+  e.rows_per_group = w.rows.rows_per_group;
+  GemvArgs ga{};
+  TileArgs ta{};
+  ga.w = ta.w = w.rows;
+  ta.M = M;
+  if (!int8) {
+    ga.x = ta.x = x.data_ptr();
+    ga.x_ld = ta.x_cols = in_features;
+    ga.x_vec = ta.x_vec = rows_vec16(x.data_ptr(), in_features * x.element_size());
+    ga.out = ta.out = e;
+    WS_DISPATCH_FLOAT(x.scalar_type(), "weightshare::shared_linear_cuda", [&] {
+      using T = native_t<scalar_t>;
+      WS_DISPATCH_BITS(bits, BITS, [&] {
+        if (M <= (std::is_same_v<T, float> ? 2 * kGemvMaxMT : kGemvMaxMT)) {
+          launch_gemv<T, BITS, false>(ga, sms, x);
+        } else {
+          launch_tiles(forward_tile_kernel<T, BITS>, ta, mt, nt, steps, true, false, sms, x);
+        }
+      });
+    });
+    return y;
+  }
+
+  // int8: x quantized per row (zero padded to whole GEMV units), then integer products against the int8 tables.
+  const int64_t kp = ceil_div(in_features, kUnit) * kUnit;
+  at::Tensor xq = at::empty({M, kp}, x.options().dtype(at::kChar));
+  at::Tensor sx = at::empty({M}, x.options().dtype(at::kFloat));
+  WS_DISPATCH_FLOAT(x.scalar_type(), "weightshare::shared_linear_cuda_int8", [&] {
+    using T = native_t<scalar_t>;
+    const int blocks = static_cast<int>(std::min<int64_t>(M, 65535LL * 8));
+    quantize_rows_kernel<T><<<blocks, 256, 0, cuda::stream()>>>(reinterpret_cast<const T*>(x.data_ptr<scalar_t>()),
+                                                                M, in_features, kp, xq.data_ptr<int8_t>(),
+                                                                sx.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  e.sx = sx.data_ptr<float>();
+  e.sw = w.scale.data_ptr<float>();
+  ga.x = ta.x = xq.data_ptr();
+  ga.x_ld = kp;
+  ta.x_cols = kp / 4;  // xq rows as int words of 4 activations
+  ta.x_vec = true;     // fresh allocation, rows of a multiple of kUnit bytes
+  ga.out = ta.out = e;
+  WS_DISPATCH_BITS(bits, BITS, [&] {
+    if (M <= 2 * kGemvMaxMT) {
+      launch_gemv<float, BITS, true>(ga, sms, x);
+    } else {
+      launch_tiles(forward_tile_kernel<int, BITS>, ta, mt, nt, steps, true, true, sms, x);
+    }
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> shared_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                                                               const at::Tensor& packed, const at::Tensor& codebook,
+                                                               int64_t bits, int64_t out_features,
+                                                               int64_t in_features, bool need_x_grad,
+                                                               bool need_codebook_grad) {
+  const PackedWeight pw =
+      check_shared_linear_backward(grad_out, x, packed, codebook, bits, out_features, in_features);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto f32 = codebook.options().dtype(at::kFloat);
+  at::Tensor gx = need_x_grad ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor gc = need_codebook_grad ? at::zeros({pw.groups, pw.K}, f32) : at::empty({0}, f32);
+  if (!need_x_grad && !need_codebook_grad) return {gx, gc};
+
+  const int64_t M = x.numel() / in_features;
+  // Both operands are read in x's dtype (autograd passes grad_out in it anyway).
+  const at::Tensor g = grad_out.scalar_type() == x.scalar_type() ? grad_out : grad_out.to(x.scalar_type());
+  const Prepared w = prepare(packed, codebook, static_cast<int>(bits), pw, false);
+  const int sms = sm_count(x.get_device());
+  const int64_t mt = ceil_div(M, kT), nt = ceil_div(out_features, kT), kt = ceil_div(in_features, kT);
+  TileArgs a{};
+  a.w = w.rows;
+  a.M = M;
+  a.x = x.data_ptr();
+  a.x_cols = in_features;
+  a.x_vec = rows_vec16(x.data_ptr(), in_features * x.element_size());
+  a.g = g.data_ptr();
+  a.g_vec = rows_vec16(g.data_ptr(), out_features * g.element_size());
+  a.grad_codebook = need_codebook_grad ? gc.data_ptr<float>() : nullptr;
+  if (need_x_grad) a.out = make_epilogue(gx, M, in_features);
+  WS_DISPATCH_FLOAT(x.scalar_type(), "weightshare::shared_linear_backward_cuda", [&] {
+    using T = native_t<scalar_t>;
+    WS_DISPATCH_BITS(bits, BITS, [&] {
+      if (need_x_grad) launch_tiles(grad_x_tile_kernel<T, BITS>, a, mt, kt, nt, true, false, sms, x);
+      if (need_codebook_grad) launch_tiles(grad_w_tile_kernel<T, BITS>, a, kt, nt, mt, false, false, sms, x);
+    });
+  });
+  return {gx, gc};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(weightshare, CUDA, m) {
+  m.impl("shared_linear", &shared_linear_cuda);
+  m.impl("shared_linear_backward", &shared_linear_backward_cuda);
+}
+
+}  // namespace weightshare

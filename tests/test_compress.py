@@ -1,0 +1,128 @@
+"""ws.compress on the real MNIST (bundled) and the bundled LeNet-300-100 checkpoint, plus the CLI."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import weightshare as ws
+from weightshare.compress import compress, fit_layer
+from weightshare.data import mnist_splits
+from weightshare.train import evaluate, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return mnist_splits()
+
+
+@pytest.fixture(scope="module")
+def lenet300(mnist):
+    model = load_checkpoint(REPO / "checkpoints" / "lenet300100.safetensors")
+    xs, ys = mnist.train.tensors
+    calib = [(xs[i:i + 500], ys[i:i + 500]) for i in range(0, 2000, 500)]
+    return model, calib
+
+
+@pytest.fixture(scope="module")
+def fixed_bits_errors(lenet300, mnist):
+    model, calib = lenet300
+    errs = {}
+    for bits in (2, 3):
+        for method in ("loss_aware", "kmeans", "uniform"):
+            r = compress(model, calib, F.cross_entropy, method=method, bits=bits, progress=False,
+                         shared_layers=False)
+            errs[bits, method] = evaluate(r.model, mnist.test)[1]
+    return errs
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_loss_aware_beats_kmeans_and_uniform_at_equal_bits(fixed_bits_errors, bits):
+    e = fixed_bits_errors
+    assert e[bits, "loss_aware"] < e[bits, "kmeans"], e
+    assert e[bits, "loss_aware"] < e[bits, "uniform"], e
+
+
+def test_accuracy_constraint_holds_on_held_out_data(lenet300, mnist):
+    model, calib = lenet300
+
+    def val_acc(m):
+        return 1 - evaluate(m, mnist.val)[1]
+
+    r = compress(model, calib, F.cross_entropy, max_accuracy_drop=0.002, eval_fn=val_acc, progress=False,
+                 budget_search_steps=5)
+    assert r.base_metric - val_acc(r.model) <= 0.002 + 1e-9
+    assert r.weight_compression_ratio > 4
+    for name, fit in r.fits.items():  # the compressed model carries exactly the fitted codebooks
+        layer = dict(r.model.named_modules())[name]
+        assert torch.equal(layer.indices(), fit.idx.reshape(layer.indices().shape))
+
+
+def test_compressed_model_saves_and_reloads(lenet300, tmp_path):
+    model, calib = lenet300
+    r = compress(model, calib, F.cross_entropy, method="kmeans", bits=3, progress=False)
+    path = tmp_path / "m.ws"
+    n = ws.save(r, path)
+    assert n == path.stat().st_size == ws.size_report(r.model).file_bytes
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(ws.load(path)(x), r.model(x))
+
+
+def test_fit_layer_is_exact_optimum_of_its_model():
+    # with g = 0 the fit minimises sum h (c_idx - w)^2: no Lloyd run from any start does better
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(2000, generator=gen) ** 3
+    h = torch.rand(2000, generator=gen)
+    fit = fit_layer(w, torch.zeros_like(w), h, 6, damping=1e-12)
+    model_value = float((h * (fit.dequantized() - w) ** 2).sum())
+    for init in ("linear", "quantile", "kmeans++"):
+        r = ws.kmeans(w, 6, importance=h, init=init, tol=0, max_iter=100)
+        assert model_value <= float(r.distortion.sum()) * (1 + 1e-4)
+
+
+def test_bad_arguments(lenet300):
+    model, calib = lenet300
+    with pytest.raises(ValueError, match="method must be one of"):
+        compress(model, calib, F.cross_entropy, method="magic")
+    with pytest.raises(ValueError, match="needs eval_fn"):
+        compress(model, calib, F.cross_entropy, max_accuracy_drop=0.0)
+    with pytest.raises(ValueError, match="data is empty"):
+        compress(model, [], F.cross_entropy)
+    with pytest.raises(ValueError, match="max_loss_increase must be"):
+        compress(model, calib, F.cross_entropy, max_loss_increase="lots")
+
+
+def test_cli_compress_and_report(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "weightshare", "compress", "--model", "lenet300100", "--method",
+                          "uniform", "--bits", "4", "--calib", "500", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rec = json.loads(out.stdout[out.stdout.index("{"):])
+    assert rec["model"] == "lenet300100" and Path(rec["file"]).exists()
+    assert rec["compression_ratio"] > 5
+    rep = subprocess.run([sys.executable, "-m", "weightshare", "report", rec["file"]], capture_output=True,
+                         text=True, timeout=120)
+    assert rep.returncode == 0 and "total" in rep.stdout, rep.stderr
+
+
+def test_cli_demo_small(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "weightshare", "demo", "--out", str(tmp_path), "--models",
+                          "lenet300100", "--methods", "uniform", "--calib", "500"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    records = json.loads((tmp_path / "summary.json").read_text())
+    assert {"model", "method", "baseline_test_error", "test_error", "compression_ratio", "file"} <= set(records[0])
+    assert ws.load(records[0]["file"]) is not None
+    assert (tmp_path / "error_vs_ratio.png").exists()
+
+
+def test_cli_help():
+    for cmd in ([], ["demo"], ["compress"], ["bench"], ["report"]):
+        out = subprocess.run([sys.executable, "-m", "weightshare", *cmd, "--help"], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0 and "usage" in out.stdout
