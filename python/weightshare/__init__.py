@@ -9,7 +9,10 @@ from weightshare.kmeans import kmeans, kmeans_optimal, KMeansResult
 from weightshare import nn
 from weightshare.replace import replace_layers, ReplaceReport
 from weightshare.io import save, load, size_report, SizeReport
+from weightshare import curvature
+from weightshare.compress import compress, CompressResult
 
 __version__ = "0.1.0"
 __all__ = ["ops", "kmeans", "kmeans_optimal", "KMeansResult", "NATIVE", "NATIVE_ERROR", "cuda_built",
-           "nn", "replace_layers", "ReplaceReport", "save", "load", "size_report", "SizeReport"]
+           "nn", "replace_layers", "ReplaceReport", "save", "load", "size_report", "SizeReport", "curvature",
+           "compress", "CompressResult"]

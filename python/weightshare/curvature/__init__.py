@@ -1,0 +1,15 @@
+"""Curvature of the loss w.r.t. the compressible weights: gradients, exact Hessian and Gauss-Newton products,
+and the diagonals (Hutchinson, empirical Fisher) that weight the second-order model dL = g.dW + 1/2 dW.H.dW.
+
+Files: parameters.py (which weights, argument checks), functional.py (the loss as a function of the weights),
+output_hessian.py (closed-form H_out products), products.py (hvp, ggn_vp), accumulators.py (streaming means),
+diagonals.py (gradient, hessian_diag, ggn_diag, fisher_diag), stats.py (CurvatureStats, gather_stats).
+Pure PyTorch; a fused native Fisher kernel (ws.ops.sq_grad_accum) will plug into FisherPass.
+"""
+from weightshare.curvature.diagonals import fisher_diag, ggn_diag, gradient, hessian_diag
+from weightshare.curvature.parameters import compressible_parameters
+from weightshare.curvature.products import DEFAULT_HVP_METHOD, HVP_METHODS, ggn_vp, hvp
+from weightshare.curvature.stats import CurvatureStats, gather_stats
+
+__all__ = ["compressible_parameters", "hvp", "ggn_vp", "gradient", "hessian_diag", "ggn_diag", "fisher_diag",
+           "CurvatureStats", "gather_stats", "HVP_METHODS", "DEFAULT_HVP_METHOD"]

@@ -1,0 +1,79 @@
+"""Streaming, weighted means of per-parameter tensors over batches and probes, in float64.
+
+float64 because the statistics average thousands of small, noisy terms (squared gradients, z * Hz) whose
+float32 running sums lose the digits the compressor's loss predictions need.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+
+class WeightedMean:
+    """sum_i w_i x_i / sum_i w_i over added dicts of tensors."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, Tensor] = {}
+        self.total_weight = 0.0
+
+    def add(self, sample: Mapping[str, Tensor], weight: float = 1.0) -> None:
+        for name, t in sample.items():
+            term = t.detach().to(torch.float64) * weight
+            self._sums[name] = self._sums[name] + term if name in self._sums else term
+        self.total_weight += weight
+
+    def add_sum(self, summed: Mapping[str, Tensor], weight: float) -> None:
+        """Add a sum of samples (already float64) together with their total weight."""
+        for name, t in summed.items():
+            self._sums[name] = self._sums[name] + t if name in self._sums else t.clone()
+        self.total_weight += weight
+
+    def mean(self, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The mean, in the dtype of the matching tensor of `like` (the parameters)."""
+        return {n: (self._sums[n] / self.total_weight).to(like[n].dtype) for n in like}
+
+
+class WeightedMeanWithVariance:
+    """Weighted mean of samples x_i with weights w_i, and the variance of that mean as an estimate.
+
+    Uses West's (1979) incremental update, stable in one pass: mean and S = sum_i w_i (x_i - mean)^2.
+    The variance of the weighted mean, treating the samples as independent draws of one distribution, is
+    sigma^2 * sum w_i^2 / W^2 with sigma^2 estimated by S / W * n / (n - 1); for equal weights this is the
+    familiar sample variance / n. With a single sample it is unknown and reported as +inf.
+    """
+
+    def __init__(self) -> None:
+        self._mean: dict[str, Tensor] = {}
+        self._spread: dict[str, Tensor] = {}
+        self.count = 0
+        self.total_weight = 0.0
+        self.total_squared_weight = 0.0
+
+    def add(self, sample: Mapping[str, Tensor], weight: float = 1.0) -> None:
+        if weight <= 0:
+            return
+        self.count += 1
+        self.total_weight += weight
+        self.total_squared_weight += weight * weight
+        share = weight / self.total_weight
+        for name, t in sample.items():
+            x = t.detach().to(torch.float64)
+            if name not in self._mean:
+                self._mean[name] = x.clone()
+                self._spread[name] = torch.zeros_like(x)
+                continue
+            delta = x - self._mean[name]
+            self._mean[name] += share * delta
+            self._spread[name] += weight * delta * (x - self._mean[name])
+
+    def mean(self, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {n: self._mean[n].to(like[n].dtype) for n in like}
+
+    def variance_of_mean(self, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        if self.count < 2:
+            return {n: torch.full_like(like[n], float("inf")) for n in like}
+        scale = (self.count / (self.count - 1) / self.total_weight
+                 * self.total_squared_weight / self.total_weight ** 2)
+        return {n: (self._spread[n].clamp_min(0) * scale).to(like[n].dtype) for n in like}

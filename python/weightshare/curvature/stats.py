@@ -1,0 +1,75 @@
+"""The curvature statistics the compressor consumes: one gradient and one diagonal per compressible weight,
+gathered in a single sweep over the calibration data.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from weightshare.curvature.diagonals import (DEFAULT_PROBES, FisherPass, GradientPass, HutchinsonPass,
+                                             check_probes, run_passes)
+from weightshare.curvature.functional import FunctionalLoss, LossFn
+from weightshare.curvature.parameters import ParamsArg, resolve_parameters
+from weightshare.curvature.products import DEFAULT_HVP_METHOD
+
+STAT_KINDS = ("fisher", "hessian", "ggn_diag")
+
+
+@dataclass
+class CurvatureStats:
+    """Gradient and curvature diagonal of the mean loss, per parameter name (dicts ordered alike).
+
+    method: "fisher" (empirical Fisher diagonal), "hessian" (Hutchinson on H) or "ggn_diag" (Hutchinson on the
+    Gauss-Newton matrix). variance: for the Hutchinson methods, the estimated variance of each diagonal entry;
+    None for the Fisher, which is exact for its data."""
+    gradient: dict[str, Tensor]
+    diagonal: dict[str, Tensor]
+    method: str
+    num_samples: int
+    variance: Optional[dict[str, Tensor]] = None
+    probes: Optional[int] = None
+    names: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.names = list(self.diagonal)
+
+    def predicted_loss_change(self, delta: Mapping[str, Tensor]) -> float:
+        """Second-order model with the diagonal: dL ~ sum g.dW + 1/2 sum diag * dW^2, over the names in delta."""
+        total = 0.0
+        for name, d in delta.items():
+            if name not in self.diagonal:
+                raise ValueError(f"CurvatureStats.predicted_loss_change: delta names {name!r}, which has no "
+                                 f"statistics (have {self.names})")
+            d64 = d.detach().to(torch.float64)
+            g = self.gradient[name].to(d64)
+            h = self.diagonal[name].to(d64)
+            total += float((g * d64).sum() + 0.5 * (h * d64 * d64).sum())
+        return total
+
+
+def gather_stats(model: nn.Module, loss_fn: LossFn, data: Iterable, kind: str = "fisher",
+                 probes: int = DEFAULT_PROBES, params: ParamsArg = None, seed: int = 0,
+                 hvp_method: str = DEFAULT_HVP_METHOD) -> CurvatureStats:
+    """Average gradient and a curvature diagonal of `loss_fn(model(x), y)` over `data`, in one pass over it.
+
+    kind: "fisher" (fisher_diag), "hessian" (hessian_diag with `probes` probes per batch), "ggn_diag" (Hutchinson
+    on ggn_vp). `params` defaults to compressible_parameters(model); `seed` fixes the Hutchinson probes. `data`
+    is iterated once, so a generator works."""
+    if kind not in STAT_KINDS:
+        raise ValueError(f"weightshare.curvature.gather_stats: kind must be one of {STAT_KINDS}, got {kind!r}")
+    f = FunctionalLoss(model, loss_fn, resolve_parameters(model, params, "gather_stats"), "gather_stats")
+    gradient_pass = GradientPass(f)
+    if kind == "fisher":
+        diagonal_pass = FisherPass(f)
+    else:
+        curvature = "hessian" if kind == "hessian" else "ggn"
+        diagonal_pass = HutchinsonPass(f, curvature, check_probes(probes, "gather_stats"), seed, hvp_method)
+    samples = run_passes(data, [gradient_pass, diagonal_pass], "gather_stats")
+    if isinstance(diagonal_pass, FisherPass):
+        return CurvatureStats(gradient_pass.result(), diagonal_pass.result(), kind, samples)
+    diagonal, variance = diagonal_pass.result()
+    return CurvatureStats(gradient_pass.result(), diagonal, kind, samples, variance, probes)
