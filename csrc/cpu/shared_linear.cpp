@@ -13,6 +13,8 @@
 #include "weightshare/cpu_decode.h"
 #include "weightshare/dispatch.h"
 
+#include <vector>
+
 namespace weightshare::cpu {
 namespace {
 
@@ -87,6 +89,73 @@ WS_AVX512 void gemv_rows_avx512(const PackedLinear& w, const float* x, int64_t r
 #endif
 
 #ifdef WS_X86
+// Bits 1, 2, 4: a fast GEMV on whole 64-byte blocks of the row (16 dwords, 16 * 32/BITS indices). Shifting every
+// dword right by BITS*s puts index 8j+s (for 4 bits) in the low bits of lane j, and vpermps reads only the low 4
+// bits of each lane: with the codebook replicated over all 16 table slots (slot t holds entry t mod 2**BITS) no
+// mask is needed. Per 16 weights that is one shift, one permute and one FMA. x is stored once per call in the
+// matching order (xp: element 8j+s of a block at position 16s+j, for 4 bits). The row's tail (less than a block)
+// goes through the generic path.
+template <int BITS>
+constexpr bool fast_bits() { return BITS == 1 || BITS == 2 || BITS == 4; }
+
+template <int BITS>
+constexpr int64_t fast_block() { return 16 * 32 / BITS; }
+
+// x rows [M, in] -> [M, blocks * fast_block] in the order the fast GEMV consumes.
+template <int BITS>
+std::vector<float> permute_x_for_fast_gemv(const float* x, int64_t M, int64_t in) {
+  constexpr int64_t B = fast_block<BITS>(), E = 32 / BITS;
+  const int64_t blocks = in / B;
+  std::vector<float> xp(M * blocks * B);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t blk = 0; blk < blocks; ++blk)
+      for (int64_t j = 0; j < 16; ++j)
+        for (int64_t s = 0; s < E; ++s) xp[(m * blocks + blk) * B + s * 16 + j] = x[m * in + blk * B + j * E + s];
+  return xp;
+}
+
+template <int BITS, int M>
+WS_AVX512 void gemv_rows_avx512_fast(const PackedLinear& w, const float* x, const float* xp, int64_t r0, int64_t r1,
+                                     float* y) {
+  constexpr int64_t B = fast_block<BITS>();
+  constexpr int E = 32 / BITS;
+  const Avx512Unpack16<BITS> unpack;
+  GroupTable gt;
+  const int64_t in = w.in_features;
+  const int64_t blocks = in / B;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = w.packed + r * w.row_bytes;
+    const DecodeTable& dt = gt.get(w, r);
+    alignas(64) float rep[16];
+    for (int t = 0; t < 16; ++t) rep[t] = dt.v[t & ((1 << BITS) - 1)];
+    const __m512 table = _mm512_load_ps(rep);
+    const Avx512Lookup<BITS> lookup(dt);
+    __m512 acc[M][4];
+    for (int m = 0; m < M; ++m)
+      for (int u = 0; u < 4; ++u) acc[m][u] = _mm512_setzero_ps();
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const __m512i v = _mm512_loadu_si512(row + blk * 64);
+      for (int s = 0; s < E; ++s) {
+        const __m512 wv = _mm512_permutexvar_ps(_mm512_srli_epi32(v, BITS * s), table);
+        for (int m = 0; m < M; ++m)
+          acc[m][s & 3] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xp + (m * blocks + blk) * B + 16 * s), acc[m][s & 3]);
+      }
+    }
+    // tail: whole 16-blocks through the generic decoder, then single indices
+    const int64_t tail16 = in / 16;
+    for (int64_t b16 = blocks * B / 16; b16 < tail16; ++b16) {
+      const __m512 wv = lookup(unpack.indices(row, b16));
+      for (int m = 0; m < M; ++m) acc[m][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * in + 16 * b16), acc[m][0]);
+    }
+    for (int m = 0; m < M; ++m) {
+      float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
+                                                   _mm512_add_ps(acc[m][2], acc[m][3])));
+      for (int64_t i = tail16 * 16; i < in; ++i) s += dt.v[unpack_one(row, i, BITS)] * x[m * in + i];
+      y[m * w.out_features + r] = s;
+    }
+  }
+}
+
 template <int BITS>
 WS_AVX512 void decode_rows_avx512(const PackedLinear& w, int64_t r0, int64_t r1, int64_t dst_row0, float* dst) {
   const Avx512Unpack16<BITS> unpack;
@@ -107,6 +176,22 @@ template <int BITS>
 void gemv(const PackedLinear& w, const float* x, int64_t M, float* y) {
   const int64_t grain = std::max<int64_t>(1, 65536 / w.in_features);
   const Simd simd = simd_level();
+#ifdef WS_X86
+  if constexpr (fast_bits<BITS>()) {
+    if (simd == Simd::Avx512 && w.in_features >= fast_block<BITS>()) {
+      const std::vector<float> xp = permute_x_for_fast_gemv<BITS>(x, M, w.in_features);
+      at::parallel_for(0, w.out_features, grain, [&](int64_t r0, int64_t r1) {
+        switch (M) {
+          case 1: return gemv_rows_avx512_fast<BITS, 1>(w, x, xp.data(), r0, r1, y);
+          case 2: return gemv_rows_avx512_fast<BITS, 2>(w, x, xp.data(), r0, r1, y);
+          case 3: return gemv_rows_avx512_fast<BITS, 3>(w, x, xp.data(), r0, r1, y);
+          default: return gemv_rows_avx512_fast<BITS, 4>(w, x, xp.data(), r0, r1, y);
+        }
+      });
+      return;
+    }
+  }
+#endif
   at::parallel_for(0, w.out_features, grain, [&](int64_t r0, int64_t r1) {
 #ifdef WS_X86
     if (simd == Simd::Avx512) {

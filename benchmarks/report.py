@@ -1,0 +1,91 @@
+"""Markdown tables for README from the JSON results (benchmarks/results/*.json and a demo's summary.json).
+
+    python benchmarks/report.py [--demo out/demo/summary.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _load(name):
+    p = RESULTS / name
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _machine(m):
+    return f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}"
+
+
+def assign_table(r):
+    out = [f"Assignment, N = 2^24 fp32 weights ({_machine(r['machine'])}; copy bandwidth in the same run "
+           f"{r['copy_gbps']:.1f} GB/s)", "",
+           "| k | path | ws.ops.assign | GB/s | vs torch.bucketize | vs naive argmin |", "|---|---|---|---|---|---|"]
+    for row in r["results"]:
+        for path, p in row["paths"].items():
+            out.append(f"| {row['k']} | {path} | {p['ms']:.2f} ms | {p['gbps']:.1f} "
+                       f"({100 * p['fraction_of_copy_gbps']:.0f}% of copy) | {p['speedup_vs_bucketize']:.1f}x "
+                       f"({row['bucketize_ms']:.0f} ms) | {p['speedup_vs_naive']:.0f}x |")
+    return "\n".join(out)
+
+
+def kmeans_table(r):
+    out = [f"1-D k-means, N = 2^{int(r['n']).bit_length() - 1} N(0,1) weights, k = {r['k']} "
+           f"({_machine(r['machine'])})", "", "| method | settings | time | distortion | full passes |",
+           "|---|---|---|---|---|"]
+    for row in r["rows"]:
+        out.append(f"| {row['method']} | {row['settings']} | {row['seconds']:.2f} s | {row['distortion']:.1f} | "
+                   f"{row['full_passes'] if row['full_passes'] is not None else ''} |")
+    return "\n".join(out)
+
+
+def linear_table(r):
+    out = [f"Shared Linear, {r['bits']}-bit indices, per-layer codebook, fp32 in/out ({_machine(r['machine'])})", "",
+           "| layer | batch | dense fp32 | ws float | speed-up | ws int8 | torch int8 dynamic | int8 speed-up | "
+           "int8 error (ws / torch) |", "|---|---|---|---|---|---|---|---|---|"]
+    for x in r["results"]:
+        out.append(f"| {x['shape'][0]}x{x['shape'][1]} | {x['batch']} | {x['dense_fp32_ms']:.3f} ms | "
+                   f"{x['ws_float_ms']:.3f} ms | {x['ws_float_speedup_vs_dense']:.2f}x | {x['ws_int8_ms']:.3f} ms | "
+                   f"{x['torch_int8_dynamic_ms']:.3f} ms | {x['ws_int8_speedup_vs_torch_int8_dynamic']:.2f}x | "
+                   f"{x['ws_int8_rel_err']:.2e} / {x['torch_int8_dynamic_rel_err']:.2e} |")
+    return "\n".join(out)
+
+
+def conv_table(r):
+    out = [f"Shared Conv2d, {r['bits']}-bit, batch 1, fp32 ({_machine(r['machine'])})", "",
+           "| conv | dense F.conv2d | ws.ops.shared_conv2d | speed vs dense |", "|---|---|---|---|"]
+    for x in r["results"]:
+        out.append(f"| {x['conv']} | {x['dense_fp32_ms']:.3f} ms | {x['ws_ms']:.3f} ms | {x['ws_speed_vs_dense']:.2f}x |")
+    return "\n".join(out)
+
+
+def demo_table(records):
+    out = ["| model | method | baseline test error | test error | compression ratio (file) | file bytes | "
+           "bits per layer | batch-1 dense / compressed |", "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        bits = "/".join(str(l["bits"]) for l in r["layers"])
+        out.append(f"| {r['model']} | {r['method']}{'' if r.get('bits') is None else f' ({r['bits']} bits)'} | "
+                   f"{100 * r['baseline_test_error']:.2f}% | {100 * r['test_error']:.2f}% | "
+                   f"{r['compression_ratio']:.1f}x | {r['file_bytes']:,} | {bits} | "
+                   f"{r['batch1_ms_dense']:.3f} / {r['batch1_ms_compressed']:.3f} ms |")
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--demo", default=None, help="a demo summary.json")
+    args = ap.parse_args()
+    for name, fn in (("assign_cpu.json", assign_table), ("kmeans_cpu.json", kmeans_table),
+                     ("shared_linear_cpu.json", linear_table), ("shared_conv_cpu.json", conv_table)):
+        r = _load(name)
+        if r:
+            print(fn(r), end="\n\n")
+    if args.demo:
+        print(demo_table(json.loads(Path(args.demo).read_text())))
+
+
+if __name__ == "__main__":
+    main()
