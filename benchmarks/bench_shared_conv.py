@@ -40,8 +40,13 @@ def run() -> dict:
     out = {"machine": machine(), "bits": BITS, "results": []}
     for name in CONVS:
         x, packed, cb, shape, dense, (s, p, d, g) = make(name)
-        t_dense = time_cpu(lambda: F.conv2d(x, dense, None, s, p, d, g), repeat=30)
-        t_ws = time_cpu(lambda: ws.ops.shared_conv2d(x, packed, cb, BITS, shape, None, s, p, d, g), repeat=30)
+        # interleaved rounds, each at least 0.5 s: oneDNN's timings drift between runs on this shared VM
+        t_dense, t_ws = [], []
+        for _ in range(3):
+            t_dense.append(time_cpu(lambda: F.conv2d(x, dense, None, s, p, d, g), repeat=30, min_time=0.5))
+            t_ws.append(time_cpu(lambda: ws.ops.shared_conv2d(x, packed, cb, BITS, shape, None, s, p, d, g),
+                                 repeat=30, min_time=0.5))
+        t_dense, t_ws = min(t_dense), min(t_ws)
         row = {"conv": name, "dense_fp32_ms": t_dense * 1e3, "ws_ms": t_ws * 1e3, "ws_speed_vs_dense": t_dense / t_ws}
         out["results"].append(row)
         print(f"{name:26s} dense {row['dense_fp32_ms']:7.3f} ms  ws {row['ws_ms']:7.3f} ms  "
