@@ -84,7 +84,8 @@ void check_unpack(const at::Tensor& packed, int64_t bits, int64_t n) {
   check_bits(bits);
   check_uint8(packed, "packed");
   TORCH_CHECK_VALUE(packed.dim() >= 1, "weightshare: packed must have at least one dimension");
-  TORCH_CHECK_VALUE(n >= 1, "weightshare: n (indices per row) must be >= 1, got ", n);
+  TORCH_CHECK_VALUE(n >= 1 && n <= (int64_t(1) << 40), "weightshare: n (indices per row) must be in 1..2**40, got ",
+                    n);
   const int64_t expect = packed_row_bytes(n, static_cast<int>(bits));
   TORCH_CHECK_VALUE(packed.size(-1) == expect, "weightshare: packed rows of ", n, " indices at ", bits,
                     " bits must hold ", expect, " bytes, got last dimension ", packed.size(-1));
@@ -151,8 +152,8 @@ PackedWeight check_packed_weight(const at::Tensor& packed, const at::Tensor& cod
   const int64_t K = codebook.size(1);
   TORCH_CHECK_VALUE(K >= 1 && K <= (int64_t(1) << bits), "weightshare: codebook has K=", K,
                     " entries, more than 2**bits = ", int64_t(1) << bits, " (bits=", bits, ")");
-  TORCH_CHECK_VALUE(rows >= 1 && cols >= 1, "weightshare: the weight must have at least one row and column, got ",
-                    rows, " x ", cols);
+  TORCH_CHECK_VALUE(rows >= 1 && cols >= 1 && cols <= (int64_t(1) << 40), "weightshare: the weight must have "
+                    "1..2**40 columns and at least one row, got ", rows, " x ", cols);
   const int64_t row_bytes = packed_row_bytes(cols, static_cast<int>(bits));
   TORCH_CHECK_VALUE(packed.dim() == 2 && packed.size(0) == rows && packed.size(1) == row_bytes,
                     "weightshare: packed must be [", rows, ", ", row_bytes, "] for ", rows, " rows of ", cols,

@@ -134,6 +134,7 @@ WS_AVX512 void gemv_rows_avx512_fast(const PackedLinear& w, const float* x, cons
     for (int m = 0; m < M; ++m)
       for (int u = 0; u < 4; ++u) acc[m][u] = _mm512_setzero_ps();
     for (int64_t blk = 0; blk < blocks; ++blk) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + 2 * w.row_bytes + blk * 64), _MM_HINT_T0);  // 2 rows ahead
       const __m512i v = _mm512_loadu_si512(row + blk * 64);
       for (int s = 0; s < E; ++s) {
         const __m512 wv = _mm512_permutexvar_ps(_mm512_srli_epi32(v, BITS * s), table);

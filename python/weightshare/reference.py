@@ -170,11 +170,14 @@ def dequantize(packed: Tensor, codebook: Tensor, bits: int, shape) -> Tensor:
 
 
 def quantize_int8_symmetric(t: Tensor, dim: int = -1):
-    """Per-slice symmetric int8: scale = max|t| / 127 (1 where the slice is all zero), q = round(t / scale)."""
+    """Per-slice symmetric int8: scale = max|t| / 127 (1 where the slice is all zero, NaN where it holds NaN or
+    Inf: those outputs are NaN), q = round(t / scale)."""
     t = t.float()
     scale = t.abs().amax(dim, keepdim=True) / 127
+    finite = torch.isfinite(t).all(dim, keepdim=True)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(t / scale).clamp_(-127, 127)
+    scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
+    q = torch.nan_to_num(torch.round(t / scale), nan=0.0).clamp_(-127, 127)  # NaN rows: q is irrelevant
     return q, scale
 
 

@@ -94,7 +94,10 @@ __device__ __forceinline__ uint32_t chunk_index(const uint32_t* w, int j) {
 // max that propagates NaN, as torch.amax does (fmaxf would drop it).
 __device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
 
+// A non-finite max|.| (NaN or Inf in the row or codebook) gives a NaN scale: that row's (group's) outputs are NaN,
+// as on the float path, instead of finite garbage.
 __device__ __forceinline__ float int8_scale(float amax) {
+  if (!(amax <= 3.402823466e38f)) return __int_as_float(0x7fc00000);
   const float s = __fdiv_rn(amax, 127.0f);
   return s > 0.0f ? s : 1.0f;
 }

@@ -1,28 +1,30 @@
-"""Size allocation across layers by one price: the Lagrangian form of "greedy on loss change per byte saved".
+"""Size allocation across layers for method="loss_aware": three measured phases, each proposal judged on the
+real calibration loss and held-out metric (the trust-region principle: the model proposes, measurement decides).
 
-For a price mu (loss units per bit of file), every layer independently picks the codebook size k and the
-entropy-constrained assignment that minimise  predicted dL_l + mu * bits_l  (quadratic.fit_layer with
-entropy_weight = mu: rarely used entries cost more bits, so cheap-to-move weights drift to the frequent entries
-and to the pinned zero, which is how pruning emerges). A larger mu gives a smaller file and a larger loss change.
-The search over mu is a trust-region-like loop on *measured* outcomes: each trial is evaluated on the
-calibration loss (and held-out metric); feasible trials raise mu (bigger steps), infeasible ones lower it
-(bisection on log mu), and the smallest feasible model wins. Each trial is logged with predicted and measured
-loss change, so the model's reliability is visible.
+1. Uniform: every layer at 2**b entries (loss-aware fits, no size price), b from 8 down while feasible. This is
+   where the baselines stop; the loss-aware fits are at least as good at equal size.
+2. Per layer: from there, repeatedly propose the step down the K ladder (one layer, next smaller codebook) with
+   the smallest predicted loss increase per byte saved; accept it if the measured outcome stays feasible, else
+   freeze that layer (the model was wrong about it, or the budget is spent).
+3. Size price: with the sizes fixed, a price mu per file bit makes the assignment entropy-constrained (rarely
+   used entries cost more, so low-saliency weights drift to frequent entries and the pinned zero): mu rises
+   geometrically while the result stays feasible.
+Every proposal is logged (predicted vs measured loss change), and the smallest feasible model wins.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 from weightshare.compress.quadratic import Fit, fit_layer
 
-K_LADDER = (2, 3, 4, 6, 8, 12, 16, 24, 32)
+K_LADDER = (2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
 
 
 @dataclass
 class Trial:
-    mu: float
+    phase: str
+    note: str
     bytes: float
     predicted: float
     measured: float
@@ -32,72 +34,85 @@ class Trial:
 
 
 class LayerFits:
-    """fit_layer per (layer, k, mu), cached across trials."""
+    """fit_layer per (layer, k, mu), cached across proposals."""
 
     def __init__(self, stats: dict, prune: bool):
         self.stats = stats
         self.prune = prune
         self._cache: dict = {}
 
-    def get(self, name: str, k: int, mu: float) -> Fit:
+    def get(self, name: str, k: int, mu: float = 0.0) -> Fit:
         key = (name, k, mu)
         if key not in self._cache:
             w, g, h = self.stats[name]
             self._cache[key] = fit_layer(w, g, h, k, prune=self.prune, entropy_weight=mu)
         return self._cache[key]
 
-    def choose(self, names: list[str], mu: float, ladder=K_LADDER) -> dict[str, Fit]:
-        out = {}
-        for n in names:
-            best = None
-            for k in ladder:
-                f = self.get(n, k, mu)
-                cost = f.predicted + mu * 8 * f.bytes
-                if best is None or cost < best[0]:
-                    best = (cost, f)
-            out[n] = best[1]
-        return out
-
 
 def price_scale(stats: dict) -> float:
-    """A mu at which moving a typical weight by one standard deviation costs about one bit: the search brackets
-    mu around it."""
-    vals = []
-    for w, _, h in stats.values():
-        vals.append(float(h.clamp_min(0).mean()) * float(w.float().var()))
+    """A price at which moving a typical weight by one standard deviation costs about one bit."""
+    vals = [float(h.clamp_min(0).mean()) * float(w.float().var()) for w, _, h in stats.values()]
     return max(max(vals), 1e-30)
 
 
-def search(names: list[str], fits: LayerFits, evaluate: Callable[[dict[str, Fit]], tuple[float, Optional[float], bool]],
-           steps: int = 10, ladder=K_LADDER, log: Optional[Callable[[Trial], None]] = None):
-    """Bisection on log mu for the smallest feasible model. evaluate(fits) -> (measured loss increase, metric,
-    feasible). Returns (best fits or None, trials)."""
-    scale = price_scale(fits.stats)
-    lo, hi = math.log(scale * 1e-6), math.log(scale * 1e2)
+def search(names: list[str], fits: LayerFits,
+           evaluate: Callable[[dict[str, Fit]], tuple[float, Optional[float], bool]],
+           log: Optional[Callable[[Trial], None]] = None, max_price_steps: int = 10):
+    """Returns (smallest feasible fits or None, trials). evaluate(fits) -> (measured loss increase, metric, ok)."""
     trials: list[Trial] = []
-    best = None
-    for i in range(steps):
-        mu = math.exp(lo if i == 0 else hi if i == 1 else 0.5 * (lo + hi))
-        chosen = fits.choose(names, mu, ladder)
+    best: Optional[tuple[float, dict]] = None
+
+    def judge(phase: str, note: str, chosen: dict[str, Fit]) -> bool:
+        nonlocal best
         measured, metric, ok = evaluate(chosen)
         size = sum(f.bytes for f in chosen.values())
-        t = Trial(mu, size, sum(f.predicted for f in chosen.values()), measured, metric, ok,
+        t = Trial(phase, note, size, sum(f.predicted for f in chosen.values()), measured, metric, ok,
                   {n: f.k for n, f in chosen.items()})
         trials.append(t)
         if log is not None:
             log(t)
         if ok and (best is None or size < best[0]):
-            best = (size, chosen)
-        if i == 0:
-            if not ok:
-                break  # even the gentlest price fails the constraint
-            continue
-        if i == 1:
-            if ok:
-                break  # the harshest price is fine: nothing to search
-            continue
-        if ok:
-            lo = math.log(mu)
+            best = (size, dict(chosen))
+        return ok
+
+    # 1. uniform sizes
+    current = None
+    for b in range(8, 0, -1):
+        chosen = {n: fits.get(n, 1 << b) for n in names}
+        if not judge("uniform", f"{b} bits", chosen):
+            break
+        current = chosen
+    if current is None:
+        return None, trials
+    # 2. per-layer steps down the ladder, cheapest predicted loss per byte first
+    frozen: set[str] = set()
+    while True:
+        proposals = []
+        for n in names:
+            if n in frozen:
+                continue
+            smaller = [k for k in K_LADDER if k < current[n].k]
+            if not smaller:
+                continue
+            cand = fits.get(n, smaller[-1])
+            saved = current[n].bytes - cand.bytes
+            if saved > 0:
+                proposals.append(((cand.predicted - current[n].predicted) / saved, n, cand))
+        if not proposals:
+            break
+        _, n, cand = min(proposals, key=lambda p: p[0])
+        trial = dict(current)
+        trial[n] = cand
+        if judge("layer", f"{n}: k {current[n].k} -> {cand.k}", trial):
+            current = trial
         else:
-            hi = math.log(mu)
-    return (best[1] if best else None), trials
+            frozen.add(n)
+    # 3. a price per file bit, rising geometrically while feasible
+    mu = price_scale(fits.stats) * 1e-7  # gentle start: the diagonal model underestimates these moves badly
+    for _ in range(max_price_steps):
+        chosen = {n: fits.get(n, current[n].k, mu) for n in names}
+        if not judge("price", f"mu={mu:.2e}", chosen):
+            break
+        current = chosen
+        mu *= 4
+    return best[1], trials
