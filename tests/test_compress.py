@@ -54,8 +54,7 @@ def test_accuracy_constraint_holds_on_held_out_data(lenet300, mnist):
     def val_acc(m):
         return 1 - evaluate(m, mnist.val)[1]
 
-    r = compress(model, calib, F.cross_entropy, max_accuracy_drop=0.002, eval_fn=val_acc, progress=False,
-                 budget_search_steps=5)
+    r = compress(model, calib, F.cross_entropy, max_accuracy_drop=0.002, eval_fn=val_acc, progress=False)
     assert r.base_metric - val_acc(r.model) <= 0.002 + 1e-9
     assert r.weight_compression_ratio > 4
     for name, fit in r.fits.items():  # the compressed model carries exactly the fitted codebooks
