@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one GPU check, for a lent H200 (device tool): build for sm_90 with all cores, run the CUDA tests (and a
-# compute-sanitizer memcheck pass over a small kernel run), run the GPU benchmarks; logs and JSON go to $OUT.
+# compute-sanitizer memcheck and racecheck passes over small kernel runs), run the GPU benchmarks; logs and JSON go to $OUT.
 #   device run:  bash benchmarks/gpu_check.sh        (timeout_s ~ 540)
 # Then commit the JSON it returns under benchmarks/results/ with the date and the GPU.
 set -uo pipefail
@@ -29,6 +29,16 @@ x = torch.randn(3, 77, device='cuda', dtype=torch.float16)
 ws.ops.shared_linear(x, p, cb, 4, 1000, 77); ws.ops.shared_linear(x, p, cb, 4, 1000, 77, None, 'int8')
 torch.cuda.synchronize(); print('memcheck workload done')" > "$OUT/memcheck.log" 2>&1
   echo "memcheck rc=$? ($(grep -c 'ERROR SUMMARY: 0' "$OUT/memcheck.log") clean summaries)"
+  timeout 120 compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" -c "
+import torch, weightshare as ws
+w = torch.randn(512, 300, device='cuda'); cb = torch.randn(1, 16, device='cuda'); i = ws.ops.assign(w, cb)
+p = ws.ops.pack(i, 4); ws.ops.kmeans_step(w, i, 16)
+for m in (1, 64):
+    x = torch.randn(m, 300, device='cuda', dtype=torch.float16, requires_grad=True)
+    c = cb.half().clone().requires_grad_()
+    ws.ops.shared_linear(x, p, c, 4, 512, 300).sum().backward()
+torch.cuda.synchronize(); print('racecheck workload done')" > "$OUT/racecheck.log" 2>&1
+  echo "racecheck rc=$? ($(grep -c 'ERROR SUMMARY: 0' "$OUT/racecheck.log") clean summaries)"
 fi
 timeout 150 "$PY" benchmarks/bench_assign.py --cuda 2>&1 | tail -4
 timeout 200 "$PY" benchmarks/bench_shared_linear.py --cuda 2>&1 | tail -14

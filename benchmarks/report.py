@@ -67,7 +67,8 @@ def demo_table(records):
            "bits per layer | batch-1 dense / compressed |", "|---|---|---|---|---|---|---|---|"]
     for r in records:
         bits = "/".join(str(l["bits"]) for l in r["layers"])
-        out.append(f"| {r['model']} | {r['method']}{'' if r.get('bits') is None else f' ({r['bits']} bits)'} | "
+        fixed = "" if r.get("bits") is None else f" ({r['bits']} bits)"
+        out.append(f"| {r['model']} | {r['method']}{fixed} | "
                    f"{100 * r['baseline_test_error']:.2f}% | {100 * r['test_error']:.2f}% | "
                    f"{r['compression_ratio']:.1f}x | {r['file_bytes']:,} | {bits} | "
                    f"{r['batch1_ms_dense']:.3f} / {r['batch1_ms_compressed']:.3f} ms |")

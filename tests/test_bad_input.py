@@ -30,7 +30,7 @@ CASES = {
     "pack_noncontiguous": (W.pack, lambda d: (u8(8, 4, d=d).t(), 4), ValueError, "idx must be contiguous"),
     "pack_index_too_big": (W.pack, lambda d: (u8(4, 8, hi=200, d=d), 2), ValueError, "idx holds a value >= 2\\*\\*bits"),
     "unpack_wrong_row_bytes": (W.unpack, lambda d: (u8(4, 5, d=d), 4, 8), ValueError, "must hold 4 bytes"),
-    "unpack_n_zero": (W.unpack, lambda d: (u8(4, 4, d=d), 4, 0), ValueError, "n \\(indices per row\\) must be >= 1"),
+    "unpack_n_zero": (W.unpack, lambda d: (u8(4, 4, d=d), 4, 0), ValueError, "n \\(indices per row\\) must be in 1..2"),
     "unpack_bits_9": (W.unpack, lambda d: (u8(4, 4, d=d), 9, 4), ValueError, "bits must be in 1..8"),
     "unpack_wrong_dtype": (W.unpack, lambda d: (f32(4, 4, d=d), 4, 8), TypeError, "packed must be uint8"),
     # assign
