@@ -217,7 +217,7 @@ def _open_temporary(target: str) -> tuple[int, str]:
     raise FileExistsError(f"could not create a temporary file beside {target}")
 
 
-def _fsync_directory(directory: str) -> None:
+def fsync_directory(directory: str) -> None:
     """Make the rename durable; not every platform (Windows) or file system lets a directory be fsynced."""
     try:
         fd = os.open(directory or ".", os.O_RDONLY)
@@ -258,7 +258,7 @@ def write_container(path: str | os.PathLike, tensors: dict[str, torch.Tensor], m
         except FileNotFoundError:
             pass
         raise
-    _fsync_directory(os.path.dirname(target))
+    fsync_directory(os.path.dirname(target))
     return written
 
 

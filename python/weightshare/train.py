@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -20,6 +19,9 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
+
+from weightshare.container import fsync_directory
+from weightshare._sysinfo import cpu_name
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -169,7 +171,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, metadata: Optiona
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_directory(str(path.parent))
     return path
 
 
@@ -177,20 +179,6 @@ def _current_umask() -> int:
     mask = os.umask(0)  # the only portable way to read it is to set it, then put it back
     os.umask(mask)
     return mask
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Persist a rename on filesystems that need the directory synced (best effort: not possible everywhere)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -263,16 +251,7 @@ def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def _machine() -> str:
     """A short description of where training ran, for the checkpoint metadata (e.g. "Intel Xeon, 2 CPUs")."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs"
-
+    return f"{cpu_name()}, {os.cpu_count()} CPUs"
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Train `--model` with its recipe (overridable by flags), evaluate, and save the checkpoint to `--out`."""
