@@ -125,3 +125,23 @@ def test_cli_help():
         out = subprocess.run([sys.executable, "-m", "weightshare", *cmd, "--help"], capture_output=True, text=True,
                              timeout=60)
         assert out.returncode == 0 and "usage" in out.stdout
+
+
+def test_codebook_finetuning_lowers_the_loss(lenet300, mnist):
+    from weightshare.compress.finetune import finetune_codebooks
+    from weightshare.compress.layers import compressible_layers, mean_loss, weights_swapped
+    model, calib = lenet300
+    layers = {l.name: l for l in compressible_layers(model)}
+    r = compress(model, calib, F.cross_entropy, method="uniform", bits=3, progress=False, shared_layers=False)
+    xs, ys = mnist.train.tensors
+    tune = [(xs[i:i + 100], ys[i:i + 100]) for i in range(2000, 7000, 100)]
+
+    def loss_of(fits):
+        with weights_swapped(layers, {n: f.dequantized() for n, f in fits.items()}):
+            return mean_loss(model, F.cross_entropy, tune)
+
+    tuned = finetune_codebooks(model, layers, r.fits, tune, F.cross_entropy, epochs=1, lr=1e-4)
+    assert loss_of(tuned) < 0.9 * loss_of(r.fits)
+    for n in r.fits:  # assignments untouched, model untouched
+        assert torch.equal(tuned[n].idx, r.fits[n].idx)
+        assert torch.equal(layers[n].module.weight, layers[n].weight)

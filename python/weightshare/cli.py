@@ -40,7 +40,7 @@ def _batch1_ms(model, x, repeat: int = 200) -> float:
 
 
 def compress_one(name: str, method: str, calib_size: int, out_dir: Path, bits: Optional[int] = None,
-                 max_accuracy_drop: Optional[float] = 0.0, progress: bool = False) -> dict:
+                 max_accuracy_drop: Optional[float] = 0.0, progress: bool = False, finetune: int = 0) -> dict:
     """Compress a bundled model with `method` at zero held-out accuracy drop (or fixed bits), save it, reload the
     file and measure: the record for summary.json."""
     import weightshare as ws
@@ -52,6 +52,8 @@ def compress_one(name: str, method: str, calib_size: int, out_dir: Path, bits: O
     model = _load_baseline(name)
     xs, ys = splits.train.tensors
     calib = [(xs[i:i + 500], ys[i:i + 500]) for i in range(0, calib_size, 500)]
+    # fine-tuning batches: the training images after the calibration ones (never the validation set)
+    tune = [(xs[i:i + 100], ys[i:i + 100]) for i in range(calib_size, calib_size + finetune, 100)] or None
     base_test = evaluate(model, splits.test)[1]
 
     def val_accuracy(m):
@@ -60,7 +62,7 @@ def compress_one(name: str, method: str, calib_size: int, out_dir: Path, bits: O
     t0 = time.time()
     r = compress(model, calib, F.cross_entropy, method=method, bits=bits,
                  max_accuracy_drop=None if bits is not None else max_accuracy_drop,
-                 eval_fn=val_accuracy, progress=progress)
+                 eval_fn=val_accuracy, progress=progress, finetune_data=tune)
     seconds = time.time() - t0
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}-{method}{'' if bits is None else f'-{bits}bit'}.ws"
@@ -70,7 +72,7 @@ def compress_one(name: str, method: str, calib_size: int, out_dir: Path, bits: O
     test_err = evaluate(loaded, splits.test)[1]
     x1 = splits.test.tensors[0][:1]
     return {
-        "model": name, "method": method, "bits": bits,
+        "model": name, "method": method, "bits": bits, "finetune_samples": finetune,
         "baseline_test_error": base_test, "test_error": test_err,
         "baseline_val_error": 1 - r.base_metric if r.base_metric is not None else None,
         "val_error": 1 - r.metric if r.metric is not None else None,
@@ -131,7 +133,7 @@ def cmd_demo(args) -> None:
     jobs += [(m, meth, b) for m in args.models for meth in args.methods for b in args.bits]
     records = []
     for name, method, bits in tqdm(jobs, desc="compressing", unit="run"):
-        records.append(compress_one(name, method, args.calib, out, bits, 0.0, args.verbose))
+        records.append(compress_one(name, method, args.calib, out, bits, 0.0, args.verbose, args.finetune))
         tqdm.write(f"{name} {method} {'search' if bits is None else f'{bits} bits'}: test error "
                    f"{100 * records[-1]['test_error']:.2f}% at {records[-1]['compression_ratio']:.1f}x")
     summary = out / "summary.json"
@@ -144,7 +146,7 @@ def cmd_demo(args) -> None:
 
 def cmd_compress(args) -> None:
     r = compress_one(args.model, args.method, args.calib, Path(args.out), args.bits, args.max_accuracy_drop,
-                     progress=True)
+                     progress=True, finetune=args.finetune)
     print(json.dumps(r, indent=2))
 
 
@@ -183,6 +185,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                    choices=["loss_aware", "kmeans", "hessian_kmeans", "uniform", "hashed"])
     d.add_argument("--bits", nargs="*", type=int, default=[], help="also run every method at these fixed bit widths")
     d.add_argument("--calib", type=int, default=2000, help="calibration samples from the training set")
+    d.add_argument("--finetune", type=int, default=10000,
+                   help="training samples for one epoch of codebook fine-tuning of candidates that fail (0: off)")
     d.add_argument("--verbose", action="store_true", help="log every search trial")
     d.set_defaults(fn=cmd_demo)
     c = sub.add_parser("compress", help="compress a bundled model and save it")
@@ -192,6 +196,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     c.add_argument("--bits", type=int, default=None, help="fixed bits per layer (default: search)")
     c.add_argument("--max-accuracy-drop", type=float, default=0.0, help="on the held-out validation set")
     c.add_argument("--calib", type=int, default=2000)
+    c.add_argument("--finetune", type=int, default=10000, help="samples for codebook fine-tuning (0: off)")
     c.add_argument("--out", default="out")
     c.set_defaults(fn=cmd_compress)
     r = sub.add_parser("report", help="size breakdown of compressed files")

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from weightshare.compress.baselines import METHODS, fit_baseline
+from weightshare.compress.finetune import finetune_codebooks
 from weightshare.compress.layers import Layer, compressible_layers, mean_loss, weights_swapped
 from weightshare.compress.lagrangian import LayerFits, Trial, search
 from weightshare.compress.quadratic import Fit
@@ -113,7 +114,7 @@ def _apply(model: nn.Module, layers: dict[str, Layer], fits: dict[str, Fit], sha
 def compress(model: nn.Module, data, loss_fn: Callable, method: str = "loss_aware",
              bits: Union[int, dict, None] = None, max_loss_increase=None, max_accuracy_drop: Optional[float] = None,
              eval_fn: Optional[Callable[[nn.Module], float]] = None, prune: bool = False, progress: bool = True,
-             curvature: str = "fisher",
+             curvature: str = "fisher", finetune_data=None, finetune_epochs: int = 1, finetune_lr: float = 1e-4,
              shared_layers: bool = True, seed: int = 0) -> CompressResult:
     """Compress `model`'s Linear/Conv1d/Conv2d layers by learned weight sharing.
 
@@ -126,6 +127,8 @@ def compress(model: nn.Module, data, loss_fn: Callable, method: str = "loss_awar
     baselines use the smallest uniform bit width that meets the constraint (their own zero-loss point).
     prune: pin one codebook entry at exactly zero (off by default: at fixed sizes on the MNIST nets it raised the
     measured loss, e.g. LeNet-5 2 bits +0.0198 vs +0.0150 without).
+    finetune_data: training batches for codebook fine-tuning (Han et al.; assignments fixed). Given, a candidate
+    that fails the constraint is fine-tuned for `finetune_epochs` and judged again (every method alike).
     Constraints: max_loss_increase (absolute number, or "2%" relative to the calibration loss), and/or
     max_accuracy_drop with eval_fn(model) -> accuracy on held-out data (0 = no drop at all). Neither given: "1%".
     """
@@ -168,6 +171,18 @@ def compress(model: nn.Module, data, loss_fn: Callable, method: str = "loss_awar
             ok = ok and base_metric - metric <= max_accuracy_drop + 1e-12
         return ok, metric
 
+    finetune_batches = list(finetune_data) if finetune_data is not None else None
+
+    def tuned(fits: dict[str, Fit]) -> tuple[dict[str, Fit], float, bool, Optional[float]]:
+        """(fits, loss, ok, metric), fine-tuning the codebooks first when the fits fail and data was given."""
+        loss = measure(fits)
+        ok, metric = feasible(fits, loss)
+        if not ok and finetune_batches:
+            fits = finetune_codebooks(model, by_name, fits, finetune_batches, loss_fn, finetune_epochs, finetune_lr)
+            loss = measure(fits)
+            ok, metric = feasible(fits, loss)
+        return fits, loss, ok, metric
+
     budget = _parse_budget(max_loss_increase, base_loss)
     if bits is None and budget is None and max_accuracy_drop is None:
         budget = _parse_budget("1%", base_loss)
@@ -183,9 +198,8 @@ def compress(model: nn.Module, data, loss_fn: Callable, method: str = "loss_awar
         names = [l.name for l in layers]
 
         def evaluate(fits: dict[str, Fit]):
-            loss = measure(fits)
-            ok, metric = feasible(fits, loss)
-            return loss - base_loss, metric, ok
+            fits, loss, ok, metric = tuned(fits)
+            return loss - base_loss, metric, ok, fits
 
         def log_trial(t: Trial) -> None:
             log(f"  [{t.phase}] {t.note}: {t.bytes:.0f} bytes, loss +{t.measured:.5f} (predicted "
@@ -200,8 +214,7 @@ def compress(model: nn.Module, data, loss_fn: Callable, method: str = "loss_awar
         fits, loss, chosen_budget = None, None, budget
         for b in range(8, 0, -1):
             trial = {l.name: fit_baseline(method, *lstats[l.name], 1 << b, seed, prune) for l in layers}
-            trial_loss = measure(trial)
-            ok, metric = feasible(trial, trial_loss)
+            trial, trial_loss, ok, metric = tuned(trial)
             log(f"{method} {b} bits: loss +{trial_loss - base_loss:.4f} metric {metric} -> "
                 f"{'feasible' if ok else 'infeasible'}")
             if not ok and fits is not None:

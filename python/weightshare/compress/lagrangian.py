@@ -56,15 +56,17 @@ def price_scale(stats: dict) -> float:
 
 
 def search(names: list[str], fits: LayerFits,
-           evaluate: Callable[[dict[str, Fit]], tuple[float, Optional[float], bool]],
+           evaluate: Callable[[dict[str, Fit]], tuple[float, Optional[float], bool, dict[str, Fit]]],
            log: Optional[Callable[[Trial], None]] = None, max_price_steps: int = 10):
-    """Returns (smallest feasible fits or None, trials). evaluate(fits) -> (measured loss increase, metric, ok)."""
+    """Returns (smallest feasible fits or None, trials). evaluate(fits) -> (measured loss increase, metric, ok,
+    the fits as judged: possibly with fine-tuned codebooks)."""
     trials: list[Trial] = []
     best: Optional[tuple[float, dict]] = None
 
-    def judge(phase: str, note: str, chosen: dict[str, Fit]) -> bool:
+    def judge(phase: str, note: str, chosen: dict[str, Fit]) -> Optional[dict[str, Fit]]:
+        """The judged fits when feasible, else None."""
         nonlocal best
-        measured, metric, ok = evaluate(chosen)
+        measured, metric, ok, chosen = evaluate(chosen)
         size = sum(f.bytes for f in chosen.values())
         t = Trial(phase, note, size, sum(f.predicted for f in chosen.values()), measured, metric, ok,
                   {n: f.k for n, f in chosen.items()})
@@ -73,15 +75,15 @@ def search(names: list[str], fits: LayerFits,
             log(t)
         if ok and (best is None or size < best[0]):
             best = (size, dict(chosen))
-        return ok
+        return dict(chosen) if ok else None
 
     # 1. uniform sizes
     current = None
     for b in range(8, 0, -1):
-        chosen = {n: fits.get(n, 1 << b) for n in names}
-        if not judge("uniform", f"{b} bits", chosen):
+        judged = judge("uniform", f"{b} bits", {n: fits.get(n, 1 << b) for n in names})
+        if judged is None:
             break
-        current = chosen
+        current = judged
     if current is None:
         return None, trials
     # 2. per-layer steps down the ladder, cheapest predicted loss per byte first
@@ -103,16 +105,17 @@ def search(names: list[str], fits: LayerFits,
         _, n, cand = min(proposals, key=lambda p: p[0])
         trial = dict(current)
         trial[n] = cand
-        if judge("layer", f"{n}: k {current[n].k} -> {cand.k}", trial):
-            current = trial
+        judged = judge("layer", f"{n}: k {current[n].k} -> {cand.k}", trial)
+        if judged is not None:
+            current = judged
         else:
             frozen.add(n)
     # 3. a price per file bit, rising geometrically while feasible
     mu = price_scale(fits.stats) * 1e-7  # gentle start: the diagonal model underestimates these moves badly
     for _ in range(max_price_steps):
-        chosen = {n: fits.get(n, current[n].k, mu) for n in names}
-        if not judge("price", f"mu={mu:.2e}", chosen):
+        judged = judge("price", f"mu={mu:.2e}", {n: fits.get(n, current[n].k, mu) for n in names})
+        if judged is None:
             break
-        current = chosen
+        current = judged
         mu *= 4
     return best[1], trials
