@@ -58,6 +58,11 @@ TORCH_LIBRARY(weightshare, m) {
       "shared_conv2d(Tensor x, Tensor packed, Tensor codebook, int bits, int[] weight_shape, Tensor? bias=None, "
       "int[] stride=[1, 1], int[] padding=[0, 0], int[] dilation=[1, 1], int groups=1) -> Tensor");
 
+  // Fisher diagonal of a Linear layer without per-sample gradients in memory: for x [N, I] or [N, T, I] and
+  // grad_out [N, O] or [N, T, O] (the per-sample loss gradients w.r.t. the layer output), returns float32 [O, I]
+  //   sum_n ( sum_t grad_out[n, t, :]^T x[n, t, :] )^2      (elementwise square of each sample's weight gradient)
+  m.def("sq_grad_accum(Tensor x, Tensor grad_out) -> Tensor");
+
   // Gradients of shared_linear's float path: (grad_x [..., in_features] in x's dtype, or empty when not needed;
   // grad_codebook [G, K] float32: per entry, the sum of dL/dW over the weights that use it, or empty).
   m.def(

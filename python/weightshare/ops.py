@@ -16,7 +16,7 @@ from weightshare._native import NATIVE, has_kernel
 from weightshare.formats import packed_row_bytes
 
 __all__ = ["pack", "unpack", "assign", "kmeans_step", "loss_aware_assign", "kmeans1d_optimal", "dequantize",
-           "shared_linear", "shared_conv2d"]
+           "shared_linear", "shared_conv2d", "sq_grad_accum"]
 
 
 def _native(op: str, *tensors: Tensor) -> bool:
@@ -153,6 +153,17 @@ def shared_conv2d(x: Tensor, packed: Tensor, codebook: Tensor, bits: int, weight
         return torch.ops.weightshare.shared_conv2d(*args)
     w = reference.dequantize(packed, codebook, bits, args[4])  # reference path: autograd through the indexing
     return torch.nn.functional.conv2d(x, w.to(x.dtype), bias, args[6], args[7], args[8], args[9])
+
+
+def sq_grad_accum(x: Tensor, grad_out: Tensor) -> Tensor:
+    """Sum over samples of the squared per-sample weight gradients of a Linear layer (its Fisher diagonal times
+    N), float32 [O, I], never holding per-sample gradients for more than a bounded chunk of samples.
+
+    x: the layer inputs [N, I] or [N, T, I]; grad_out: the per-sample loss gradients w.r.t. its outputs [N, O] or
+    [N, T, O] (for a mean-reduced batch loss, multiply its output gradients by N first)."""
+    if _native("sq_grad_accum", x):
+        return torch.ops.weightshare.sq_grad_accum(x, grad_out)
+    return reference.sq_grad_accum(x, grad_out)
 
 
 def codebook_gradient(grad_weight: Tensor, packed: Tensor, bits: int, k: int, groups: int) -> Tensor:
@@ -326,3 +337,8 @@ if NATIVE:
 
     torch.library.register_autograd("weightshare::shared_conv2d", _shared_conv2d_backward,
                                     setup_context=_shared_conv2d_setup)
+
+    @torch.library.register_fake("weightshare::sq_grad_accum")
+    def _sq_grad_accum_fake(x, grad_out):
+        _check(x.dim() in (2, 3) and grad_out.dim() == x.dim(), "x and grad_out must be [N, F] or [N, T, F]")
+        return x.new_empty((grad_out.shape[-1], x.shape[-1]), dtype=torch.float32)

@@ -228,3 +228,12 @@ def shared_linear_backward(grad_out: Tensor, x: Tensor, packed: Tensor, codebook
     else:
         gc = codebook.new_empty(0, dtype=torch.float32)
     return gx, gc
+
+
+# ----------------------------------------------------------------------------------------------- curvature
+def sq_grad_accum(x: Tensor, grad_out: Tensor) -> Tensor:
+    """sum_n (per-sample weight gradient)^2 with the per-sample gradients written out (float64 inside)."""
+    x3 = x.double() if x.dim() == 3 else x.double()[:, None]
+    g3 = grad_out.double() if grad_out.dim() == 3 else grad_out.double()[:, None]
+    per_sample = torch.einsum("nto,nti->noi", g3, x3)
+    return per_sample.square().sum(0).float()
