@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from weightshare.curvature.diagonals import (DEFAULT_PROBES, FisherPass, GradientPass, HutchinsonPass,
                                              check_probes, run_passes)
 from weightshare.curvature.functional import FunctionalLoss, LossFn
+from weightshare.curvature.fused_fisher import FusedFisherPass, fused_modules
 from weightshare.curvature.parameters import ParamsArg, resolve_parameters
 from weightshare.curvature.products import DEFAULT_HVP_METHOD
 
@@ -64,12 +65,13 @@ def gather_stats(model: nn.Module, loss_fn: LossFn, data: Iterable, kind: str = 
     f = FunctionalLoss(model, loss_fn, resolve_parameters(model, params, "gather_stats"), "gather_stats")
     gradient_pass = GradientPass(f)
     if kind == "fisher":
-        diagonal_pass = FisherPass(f)
+        modules = fused_modules(model, f.params)  # the sq_grad_accum path when every layer allows it
+        diagonal_pass = FusedFisherPass(f, modules) if modules is not None else FisherPass(f)
     else:
         curvature = "hessian" if kind == "hessian" else "ggn"
         diagonal_pass = HutchinsonPass(f, curvature, check_probes(probes, "gather_stats"), seed, hvp_method)
     samples = run_passes(data, [gradient_pass, diagonal_pass], "gather_stats")
-    if isinstance(diagonal_pass, FisherPass):
+    if isinstance(diagonal_pass, (FisherPass, FusedFisherPass)):
         return CurvatureStats(gradient_pass.result(), diagonal_pass.result(), kind, samples)
     diagonal, variance = diagonal_pass.result()
     return CurvatureStats(gradient_pass.result(), diagonal, kind, samples, variance, probes)
