@@ -85,6 +85,38 @@ def compress_one(name: str, method: str, calib_size: int, out_dir: Path, bits: O
     }
 
 
+def binary_one(out_dir: Path) -> dict:
+    """The binarized MLP: its latent real weights compressed to k=2 (sign), so every layer stays 1-bit and the
+    network computes exactly what it computed before (binary_assignment); saved, reloaded and measured."""
+    import weightshare as ws
+    from weightshare.data import mnist_splits
+    from weightshare.models import BinaryLinear
+    from weightshare.train import evaluate
+
+    splits = mnist_splits()
+    model = _load_baseline("bnn_mlp")
+    base_test = evaluate(model, splits.test)[1]
+    t0 = time.time()
+    compressed = _load_baseline("bnn_mlp")
+    assignments = {n: ws.nn.binary_assignment(m) for n, m in compressed.named_modules() if isinstance(m, BinaryLinear)}
+    ws.replace_layers(compressed, assignments)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "bnn_mlp-binary.ws"
+    file_bytes = ws.save(compressed, path, metadata={"method": "binary", "baseline_test_error": base_test})
+    loaded = ws.load(path)
+    report = ws.size_report(loaded)
+    x1 = splits.test.tensors[0][:1]
+    return {
+        "model": "bnn_mlp", "method": "binary (k=2)", "bits": 1, "finetune_samples": 0,
+        "baseline_test_error": base_test, "test_error": evaluate(loaded, splits.test)[1],
+        "baseline_val_error": None, "val_error": None,
+        "compression_ratio": report.ratio, "file": str(path), "file_bytes": file_bytes, "fp32_bytes": report.fp32_bytes,
+        "layers": [{"name": n, "k": 2, "bits": 1, "entropy": None} for n in assignments],
+        "calibration_loss": None, "predicted_loss_increase": None, "compress_seconds": time.time() - t0,
+        "batch1_ms_dense": _batch1_ms(model, x1), "batch1_ms_compressed": _batch1_ms(loaded, x1),
+    }
+
+
 def _table(records: list[dict]) -> str:
     head = (f"{'model':12s} {'method':15s} {'base err':>8s} {'err':>7s} {'ratio':>7s} {'file B':>9s} "
             f"{'bits/layer':>16s} {'dense ms':>8s} {'ws ms':>7s}")
@@ -104,7 +136,7 @@ def _plot(records: list[dict], path: Path) -> Optional[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    models = [m for m in DEMO_MODELS if any(r["model"] == m for r in records)]
+    models = [m for m in (*DEMO_MODELS, "bnn_mlp") if any(r["model"] == m for r in records)]
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for ax, name in zip(axes[0], models):
         rs = [r for r in records if r["model"] == name]
@@ -136,6 +168,10 @@ def cmd_demo(args) -> None:
         records.append(compress_one(name, method, args.calib, out, bits, 0.0, args.verbose, args.finetune))
         tqdm.write(f"{name} {method} {'search' if bits is None else f'{bits} bits'}: test error "
                    f"{100 * records[-1]['test_error']:.2f}% at {records[-1]['compression_ratio']:.1f}x")
+    if args.bnn:
+        records.append(binary_one(out))
+        tqdm.write(f"bnn_mlp binary: test error {100 * records[-1]['test_error']:.2f}% at "
+                   f"{records[-1]['compression_ratio']:.1f}x")
     summary = out / "summary.json"
     summary.write_text(json.dumps(records, indent=2) + "\n")
     print()
@@ -187,6 +223,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     d.add_argument("--calib", type=int, default=2000, help="calibration samples from the training set")
     d.add_argument("--finetune", type=int, default=10000,
                    help="training samples for one epoch of codebook fine-tuning of candidates that fail (0: off)")
+    d.add_argument("--no-bnn", dest="bnn", action="store_false",
+                   help="skip the binarized MLP (1-bit weights kept by k=2 codebooks)")
     d.add_argument("--verbose", action="store_true", help="log every search trial")
     d.set_defaults(fn=cmd_demo)
     c = sub.add_parser("compress", help="compress a bundled model and save it")
