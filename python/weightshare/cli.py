@@ -194,18 +194,17 @@ def cmd_report(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    """Batch timings of a compressed file against its dense twin (shared layers turned back into dense ones)."""
     import weightshare as ws
     model = ws.load(args.file)
     dense = ws.load(args.file)
-    for name, m in list(dense.named_modules()):
+    for m in list(dense.modules()):
         for cname, child in list(m.named_children()):
             if hasattr(child, "to_dense"):
                 setattr(m, cname, child.to_dense())
     torch.set_num_threads(args.threads)
-    shape = {"lenet300100": (1, 1, 28, 28), "lenet5": (1, 1, 28, 28), "bnn_mlp": (1, 1, 28, 28)}
-    meta_model = getattr(model, "_weightshare_model_name", None)
     for b in args.batch:
-        x = torch.randn(b, *shape.get(meta_model, (1, 1, 28, 28))[1:])
+        x = torch.randn(b, *args.input_shape)
         print(f"batch {b}: dense {_batch1_ms(dense, x):.3f} ms, compressed {_batch1_ms(model, x):.3f} ms "
               f"({args.threads} threads)")
 
@@ -244,6 +243,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     b.add_argument("file")
     b.add_argument("--batch", nargs="+", type=int, default=[1, 64])
     b.add_argument("--threads", type=int, default=torch.get_num_threads())
+    b.add_argument("--input-shape", type=int, nargs="+", default=[1, 28, 28], help="one sample's shape (MNIST)")
     b.set_defaults(fn=cmd_bench)
     args = ap.parse_args(argv)
     args.fn(args)
