@@ -197,6 +197,9 @@ PackedWeight check_shared_linear(const at::Tensor& x, const at::Tensor& packed, 
     *parsed = Activation::Float;
   } else if (activation == "int8") {
     *parsed = Activation::Int8;
+    // each int32 accumulator lane sums in_features/16 products of at most 255 * 127 (the kernels' VNNI layout)
+    TORCH_CHECK_VALUE(in_features <= 131072, "weightshare: activation=\"int8\" supports in_features <= 131072 "
+                      "(int32 accumulators), got ", in_features);
   } else {
     TORCH_CHECK_VALUE(false, "weightshare: activation must be \"float\" or \"int8\", got \"", activation, "\"");
   }

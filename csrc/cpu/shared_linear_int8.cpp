@@ -233,8 +233,6 @@ WS_AVX512 void int8_rows_avx512(const PackedLinear& w, const QuantizedX& xq, con
 }  // namespace
 
 void linear_int8(const PackedLinear& w, const at::Tensor& x_f32, float* y) {
-  TORCH_CHECK_VALUE(w.in_features <= 131072, "weightshare: activation=\"int8\" supports in_features <= 131072 "
-                    "(int32 accumulators), got ", w.in_features);
   const int64_t M = x_f32.size(0);
   const QuantizedX xq = quantize_x(x_f32, w.bits);
   const QuantizedCodebook cq = quantize_codebook(w);
