@@ -62,6 +62,15 @@ def conv_table(r):
     return "\n".join(out)
 
 
+def ops_table(r):
+    out = [f"Other ops, {r['shape'][0]}x{r['shape'][1]} weights, {r['bits']}-bit, k = {r['k']} ({_machine(r['machine'])}; "
+           "plain PyTorch = the reference formulas, broadcast ones timed on a slice and scaled)", "",
+           "| op | ws | plain PyTorch | speed-up |", "|---|---|---|---|"]
+    for x in r["results"]:
+        out.append(f"| {x['op']} | {x['ws_ms']:.2f} ms | {x['pytorch_ms']:.1f} ms | {x['speedup']:.1f}x |")
+    return "\n".join(out)
+
+
 def demo_table(records):
     out = ["| model | method | baseline test error | test error | compression ratio (file) | file bytes | "
            "bits per layer | batch-1 dense / compressed |", "|---|---|---|---|---|---|---|---|"]
@@ -80,7 +89,8 @@ def main():
     ap.add_argument("--demo", default=None, help="a demo summary.json")
     args = ap.parse_args()
     for name, fn in (("assign_cpu.json", assign_table), ("kmeans_cpu.json", kmeans_table),
-                     ("shared_linear_cpu.json", linear_table), ("shared_conv_cpu.json", conv_table)):
+                     ("shared_linear_cpu.json", linear_table), ("shared_conv_cpu.json", conv_table),
+                     ("ops_cpu.json", ops_table)):
         r = _load(name)
         if r:
             print(fn(r), end="\n\n")
