@@ -2,7 +2,7 @@
 //  * up to kGemvRows rows of x (batch-1 inference): a GEMV that decodes 16 indices at a time into a register
 //    (byte permute + variable shift, then a permute lookup of the codebook held in registers) and feeds FMAs for
 //    every x row, four independent accumulators per row; parallel over output rows.
-//  * more rows: decode a panel of W rows (~2 MiB, cache resident) once and multiply it with all rows of x by
+//  * more rows: decode a panel of W rows (~8 MiB: 512 rows at 4096 columns) once and multiply it with all rows of x by
 //    the dense GEMM (at::mm); the panel is reused across the whole batch.
 #include "shared_linear.h"
 
@@ -218,7 +218,7 @@ PackedLinear make_packed_linear(const at::Tensor& packed, const at::Tensor& code
 }
 
 int64_t panel_rows(const PackedLinear& w) {
-  const int64_t rows = std::max<int64_t>(16, ((int64_t(1) << 19) / w.in_features) / 16 * 16);
+  const int64_t rows = std::max<int64_t>(16, ((int64_t(1) << 21) / w.in_features) / 16 * 16);
   return std::min(rows, w.out_features);
 }
 
