@@ -185,9 +185,9 @@ class _SharedConv(SharedLayer):
     dense_type: type = nn.Module
     spatial_dims: int = 2
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride, padding, dilation,
-                 conv_groups: int, bits: int, k: int, groups: int, bias: bool, activation: str, device,
-                 dtype) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, bits: int, k: int, stride=1, padding=0,
+                 dilation=1, conv_groups: int = 1, groups: int = 1, bias: bool = True, activation: str = "float",
+                 device=None, dtype=None) -> None:
         n = self.spatial_dims
         kernel = _tuple(kernel_size, n, "kernel_size")
         if in_channels % conv_groups or out_channels % conv_groups:
@@ -245,12 +245,6 @@ class SharedConv2d(_SharedConv):
     dense_type = nn.Conv2d
     spatial_dims = 2
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, bits: int, k: int, stride=1, padding=0,
-                 dilation=1, conv_groups: int = 1, groups: int = 1, bias: bool = True, activation: str = "float",
-                 device=None, dtype=None) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, conv_groups, bits, k,
-                         groups, bias, activation, device, dtype)
-
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return ops.shared_conv2d(x, self.packed, self.codebook, self.bits, self.weight_shape, bias,
@@ -263,12 +257,6 @@ class SharedConv1d(_SharedConv):
 
     dense_type = nn.Conv1d
     spatial_dims = 1
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, bits: int, k: int, stride=1, padding=0,
-                 dilation=1, conv_groups: int = 1, groups: int = 1, bias: bool = True, activation: str = "float",
-                 device=None, dtype=None) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, conv_groups, bits, k,
-                         groups, bias, activation, device, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

@@ -12,7 +12,7 @@ from torch import nn
 
 from weightshare.compress.baselines import METHODS, fit_baseline
 from weightshare.compress.finetune import finetune_codebooks
-from weightshare.compress.layers import Layer, compressible_layers, mean_loss, weights_swapped
+from weightshare.compress.layers import compressible_layers, mean_loss, weights_swapped
 from weightshare.compress.lagrangian import LayerFits, Trial, search
 from weightshare.compress.quadratic import Fit
 
@@ -92,7 +92,7 @@ def _parse_budget(max_loss_increase, base_loss: float) -> Optional[float]:
     return v
 
 
-def _apply(model: nn.Module, layers: dict[str, Layer], fits: dict[str, Fit], shared: bool) -> nn.Module:
+def _apply(model: nn.Module, fits: dict[str, Fit], shared: bool) -> nn.Module:
     """A copy of the model whose layers carry the fits: shared-weight layers (ws.replace_layers) when available,
     else dense dequantised weights."""
     out = copy.deepcopy(model)
@@ -224,7 +224,7 @@ def compress(model: nn.Module, data, loss_fn: Callable, method: str = "loss_awar
                 break
     reports = [LayerReport(n, by_name[n].kind, tuple(by_name[n].weight.shape), f.k, f.bits, f.entropy, f.bytes,
                            f.predicted) for n, f in fits.items()]
-    out = _apply(model, by_name, fits, shared_layers)
+    out = _apply(model, fits, shared_layers)
     metric = metric_of(fits)
     return CompressResult(out, method, fits, reports, base_loss, loss, sum(f.predicted for f in fits.values()),
                           base_metric, metric, trials, chosen_budget, time.time() - t0)

@@ -13,24 +13,12 @@ COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 @dataclass
 class Layer:
-    """One compressible layer: its module, qualified names, and its weight viewed as [rows, cols]."""
+    """One compressible layer: its module, qualified names, and a copy of its original weight."""
     name: str           # module name, as in model.named_modules()
     param: str          # "<name>.weight", the key of the curvature statistics
     module: nn.Module
     kind: str           # "linear" | "conv1d" | "conv2d"
     weight: Tensor      # the original weight (detached copy, original shape)
-
-    @property
-    def numel(self) -> int:
-        return self.weight.numel()
-
-    @property
-    def rows(self) -> int:
-        return self.weight.shape[0]
-
-    @property
-    def cols(self) -> int:
-        return self.weight.numel() // self.weight.shape[0]
 
 
 def compressible_layers(model: nn.Module) -> list[Layer]:
