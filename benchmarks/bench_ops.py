@@ -1,6 +1,7 @@
 """The remaining ops against their plain-PyTorch equivalents, on this CPU, in one run:
 pack/unpack (vs the bit-twiddling reference), dequantize (vs indexing the codebook with unpacked indices),
-loss_aware_assign (vs the broadcast argmin of the objective), kmeans_step (vs index_add of the three sums).
+loss_aware_assign (vs the broadcast argmin of the objective), kmeans_step (vs index_add of the three sums),
+shared_linear_backward at batch 64 (vs dequantize + two dense matmuls + index_add into the codebook).
 
     python benchmarks/bench_ops.py                 # writes benchmarks/results/ops_cpu.json
     pytest benchmarks/bench_ops.py --benchmark-enable
@@ -31,7 +32,8 @@ def inputs():
 
 def cases():
     w, idx, packed, cb, h, grad = inputs()
-    small = slice(0, 256)  # the broadcast baselines materialise [n, K]: time a slice and scale
+    small = slice(0, 256)
+    x, gout = torch.randn(64, COLS), torch.randn(64, ROWS)  # the broadcast baselines materialise [n, K]: time a slice and scale
     return {
         "pack": (lambda: ws.ops.pack(idx, BITS), lambda: reference.pack(idx[small], BITS), ROWS / 256),
         "unpack": (lambda: ws.ops.unpack(packed, BITS, COLS), lambda: reference.unpack(packed[small], BITS, COLS),
@@ -41,6 +43,9 @@ def cases():
         "loss_aware_assign": (lambda: ws.ops.loss_aware_assign(w, grad, h, cb),
                               lambda: reference.loss_aware_assign(w[small].contiguous(), grad[small].contiguous(),
                                                                   h[small].contiguous(), cb), ROWS / 256),
+        "shared_linear_backward": (
+            lambda: torch.ops.weightshare.shared_linear_backward(gout, x, packed, cb, BITS, ROWS, COLS, True, True),
+            lambda: reference.shared_linear_backward(gout, x, packed, cb, BITS, ROWS, COLS, True, True), 1.0),
         "kmeans_step": (lambda: ws.ops.kmeans_step(w, idx, K, h),
                         lambda: reference.kmeans_step(w[small].contiguous(), idx[small].contiguous(), K,
                                                       h[small].contiguous()), ROWS / 256),
@@ -59,7 +64,8 @@ def run():
     return out
 
 
-@pytest.mark.parametrize("name", ["pack", "unpack", "dequantize", "loss_aware_assign", "kmeans_step"])
+@pytest.mark.parametrize("name", ["pack", "unpack", "dequantize", "loss_aware_assign", "kmeans_step",
+                                  "shared_linear_backward"])
 @pytest.mark.parametrize("path", ["ws", "pytorch"])
 def test_op(benchmark, name, path):
     ours, baseline, _ = cases()[name]
