@@ -46,9 +46,35 @@ def time_cuda(fn: Callable[[], object], repeat: int = 20, warmup: int = 3) -> fl
     return statistics.median(times)
 
 
+def last_level_cache_bytes(default: int = 64 << 20) -> int:
+    """Size of the largest CPU cache (sysfs), for benchmarks that must stream their operands from DRAM."""
+    best = 0
+    for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (d / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            best = max(best, int(digits) * scale)
+    return best or default
+
+
+def rotating(items: list) -> Callable[[], object]:
+    """A function returning the items in turn: timing fn(rotating(copies)()) touches a different copy per call."""
+    state = {"i": 0}
+
+    def next_item():
+        state["i"] = (state["i"] + 1) % len(items)
+        return items[state["i"]]
+    return next_item
+
+
 def machine() -> dict:
     from weightshare._sysinfo import cpu_name
     info = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "last_level_cache_mib": last_level_cache_bytes() >> 20,
             "torch": torch.__version__, "python": platform.python_version(),
             "date": datetime.date.today().isoformat()}
     if torch.cuda.is_available():

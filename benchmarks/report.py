@@ -44,10 +44,12 @@ def kmeans_table(r):
 
 def linear_table(r):
     out = [f"Shared Linear, {r['bits']}-bit indices, per-layer codebook, fp32 in/out ({_machine(r['machine'])})", "",
-           "| layer | batch | dense fp32 | ws float | speed-up | ws int8 | torch int8 dynamic | int8 speed-up | "
-           "int8 error (ws / torch) |", "|---|---|---|---|---|---|---|---|---|"]
+           "| layer | batch | weights from | dense fp32 | ws float | speed-up | ws int8 | torch int8 dynamic | "
+           "int8 speed-up | int8 error (ws / torch) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    regimes = {"cache": "cache (one layer, repeated)", "dram": "DRAM (rotating copies, 2x L3)"}
     for x in r["results"]:
-        out.append(f"| {x['shape'][0]}x{x['shape'][1]} | {x['batch']} | {x['dense_fp32_ms']:.3f} ms | "
+        out.append(f"| {x['shape'][0]}x{x['shape'][1]} | {x['batch']} | {regimes[x.get('regime', 'cache')]} | "
+                   f"{x['dense_fp32_ms']:.3f} ms | "
                    f"{x['ws_float_ms']:.3f} ms | {x['ws_float_speedup_vs_dense']:.2f}x | {x['ws_int8_ms']:.3f} ms | "
                    f"{x['torch_int8_dynamic_ms']:.3f} ms | {x['ws_int8_speedup_vs_torch_int8_dynamic']:.2f}x | "
                    f"{x['ws_int8_rel_err']:.2e} / {x['torch_int8_dynamic_rel_err']:.2e} |")

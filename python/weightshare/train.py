@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -75,13 +75,15 @@ def _make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
 
 
 def train(model: nn.Module, train_set: Dataset, epochs: int, lr: float, batch_size: int, weight_decay: float,
-          seed: int, progress: bool = True, *, optimizer: str = "sgd", momentum: float = 0.9) -> nn.Module:
+          seed: int, progress: bool = True, *, optimizer: str = "sgd", momentum: float = 0.9,
+          post_step: Optional[Callable[[], None]] = None) -> nn.Module:
     """Train `model` in place with cross-entropy and return it (in eval mode).
 
     Deterministic for a given seed, thread count and device: the data order comes from a generator seeded with
     `seed` (one permutation per epoch), the global RNG is seeded too, and deterministic algorithms are requested
     (with a warning, not an error, where an op has none). The learning rate follows a cosine decay to zero over
-    all steps. BinaryLinear latent weights are clipped to [-1, 1] after every step (BNN practice).
+    all steps. BinaryLinear latent weights are clipped to [-1, 1] after every step (BNN practice); `post_step`,
+    when given, runs after every optimiser step too (pruning uses it to hold pruned weights at zero).
     """
     if epochs < 0 or batch_size < 1:
         raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
@@ -114,6 +116,8 @@ def train(model: nn.Module, train_set: Dataset, epochs: int, lr: float, batch_si
                     schedule.step()
                     for layer in binary_layers:
                         layer.clamp_latent_()
+                    if post_step is not None:
+                        post_step()
                     bar.update(1)
                     bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}", refresh=False)
     finally:
