@@ -86,13 +86,41 @@ def demo_table(records):
     return "\n".join(out)
 
 
+def prune_curve_table(r):
+    """Rows: pipeline x method x bits; columns: the pruning chain's densities; cells: file ratio / test error."""
+    dens = sorted({x["target_density"] for x in r["rows"]}, reverse=True)
+    out = [f"{r['model']}, pruning + retraining + weight sharing, seed {r['seed']} (baseline test error "
+           f"{100 * r['baseline_test_error']:.2f}%, val {100 * r['baseline_val_error']:.2f}%; {_machine(r['machine'])}). "
+           "Cells: compression ratio of the saved file / test error; **bold** = no increase of validation error.", "",
+           "| pruning | quantiser | bits | " + " | ".join(f"{100 * d:.1f}% kept" for d in dens) + " |",
+           "|---|---|---|" + "---|" * len(dens)]
+    keys = []
+    for x in r["rows"]:
+        k = (x["pipeline"], x["saliency"], x["method"], x["bits"])
+        if k not in keys:
+            keys.append(k)
+    for k in keys:
+        cells = []
+        for d in dens:
+            x = next((x for x in r["rows"] if (x["pipeline"], x["saliency"], x["method"], x["bits"]) == k
+                      and x["target_density"] == d), None)
+            if x is None:
+                cells.append("")
+                continue
+            cell = f"{x['compression_ratio']:.1f}x / {100 * x['test_error']:.2f}%"
+            cells.append(f"**{cell}**" if x["zero_val_drop"] else cell)
+        out.append(f"| {k[1]} ({k[0]}) | {k[2]} | {k[3]} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", default=None, help="a demo summary.json")
     args = ap.parse_args()
     for name, fn in (("assign_cpu.json", assign_table), ("kmeans_cpu.json", kmeans_table),
                      ("shared_linear_cpu.json", linear_table), ("shared_conv_cpu.json", conv_table),
-                     ("ops_cpu.json", ops_table)):
+                     ("ops_cpu.json", ops_table), ("prune_curve_lenet300100.json", prune_curve_table),
+                     ("prune_curve_lenet5.json", prune_curve_table)):
         r = _load(name)
         if r:
             print(fn(r), end="\n\n")

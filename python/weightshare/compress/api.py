@@ -115,7 +115,7 @@ def compress(model: nn.Module, data, loss_fn: Callable, method: str = "loss_awar
              bits: Union[int, dict, None] = None, max_loss_increase=None, max_accuracy_drop: Optional[float] = None,
              eval_fn: Optional[Callable[[nn.Module], float]] = None, prune: bool = False, progress: bool = True,
              curvature: str = "fisher", finetune_data=None, finetune_epochs: int = 1, finetune_lr: float = 1e-4,
-             shared_layers: bool = True, seed: int = 0) -> CompressResult:
+             shared_layers: bool = True, seed: int = 0, baseline_metric: Optional[float] = None) -> CompressResult:
     """Compress `model`'s Linear/Conv1d/Conv2d layers by learned weight sharing.
 
     data: calibration batches [(x, y), ...] (iterated several times): the loss model's statistics (gradient and
@@ -128,9 +128,12 @@ def compress(model: nn.Module, data, loss_fn: Callable, method: str = "loss_awar
     prune: pin one codebook entry at exactly zero (off by default: at fixed sizes on the MNIST nets it raised the
     measured loss, e.g. LeNet-5 2 bits +0.0198 vs +0.0150 without).
     finetune_data: training batches for codebook fine-tuning (Han et al.; assignments fixed). Given, a candidate
-    that fails the constraint is fine-tuned for `finetune_epochs` and judged again (every method alike).
+    that fails the constraint is fine-tuned for `finetune_epochs` and judged again (every method alike); with
+    fixed `bits` the fits are always fine-tuned.
     Constraints: max_loss_increase (absolute number, or "2%" relative to the calibration loss), and/or
     max_accuracy_drop with eval_fn(model) -> accuracy on held-out data (0 = no drop at all). Neither given: "1%".
+    baseline_metric: the accuracy max_accuracy_drop is measured from (default eval_fn(model)); give the original
+    dense model's when `model` was already pruned (prune.prune_retrain), so the drop is counted end to end.
     """
     if method not in METHODS:
         raise ValueError(f"weightshare.compress: method must be one of {METHODS}, got {method!r}")
@@ -147,7 +150,7 @@ def compress(model: nn.Module, data, loss_fn: Callable, method: str = "loss_awar
     from weightshare.curvature import gather_stats
     stats = gather_stats(model, loss_fn, batches, kind=curvature, seed=seed)
     lstats = {l.name: (l.weight, stats.gradient[l.param], stats.diagonal[l.param]) for l in layers}
-    base_metric = eval_fn(model) if eval_fn is not None else None
+    base_metric = eval_fn(model) if eval_fn is not None and baseline_metric is None else baseline_metric
 
     def log(msg: str) -> None:
         if progress:
@@ -191,6 +194,8 @@ def compress(model: nn.Module, data, loss_fn: Callable, method: str = "loss_awar
     if bits is not None:  # fixed sizes: every method fits each layer once
         per = bits if isinstance(bits, dict) else {l.name: int(bits) for l in layers}
         fits = {n: fit_baseline(method, *lstats[n], 1 << int(b), seed, prune) for n, b in per.items()}
+        if finetune_batches:  # no constraint to meet: fine-tune whenever data was given
+            fits = finetune_codebooks(model, by_name, fits, finetune_batches, loss_fn, finetune_epochs, finetune_lr)
         loss = measure(fits)
         chosen_budget = None
     elif method == "loss_aware":

@@ -15,8 +15,12 @@ def finetune_codebooks(model: nn.Module, layers: dict[str, Layer], fits: dict[st
                        epochs: int = 1, lr: float = 1e-4) -> dict[str, Fit]:
     """New fits whose codebooks were trained for `epochs` passes over `batches` (Adam, learning rate `lr`); the
     model itself is not modified (the shared weights are substituted functionally). BatchNorm stays in eval mode so
-    the statistics the model was trained with keep holding."""
+    the statistics the model was trained with keep holding. An entry that is exactly zero is the pinned pruning
+    entry (compress(..., prune=True)) and stays zero, so pruned weights stay pruned."""
     codebooks = {n: f.codebook.detach().clone().float().requires_grad_() for n, f in fits.items()}
+    free = {n: (c != 0).float() for n, c in codebooks.items()}
+    for n, c in codebooks.items():
+        c.register_hook(lambda grad, m=free[n]: grad * m)
     index = {n: f.idx.long() for n, f in fits.items()}
     opt = torch.optim.Adam(list(codebooks.values()), lr=lr)
     was_training = model.training
