@@ -30,6 +30,22 @@ def time_cpu(fn: Callable[[], object], repeat: int = 15, warmup: int = 2, min_ti
     return statistics.median(times)
 
 
+def time_interleaved(fns: list, repeat: int = 200, warmup: int = 5) -> list:
+    """Median wall time in seconds of each fn, the calls alternating (a, b, a, b, ...): on this shared VM some
+    kernels' (oneDNN's) speed drifts by 2-6x between processes and minutes, so timing the candidates in separate
+    loops compares different machine states; alternating gives every candidate the same ones."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(repeat):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
 def time_cuda(fn: Callable[[], object], repeat: int = 20, warmup: int = 3) -> float:
     """Median GPU time in seconds of fn() measured with CUDA events on the current stream."""
     for _ in range(warmup):

@@ -1,8 +1,9 @@
 """Pruning + retraining + weight sharing on MNIST: test error against the file's compression ratio, ours against the
 Deep Compression pipeline, in one run.
 
-    python benchmarks/bench_prune_curve.py [--model lenet300100] [--seed 0]
-        # writes benchmarks/results/prune_curve_<model>.json; README table: python benchmarks/report.py
+    python benchmarks/bench_prune_curve.py [--model lenet300100] [--seeds 0 1 2]
+        # writes benchmarks/results/prune_curve_<model>.json and .png (test error vs ratio, mean and spread over
+        # the seeds); README table: python benchmarks/report.py
 
 Two pipelines, each a chain of pruning steps (density 0.5, x0.6 per step, down to about 2 %; `epochs` of retraining
 with the pruned weights held at zero after every step; ws.compress.prune_retrain), and after every step the pruned
@@ -12,6 +13,7 @@ ws.save and measured from the reloaded file:
   deep_compression: magnitude saliency (|w| / std, Han et al.'s threshold) + method="kmeans" (linear init)
 plus the cross pairing (magnitude + loss_aware) that separates what each stage contributes. The accuracy
 constraint is judged on the 5,000 held-out validation images against the dense model; test error is only reported.
+A seed sets the retraining data order and the fits' seeds (the dense checkpoint is the same for all).
 """
 from __future__ import annotations
 
@@ -28,8 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import machine, write_json  # noqa: E402
 
-RETRAIN = {"lenet300100": dict(epochs=3, lr=0.05, weight_decay=1e-4),
-           "lenet5": dict(epochs=1, lr=0.02, weight_decay=5e-4)}
+from weightshare.train import RETRAIN_RECIPES as RETRAIN  # noqa: E402
 PIPELINES = {"ours": ("obd", ["loss_aware"]), "deep_compression": ("magnitude", ["kmeans", "loss_aware"])}
 BITS = (3, 4)
 
@@ -52,8 +53,7 @@ def run(model_name: str, seed: int, min_density: float, progress: bool = False) 
         return 1.0 - evaluate(m, splits.val)[1]
 
     base_val, base_test = val_acc(dense), evaluate(dense, splits.test)[1]
-    out = {"machine": machine(), "model": model_name, "seed": seed, "retrain": RETRAIN[model_name],
-           "baseline_val_error": 1 - base_val, "baseline_test_error": base_test, "rows": [], "prune_steps": {}}
+    out = {"baseline_val_error": 1 - base_val, "baseline_test_error": base_test, "rows": [], "prune_steps": {}}
     tmp = Path(tempfile.mkdtemp(prefix="ws-prune-curve-"))
     for pipeline, (saliency, methods) in PIPELINES.items():
         t0 = time.time()
@@ -69,7 +69,7 @@ def run(model_name: str, seed: int, min_density: float, progress: bool = False) 
                     path = tmp / f"{pipeline}-{method}-{bits}-{step.density:.4f}.ws"
                     ws.save(r.model, path)
                     loaded = ws.load(path)
-                    row = {"pipeline": pipeline, "saliency": saliency, "method": method, "bits": bits,
+                    row = {"seed": seed, "pipeline": pipeline, "saliency": saliency, "method": method, "bits": bits,
                            "target_density": step.density, "density": density,
                            "pruned_val_error": 1 - step.metric,
                            "val_error": evaluate(loaded, splits.val)[1], "test_error": evaluate(loaded, splits.test)[1],
@@ -84,22 +84,65 @@ def run(model_name: str, seed: int, min_density: float, progress: bool = False) 
         res = prune_retrain(dense, splits.train, F.cross_entropy, val_acc, calib_batches=calib, saliency=saliency,
                             start_density=0.5, factor=0.6, min_density=min_density, patience=100, seed=seed,
                             baseline_metric=base_val, progress=progress, on_step=quantise, **RETRAIN[model_name])
-        out["prune_steps"][pipeline] = [{"density": s.density, "val_error": 1 - s.metric, "layer_density": s.layer_density,
+        out["prune_steps"][pipeline] = [{"seed": seed, "density": s.density, "val_error": 1 - s.metric, "layer_density": s.layer_density,
                                          "seconds": s.seconds} for s in res.steps]
         out[f"{pipeline}_seconds"] = time.time() - t0
     return out
 
 
+def plot(result: dict, path: Path) -> Path:
+    """Test error against compression ratio per pipeline/quantiser/bits: the mean over seeds, bars = min..max."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    keys = sorted({(r["pipeline"], r["saliency"], r["method"], r["bits"]) for r in result["rows"]})
+    for key in keys:
+        pts = []
+        for d in sorted({r["target_density"] for r in result["rows"]}, reverse=True):
+            rs = [r for r in result["rows"] if (r["pipeline"], r["saliency"], r["method"], r["bits"]) == key
+                  and r["target_density"] == d]
+            if rs:
+                errs = [100 * r["test_error"] for r in rs]
+                ratio = sum(r["compression_ratio"] for r in rs) / len(rs)
+                mean = sum(errs) / len(errs)
+                pts.append((ratio, mean, mean - min(errs), max(errs) - mean))
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[[p[2] for p in pts], [p[3] for p in pts]],
+                    marker="o", capsize=3, label=f"{key[1]} pruning + {key[2]}, {key[3]} bits")
+    ax.axhline(100 * result["baseline_test_error"], color="gray", ls="--", label="uncompressed")
+    ax.set_xscale("log")
+    ax.set_xlabel("compression ratio (fp32 model bytes / file bytes)")
+    ax.set_ylabel("test error (%)")
+    ax.set_title(f"{result['model']}: pruning + retraining + weight sharing, seeds {result['seeds']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="lenet300100", choices=sorted(RETRAIN))
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--min-density", type=float, default=0.02)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(write_json(f"prune_curve_{args.model}.json", run(args.model, args.seed, args.min_density)))
+    result = {"machine": machine(), "model": args.model, "seeds": args.seeds, "retrain": RETRAIN[args.model],
+              "rows": [], "prune_steps": {}}
+    for seed in args.seeds:
+        r = run(args.model, seed, args.min_density)
+        result.update(baseline_val_error=r["baseline_val_error"], baseline_test_error=r["baseline_test_error"])
+        result["rows"] += r["rows"]
+        for k, v in r["prune_steps"].items():
+            result["prune_steps"].setdefault(k, []).extend(v)
+        for k, v in r.items():
+            if k.endswith("_seconds"):
+                result[f"{k}_seed{seed}"] = v
+    path = write_json(f"prune_curve_{args.model}.json", result)
+    print(path, plot(result, path.with_suffix(".png")))
 
 
 if __name__ == "__main__":

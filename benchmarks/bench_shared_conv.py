@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 import weightshare as ws  # noqa: E402
-from _common import machine, time_cpu, write_json  # noqa: E402
+from _common import machine, time_interleaved, write_json  # noqa: E402
 
 CONVS = {  # name: (out, in, k, groups, stride, padding, hw)
     "resnet3x3_64x64_56": (64, 64, 3, 1, 1, 1, 56),
@@ -40,13 +40,10 @@ def run() -> dict:
     out = {"machine": machine(), "bits": BITS, "results": []}
     for name in CONVS:
         x, packed, cb, shape, dense, (s, p, d, g) = make(name)
-        # interleaved rounds, each at least 0.5 s: oneDNN's timings drift between runs on this shared VM
-        t_dense, t_ws = [], []
-        for _ in range(3):
-            t_dense.append(time_cpu(lambda: F.conv2d(x, dense, None, s, p, d, g), repeat=30, min_time=0.5))
-            t_ws.append(time_cpu(lambda: ws.ops.shared_conv2d(x, packed, cb, BITS, shape, None, s, p, d, g),
-                                 repeat=30, min_time=0.5))
-        t_dense, t_ws = min(t_dense), min(t_ws)
+        # calls alternate dense / ws (time_interleaved says why)
+        t_dense, t_ws = time_interleaved([lambda: F.conv2d(x, dense, None, s, p, d, g),
+                                          lambda: ws.ops.shared_conv2d(x, packed, cb, BITS, shape, None, s, p, d, g)],
+                                         repeat=400)
         row = {"conv": name, "dense_fp32_ms": t_dense * 1e3, "ws_ms": t_ws * 1e3, "ws_speed_vs_dense": t_dense / t_ws}
         out["results"].append(row)
         print(f"{name:26s} dense {row['dense_fp32_ms']:7.3f} ms  ws {row['ws_ms']:7.3f} ms  "

@@ -87,11 +87,15 @@ def demo_table(records):
 
 
 def prune_curve_table(r):
-    """Rows: pipeline x method x bits; columns: the pruning chain's densities; cells: file ratio / test error."""
+    """Rows: pruning x quantiser x bits; columns: the pruning chain's densities; cells: file ratio / test error,
+    the mean over the seeds with the min..max of the test error when there are several."""
     dens = sorted({x["target_density"] for x in r["rows"]}, reverse=True)
-    out = [f"{r['model']}, pruning + retraining + weight sharing, seed {r['seed']} (baseline test error "
+    seeds = r.get("seeds", [r.get("seed", 0)])
+    out = [f"{r['model']}, pruning + retraining + weight sharing, seeds {seeds} (baseline test error "
            f"{100 * r['baseline_test_error']:.2f}%, val {100 * r['baseline_val_error']:.2f}%; {_machine(r['machine'])}). "
-           "Cells: compression ratio of the saved file / test error; **bold** = no increase of validation error.", "",
+           "Cells: compression ratio of the saved file / test error" + (" (mean, min-max over seeds)" if len(seeds) > 1
+                                                                        else "") +
+           "; **bold** = no increase of validation error (every seed).", "",
            "| pruning | quantiser | bits | " + " | ".join(f"{100 * d:.1f}% kept" for d in dens) + " |",
            "|---|---|---|" + "---|" * len(dens)]
     keys = []
@@ -102,13 +106,16 @@ def prune_curve_table(r):
     for k in keys:
         cells = []
         for d in dens:
-            x = next((x for x in r["rows"] if (x["pipeline"], x["saliency"], x["method"], x["bits"]) == k
-                      and x["target_density"] == d), None)
-            if x is None:
+            xs = [x for x in r["rows"] if (x["pipeline"], x["saliency"], x["method"], x["bits"]) == k
+                  and x["target_density"] == d]
+            if not xs:
                 cells.append("")
                 continue
-            cell = f"{x['compression_ratio']:.1f}x / {100 * x['test_error']:.2f}%"
-            cells.append(f"**{cell}**" if x["zero_val_drop"] else cell)
+            errs = [100 * x["test_error"] for x in xs]
+            cell = f"{sum(x['compression_ratio'] for x in xs) / len(xs):.1f}x / {sum(errs) / len(errs):.2f}%"
+            if len(xs) > 1:
+                cell += f" ({min(errs):.2f}-{max(errs):.2f})"
+            cells.append(f"**{cell}**" if all(x["zero_val_drop"] for x in xs) else cell)
         out.append(f"| {k[1]} ({k[0]}) | {k[2]} | {k[3]} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 

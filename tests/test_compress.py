@@ -111,12 +111,18 @@ def test_cli_compress_and_report(tmp_path):
 
 def test_cli_demo_small(tmp_path):
     out = subprocess.run([sys.executable, "-m", "weightshare", "demo", "--out", str(tmp_path), "--models",
-                          "lenet300100", "--methods", "uniform", "--calib", "500"],
+                          "lenet300100", "--methods", "uniform", "--calib", "500", "--prune-max-steps", "1"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     records = json.loads((tmp_path / "summary.json").read_text())
     assert {"model", "method", "baseline_test_error", "test_error", "compression_ratio", "file"} <= set(records[0])
     assert ws.load(records[0]["file"]) is not None
+    pruned = [r for r in records if r["method"] == "uniform+prune"]
+    density = pruned[0]["pruned_density"] if len(pruned) == 1 else None
+    assert density is not None and (abs(density - 0.5) < 0.01 or density == 1.0), records
+    assert pruned[0]["baseline_test_error"] == records[0]["baseline_test_error"]  # counted from the dense model
+    assert pruned[0]["baseline_val_error"] == records[0]["baseline_val_error"]
+    assert ws.load(pruned[0]["file"]) is not None
     assert (tmp_path / "error_vs_ratio.png").exists()
 
 

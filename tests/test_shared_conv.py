@@ -40,6 +40,35 @@ def test_matches_dense_conv(conv, bits, per_channel, device, gen):
     torch.testing.assert_close(y.cpu(), F.conv2d(x, w, b, s, p, d, g), rtol=1e-4, atol=1e-4)
 
 
+DEPTHWISE = [  # (channels, multiplier, kh, kw, stride, padding, dilation, H, W): the direct CPU kernel's cases
+    (8, 1, 3, 3, (1, 1), (1, 1), (1, 1), 15, 13),
+    (8, 2, 3, 3, (1, 1), (0, 0), (1, 1), 9, 11),     # channel multiplier 2, no padding
+    (4, 1, 5, 3, (2, 1), (2, 1), (1, 2), 12, 7),     # non-square kernel, mixed stride and dilation
+    (6, 1, 3, 3, (3, 3), (4, 4), (2, 2), 10, 10),    # padding larger than the kernel reach
+    (5, 3, 7, 7, (1, 2), (3, 0), (1, 1), 8, 20),
+    (3, 1, 1, 1, (1, 1), (0, 0), (1, 1), 4, 4),      # 1x1 depthwise
+    (4, 1, 3, 3, (1, 1), (0, 0), (1, 1), 3, 3),      # one output pixel
+]
+
+
+@pytest.mark.parametrize("case", DEPTHWISE)
+@pytest.mark.parametrize("batched,with_bias", [(True, True), (True, False), (False, True)])
+def test_depthwise_direct_kernel(case, batched, with_bias, gen):
+    c, mult, kh, kw, s, p, d, h, w_ = case
+    idx = torch.randint(0, 16, (c * mult, kh * kw), generator=gen, dtype=torch.uint8)
+    cb = torch.randn(1, 16, generator=gen)
+    packed, shape = ws.ops.pack(idx, 4), [c * mult, 1, kh, kw]
+    w = ws.ops.dequantize(packed, cb, 4, shape)
+    x = torch.randn(*((3,) if batched else ()), c, h, w_, generator=gen)
+    b = torch.randn(c * mult, generator=gen) if with_bias else None
+    y = ws.ops.shared_conv2d(x, packed, cb, 4, shape, b, s, p, d, c)
+    torch.testing.assert_close(y, F.conv2d(x, w, b, s, p, d, c), rtol=1e-5, atol=1e-5)
+    # channels-last input takes the general path and agrees too
+    if batched:
+        y_cl = ws.ops.shared_conv2d(x.to(memory_format=torch.channels_last), packed, cb, 4, shape, b, s, p, d, c)
+        torch.testing.assert_close(y_cl, y, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_dtypes_and_channels_last(dtype, device, gen):
     packed, cb, shape, w = make(16, 8, 3, 1, 4, False, gen)

@@ -12,6 +12,8 @@
 
 #include <numeric>
 
+#include "../cpu/decode_scratch.h"
+#include "../cpu/depthwise_conv.h"
 #include "weightshare/checks.h"
 
 namespace weightshare {
@@ -52,8 +54,18 @@ at::Tensor shared_conv2d(const at::Tensor& x, const at::Tensor& packed, const at
   const int64_t rows_per_cb = pw.rows / pw.groups;
   const int64_t unit = std::lcm(out_per_group, rows_per_cb);
   const int64_t panel = std::min(out, std::max<int64_t>(1, (int64_t(1) << 19) / (row_floats * unit)) * unit);
+  // the panel rows [o0, o1) decoded: into a reused buffer on the CPU (decode_scratch.h says why), by the device's
+  // dequantize kernel elsewhere
+  auto decode = [&](int64_t o0, int64_t o1, at::IntArrayRef shape) {
+    if (x.is_cpu()) return cpu::decode_rows_to_scratch(packed, codebook, pw, bits, o0, o1, shape);
+    return dequantize(packed.slice(0, o0, o1), codebook.slice(0, o0 / rows_per_cb, o1 / rows_per_cb), bits, shape);
+  };
   if (panel >= out) {  // the common case: one panel, the whole (small) weight
-    const at::Tensor w = dequantize(packed, codebook, bits, weight_shape);
+    const at::Tensor w = decode(0, out, weight_shape);
+    if (x.is_cpu() && cin_g == 1) {  // depthwise: the direct kernel (csrc/cpu/depthwise_conv.cpp says why)
+      at::Tensor y = cpu::depthwise_conv2d_f32(x, w, bias, stride, padding, dilation, groups);
+      if (y.defined()) return y;
+    }
     return at::conv2d(x, w.to(x.scalar_type()), bias.has_value() ? bias->to(x.scalar_type()) : at::Tensor(), stride,
                       padding, dilation, groups);
   }
@@ -63,8 +75,7 @@ at::Tensor shared_conv2d(const at::Tensor& x, const at::Tensor& packed, const at
     const int64_t g0 = o0 / out_per_group, g1 = o1 / out_per_group;
     std::vector<int64_t> shape(weight_shape.begin(), weight_shape.end());
     shape[0] = o1 - o0;
-    const at::Tensor w = dequantize(
-        packed.slice(0, o0, o1), codebook.slice(0, o0 / rows_per_cb, o1 / rows_per_cb), bits, shape);
+    const at::Tensor w = decode(o0, o1, shape);
     const at::Tensor xs = x.slice(-3, g0 * cin_g, g1 * cin_g);
     parts.push_back(at::conv2d(xs, w.to(x.scalar_type()),
                                bias.has_value() ? bias->slice(0, o0, o1).to(x.scalar_type()) : at::Tensor(), stride,

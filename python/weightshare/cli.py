@@ -39,40 +39,69 @@ def _batch1_ms(model, x, repeat: int = 200) -> float:
     return statistics.median(times) * 1e3
 
 
+def _val_accuracy(splits):
+    from weightshare.train import evaluate
+
+    def val_accuracy(m):
+        return 1.0 - evaluate(m, splits.val)[1]
+    return val_accuracy
+
+
+def prune_one(name: str, max_accuracy_drop: float = 0.0, progress: bool = False, patience: int = 2,
+              max_steps: Optional[int] = None):
+    """Prune and retrain a bundled model (magnitude scores, densities 50 % then x0.6 per step, the model's
+    RETRAIN_RECIPES) keeping its held-out validation accuracy: a compress.PruneResult."""
+    from weightshare.compress import prune_retrain
+    from weightshare.data import mnist_splits
+    from weightshare.train import RETRAIN_RECIPES
+
+    splits = mnist_splits()
+    log = None
+    if progress:
+        from tqdm import tqdm
+        log = tqdm.write
+    return prune_retrain(_load_baseline(name), splits.train, F.cross_entropy, _val_accuracy(splits),
+                         max_accuracy_drop=max_accuracy_drop, saliency="magnitude", start_density=0.5, factor=0.6,
+                         patience=patience, max_steps=max_steps, progress=False, log=log, **RETRAIN_RECIPES[name])
+
+
 def compress_one(name: str, method: str, calib_size: int, out_dir: Path, bits: Optional[int] = None,
-                 max_accuracy_drop: Optional[float] = 0.0, progress: bool = False, finetune: int = 0) -> dict:
+                 max_accuracy_drop: Optional[float] = 0.0, progress: bool = False, finetune: int = 0,
+                 pruned=None) -> dict:
     """Compress a bundled model with `method` at zero held-out accuracy drop (or fixed bits), save it, reload the
-    file and measure: the record for summary.json."""
+    file and measure: the record for summary.json. pruned: a PruneResult of this model (prune_one); its network is
+    compressed instead, with a pinned zero entry, and the accuracy drop is still counted from the dense model."""
     import weightshare as ws
     from weightshare.compress import compress
     from weightshare.data import mnist_splits
     from weightshare.train import evaluate
 
     splits = mnist_splits()
-    model = _load_baseline(name)
+    dense = _load_baseline(name)
+    model = pruned.model if pruned is not None else dense
     xs, ys = splits.train.tensors
     calib = [(xs[i:i + 500], ys[i:i + 500]) for i in range(0, calib_size, 500)]
     # fine-tuning batches: the training images after the calibration ones (never the validation set)
     tune = [(xs[i:i + 100], ys[i:i + 100]) for i in range(calib_size, calib_size + finetune, 100)] or None
-    base_test = evaluate(model, splits.test)[1]
-
-    def val_accuracy(m):
-        return 1.0 - evaluate(m, splits.val)[1]
+    base_test = evaluate(dense, splits.test)[1]
 
     t0 = time.time()
     r = compress(model, calib, F.cross_entropy, method=method, bits=bits,
                  max_accuracy_drop=None if bits is not None else max_accuracy_drop,
-                 eval_fn=val_accuracy, progress=progress, finetune_data=tune)
-    seconds = time.time() - t0
+                 eval_fn=_val_accuracy(splits), progress=progress, finetune_data=tune, prune=pruned is not None,
+                 baseline_metric=pruned.base_metric if pruned is not None else None)
+    seconds = time.time() - t0 + (pruned.seconds if pruned is not None else 0.0)
+    label = method + ("+prune" if pruned is not None else "")
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}-{method}{'' if bits is None else f'-{bits}bit'}.ws"
-    file_bytes = ws.save(r.model, path, metadata={"method": method, "baseline_test_error": base_test})
+    path = out_dir / f"{name}-{label}{'' if bits is None else f'-{bits}bit'}.ws"
+    file_bytes = ws.save(r.model, path, metadata={"method": label, "baseline_test_error": base_test})
     loaded = ws.load(path)  # the numbers below come from the file, not from the in-memory model
     report = ws.size_report(loaded)
     test_err = evaluate(loaded, splits.test)[1]
     x1 = splits.test.tensors[0][:1]
     return {
-        "model": name, "method": method, "bits": bits, "finetune_samples": finetune,
+        "model": name, "method": label, "bits": bits, "finetune_samples": finetune,
+        "pruned_density": pruned.density if pruned is not None else None,
         "baseline_test_error": base_test, "test_error": test_err,
         "baseline_val_error": 1 - r.base_metric if r.base_metric is not None else None,
         "val_error": 1 - r.metric if r.metric is not None else None,
@@ -81,7 +110,7 @@ def compress_one(name: str, method: str, calib_size: int, out_dir: Path, bits: O
         "layers": [{"name": l.name, "k": l.k, "bits": l.bits, "entropy": l.entropy} for l in r.layers],
         "calibration_loss": [r.base_loss, r.loss], "predicted_loss_increase": r.predicted_increase,
         "compress_seconds": seconds,
-        "batch1_ms_dense": _batch1_ms(model, x1), "batch1_ms_compressed": _batch1_ms(loaded, x1),
+        "batch1_ms_dense": _batch1_ms(dense, x1), "batch1_ms_compressed": _batch1_ms(loaded, x1),
     }
 
 
@@ -164,9 +193,18 @@ def cmd_demo(args) -> None:
     jobs = [(m, meth, None) for m in args.models for meth in args.methods]
     jobs += [(m, meth, b) for m in args.models for meth in args.methods for b in args.bits]
     records = []
-    for name, method, bits in tqdm(jobs, desc="compressing", unit="run"):
-        records.append(compress_one(name, method, args.calib, out, bits, 0.0, args.verbose, args.finetune))
-        tqdm.write(f"{name} {method} {'search' if bits is None else f'{bits} bits'}: test error "
+    if args.prune:  # pruning + retraining first, once per model; every method then compresses the pruned network
+        jobs += [(m, meth, None, True) for m in args.models for meth in args.methods]
+    pruned = {}
+    for name, method, bits, *prune in tqdm(jobs, desc="compressing", unit="run"):
+        if prune and name not in pruned:
+            pruned[name] = prune_one(name, 0.0, True, args.prune_patience, args.prune_max_steps)
+            tqdm.write(f"{name} pruned to {100 * pruned[name].density:.1f}% of its weights at validation "
+                       f"accuracy {pruned[name].metric:.4f} (dense {pruned[name].base_metric:.4f}), "
+                       f"{pruned[name].seconds:.0f} s")
+        records.append(compress_one(name, method, args.calib, out, bits, 0.0, args.verbose, args.finetune,
+                                    pruned.get(name) if prune else None))
+        tqdm.write(f"{name} {records[-1]['method']} {'search' if bits is None else f'{bits} bits'}: test error "
                    f"{100 * records[-1]['test_error']:.2f}% at {records[-1]['compression_ratio']:.1f}x")
     if args.bnn:
         records.append(binary_one(out))
@@ -222,6 +260,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     d.add_argument("--calib", type=int, default=2000, help="calibration samples from the training set")
     d.add_argument("--finetune", type=int, default=10000,
                    help="training samples for one epoch of codebook fine-tuning of candidates that fail (0: off)")
+    d.add_argument("--no-prune", dest="prune", action="store_false",
+                   help="skip the pruned runs (magnitude pruning + retraining at zero held-out accuracy drop, then "
+                        "every method on the pruned network)")
+    d.add_argument("--prune-patience", type=int, default=2,
+                   help="stop pruning after this many steps in a row that lose validation accuracy")
+    d.add_argument("--prune-max-steps", type=int, default=None, help="at most this many pruning steps")
     d.add_argument("--no-bnn", dest="bnn", action="store_false",
                    help="skip the binarized MLP (1-bit weights kept by k=2 codebooks)")
     d.add_argument("--verbose", action="store_true", help="log every search trial")

@@ -42,6 +42,13 @@ RECIPES: dict[str, dict[str, object]] = {
     "bnn_mlp": dict(epochs=30, lr=5e-3, batch_size=100, weight_decay=0.0, optimizer="adam"),
 }
 
+# Retraining after each pruning step (ws.compress.prune_retrain): short, from a fraction of the training learning
+# rate, with the training recipe's weight decay. LeNet-300-100: 3 epochs (~5 s); LeNet-5: 1 epoch (~20 s).
+RETRAIN_RECIPES: dict[str, dict[str, object]] = {
+    "lenet300100": dict(epochs=3, lr=0.05, weight_decay=1e-4),
+    "lenet5": dict(epochs=1, lr=0.02, weight_decay=5e-4),
+}
+
 
 # --------------------------------------------------------------------------------------------- batching
 def _batches(dataset: Dataset, order: Tensor, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:

@@ -114,7 +114,8 @@ def prune_retrain(model: nn.Module, train_set, loss_fn, eval_fn: Callable[[nn.Mo
                   baseline_metric: Optional[float] = None, saliency: str = "magnitude", start_density: float = 0.5,
                   factor: float = 0.7, min_density: float = 0.005, min_layer_density: float = 0.01,
                   epochs: int = 2, lr: float = 0.01, batch_size: int = 128, weight_decay: float = 1e-4,
-                  patience: int = 3, seed: int = 0, progress: bool = True, log: Optional[Callable[[str], None]] = None,
+                  patience: int = 3, max_steps: Optional[int] = None, seed: int = 0, progress: bool = True,
+                  log: Optional[Callable[[str], None]] = None,
                   on_step: Optional[Callable[[PruneStep, nn.Module], None]] = None) -> PruneResult:
     """Iteratively prune `model` (a copy; the argument is not modified) and retrain it on `train_set`.
 
@@ -124,14 +125,16 @@ def prune_retrain(model: nn.Module, train_set, loss_fn, eval_fn: Callable[[nn.Mo
     baseline_metric - max_accuracy_drop (baseline_metric defaults to eval_fn(model)). Each step continues from the
     previous one, feasible or not (on a 5,000-image validation set one image is 0.02 %, so a single step's verdict
     is noisy and the next step's retraining often recovers); the search ends after `patience` infeasible steps in a
-    row and returns the sparsest feasible network it saw (the given model if none). on_step(step, model), when
+    row (or after `max_steps` steps) and returns the sparsest feasible network it saw (the given model if none).
+    on_step(step, model), when
     given, sees every step's retrained network (to evaluate a whole curve in one run; do not modify it).
     """
     if not 0 < factor < 1 or not 0 < start_density <= 1 or not 0 < min_density <= start_density:
         raise ValueError(f"weightshare.compress.prune: need 0 < factor < 1 and 0 < min_density <= start_density "
                          f"<= 1, got factor={factor}, start_density={start_density}, min_density={min_density}")
-    if epochs < 1 or patience < 1:
-        raise ValueError(f"weightshare.compress.prune: epochs and patience must be >= 1, got {epochs}, {patience}")
+    if epochs < 1 or patience < 1 or (max_steps is not None and max_steps < 1):
+        raise ValueError(f"weightshare.compress.prune: epochs, patience and max_steps must be >= 1, got {epochs}, "
+                         f"{patience}, {max_steps}")
     from weightshare.train import train
     t0 = time.time()
     work = copy.deepcopy(model).eval()
@@ -141,7 +144,7 @@ def prune_retrain(model: nn.Module, train_set, loss_fn, eval_fn: Callable[[nn.Mo
     steps: list[PruneStep] = []
     density, misses = start_density, 0
     say = log or (lambda msg: None)
-    while density >= min_density * (1 - 1e-9) and misses < patience:
+    while density >= min_density * (1 - 1e-9) and misses < patience and len(steps) < (max_steps or math.inf):
         t1 = time.time()
         scores = weight_scores(work, saliency, calib_batches, loss_fn, seed)
         masks = global_masks(scores, masks, density, min_layer_density)
