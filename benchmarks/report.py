@@ -79,6 +79,10 @@ def demo_table(records):
     for r in records:
         bits = "/".join(str(l["bits"]) for l in r["layers"])
         fixed = "" if r.get("bits") is None else f" ({r['bits']} bits)"
+        if r.get("pruned_density") is not None:  # pruned runs: which candidate met the constraint
+            d = r["pruned_density"]
+            fixed += (f" ({100 * d:.0f}% of weights kept)" if d < 1 else
+                      " (no pruned candidate met it: dense network)")
         out.append(f"| {r['model']} | {r['method']}{fixed} | "
                    f"{100 * r['baseline_test_error']:.2f}% | {100 * r['test_error']:.2f}% | "
                    f"{r['compression_ratio']:.1f}x | {r['file_bytes']:,} | {bits} | "

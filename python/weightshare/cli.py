@@ -175,12 +175,12 @@ def binary_one(out_dir: Path) -> dict:
 
 
 def _table(records: list[dict]) -> str:
-    head = (f"{'model':12s} {'method':15s} {'base err':>8s} {'err':>7s} {'ratio':>7s} {'file B':>9s} "
+    head = (f"{'model':12s} {'method':21s} {'base err':>8s} {'err':>7s} {'ratio':>7s} {'file B':>9s} "
             f"{'bits/layer':>16s} {'dense ms':>8s} {'ws ms':>7s}")
     lines = [head, "-" * len(head)]
     for r in records:
         bits = "/".join(str(l["bits"]) for l in r["layers"])
-        lines.append(f"{r['model']:12s} {r['method']:15s} {100 * r['baseline_test_error']:7.2f}% "
+        lines.append(f"{r['model']:12s} {r['method']:21s} {100 * r['baseline_test_error']:7.2f}% "
                      f"{100 * r['test_error']:6.2f}% {r['compression_ratio']:6.1f}x {r['file_bytes']:9d} "
                      f"{bits:>16s} {r['batch1_ms_dense']:8.3f} {r['batch1_ms_compressed']:7.3f}")
     return "\n".join(lines)

@@ -126,8 +126,8 @@ def prune_retrain(model: nn.Module, train_set, loss_fn, eval_fn: Callable[[nn.Mo
     previous one, feasible or not (on a 5,000-image validation set one image is 0.02 %, so a single step's verdict
     is noisy and the next step's retraining often recovers); the search ends after `patience` infeasible steps in a
     row (or after `max_steps` steps) and returns the sparsest feasible network it saw (the given model if none).
-    on_step(step, model), when
-    given, sees every step's retrained network (to evaluate a whole curve in one run; do not modify it).
+    on_step(step, model), when given, sees every step's retrained network (to evaluate a whole curve in one run, or
+    to keep candidates; copy it, do not modify it).
     """
     if not 0 < factor < 1 or not 0 < start_density <= 1 or not 0 < min_density <= start_density:
         raise ValueError(f"weightshare.compress.prune: need 0 < factor < 1 and 0 < min_density <= start_density "
