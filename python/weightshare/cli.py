@@ -246,8 +246,13 @@ def cmd_demo(args) -> None:
 
 
 def cmd_compress(args) -> None:
+    pruned = None
+    if args.prune:
+        if args.model not in DEMO_MODELS:
+            raise SystemExit(f"weightshare compress: --prune supports {DEMO_MODELS}, not {args.model}")
+        pruned = prune_one(args.model, args.prune_slack, True)
     r = compress_one(args.model, args.method, args.calib, Path(args.out), args.bits, args.max_accuracy_drop,
-                     progress=True, finetune=args.finetune)
+                     progress=True, finetune=args.finetune, pruned=pruned)
     print(json.dumps(r, indent=2))
 
 
@@ -308,6 +313,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     c.add_argument("--max-accuracy-drop", type=float, default=0.0, help="on the held-out validation set")
     c.add_argument("--calib", type=int, default=2000)
     c.add_argument("--finetune", type=int, default=10000, help="samples for codebook fine-tuning (0: off)")
+    c.add_argument("--prune", action="store_true",
+                   help="prune and retrain first (as the demo's +prune runs), then compress the pruned network")
+    c.add_argument("--prune-slack", type=float, default=0.002,
+                   help="pruned networks within this validation-accuracy drop are candidates")
     c.add_argument("--out", default="out")
     c.set_defaults(fn=cmd_compress)
     r = sub.add_parser("report", help="size breakdown of compressed files")

@@ -1,0 +1,48 @@
+"""The experiment scripts' code paths (benchmarks/bench_prune_curve.py and its README table), at a small setting:
+one pruning step of the bundled LeNet-300-100 per pipeline."""
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def curve():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_prune_curve
+        import report
+        result = {"machine": {"cpu": "test", "cores": 1, "torch": "x", "date": "today"}, "model": "lenet300100",
+                  "seeds": [0], "rows": []}
+        r = bench_prune_curve.run("lenet300100", seed=0, min_density=0.5, cross=False)
+        result.update(r)
+        yield bench_prune_curve, report, result
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_prune_curve_rows(curve):
+    _, _, result = curve
+    rows = result["rows"]
+    assert {(r["pipeline"], r["method"], r["bits"]) for r in rows} == {
+        ("ours", "loss_aware", 3), ("ours", "loss_aware", 4),
+        ("deep_compression", "kmeans", 3), ("deep_compression", "kmeans", 4)}
+    for r in rows:
+        assert r["target_density"] == 0.5 and abs(r["density"] - 0.5) < 0.01
+        assert 0 <= r["test_error"] < 0.05 and 0 <= r["val_error"] < 0.05
+        # half the weights at 3-4 bits plus entropy coding: well past 8x, below the 32x of 1 bit per weight
+        assert 8 < r["compression_ratio"] < 32
+        assert r["zero_val_drop"] == (1 - r["val_error"] >= 1 - result["baseline_val_error"] - 1e-12)
+    for pipeline in ("ours", "deep_compression"):
+        assert len(result["prune_steps"][pipeline]) == 1
+
+
+def test_prune_curve_table_and_plot(curve, tmp_path):
+    bench, report, result = curve
+    table = report.prune_curve_table(result)
+    assert table.count("\n| ") == 1 + 4  # the header, then one line per pipeline x quantiser x bits
+    assert "50.0% kept" in table
+    png = bench.plot(result, tmp_path / "curve.png")
+    assert png.stat().st_size > 10_000
