@@ -76,6 +76,9 @@ struct Geometry {
 };
 
 #ifdef WS_X86
+// The AVX-512 and AVX2 planes walk the same loops with different vector widths and mask forms. They are two
+// functions because GCC compiles a function for one target: a shared template body could not be inlined into both
+// (intrinsics need the caller's target), and compiling it for the union would put AVX-512 code in the AVX2 path.
 WS_AVX512 void plane_avx512(const float* in, const float* w, float bias, float* out, const Geometry& g) {
   for (int64_t oy = 0; oy < g.OH; ++oy) {
     for (int64_t c0 = 0; c0 < g.OW; c0 += 16) {

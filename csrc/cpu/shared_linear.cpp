@@ -225,7 +225,7 @@ int64_t panel_rows(const PackedLinear& w) {
 void decode_panel(const PackedLinear& w, int64_t r0, int64_t r1, float* dst) {
   const Simd simd = simd_level();
   WS_DISPATCH_BITS(w.bits, BITS, [&] {
-    at::parallel_for(r0, r1, std::max<int64_t>(1, 16384 / w.in_features), [&](int64_t b, int64_t e) {
+    at::parallel_for(r0, r1, std::max<int64_t>(1, 65536 / w.in_features), [&](int64_t b, int64_t e) {
 #ifdef WS_X86
       if (simd == Simd::Avx512) return decode_rows_avx512<BITS>(w, b, e, r0, dst);
 #endif
