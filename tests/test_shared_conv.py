@@ -53,7 +53,7 @@ DEPTHWISE = [  # (channels, multiplier, kh, kw, stride, padding, dilation, H, W)
 
 @pytest.mark.parametrize("case", DEPTHWISE)
 @pytest.mark.parametrize("batched,with_bias", [(True, True), (True, False), (False, True)])
-def test_depthwise_direct_kernel(case, batched, with_bias, gen):
+def test_depthwise_direct_kernel(case, batched, with_bias, simd, gen):
     c, mult, kh, kw, s, p, d, h, w_ = case
     idx = torch.randint(0, 16, (c * mult, kh * kw), generator=gen, dtype=torch.uint8)
     cb = torch.randn(1, 16, generator=gen)

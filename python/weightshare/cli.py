@@ -250,7 +250,7 @@ def cmd_compress(args) -> None:
     if args.prune:
         if args.model not in DEMO_MODELS:
             raise SystemExit(f"weightshare compress: --prune supports {DEMO_MODELS}, not {args.model}")
-        pruned = prune_one(args.model, args.prune_slack, True)
+        pruned = prune_one(args.model, args.prune_slack, True, max_steps=args.prune_max_steps)
     r = compress_one(args.model, args.method, args.calib, Path(args.out), args.bits, args.max_accuracy_drop,
                      progress=True, finetune=args.finetune, pruned=pruned)
     print(json.dumps(r, indent=2))
@@ -317,6 +317,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                    help="prune and retrain first (as the demo's +prune runs), then compress the pruned network")
     c.add_argument("--prune-slack", type=float, default=0.002,
                    help="pruned networks within this validation-accuracy drop are candidates")
+    c.add_argument("--prune-max-steps", type=int, default=None, help="at most this many pruning steps")
     c.add_argument("--out", default="out")
     c.set_defaults(fn=cmd_compress)
     r = sub.add_parser("report", help="size breakdown of compressed files")
