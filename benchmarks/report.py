@@ -124,6 +124,31 @@ def prune_curve_table(r):
     return "\n".join(out)
 
 
+def methods_curve_table(r):
+    """Rows: model x method; columns: fixed bit widths; cells: file ratio / test error, mean (min-max) over seeds."""
+    out = [f"Every method at fixed bits, no pruning, seeds {r['seeds']} ({_machine(r['machine'])}). Cells: compression "
+           "ratio of the saved file / test error, mean (min-max over seeds).", "",
+           "| model | method | " + " | ".join(f"{b} bits" for b in r["bits"]) + " |",
+           "|---|---|" + "---|" * len(r["bits"])]
+    keys = []
+    for x in r["rows"]:
+        if (x["model"], x["method"]) not in keys:
+            keys.append((x["model"], x["method"]))
+    for model, method in keys:
+        cells = []
+        for b in r["bits"]:
+            xs = [x for x in r["rows"] if (x["model"], x["method"], x["bits"]) == (model, method, b)]
+            if not xs:
+                cells.append("")
+                continue
+            errs = [100 * x["test_error"] for x in xs]
+            cell = f"{sum(x['compression_ratio'] for x in xs) / len(xs):.1f}x / {sum(errs) / len(errs):.2f}%"
+            cells.append(cell + (f" ({min(errs):.2f}-{max(errs):.2f})" if len(xs) > 1 else ""))
+        base = 100 * r["baseline_test_error"][model]
+        out.append(f"| {model} ({base:.2f}%) | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", default=None, help="a demo summary.json")
@@ -131,7 +156,7 @@ def main():
     for name, fn in (("assign_cpu.json", assign_table), ("kmeans_cpu.json", kmeans_table),
                      ("shared_linear_cpu.json", linear_table), ("shared_conv_cpu.json", conv_table),
                      ("ops_cpu.json", ops_table), ("prune_curve_lenet300100.json", prune_curve_table),
-                     ("prune_curve_lenet5.json", prune_curve_table)):
+                     ("prune_curve_lenet5.json", prune_curve_table), ("methods_curve.json", methods_curve_table)):
         r = _load(name)
         if r:
             print(fn(r), end="\n\n")

@@ -1,5 +1,5 @@
-"""The experiment scripts' code paths (benchmarks/bench_prune_curve.py and its README table), at a small setting:
-one pruning step of the bundled LeNet-300-100 per pipeline."""
+"""The experiment scripts' code paths (benchmarks/bench_prune_curve.py, bench_methods_curve.py and their README
+tables), at small settings: one pruning step of the bundled LeNet-300-100 per pipeline; two methods at one width."""
 import sys
 from pathlib import Path
 
@@ -46,3 +46,26 @@ def test_prune_curve_table_and_plot(curve, tmp_path):
     assert "50.0% kept" in table
     png = bench.plot(result, tmp_path / "curve.png")
     assert png.stat().st_size > 10_000
+
+
+def test_methods_curve(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_methods_curve
+        import report
+        r = bench_methods_curve.run(["lenet300100"], [0, 1], [3], methods=("loss_aware", "uniform"),
+                                    tune_samples=0)
+        assert {(x["method"], x["seed"]) for x in r["rows"]} == {(m, s) for m in ("loss_aware", "uniform")
+                                                                   for s in (0, 1)}
+        for x in r["rows"]:
+            # 3 bits: about 10x packed, more where entropy coding pays (uniform levels span the outliers, so most
+            # weights share a few levels: 27x, measured)
+            assert 9 < x["compression_ratio"] < 40 and x["test_error"] < 0.05
+        # the two seeds calibrate on different images, so the loss-aware fits differ
+        la = [x for x in r["rows"] if x["method"] == "loss_aware"]
+        assert la[0]["file_bytes"] != la[1]["file_bytes"] or la[0]["test_error"] != la[1]["test_error"]
+        table = report.methods_curve_table(r)
+        assert table.count("\n| lenet300100") == 2 and "(min-max over seeds)" in table
+        assert bench_methods_curve.plot(r, tmp_path / "m.png").stat().st_size > 10_000
+    finally:
+        sys.path.remove(str(BENCH))

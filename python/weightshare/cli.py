@@ -91,8 +91,9 @@ def compress_one(name: str, method: str, calib_size: int, out_dir: Path, bits: O
                  max_accuracy_drop: Optional[float] = 0.0, progress: bool = False, finetune: int = 0,
                  pruned=None) -> dict:
     """Compress a bundled model with `method` at zero held-out accuracy drop (or fixed bits), save it, reload the
-    file and measure: the record for summary.json. pruned: a PruneResult of this model (prune_one); its network is
-    compressed instead, with a pinned zero entry, and the accuracy drop is still counted from the dense model."""
+    file and measure: the record for summary.json. pruned: this model's PrunedNetworks (prune_one); they are
+    compressed instead, sparsest first, with a pinned zero entry, the accuracy drop still counted from the dense
+    model, and the first file that meets the constraint is kept (the dense network when none does)."""
     import weightshare as ws
     from weightshare.compress import compress
     from weightshare.data import mnist_splits
