@@ -87,6 +87,40 @@ def rotating(items: list) -> Callable[[], object]:
     return next_item
 
 
+def error_point(rows: list) -> tuple:
+    """(mean ratio, mean test error %, minus, plus) of rows measured at one setting over several seeds; the error
+    bar spans min..max."""
+    errs = [100 * r["test_error"] for r in rows]
+    mean = sum(errs) / len(errs)
+    return sum(r["compression_ratio"] for r in rows) / len(rows), mean, mean - min(errs), max(errs) - mean
+
+
+def plot_error_vs_ratio(panels: list, path: Path, log_error: bool = False) -> Path:
+    """One panel per (title, baseline test error in [0, 1], {label: [error_point, ...]}): test error against the
+    file's compression ratio, log ratio axis, the uncompressed model as a dashed line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, (title, baseline, curves) in zip(axes[0], panels):
+        for label, pts in curves.items():
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[[p[2] for p in pts], [p[3] for p in pts]],
+                            marker="o", capsize=3, label=label)
+        ax.axhline(100 * baseline, color="gray", ls="--", label="uncompressed")
+        ax.set_xscale("log")
+        if log_error:
+            ax.set_yscale("log")
+        ax.set_xlabel("compression ratio (fp32 model bytes / file bytes)")
+        ax.set_ylabel("test error (%)")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def machine() -> dict:
     from weightshare._sysinfo import cpu_name
     info = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),

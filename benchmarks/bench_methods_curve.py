@@ -21,7 +21,7 @@ from pathlib import Path
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import machine, write_json  # noqa: E402
+from _common import error_point, machine, plot_error_vs_ratio, write_json  # noqa: E402
 
 # "hashed" is left out: with at most 256 buckets per layer (the 8-bit index format) it is not HashedNets (which
 # shares ~n/8 buckets per layer and stores only the hash seed) and it sits at chance-level error (90 % at 2-4 bits,
@@ -69,35 +69,15 @@ def run(models, seeds, bits_list, methods=METHODS, tune_samples: int = 10_000) -
 
 def plot(result: dict, path: Path) -> Path:
     """One panel per model: test error against ratio per method, the mean over seeds, bars = min..max."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    models = list(result["baseline_test_error"])
-    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False)
-    for ax, name in zip(axes[0], models):
+    panels = []
+    for name, baseline in result["baseline_test_error"].items():
+        curves = {}
         for method in METHODS:
-            pts = []
-            for bits in result["bits"]:
-                rs = [r for r in result["rows"] if (r["model"], r["method"], r["bits"]) == (name, method, bits)]
-                if rs:
-                    errs = [100 * r["test_error"] for r in rs]
-                    mean = sum(errs) / len(errs)
-                    pts.append((sum(r["compression_ratio"] for r in rs) / len(rs), mean, mean - min(errs),
-                                max(errs) - mean))
-            if pts:
-                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[[p[2] for p in pts], [p[3] for p in pts]],
-                            marker="o", capsize=3, label=method)
-        ax.axhline(100 * result["baseline_test_error"][name], color="gray", ls="--", label="uncompressed")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("compression ratio (fp32 model bytes / file bytes)")
-        ax.set_ylabel("test error (%)")
-        ax.set_title(f"{name}: fixed bits {result['bits']}, seeds {result['seeds']}")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+            rows = [[r for r in result["rows"] if (r["model"], r["method"], r["bits"]) == (name, method, b)]
+                    for b in result["bits"]]
+            curves[method] = [error_point(rs) for rs in rows if rs]
+        panels.append((f"{name}: fixed bits {result['bits']}, seeds {result['seeds']}", baseline, curves))
+    return plot_error_vs_ratio(panels, path, log_error=True)
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import machine, write_json  # noqa: E402
+from _common import error_point, machine, plot_error_vs_ratio, write_json  # noqa: E402
 
 from weightshare.train import RETRAIN_RECIPES as RETRAIN  # noqa: E402
 PIPELINES = {"ours": ("obd", ["loss_aware"]), "deep_compression": ("magnitude", ["kmeans", "loss_aware"])}
@@ -85,41 +85,25 @@ def run(model_name: str, seed: int, min_density: float, cross: bool = True, prog
         res = prune_retrain(dense, splits.train, F.cross_entropy, val_acc, calib_batches=calib, saliency=saliency,
                             start_density=0.5, factor=0.6, min_density=min_density, patience=100, seed=seed,
                             baseline_metric=base_val, progress=progress, on_step=quantise, **RETRAIN[model_name])
-        out["prune_steps"][pipeline] = [{"seed": seed, "density": s.density, "val_error": 1 - s.metric, "layer_density": s.layer_density,
-                                         "seconds": s.seconds} for s in res.steps]
+        out["prune_steps"][pipeline] = [{"seed": seed, "density": s.density, "val_error": 1 - s.metric,
+                                         "layer_density": s.layer_density, "seconds": s.seconds} for s in res.steps]
         out[f"{pipeline}_seconds"] = time.time() - t0
     return out
 
 
 def plot(result: dict, path: Path) -> Path:
     """Test error against compression ratio per pipeline/quantiser/bits: the mean over seeds, bars = min..max."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    keys = sorted({(r["pipeline"], r["saliency"], r["method"], r["bits"]) for r in result["rows"]})
-    for key in keys:
-        pts = []
+    curves = {}
+    for key in sorted({(r["pipeline"], r["saliency"], r["method"], r["bits"]) for r in result["rows"]}):
+        label = f"{key[1]} pruning + {key[2]}, {key[3]} bits"
+        curves[label] = []
         for d in sorted({r["target_density"] for r in result["rows"]}, reverse=True):
             rs = [r for r in result["rows"] if (r["pipeline"], r["saliency"], r["method"], r["bits"]) == key
                   and r["target_density"] == d]
             if rs:
-                errs = [100 * r["test_error"] for r in rs]
-                ratio = sum(r["compression_ratio"] for r in rs) / len(rs)
-                mean = sum(errs) / len(errs)
-                pts.append((ratio, mean, mean - min(errs), max(errs) - mean))
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[[p[2] for p in pts], [p[3] for p in pts]],
-                    marker="o", capsize=3, label=f"{key[1]} pruning + {key[2]}, {key[3]} bits")
-    ax.axhline(100 * result["baseline_test_error"], color="gray", ls="--", label="uncompressed")
-    ax.set_xscale("log")
-    ax.set_xlabel("compression ratio (fp32 model bytes / file bytes)")
-    ax.set_ylabel("test error (%)")
-    ax.set_title(f"{result['model']}: pruning + retraining + weight sharing, seeds {result['seeds']}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+                curves[label].append(error_point(rs))
+    title = f"{result['model']}: pruning + retraining + weight sharing, seeds {result['seeds']}"
+    return plot_error_vs_ratio([(title, result["baseline_test_error"], curves)], path)
 
 
 def main() -> None:

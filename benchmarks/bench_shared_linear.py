@@ -83,7 +83,6 @@ def run() -> dict:
             t_int8 = time_cpu(lambda: ws.ops.shared_linear(x, packed_c(), cb, BITS, out_f, in_f, None, "int8"),
                               repeat=max(repeat, 2 * npk))
             t_q = time_cpu(lambda: qlin_c()(x), repeat=max(repeat, 2 * nq))
-            del dense_c, packed_c, qlin_c
             ref = F.linear(x, dense)
             row = {
                 "shape": [out_f, in_f], "batch": M, "regime": regime, "copies": {"dense": nd, "packed": npk, "int8_module": nq},
