@@ -53,6 +53,7 @@ find "$ROOT/python/weightshare" -name '*.py' -printf '%P\n' | while read -r rel;
 done
 
 TESTS="${WS_SANITIZE_TESTS:-tests/test_pack.py tests/test_assign.py tests/test_kmeans_ops.py tests/test_shared_linear.py
+  tests/test_shared_conv.py
   tests/test_bad_input.py tests/test_reliability_ops.py}"
 # shellcheck disable=SC2086  # the test list is meant to split on whitespace
 set -- $TESTS "$@"
