@@ -19,6 +19,7 @@ from _common import machine, time_interleaved, write_json  # noqa: E402
 CONVS = {  # name: (out, in, k, groups, stride, padding, hw)
     "resnet3x3_64x64_56": (64, 64, 3, 1, 1, 1, 56),
     "depthwise3x3_256_28": (256, 256, 3, 256, 1, 1, 28),
+    "depthwise3x3_256_28_channels_last": (256, 256, 3, 256, 1, 1, 28),
     "pointwise1x1_256x128_28": (256, 128, 1, 1, 1, 0, 28),
 }
 BITS = 4
@@ -33,6 +34,8 @@ def make(name, seed=0):
     shape = [out, cin // g, k, k]
     dense = ws.ops.dequantize(packed, r.codebook, BITS, shape)
     x = torch.randn(1, cin, hw, hw, generator=gen)
+    if name.endswith("_channels_last"):
+        x = x.to(memory_format=torch.channels_last)
     return x, packed, r.codebook, shape, dense, (s, p, 1, g)
 
 

@@ -63,10 +63,15 @@ def test_depthwise_direct_kernel(case, batched, with_bias, simd, gen):
     b = torch.randn(c * mult, generator=gen) if with_bias else None
     y = ws.ops.shared_conv2d(x, packed, cb, 4, shape, b, s, p, d, c)
     torch.testing.assert_close(y, F.conv2d(x, w, b, s, p, d, c), rtol=1e-5, atol=1e-5)
-    # channels-last input takes the general path and agrees too
+    # channels-last input: the NHWC kernel (multiplier 1) or the general path; same values, and the output is
+    # channels-last as F.conv2d's is
     if batched:
-        y_cl = ws.ops.shared_conv2d(x.to(memory_format=torch.channels_last), packed, cb, 4, shape, b, s, p, d, c)
+        x_cl = x.to(memory_format=torch.channels_last)
+        y_cl = ws.ops.shared_conv2d(x_cl, packed, cb, 4, shape, b, s, p, d, c)
         torch.testing.assert_close(y_cl, y, rtol=1e-5, atol=1e-5)
+        ref_cl = F.conv2d(x_cl, w, b, s, p, d, c)
+        assert y_cl.is_contiguous(memory_format=torch.channels_last) == ref_cl.is_contiguous(
+            memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
