@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import error_point  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -90,6 +95,14 @@ def demo_table(records):
     return "\n".join(out)
 
 
+def _seeds_cell(rows):
+    """"ratio / test error" of rows measured at one setting, the mean over seeds, with the min-max of the error when
+    there are several."""
+    ratio, mean, minus, plus = error_point(rows)
+    cell = f"{ratio:.1f}x / {mean:.2f}%"
+    return cell + (f" ({mean - minus:.2f}-{mean + plus:.2f})" if len(rows) > 1 else "")
+
+
 def prune_curve_table(r):
     """Rows: pruning x quantiser x bits; columns: the pruning chain's densities; cells: file ratio / test error,
     the mean over the seeds with the min..max of the test error when there are several."""
@@ -115,10 +128,7 @@ def prune_curve_table(r):
             if not xs:
                 cells.append("")
                 continue
-            errs = [100 * x["test_error"] for x in xs]
-            cell = f"{sum(x['compression_ratio'] for x in xs) / len(xs):.1f}x / {sum(errs) / len(errs):.2f}%"
-            if len(xs) > 1:
-                cell += f" ({min(errs):.2f}-{max(errs):.2f})"
+            cell = _seeds_cell(xs)
             cells.append(f"**{cell}**" if all(x["zero_val_drop"] for x in xs) else cell)
         out.append(f"| {k[1]} ({k[0]}) | {k[2]} | {k[3]} | " + " | ".join(cells) + " |")
     return "\n".join(out)
@@ -141,9 +151,7 @@ def methods_curve_table(r):
             if not xs:
                 cells.append("")
                 continue
-            errs = [100 * x["test_error"] for x in xs]
-            cell = f"{sum(x['compression_ratio'] for x in xs) / len(xs):.1f}x / {sum(errs) / len(errs):.2f}%"
-            cells.append(cell + (f" ({min(errs):.2f}-{max(errs):.2f})" if len(xs) > 1 else ""))
+            cells.append(_seeds_cell(xs))
         base = 100 * r["baseline_test_error"][model]
         out.append(f"| {model} ({base:.2f}%) | {method} | " + " | ".join(cells) + " |")
     return "\n".join(out)

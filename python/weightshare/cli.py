@@ -74,13 +74,14 @@ def prune_one(name: str, slack: float = 0.002, progress: bool = False, patience:
         from tqdm import tqdm
         log = tqdm.write
     kept: list = []
-    base = _val_accuracy(splits)(_load_baseline(name))
+    dense, val_accuracy = _load_baseline(name), _val_accuracy(splits)
+    base = val_accuracy(dense)
 
     def collect(step, model):
         if base - step.metric <= slack + 1e-12:
             kept.append((step.density, copy.deepcopy(model)))
 
-    r = prune_retrain(_load_baseline(name), splits.train, F.cross_entropy, _val_accuracy(splits),
+    r = prune_retrain(dense, splits.train, F.cross_entropy, val_accuracy,
                       max_accuracy_drop=slack, baseline_metric=base, saliency="magnitude", start_density=0.5,
                       factor=0.6, patience=patience, max_steps=max_steps, progress=False, log=log, on_step=collect,
                       **RETRAIN_RECIPES[name])
