@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,9 @@ PIPELINES = {"ours": ("obd", ["loss_aware"]), "deep_compression": ("magnitude", 
 BITS = (3, 4)
 
 
-def run(model_name: str, seed: int, min_density: float, cross: bool = True, progress: bool = False) -> dict:
+def run(model_name: str, seed: int, min_density: float, cross: bool = True, progress: bool = False,
+        retrain: Optional[dict] = None) -> dict:
+    """The curve of one model and seed; `retrain` overrides the model's RETRAIN_RECIPES (the tests use 1 epoch)."""
     import weightshare as ws
     from weightshare.cli import _load_baseline
     from weightshare.compress import compress
@@ -84,7 +87,8 @@ def run(model_name: str, seed: int, min_density: float, cross: bool = True, prog
 
         res = prune_retrain(dense, splits.train, F.cross_entropy, val_acc, calib_batches=calib, saliency=saliency,
                             start_density=0.5, factor=0.6, min_density=min_density, patience=100, seed=seed,
-                            baseline_metric=base_val, progress=progress, on_step=quantise, **RETRAIN[model_name])
+                            baseline_metric=base_val, progress=progress, on_step=quantise,
+                            **(retrain or RETRAIN[model_name]))
         out["prune_steps"][pipeline] = [{"seed": seed, "density": s.density, "val_error": 1 - s.metric,
                                          "layer_density": s.layer_density, "seconds": s.seconds} for s in res.steps]
         out[f"{pipeline}_seconds"] = time.time() - t0

@@ -79,19 +79,38 @@ def ops_table(r):
 
 
 def demo_table(records):
-    out = ["| model | method | baseline test error | test error | compression ratio (file) | file bytes | "
-           "bits per layer | batch-1 dense / compressed |", "|---|---|---|---|---|---|---|---|"]
+    out = ["| model | method | validation error (dense -> file; the constraint) | baseline test error | test error | "
+           "compression ratio (file) | file bytes | bits per layer | batch-1 dense / compressed |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         bits = "/".join(str(l["bits"]) for l in r["layers"])
         fixed = "" if r.get("bits") is None else f" ({r['bits']} bits)"
         if r.get("pruned_density") is not None:  # pruned runs: which candidate met the constraint
             d = r["pruned_density"]
-            fixed += (f" ({100 * d:.0f}% of weights kept)" if d < 1 else
-                      " (no pruned candidate met it: dense network)")
-        out.append(f"| {r['model']} | {r['method']}{fixed} | "
+            fixed += (f" ({100 * d:.3g}% of weights kept" + (
+                f"; pruned, unquantised: val {100 * r['pruned_val_error']:.2f}%, test "
+                f"{100 * r['pruned_test_error']:.2f}%" if r.get("pruned_test_error") is not None else "") + ")"
+                if d < 1 else " (no pruned candidate met it: dense network)")
+        val = (f"{100 * r['baseline_val_error']:.2f} -> {100 * r['val_error']:.2f}%"
+               if r.get("val_error") is not None and r.get("baseline_val_error") is not None else "")
+        out.append(f"| {r['model']} | {r['method']}{fixed} | {val} | "
                    f"{100 * r['baseline_test_error']:.2f}% | {100 * r['test_error']:.2f}% | "
                    f"{r['compression_ratio']:.1f}x | {r['file_bytes']:,} | {bits} | "
                    f"{r['batch1_ms_dense']:.3f} / {r['batch1_ms_compressed']:.3f} ms |")
+    return "\n".join(out)
+
+
+def hashednets_table(r):
+    """HashedNets trained at each compression factor: counted ratio, validation and test error."""
+    out = [f"{r['model']}: HashedNets (Chen et al. 2015), trained buckets, {r['epochs']} epochs at lr {r['lr']}, "
+           f"distillation {r['distill']} (baseline val {100 * r['baseline_val_error']:.2f}%, test "
+           f"{100 * r['baseline_test_error']:.2f}%; {_machine(r['machine'])})", "",
+           "| factor | stored bytes (counted) | compression ratio | val error (projected -> trained) | test error |",
+           "|---|---|---|---|---|"]
+    for x in r["rows"]:
+        out.append(f"| 1/{x['factor']:g} | {x['stored_bytes']:,} | {x['compression_ratio']:.1f}x | "
+                   f"{100 * x['projected_val_error']:.1f}% -> {100 * x['val_error']:.2f}% | "
+                   f"{100 * x['test_error']:.2f}% |")
     return "\n".join(out)
 
 
@@ -164,7 +183,8 @@ def main():
     for name, fn in (("assign_cpu.json", assign_table), ("kmeans_cpu.json", kmeans_table),
                      ("shared_linear_cpu.json", linear_table), ("shared_conv_cpu.json", conv_table),
                      ("ops_cpu.json", ops_table), ("prune_curve_lenet300100.json", prune_curve_table),
-                     ("prune_curve_lenet5.json", prune_curve_table), ("methods_curve.json", methods_curve_table)):
+                     ("prune_curve_lenet5.json", prune_curve_table), ("methods_curve.json", methods_curve_table),
+                     ("hashednets_lenet300100.json", hashednets_table)):
         r = _load(name)
         if r:
             print(fn(r), end="\n\n")

@@ -108,6 +108,75 @@ def test_prune_retrain_keeps_zeros_and_meets_the_constraint(problem, saliency):
         assert (w[mask] != 0).float().mean() > 0.99  # retraining moved every kept weight off zero
 
 
+def test_gradual_masks_follow_the_cubic_schedule(problem):
+    """A ramped step prunes a little at a time: the density falls along d(t) = end + (start - end)(1 - t/R)^3, never
+    revives a weight, holds the pruned ones at zero after every step, and lands exactly on `end` at step R."""
+    from weightshare.compress.prune import _GradualMasks
+    model = copy.deepcopy(problem[0])
+    masks = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    total = sum(m.numel() for m in masks.values())
+    hook = _GradualMasks(model, masks, 1.0, 0.2, ramp=12, every=3,
+                         score=lambda: weight_scores(model, "magnitude", None, None), min_layer_density=0.01)
+    seen, previous = [], masks
+    for t in range(1, 16):
+        with torch.no_grad():  # an "optimiser step" that moves every weight, pruned or not
+            for p in model.parameters():
+                p.add_(0.01)
+        hook()
+        kept = sum(int(m.sum()) for m in hook.masks.values())
+        seen.append(kept / total)
+        for n, m in hook.masks.items():
+            assert not (m & ~previous[n]).any()
+            assert torch.all(dict(model.named_modules())[n].weight[~m] == 0)
+        previous = hook.masks
+    expected = [0.2 + 0.8 * (1 - t / 12) ** 3 if t % 3 == 0 else None for t in range(1, 13)]
+    for t, want in enumerate(expected, start=1):
+        if want is not None:
+            assert abs(seen[t - 1] - want) < 0.02, (t, seen[t - 1], want)
+    assert seen[:2] == [1.0, 1.0]                        # nothing cut between re-scorings
+    assert all(abs(d - 0.2) < 0.02 for d in seen[11:])   # at `end` from step R on, and no further
+    assert seen == sorted(seen, reverse=True)
+
+
+def test_prune_retrain_ramped_with_distillation(problem):
+    model, train, val = problem
+    acc = _accuracy(val)
+    r = prune_retrain(model, train, F.cross_entropy, acc, saliency="magnitude", max_accuracy_drop=0.02,
+                      start_density=0.3, factor=0.5, min_density=0.15, epochs=2, lr=0.02, batch_size=50,
+                      ramp=0.5, distill=0.7, temperature=2.0, progress=False)
+    assert [round(s.density, 4) for s in r.steps] == [0.3, 0.15]
+    for s in r.steps:  # each step ends at its density (the layer floors aside)
+        kept = sum(d * dict(r.model.named_modules())[n].weight.numel() for n, d in s.layer_density.items())
+        assert abs(kept / sum(m.numel() for m in r.masks.values()) - s.density) < 0.02
+    assert r.steps[0].feasible and r.base_metric - r.metric <= 0.02 + 1e-12
+    with pytest.raises(ValueError, match="ramp"):
+        prune_retrain(model, train, F.cross_entropy, acc, ramp=1.5)
+    with pytest.raises(ValueError, match="rescore_every"):
+        prune_retrain(model, train, F.cross_entropy, acc, ramp=0.5, rescore_every=0)
+
+
+def test_train_distillation_pulls_towards_the_teacher(problem):
+    """With distill=1 the student learns the teacher's soft outputs only: from a fresh init it ends far closer to
+    the teacher's logits than the same training without distillation, and bad arguments are refused."""
+    from weightshare.train import train as fit
+    teacher, train, _ = problem
+    x = train.tensors[0]
+
+    def gap(distill):
+        torch.manual_seed(3)
+        student = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 3))
+        fit(student, train, epochs=5, lr=0.05, batch_size=50, weight_decay=0.0, seed=3, progress=False,
+            teacher=teacher, distill=distill, temperature=4.0)
+        with torch.no_grad():
+            return float((F.softmax(student(x) / 4, 1) - F.softmax(teacher(x) / 4, 1)).abs().mean())
+    assert gap(1.0) < 0.5 * gap(0.0)
+    for kw in (dict(distill=1.5, teacher=teacher), dict(distill=0.5), dict(distill=0.5, teacher=teacher,
+                                                                             temperature=0.0)):
+        with pytest.raises(ValueError, match="distill|temperature"):
+            fit(copy.deepcopy(teacher), train, epochs=1, lr=0.01, batch_size=50, weight_decay=0.0, seed=0,
+                progress=False, **kw)
+
+
 def test_prune_retrain_bad_arguments(problem):
     model, train, val = problem
     acc = _accuracy(val)
@@ -144,3 +213,28 @@ def test_compress_pruned_model_against_dense_baseline(problem):
                  prune=True, progress=False, shared_layers=False)
     assert c.base_metric == base
     assert base - acc(c.model) <= 0.05 + 1e-12
+
+
+@pytest.mark.parametrize("method", ["kmeans", "hessian_kmeans", "uniform"])
+@pytest.mark.parametrize("k", [2, 4, 16, 256])
+def test_baselines_keep_pruned_weights_on_the_zero_entry(method, k):
+    """prune=True for the baselines: entry 0 is exactly zero and holds exactly the zero weights; the other entries
+    fit the surviving weights alone (Deep Compression quantises only what pruning kept). Without it a k-means entry
+    near zero absorbs the zeros and the smallest survivors, and its value is not exactly zero (seen on a pruned
+    LeNet-300-100: no exact zero left in fc1)."""
+    from weightshare.compress.baselines import fit_baseline
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(40, 30, generator=g)
+    w[torch.rand(40, 30, generator=g) < 0.9] = 0
+    fit = fit_baseline(method, w, torch.zeros_like(w), torch.rand(40, 30, generator=g) + 0.1, k, prune=True)
+    wq = fit.codebook[0][fit.idx.long()]
+    assert fit.codebook[0, 0] == 0 and fit.codebook.shape == (1, k)
+    assert torch.equal(fit.idx == 0, w == 0)
+    survivors = w[w != 0]
+    if k >= 16:  # 15+ entries for ~120 survivors fit them closely
+        assert (wq - w)[w != 0].square().mean() < 0.05 * survivors.square().mean()
+    with pytest.raises(ValueError, match="k >= 2"):
+        fit_baseline(method, w, torch.zeros_like(w), torch.ones_like(w), 1, prune=True)
+    # all weights pruned: every index on the zero entry
+    z = torch.zeros(5, 5)
+    assert torch.all(fit_baseline(method, z, z, z + 1, k, prune=True).idx == 0)

@@ -126,7 +126,9 @@ def compress(model: nn.Module, data, loss_fn: Callable, method: str = "loss_awar
     predicted loss per byte, then a size price for entropy-constrained assignment; lagrangian.py); the
     baselines use the smallest uniform bit width that meets the constraint (their own zero-loss point).
     prune: pin one codebook entry at exactly zero (off by default: at fixed sizes on the MNIST nets it raised the
-    measured loss, e.g. LeNet-5 2 bits +0.0198 vs +0.0150 without).
+    measured loss, e.g. LeNet-5 2 bits +0.0198 vs +0.0150 without). loss_aware may move any weight there; for
+    kmeans / hessian_kmeans / uniform it holds exactly the weights that are already zero (a pruned network) and
+    the other k - 1 entries fit the rest, as in Deep Compression.
     finetune_data: training batches for codebook fine-tuning (Han et al.; assignments fixed). Given, a candidate
     that fails the constraint is fine-tuned for `finetune_epochs` and judged again (every method alike); with
     fixed `bits` the fits are always fine-tuned.
