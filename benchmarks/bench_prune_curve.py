@@ -37,8 +37,9 @@ BITS = (3, 4)
 
 
 def run(model_name: str, seed: int, min_density: float, cross: bool = True, progress: bool = False,
-        retrain: Optional[dict] = None) -> dict:
-    """The curve of one model and seed; `retrain` overrides the model's RETRAIN_RECIPES (the tests use 1 epoch)."""
+        retrain: Optional[dict] = None, pipelines=tuple(PIPELINES)) -> dict:
+    """The curve of one model and seed; `retrain` overrides the model's RETRAIN_RECIPES (the tests use 1 epoch),
+    `pipelines` picks some of PIPELINES."""
     import weightshare as ws
     from weightshare.cli import _load_baseline
     from weightshare.compress import compress
@@ -58,7 +59,7 @@ def run(model_name: str, seed: int, min_density: float, cross: bool = True, prog
     base_val, base_test = val_acc(dense), evaluate(dense, splits.test)[1]
     out = {"baseline_val_error": 1 - base_val, "baseline_test_error": base_test, "rows": [], "prune_steps": {}}
     tmp = Path(tempfile.mkdtemp(prefix="ws-prune-curve-"))
-    for pipeline, (saliency, methods) in PIPELINES.items():
+    for pipeline, (saliency, methods) in ((p, PIPELINES[p]) for p in pipelines):
         methods = methods if cross else methods[:1]
         t0 = time.time()
 
@@ -118,13 +119,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-cross", dest="cross", action="store_false",
                     help="skip the cross pairing (magnitude pruning + loss_aware): a third less time")
+    ap.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=list(PIPELINES),
+                    help="ours (OBD pruning, slow: a Fisher pass at every re-scoring) and/or deep_compression")
+    ap.add_argument("--tag", default="", help="results file suffix: results/prune_curve_<model><tag>.json")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     result = {"machine": machine(), "model": args.model, "seeds": args.seeds, "retrain": RETRAIN[args.model],
               "rows": [], "prune_steps": {}}
     for seed in args.seeds:
-        r = run(args.model, seed, args.min_density, args.cross)
+        r = run(args.model, seed, args.min_density, args.cross, pipelines=args.pipelines)
         result.update(baseline_val_error=r["baseline_val_error"], baseline_test_error=r["baseline_test_error"])
         result["rows"] += r["rows"]
         for k, v in r["prune_steps"].items():
@@ -132,7 +136,7 @@ def main() -> None:
         for k, v in r.items():
             if k.endswith("_seconds"):
                 result[f"{k}_seed{seed}"] = v
-    path = write_json(f"prune_curve_{args.model}.json", result)
+    path = write_json(f"prune_curve_{args.model}{args.tag}.json", result)
     print(path, plot(result, path.with_suffix(".png")))
 
 

@@ -122,13 +122,25 @@ def _seeds_cell(rows):
     return cell + (f" ({mean - minus:.2f}-{mean + plus:.2f})" if len(rows) > 1 else "")
 
 
+def _recipe(retrain) -> str:
+    if not retrain:
+        return "?"
+    text = f"{retrain['epochs']} epochs at lr {retrain['lr']}"
+    if retrain.get("ramp"):
+        text += f", ramped over {retrain['ramp']:.0%} of the step"
+    if retrain.get("distill"):
+        text += f", distilled ({retrain['distill']}, T={retrain.get('temperature', 2.0)})"
+    return text
+
+
 def prune_curve_table(r):
     """Rows: pruning x quantiser x bits; columns: the pruning chain's densities; cells: file ratio / test error,
     the mean over the seeds with the min..max of the test error when there are several."""
     dens = sorted({x["target_density"] for x in r["rows"]}, reverse=True)
     seeds = r.get("seeds", [r.get("seed", 0)])
     out = [f"{r['model']}, pruning + retraining + weight sharing, seeds {seeds} (baseline test error "
-           f"{100 * r['baseline_test_error']:.2f}%, val {100 * r['baseline_val_error']:.2f}%; {_machine(r['machine'])}). "
+           f"{100 * r['baseline_test_error']:.2f}%, val {100 * r['baseline_val_error']:.2f}%; {_machine(r['machine'])}; "
+           f"retraining per step: {_recipe(r.get('retrain'))}). "
            "Cells: compression ratio of the saved file / test error" + (" (mean, min-max over seeds)" if len(seeds) > 1
                                                                         else "") +
            "; **bold** = no increase of validation error (every seed).", "",
@@ -183,7 +195,8 @@ def main():
     for name, fn in (("assign_cpu.json", assign_table), ("kmeans_cpu.json", kmeans_table),
                      ("shared_linear_cpu.json", linear_table), ("shared_conv_cpu.json", conv_table),
                      ("ops_cpu.json", ops_table), ("prune_curve_lenet300100.json", prune_curve_table),
-                     ("prune_curve_lenet5.json", prune_curve_table), ("methods_curve.json", methods_curve_table),
+                     ("prune_curve_lenet5.json", prune_curve_table),
+                     ("prune_curve_lenet300100_ramped.json", prune_curve_table), ("methods_curve.json", methods_curve_table),
                      ("hashednets_lenet300100.json", hashednets_table)):
         r = _load(name)
         if r:

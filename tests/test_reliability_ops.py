@@ -148,22 +148,20 @@ def _determinism_cases():
 DETERMINISM = _determinism_cases()
 
 
-PANEL_NOT_DETERMINISTIC = pytest.mark.xfail(
-    strict=True, reason="shared_linear's panel path (batch > 8) multiplies the decoded panel with at::mm, whose "
-    "blocking depends on the thread count (torch's own x @ w.T differs between 1 and 2 threads too): results "
-    "differ in the last bits, unlike the GEMV / int8 paths")
-
-
-@pytest.mark.parametrize("op", [pytest.param(op, marks=PANEL_NOT_DETERMINISTIC) if "panel" in op else op
-                                for op in sorted(DETERMINISM)])
+@pytest.mark.parametrize("op", sorted(DETERMINISM))
 def test_one_and_two_threads_are_bit_identical(op, restore_threads):
     """Every CPU kernel gives the same bits with 1 and 2 intra-op threads (the per-thread split of rows or
-    reductions must not change any rounding)."""
+    reductions must not change any rounding) - except shared_linear's panel path (batch > 8), which multiplies the
+    decoded panel with at::mm: its blocking may depend on the thread count (torch's own x @ w.T differed between 1
+    and 2 threads on the Intel Xeon, not on the AMD EPYC), so there the two must agree to fp32 rounding."""
     torch.set_num_threads(1)
     one = DETERMINISM[op]()
     torch.set_num_threads(2)
     two = DETERMINISM[op]()
-    assert_bit_identical(one, two, op)
+    if "panel" in op:
+        torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-5 * float(one.abs().max()))
+    else:
+        assert_bit_identical(one, two, op)
 
 
 def _kmeans_model(seed: int) -> nn.Module:
