@@ -139,7 +139,8 @@ def prune_curve_table(r):
     dens = sorted({x["target_density"] for x in r["rows"]}, reverse=True)
     seeds = r.get("seeds", [r.get("seed", 0)])
     out = [f"{r['model']}, pruning + retraining + weight sharing, seeds {seeds} (baseline test error "
-           f"{100 * r['baseline_test_error']:.2f}%, val {100 * r['baseline_val_error']:.2f}%; {_machine(r['machine'])}; "
+           f"{100 * r['baseline_test_error']:.2f}%, val {100 * r['baseline_val_error']:.2f}%; "
+           f"{_machine(r['machine'])}; "
            f"retraining per step: {_recipe(r.get('retrain'))}). "
            "Cells: compression ratio of the saved file / test error" + (" (mean, min-max over seeds)" if len(seeds) > 1
                                                                         else "") +
@@ -196,7 +197,8 @@ def main():
                      ("shared_linear_cpu.json", linear_table), ("shared_conv_cpu.json", conv_table),
                      ("ops_cpu.json", ops_table), ("prune_curve_lenet300100.json", prune_curve_table),
                      ("prune_curve_lenet5.json", prune_curve_table),
-                     ("prune_curve_lenet300100_ramped.json", prune_curve_table), ("methods_curve.json", methods_curve_table),
+                     ("prune_curve_lenet300100_ramped.json", prune_curve_table),
+                     ("prune_curve_lenet5_ramped.json", prune_curve_table), ("methods_curve.json", methods_curve_table),
                      ("hashednets_lenet300100.json", hashednets_table)):
         r = _load(name)
         if r:

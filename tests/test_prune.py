@@ -113,7 +113,8 @@ def test_gradual_masks_follow_the_cubic_schedule(problem):
     revives a weight, holds the pruned ones at zero after every step, and lands exactly on `end` at step R."""
     from weightshare.compress.prune import _GradualMasks
     model = copy.deepcopy(problem[0])
-    masks = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    masks = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in model.named_modules()
+             if isinstance(m, nn.Linear)}
     total = sum(m.numel() for m in masks.values())
     hook = _GradualMasks(model, masks, 1.0, 0.2, ramp=12, every=3,
                          score=lambda: weight_scores(model, "magnitude", None, None), min_layer_density=0.01)

@@ -90,10 +90,11 @@ class PrunedNetworks:
 def prune_one(name: str, slack: float = 0.002, progress: bool = False, patience: int = 2,
               max_steps: Optional[int] = None, keep: int = 3) -> PrunedNetworks:
     """Prune and retrain a bundled model (magnitude scores, the model's PRUNE_SCHEDULES and RETRAIN_RECIPES;
-    max_steps overrides the schedule's) and keep the `keep` sparsest networks whose validation accuracy is within `slack` of the
-    dense model's. Why a slack: the zero-drop constraint is judged on the final compressed file, and quantising
-    plus fine-tuning the codebooks moved the validation error of a pruned network by up to +-0.1 % (either way,
-    benchmarks/bench_prune_curve.py); the caller tries the candidates in order and keeps the first that meets it."""
+    max_steps overrides the schedule's) and keep the `keep` sparsest networks whose validation accuracy is within
+    `slack` of the dense model's. Why a slack: the zero-drop constraint is judged on the final compressed file, and
+    quantising plus fine-tuning the codebooks moved the validation error of a pruned network by up to +-0.1 %
+    (either way, benchmarks/bench_prune_curve.py); the caller tries the candidates in order and keeps the first that
+    meets it."""
     from weightshare.compress import prune_retrain
     from weightshare.data import mnist_splits
     from weightshare.train import RETRAIN_RECIPES
@@ -122,7 +123,7 @@ def prune_one(name: str, slack: float = 0.002, progress: bool = False, patience:
 
 def compress_one(name: str, method: str, calib_size: int, out_dir: Path, bits: Optional[int] = None,
                  max_accuracy_drop: Optional[float] = 0.0, progress: bool = False, finetune: int = 0,
-                 pruned=None, max_loss_increase: Optional[str] = LOSS_GUARD) -> dict:
+                 pruned=None, max_loss_increase=LOSS_GUARD) -> dict:
     """Compress a bundled model with `method` at zero held-out accuracy drop (or fixed bits), save it, reload the
     file and measure: the record for summary.json. pruned: this model's PrunedNetworks (prune_one); they are
     compressed instead, sparsest first, with a pinned zero entry, the accuracy drop still counted from the dense

@@ -124,7 +124,8 @@ class _GradualMasks:
     def __init__(self, model: nn.Module, masks: dict[str, Tensor], start: float, end: float, ramp: int, every: int,
                  score: Callable[[], dict[str, Tensor]], min_layer_density: float):
         self.model, self.masks, self.start, self.end = model, masks, start, end
-        self.ramp, self.every, self.score, self.min_layer_density = max(1, ramp), max(1, every), score, min_layer_density
+        self.ramp, self.every, self.score = max(1, ramp), max(1, every), score
+        self.min_layer_density = min_layer_density
         self.t = 0
         self.hold = _apply_masks(model, masks)
 
