@@ -181,7 +181,10 @@ def prune_retrain(model: nn.Module, train_set, loss_fn, eval_fn: Callable[[nn.Mo
     t0 = time.time()
     work = copy.deepcopy(model).eval()
     teacher = copy.deepcopy(model).eval() if distill > 0 else None
-    steps_per_step = epochs * math.ceil(len(train_set) / batch_size)
+    batches_per_epoch = math.ceil(len(train_set) / batch_size)
+
+    def score() -> dict[str, Tensor]:
+        return weight_scores(work, saliency, calib_batches, loss_fn, seed)
     base = float(eval_fn(work)) if baseline_metric is None else float(baseline_metric)
     masks = {l.name: torch.ones_like(l.weight, dtype=torch.bool) for l in compressible_layers(work)}
     best_state, best_masks, best_metric = copy.deepcopy(work.state_dict()), masks, float(eval_fn(work))
@@ -190,12 +193,9 @@ def prune_retrain(model: nn.Module, train_set, loss_fn, eval_fn: Callable[[nn.Mo
     say = log or (lambda msg: None)
     while density >= min_density * (1 - 1e-9) and misses < patience and len(steps) < (max_steps or math.inf):
         t1 = time.time()
-        def score() -> dict[str, Tensor]:
-            return weight_scores(work, saliency, calib_batches, loss_fn, seed)
         if ramp > 0:
-            hold = _GradualMasks(work, masks, previous, density, int(ramp * steps_per_step),
-                                 rescore_every or math.ceil(len(train_set) / batch_size) // 8, score,
-                                 min_layer_density)
+            hold = _GradualMasks(work, masks, previous, density, int(ramp * epochs * batches_per_epoch),
+                                 rescore_every or batches_per_epoch // 8, score, min_layer_density)
         else:
             masks = global_masks(score(), masks, density, min_layer_density)
             hold = _apply_masks(work, masks)
