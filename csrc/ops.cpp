@@ -63,6 +63,12 @@ TORCH_LIBRARY(weightshare, m) {
   //   sum_n ( sum_t grad_out[n, t, :]^T x[n, t, :] )^2      (elementwise square of each sample's weight gradient)
   m.def("sq_grad_accum(Tensor x, Tensor grad_out) -> Tensor");
 
+  // Lossless context-adaptive arithmetic coding of an index matrix [rows, cols] (uint8, each < k) into a uint8
+  // stream, and back (cpu/context_coder.cpp has the model and the stream layout). CPU only: it is the file
+  // format's coder, sequential by nature. Decoding validates the stream and raises ValueError on corruption.
+  m.def("context_encode(Tensor indices, int k) -> Tensor");
+  m.def("context_decode(Tensor stream, int rows, int cols, int k) -> Tensor");
+
   // Gradients of shared_linear's float path: (grad_x [..., in_features] in x's dtype, or empty when not needed;
   // grad_codebook [G, K] float32: per entry, the sum of dL/dW over the weights that use it, or empty).
   m.def(

@@ -60,6 +60,18 @@ CASES = {
     # kmeans1d_optimal (CPU op)
     "k1d_float32": (W.kmeans1d_optimal, lambda d: (f32(5), f32(5), 2), TypeError, "values must be float64"),
     "k1d_length": (W.kmeans1d_optimal, lambda d: (f32(5).double().sort().values, f32(4).double().abs(), 2), ValueError, "equal length"),
+    # context_encode / context_decode (CPU ops: the file format's coder)
+    "ctx_enc_dtype": (W.context_encode, lambda d: (u8(4, 8).int(), 4), TypeError, "indices must be uint8"),
+    "ctx_enc_1d": (W.context_encode, lambda d: (u8(8), 4), ValueError, "indices must be 2-D"),
+    "ctx_enc_k": (W.context_encode, lambda d: (u8(4, 8), 0), ValueError, "k must be in 1..256"),
+    "ctx_enc_index_not_below_k": (W.context_encode, lambda d: (u8(4, 8, hi=9) + 8, 8), ValueError, "is not below k = 8"),
+    "ctx_enc_noncontiguous": (W.context_encode, lambda d: (u8(8, 4).t(), 4), ValueError, "indices must be contiguous"),
+    "ctx_dec_dtype": (W.context_decode, lambda d: (f32(16), 4, 4, 4), TypeError, "stream must be uint8"),
+    "ctx_dec_rows": (W.context_decode, lambda d: (u8(16), -1, 4, 4), ValueError, "rows and cols must be >= 0"),
+    "ctx_dec_huge": (W.context_decode, lambda d: (u8(16), 1 << 30, 1 << 20, 4), ValueError, "rows \\* cols <= 2"),
+    "ctx_dec_version": (W.context_decode, lambda d: (u8(16) + 7, 4, 4, 4), ValueError, "stream version"),
+    "ctx_dec_background": (W.context_decode, lambda d: (torch.tensor([1, 9, 0, 0, 0, 0, 0], dtype=torch.uint8), 4, 4, 4), ValueError, "background symbol 9"),
+    "ctx_dec_truncated": (W.context_decode, lambda d: (torch.tensor([1, 0, 0, 1], dtype=torch.uint8), 4, 4, 4), ValueError, "not a context-coded"),
 }
 
 

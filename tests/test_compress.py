@@ -70,6 +70,15 @@ def test_compressed_model_saves_and_reloads(lenet300, tmp_path):
     assert n == path.stat().st_size == ws.size_report(r.model).file_bytes
     x = torch.randn(4, 1, 28, 28)
     assert torch.equal(ws.load(path)(x), r.model(x))
+    # half_bias (the default): the biases are rounded to float16 values, stored at 2 bytes each, and the loss the
+    # constraint sees is that of the rounded model
+    for layer in ws.size_report(r.model).layers:
+        bias = dict(r.model.named_modules())[layer.name].bias
+        assert torch.equal(bias.half().float(), bias) and layer.bias_bytes == 2 * bias.numel()
+    assert not torch.equal(model.fc1.bias.half().float(), model.fc1.bias)  # the argument is left alone
+    full = compress(model, calib, F.cross_entropy, method="kmeans", bits=3, progress=False, half_bias=False)
+    assert torch.equal(full.model.fc1.bias, model.fc1.bias)
+    assert [l.bias_bytes for l in ws.size_report(full.model).layers] == [4 * 300, 4 * 100, 4 * 10]
 
 
 def test_fit_layer_is_exact_optimum_of_its_model():

@@ -77,8 +77,8 @@ def test_round_trip_is_bit_exact(entropy_coding, lenet5, tmp_path, device):
     assert metadata["user"] == {"note": "hi", "acc": [0.99]} and metadata["model"] == {"class": "LeNet5",
                                                                                        "name": "lenet5"}
     encodings = {spec["index_encoding"] for spec in metadata["layers"].values()}
-    assert encodings == ({"packed"} if entropy_coding is False else {"rans"} if entropy_coding is True
-                         else encodings & {"packed", "rans"})
+    allowed = {False: {"packed"}, True: {"rans", "context"}, "auto": {"packed", "rans", "context"}}[entropy_coding]
+    assert encodings <= allowed
 
 
 def test_round_trip_with_buffers_dense_layers_and_per_row_codebooks(tmp_path):
@@ -151,9 +151,49 @@ def test_size_report_accounts_for_every_byte(lenet5, tmp_path):
             rows = {"conv1": 20, "conv2": 50, "fc1": 500, "fc2": 10}[layer.name]  # each row pads to 32 bits
             assert layer.packed_bytes == rows * packed_row_bytes(layer.weights // rows, 4)
             assert layer.entropy_bytes >= int(layer.shannon_bytes)
-            assert layer.index_bytes == {"packed": layer.packed_bytes, "rans": layer.entropy_bytes}[layer.encoding]
+            assert layer.index_bytes == {"packed": layer.packed_bytes, "rans": layer.entropy_bytes,
+                                         "context": layer.context_bytes}[layer.encoding]
+            if entropy_coding == "auto":
+                assert layer.index_bytes == min(layer.packed_bytes, layer.entropy_bytes, layer.context_bytes)
     text = str(ws.size_report(lenet5))
     assert "fc1" in text and "conv2" in text and "total" in text
+
+
+def pruned_lenet300(density=0.05) -> nn.Module:
+    """A LeNet-300-100 with most weights at an exact-zero entry and dead input pixels, as pruning leaves it."""
+    torch.manual_seed(0)
+    model = build_model("lenet300100").eval()
+    border = torch.ones(28, 28, dtype=torch.bool)
+    border[4:24, 4:24] = False  # MNIST's empty border: pruning removes every weight reading it
+    assignments = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            keep = torch.rand(m.weight.shape) < density
+            if name == "fc1":
+                keep[:, border.reshape(-1)] = False
+            idx = torch.where(keep, torch.randint(1, 8, m.weight.shape), 0).to(torch.uint8)
+            assignments[name] = (torch.linspace(-0.3, 0.3, 8).index_fill(0, torch.tensor([0]), 0.0), idx)
+    ws.replace_layers(model, assignments)
+    return model
+
+
+def test_context_coding_is_chosen_for_pruned_layers_and_round_trips(tmp_path):
+    model = pruned_lenet300()
+    report = ws.size_report(model)
+    fc1 = report.layers[0]
+    # below the Shannon bound of any coder that treats the indices as independent: the dead border is nearly free
+    assert fc1.encoding == "context" and fc1.context_bytes < 0.96 * fc1.shannon_bytes
+    ws.save(model, tmp_path / "m.ws")
+    assert all_tensors_equal(ws.load(tmp_path / "m.ws"), model)
+    tensors, metadata = read_container(tmp_path / "m.ws")
+    assert metadata["layers"]["fc1"]["index_encoding"] == "context"
+
+    def flip(tensors, metadata):  # a bit in the middle of the coded stream
+        tensors["fc1.indices"][len(tensors["fc1.indices"]) // 2] ^= 0x04
+    for edit in (flip, lambda t, m: t.__setitem__("fc1.indices", t["fc1.indices"][:-3].clone()),
+                 lambda t, m: t.__setitem__("fc1.indices", torch.cat([t["fc1.indices"], torch.zeros(2, dtype=torch.uint8)]))):
+        with pytest.raises(ContainerError, match="fc1"):
+            ws.load(rewrite(tmp_path / "m.ws", tmp_path / "bad.ws", edit))
 
 
 def test_auto_is_never_larger_than_packed(lenet5):
@@ -178,6 +218,30 @@ def test_lossless_float16_codebooks(tmp_path):
     assert metadata["layers"]["linears.0"]["codebook_dtype"] == "float16"
     loaded = ws.load(tmp_path / "b.ws")
     assert loaded.linears[0].codebook.dtype == torch.float32 and all_tensors_equal(loaded, binary)
+
+
+def test_float16_exact_biases_are_stored_at_half_the_bytes(tmp_path):
+    model = compressed_lenet5()
+    with torch.no_grad():  # what ws.compress does by default (half_bias=True): fc1's bias becomes float16-exact
+        model.fc1.bias.copy_(model.fc1.bias.half().float())
+    assert not torch.equal(model.fc2.bias.half().float(), model.fc2.bias)  # fc2's is not: it stays float32
+    size = ws.save(model, tmp_path / "m.ws")
+    tensors, metadata = read_container(tmp_path / "m.ws")
+    assert tensors["fc1.bias"].dtype == torch.float16 and metadata["layers"]["fc1"]["bias_dtype"] == "float16"
+    assert tensors["fc2.bias"].dtype == torch.float32 and metadata["layers"]["fc2"]["bias_dtype"] == "float32"
+    report = ws.size_report(model)
+    assert report.file_bytes == size and next(l for l in report.layers if l.name == "fc1").bias_bytes == 2 * 500
+    loaded = ws.load(tmp_path / "m.ws")
+    assert loaded.fc1.bias.dtype == torch.float32 and all_tensors_equal(loaded, model)
+
+    def claim_half(tensors, metadata):  # the metadata says float16 but the tensor is float32
+        metadata["layers"]["fc2"]["bias_dtype"] = "float16"
+    with pytest.raises(ContainerError, match="fc2.bias"):
+        ws.load(rewrite(tmp_path / "m.ws", tmp_path / "bad.ws", claim_half))
+    for bad in ("int8", None):
+        edit = set_layer("fc1", "bias_dtype", bad)
+        with pytest.raises(ContainerError, match="bias dtype"):
+            ws.load(rewrite(tmp_path / "m.ws", tmp_path / "bad.ws", edit))
 
 
 def test_bad_arguments(lenet5, tmp_path):

@@ -140,6 +140,26 @@ void check_kmeans1d_optimal(const at::Tensor& values, const at::Tensor& weights,
   TORCH_CHECK_VALUE(k >= 1 && k <= kMaxCodebook, "weightshare: k must be in 1..", kMaxCodebook, ", got ", k);
 }
 
+void check_context_encode(const at::Tensor& indices, int64_t k) {
+  check_uint8(indices, "indices");
+  TORCH_CHECK(indices.device().is_cpu(), "weightshare: context_encode runs on the CPU (a sequential arithmetic "
+              "coder for files); indices must be a CPU tensor, got ", indices.device());
+  TORCH_CHECK_VALUE(indices.dim() == 2, "weightshare: indices must be 2-D [rows, cols], got shape ", indices.sizes());
+  TORCH_CHECK_VALUE(indices.is_contiguous(), "weightshare: indices must be contiguous (call .contiguous())");
+  TORCH_CHECK_VALUE(k >= 1 && k <= kMaxCodebook, "weightshare: k must be in 1..", kMaxCodebook, ", got ", k);
+}
+
+void check_context_decode(const at::Tensor& stream, int64_t rows, int64_t cols, int64_t k) {
+  check_uint8(stream, "stream");
+  TORCH_CHECK(stream.device().is_cpu(), "weightshare: context_decode runs on the CPU (a sequential arithmetic "
+              "coder for files); stream must be a CPU tensor, got ", stream.device());
+  TORCH_CHECK_VALUE(stream.dim() == 1, "weightshare: stream must be 1-D, got shape ", stream.sizes());
+  TORCH_CHECK_VALUE(stream.is_contiguous(), "weightshare: stream must be contiguous (call .contiguous())");
+  TORCH_CHECK_VALUE(rows >= 0 && cols >= 0 && (cols == 0 || rows <= (int64_t(1) << 40) / cols),
+                    "weightshare: rows and cols must be >= 0 with rows * cols <= 2**40, got ", rows, " and ", cols);
+  TORCH_CHECK_VALUE(k >= 1 && k <= kMaxCodebook, "weightshare: k must be in 1..", kMaxCodebook, ", got ", k);
+}
+
 namespace {
 
 PackedWeight check_packed_weight(const at::Tensor& packed, const at::Tensor& codebook, int64_t bits, int64_t rows,

@@ -4,11 +4,14 @@ A file is one container (container.py: JSON header, raw little-endian buffers, S
 holding, in the model's state_dict order:
 
 * per shared layer L (a SharedLinear / SharedConv1d / SharedConv2d):
-    - `L.indices`: the index stream, either the packed rows (uint8 [out, packed_row_bytes(n, bits)], exactly the
-      layer's `packed` buffer) or the rANS-coded stream of the unpacked indices (uint8 [bytes], entropy.py,
-      alphabet k, row-major over the weight); "auto" picks whichever is smaller, per layer;
+    - `L.indices`: the index stream, one of: the packed rows (uint8 [out, packed_row_bytes(n, bits)], exactly the
+      layer's `packed` buffer); the static rANS-coded stream of the unpacked indices ("rans": uint8 [bytes],
+      entropy.py, alphabet k, row-major over the weight); or the context-adaptive arithmetic-coded index matrix
+      [out, n] ("context": uint8 [bytes], ops.context_encode, which predicts pruned positions from their
+      neighbourhood). "auto" picks whichever is smallest, per layer;
     - `L.codebook`: [groups, k], float16 when every value survives the round trip exactly, else float32;
-    - `L.bias` (if the layer has one), as stored in the model;
+    - `L.bias` (if the layer has one): float16 when the model's float32 bias survives that round trip exactly
+      (ws.compress rounds the biases of the layers it shares to float16 for this), else as stored in the model;
 * every other state_dict tensor (BatchNorm weights and statistics, layers left dense, ...) raw, under its
   state_dict name.
 
@@ -18,7 +21,8 @@ Metadata (the container's JSON)::
      "model": {"class": "LeNet5", "name": "lenet5" or null},     # name: ws.models.build_model's, if it is one
      "layers": {L: {"kind": "linear" | "conv1d" | "conv2d", "weight_shape": [...], "bits": b, "k": k,
                     "groups": G, "bias": bool, "activation": "float" | "int8",
-                    "index_encoding": "packed" | "rans", "codebook_dtype": "float32" | "float16",
+                    "index_encoding": "packed" | "rans" | "context", "codebook_dtype": "float32" | "float16",
+                    "bias_dtype": "float32" | "float16",    # optional (absent: the model's bias dtype)
                     # conv kinds only:
                     "stride": [...], "padding": [...], "dilation": [...], "conv_groups": g}},
      "user": {... the caller's metadata ...}}
@@ -51,6 +55,7 @@ KINDS: dict[str, type] = {"linear": SharedLinear, "conv1d": SharedConv1d, "conv2
 _COMMON_KEYS = {"kind", "weight_shape", "bits", "k", "groups", "bias", "activation", "index_encoding",
                 "codebook_dtype"}
 _CONV_KEYS = {"stride", "padding", "dilation", "conv_groups"}
+_OPTIONAL_KEYS = {"bias_dtype"}
 _CODEBOOK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 EntropyCoding = Union[bool, str]
@@ -74,10 +79,11 @@ class LayerSize:
     packed_bytes: int       # packed index rows (32-bit aligned per row)
     entropy_bytes: int      # rANS-coded index stream
     shannon_bytes: float    # the Shannon bound of the indices (n * H / 8)
-    encoding: str           # what the file stores: "packed" or "rans"
+    encoding: str           # what the file stores: "packed", "rans" or "context"
     index_bytes: int        # the stored index stream
     codebook_bytes: int
     bias_bytes: int
+    context_bytes: int = 0  # context-coded index stream (ops.context_encode)
 
     @property
     def stored_bytes(self) -> int:
@@ -112,10 +118,11 @@ class SizeReport:
         return self.fp32_bytes / self.file_bytes if self.file_bytes else float("nan")
 
     def __str__(self) -> str:
-        head = ("layer", "kind", "params", "fp32 B", "bits", "k", "packed B", "rANS B", "Shannon B", "stored",
-                "bits/w", "codebook B", "bias B")
+        head = ("layer", "kind", "params", "fp32 B", "bits", "k", "packed B", "rANS B", "context B", "Shannon B",
+                "stored", "bits/w", "codebook B", "bias B")
         rows = [(l.name, l.kind, f"{l.parameters:,}", f"{l.fp32_bytes:,}", str(l.bits), str(l.k),
-                 f"{l.packed_bytes:,}", f"{l.entropy_bytes:,}", f"{l.shannon_bytes:,.0f}", l.encoding,
+                 f"{l.packed_bytes:,}", f"{l.entropy_bytes:,}", f"{l.context_bytes:,}", f"{l.shannon_bytes:,.0f}",
+                 l.encoding,
                  f"{l.bits_per_weight:.3f}", f"{l.codebook_bytes:,}", f"{l.bias_bytes:,}") for l in self.layers]
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         fmt = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
@@ -152,10 +159,12 @@ def _kind(layer: SharedLayer) -> str:
     return next(kind for kind, cls in KINDS.items() if isinstance(layer, cls))
 
 
-def _layer_spec(layer: SharedLayer, encoding: str, codebook_dtype: str) -> dict:
+def _layer_spec(layer: SharedLayer, encoding: str, codebook_dtype: str, bias_dtype: Optional[str]) -> dict:
     spec = {"kind": _kind(layer), "weight_shape": list(layer.weight_shape), "bits": layer.bits, "k": layer.k,
             "groups": layer.groups, "bias": layer.bias is not None, "activation": layer.activation,
             "index_encoding": encoding, "codebook_dtype": codebook_dtype}
+    if bias_dtype is not None:
+        spec["bias_dtype"] = bias_dtype
     if spec["kind"] != "linear":
         spec.update(stride=list(layer.stride), padding=list(layer.padding), dilation=list(layer.dilation),
                     conv_groups=layer.conv_groups)
@@ -170,6 +179,19 @@ def _stored_codebook(layer: SharedLayer, where: str) -> Tensor:
     half = codebook.half()
     return half if torch.equal(half.float(), codebook) else codebook
 
+
+def _stored_bias(bias: Tensor) -> Tensor:
+    """float16 when a float32 bias survives the round trip exactly (half the bytes, the same model), else as is.
+    A bias of a shared layer is a few hundred values, but at 100-200x those are 10-25 % of a LeNet file."""
+    bias = bias.detach()
+    if bias.dtype != torch.float32:
+        return bias
+    half = bias.half()
+    return half if torch.equal(half.float(), bias) else bias
+
+
+def _dtype_name(tensor: Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
 
 @dataclass
 class _Plan:
@@ -191,12 +213,14 @@ def _plan(model: nn.Module, entropy_coding: EntropyCoding, metadata: Optional[di
     param_names = {name for name, _ in model.named_parameters()}
     streams: dict[str, dict[str, Tensor]] = {}  # layer -> encoding -> stream
     codebooks = {name: _stored_codebook(layer, name) for name, layer in shared.items()}
+    biases = {name: _stored_bias(layer.bias) for name, layer in shared.items() if layer.bias is not None}
     sizes: dict[str, LayerSize] = {}
     for name, layer in shared.items():
         options = {"packed": layer.packed.detach()}
-        idx = layer.indices() if measure or entropy_coding else None
+        idx = layer.indices().cpu() if measure or entropy_coding else None
         if idx is not None:
             options["rans"] = entropy.encode(idx.reshape(-1), layer.k)
+            options["context"] = ops.context_encode(idx.reshape(idx.shape[0], -1).contiguous(), layer.k)
         streams[name] = options
         n = math.prod(layer.weight_shape)
         nbias = 0 if layer.bias is None else layer.bias.numel()
@@ -204,6 +228,7 @@ def _plan(model: nn.Module, entropy_coding: EntropyCoding, metadata: Optional[di
             name=name, kind=_kind(layer), weights=n, parameters=n + nbias, fp32_bytes=4 * (n + nbias),
             bits=layer.bits, k=layer.k, groups=layer.groups, packed_bytes=options["packed"].numel(),
             entropy_bytes=options["rans"].numel() if "rans" in options else 0,
+            context_bytes=options["context"].numel() if "context" in options else 0,
             shannon_bytes=entropy.entropy_bits(idx) / 8 if measure else 0.0, encoding="packed",
             index_bytes=0, codebook_bytes=0, bias_bytes=0)
 
@@ -220,18 +245,19 @@ def _plan(model: nn.Module, entropy_coding: EntropyCoding, metadata: Optional[di
             if role == "packed":
                 encoding = choose(name)
                 tensors[_prefix(name) + "indices"] = streams[name][encoding]
-                layers[name] = _layer_spec(layer, encoding, str(codebooks[name].dtype).removeprefix("torch."))
+                layers[name] = _layer_spec(layer, encoding, _dtype_name(codebooks[name]),
+                                           _dtype_name(biases[name]) if name in biases else None)
             elif role == "codebook":
                 tensors[key] = codebooks[name]
             else:
-                tensors[key] = tensor
+                tensors[key] = biases[name]
         meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
                 "model": {"class": type(model).__name__, "name": _registry_name(model)},
                 "layers": layers, "user": {} if metadata is None else metadata}
         return tensors, meta
 
-    def smaller(name: str) -> str:
-        return min(streams[name], key=lambda e: (streams[name][e].numel(), e != "packed"))
+    def smaller(name: str, among=("packed", "rans", "context")) -> str:  # ties: the earlier in `among`
+        return min(among, key=lambda e: (streams[name][e].numel(), among.index(e)))
 
     if entropy_coding == "auto":
         tensors, meta = build(smaller)
@@ -240,7 +266,7 @@ def _plan(model: nn.Module, entropy_coding: EntropyCoding, metadata: Optional[di
         if container_size(packed_tensors, packed_meta) < container_size(tensors, meta):
             tensors, meta = packed_tensors, packed_meta
     else:
-        tensors, meta = build(lambda name: "rans" if entropy_coding else "packed")
+        tensors, meta = build(lambda name: smaller(name, ("rans", "context")) if entropy_coding else "packed")
 
     for name, spec in meta["layers"].items():
         size = sizes[name]
@@ -264,8 +290,9 @@ def save(model_or_result: Any, path: Union[str, os.PathLike], entropy_coding: En
          metadata: Optional[dict] = None) -> int:
     """Write a model (or anything with a `.model`, e.g. a compression result) to `path`; returns bytes written.
 
-    entropy_coding: False stores packed indices; True stores rANS-coded indices; "auto" (default) stores, per
-    layer, whichever is smaller (and never makes the file larger than all-packed). `metadata`: a JSON-able dict
+    entropy_coding: False stores packed indices; True stores entropy-coded indices (per layer the smaller of static
+    rANS and context-adaptive coding); "auto" (default) stores, per layer, whichever of the three is smallest
+    (and never makes the file larger than all-packed). `metadata`: a JSON-able dict
     stored with the file. The write is atomic. The size equals `size_report(model, entropy_coding,
     metadata).file_bytes`."""
     plan = _plan(_as_model(model_or_result), entropy_coding, metadata, measure=False)
@@ -330,8 +357,9 @@ def _parse_layer(name: str, spec: Any, fail) -> dict:
     if kind not in KINDS:
         raise fail(f"{what}: unknown layer kind {kind!r:.60} (this reader knows {', '.join(KINDS)})")
     keys = _COMMON_KEYS | (_CONV_KEYS if kind != "linear" else set())
-    if set(spec) != keys:
-        raise fail(f"{what}: metadata keys are {sorted(spec)}, expected {sorted(keys)}")
+    if not keys <= set(spec) <= keys | _OPTIONAL_KEYS:
+        raise fail(f"{what}: metadata keys are {sorted(spec)}, expected {sorted(keys)} (optionally "
+                   f"{sorted(_OPTIONAL_KEYS)})")
     dims = {"linear": 2, "conv1d": 3, "conv2d": 4}[kind]
     out = dict(spec)
     out["weight_shape"] = _int_list(spec, "weight_shape", dims, 1, what, fail)
@@ -344,11 +372,14 @@ def _parse_layer(name: str, spec: Any, fail) -> dict:
         raise fail(f"{what}: bias must be true or false, got {spec['bias']!r:.60}")
     if spec["activation"] not in (ACTIVATIONS if kind == "linear" else ("float",)):
         raise fail(f"{what}: activation {spec['activation']!r:.60} is not supported for a {kind} layer")
-    if spec["index_encoding"] not in ("packed", "rans"):
+    if spec["index_encoding"] not in ("packed", "rans", "context"):
         raise fail(f"{what}: unknown index encoding {spec['index_encoding']!r:.60}")
     if spec["codebook_dtype"] not in _CODEBOOK_DTYPES:
         raise fail(f"{what}: codebook dtype must be one of {list(_CODEBOOK_DTYPES)}, got "
                    f"{spec['codebook_dtype']!r:.60}")
+    if "bias_dtype" in spec and (spec["bias_dtype"] not in _CODEBOOK_DTYPES or not spec["bias"]):
+        raise fail(f"{what}: bias dtype must be one of {list(_CODEBOOK_DTYPES)} and needs bias=true, got "
+                   f"{spec['bias_dtype']!r:.60}")
     if kind != "linear":
         n = dims - 2
         out["stride"] = _int_list(spec, "stride", n, 1, what, fail)
@@ -458,11 +489,14 @@ def _decode_indices(name: str, spec: dict, stream: Tensor, fail) -> Tensor:
             raise fail(f"{what}: packed indices must be {list(expected)}, got {list(stream.shape)}")
         idx = ops.unpack(stream.contiguous(), bits, n)
     else:
-        if stream.dim() != 1:
-            raise fail(f"{what}: an rANS stream must be 1-D, got shape {list(stream.shape)}")
+        if stream.dim() != 1 or stream.numel() == 0:
+            raise fail(f"{what}: an entropy-coded stream must be 1-D and non-empty, got shape {list(stream.shape)}")
         try:  # n is bounded: the model holds a weight of exactly this shape
-            idx = entropy.decode(stream, rows * n, k).reshape(rows, n)
-        except ContainerError as exc:
+            if spec["index_encoding"] == "rans":
+                idx = entropy.decode(stream, rows * n, k).reshape(rows, n)
+            else:
+                idx = ops.context_decode(stream.contiguous(), rows, n, k)
+        except ValueError as exc:  # ContainerError is a ValueError; so are the coder's own checks
             raise fail(f"{what}: {exc}") from None
     if idx.numel() and int(idx.max()) >= k:
         raise fail(f"{what}: a decoded index is {int(idx.max())}, not below k={k}")
@@ -517,6 +551,8 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> nn
         raise fail(f"unexpected tensor(s) {sorted(provided - needed)[:10]} that the model does not have")
 
     codebooks = {_prefix(name) + "codebook": name for name in layers}
+    # a float16-stored bias becomes the model's float32 bias exactly (_stored_bias only writes lossless ones)
+    half_biases = {_prefix(name) + "bias" for name, spec in specs.items() if spec.get("bias_dtype") == "float16"}
     state: dict[str, Tensor] = {}
     for key in sorted(needed):
         tensor, want = tensors[key], expected[key]
@@ -526,6 +562,10 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> nn
                 raise fail(f"tensor {key!r} is {tensor.dtype} but the metadata says {dtype}")
             if not torch.isfinite(tensor).all():
                 raise fail(f"tensor {key!r}: the codebook holds NaN or Inf")
+            tensor = tensor.float()
+        elif key in half_biases and want.dtype == torch.float32:
+            if tensor.dtype != torch.float16:
+                raise fail(f"tensor {key!r} is {tensor.dtype} but the metadata says float16")
             tensor = tensor.float()
         elif tensor.dtype != want.dtype:
             raise fail(f"tensor {key!r} is {tensor.dtype} but the model's is {want.dtype}")

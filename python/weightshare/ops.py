@@ -16,7 +16,7 @@ from weightshare._native import NATIVE, has_kernel
 from weightshare.formats import packed_row_bytes
 
 __all__ = ["pack", "unpack", "assign", "kmeans_step", "loss_aware_assign", "kmeans1d_optimal", "dequantize",
-           "shared_linear", "shared_conv2d", "sq_grad_accum"]
+           "shared_linear", "shared_conv2d", "sq_grad_accum", "context_encode", "context_decode"]
 
 
 def _native(op: str, *tensors: Tensor) -> bool:
@@ -199,6 +199,25 @@ class _SharedLinearReference(torch.autograd.Function):
                 else None, None, None, None, gb, None)
 
 
+def context_encode(indices: Tensor, k: int) -> Tensor:
+    """Losslessly code an index matrix [rows, cols] (uint8 on the CPU, each < k; rows = output units, cols =
+    fan-in) into a uint8 stream with context-adaptive binary arithmetic coding: each weight's "is it the most
+    frequent symbol?" flag is predicted from its left and upper neighbours and from how dense its row and column
+    have been so far, then the other symbols are coded bit by bit with adaptive models (csrc/cpu/context_coder.cpp).
+    Pruned layers, where dead columns and rows cluster the zeros, cost ~10-20 % fewer bytes than static rANS."""
+    if _native("context_encode", indices):
+        return torch.ops.weightshare.context_encode(indices, k)
+    return reference.context_encode(indices, k)
+
+
+def context_decode(stream: Tensor, rows: int, cols: int, k: int) -> Tensor:
+    """Inverse of context_encode: uint8 indices [rows, cols]. A corrupt, truncated or padded stream raises
+    ValueError (every decoded symbol is checked against k and the stream must be consumed exactly)."""
+    if _native("context_decode", stream):
+        return torch.ops.weightshare.context_decode(stream, rows, cols, k)
+    return reference.context_decode(stream, rows, cols, k)
+
+
 # ----------------------------------------------------------------------------------------------- fake kernels
 if NATIVE:
 
@@ -254,6 +273,20 @@ if NATIVE:
         _check(values.dim() == 1 and values.shape == weights.shape, "values and weights must be 1-D, equal length")
         m = min(k, values.shape[0])
         return values.new_empty((m,)), values.new_empty(())
+
+    @torch.library.register_fake("weightshare::context_encode")
+    def _context_encode_fake(indices, k):
+        _check(indices.dtype == torch.uint8, f"indices must be uint8, got {indices.dtype}", TypeError)
+        _check(indices.dim() == 2 and 1 <= k <= 256, "indices must be 2-D [rows, cols] and k in 1..256")
+        # the stream's length depends on the data: an unbacked size
+        return indices.new_empty((torch.library.get_ctx().new_dynamic_size(),))
+
+    @torch.library.register_fake("weightshare::context_decode")
+    def _context_decode_fake(stream, rows, cols, k):
+        _check(stream.dtype == torch.uint8, f"stream must be uint8, got {stream.dtype}", TypeError)
+        _check(stream.dim() == 1 and rows >= 0 and cols >= 0 and 1 <= k <= 256,
+               "stream must be 1-D, rows and cols >= 0, k in 1..256")
+        return stream.new_empty((rows, cols))
 
     @torch.library.register_fake("weightshare::dequantize")
     def _dequantize_fake(packed, codebook, bits, shape):

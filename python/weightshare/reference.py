@@ -237,3 +237,183 @@ def sq_grad_accum(x: Tensor, grad_out: Tensor) -> Tensor:
     g3 = grad_out.double() if grad_out.dim() == 3 else grad_out.double()[:, None]
     per_sample = torch.einsum("nto,nti->noi", g3, x3)
     return per_sample.square().sum(0).float()
+
+
+# ----------------------------------------------------------------------------------------------- context coding
+# A line-by-line Python mirror of csrc/cpu/context_coder.cpp (same model, same arithmetic, same bytes); see that
+# file for the design. Slow (a few microseconds per index): for tests and as the fallback without the library.
+_CTX_VERSION, _CTX_WINDOW, _CTX_MIN_PROB, _CTX_TOP, _CTX_CLASSES = 1, 1024, 16, 1 << 24, 5
+
+
+class _BitModel:
+    __slots__ = ("p0", "seen")
+
+    def __init__(self):
+        self.p0, self.seen = 1 << 15, 0
+
+    def update(self, bit: int) -> None:
+        target = 0 if bit else 65536
+        divisor = self.seen + 2 if self.seen < _CTX_WINDOW else _CTX_WINDOW + 2
+        delta = target - self.p0
+        step = abs(delta) // divisor * (1 if delta >= 0 else -1)  # C++ integer division truncates towards zero
+        self.p0 = min(max(self.p0 + step, _CTX_MIN_PROB), 65536 - _CTX_MIN_PROB)
+        if self.seen < _CTX_WINDOW:
+            self.seen += 1
+
+
+def _density_class(count: int, total: int, nnz: int, seen: int) -> int:
+    if total == 0:
+        return 0
+    if count == 0:
+        return 1
+    here, overall = float(count) * float(seen), float(nnz) * float(total)
+    return 2 if 2.0 * here < overall else 3 if here <= 2.0 * overall else 4
+
+
+class _ContextModel:
+    def __init__(self, cols: int, k: int):
+        self.flags = [_BitModel() for _ in range(8 * _CTX_CLASSES * _CTX_CLASSES)]
+        self.depth = 0
+        while (1 << self.depth) < k - 1:
+            self.depth += 1
+        self.tree = [_BitModel() for _ in range(1 << self.depth)]
+        self.col_count, self.above = [0] * cols, [0] * cols
+
+    def flag_model(self, r, c, left1, left2, row_count, nnz, seen) -> _BitModel:
+        neighbours = left1 | (left2 << 1) | (self.above[c] << 2)
+        column = _density_class(self.col_count[c], r, nnz, seen)
+        row = _density_class(row_count, c, nnz, seen)
+        return self.flags[(neighbours * _CTX_CLASSES + column) * _CTX_CLASSES + row]
+
+
+def context_encode(indices: Tensor, k: int) -> Tensor:
+    if indices.dtype != torch.uint8:
+        raise TypeError(f"weightshare: indices must be uint8, got {indices.dtype}")
+    if indices.dim() != 2 or not 1 <= k <= 256:
+        raise ValueError(f"weightshare: indices must be 2-D and k in 1..256, got shape {list(indices.shape)}, k={k}")
+    rows, cols = indices.shape
+    flat = indices.reshape(-1).tolist()
+    if flat and max(flat) >= k:
+        raise ValueError(f"weightshare: context_encode: an index is {max(flat)}, not below k = {k}")
+    hist = [0] * 256
+    for s in flat:
+        hist[s] += 1
+    background = max(range(256), key=lambda s: (hist[s], -s))
+    out = bytearray([_CTX_VERSION, background])
+    low, rng, cache, pending = 0, 0xFFFFFFFF, 0, 1
+
+    def shift_low():
+        nonlocal low, cache, pending
+        if (low & 0xFFFFFFFF) < 0xFF000000 or (low >> 32) != 0:
+            carry, byte = low >> 32, cache
+            while True:
+                out.append((byte + carry) & 0xFF)
+                byte = 0xFF
+                pending -= 1
+                if pending == 0:
+                    break
+            cache = (low >> 24) & 0xFF
+        pending += 1
+        low = (low & 0x00FFFFFF) << 8
+
+    def encode(model: _BitModel, bit: int):
+        nonlocal low, rng
+        bound = (rng >> 16) * model.p0
+        if bit:
+            low, rng = low + bound, rng - bound
+        else:
+            rng = bound
+        model.update(bit)
+        while rng < _CTX_TOP:
+            rng = (rng << 8) & 0xFFFFFFFF
+            shift_low()
+
+    model = _ContextModel(cols, k)
+    nnz = seen = 0
+    for r in range(rows):
+        left1 = left2 = row_count = 0
+        for c in range(cols):
+            s = flat[r * cols + c]
+            flag = int(s != background)
+            encode(model.flag_model(r, c, left1, left2, row_count, nnz, seen), flag)
+            if flag:
+                rank, node = (s if s < background else s - 1), 1
+                for level in range(model.depth - 1, -1, -1):
+                    bit = (rank >> level) & 1
+                    encode(model.tree[node], bit)
+                    node = 2 * node + bit
+            left1, left2 = flag, left1
+            row_count += flag
+            model.col_count[c] += flag
+            model.above[c] = flag
+            nnz += flag
+            seen += 1
+    for _ in range(5):
+        shift_low()
+    return torch.tensor(list(out), dtype=torch.uint8)
+
+
+def context_decode(stream: Tensor, rows: int, cols: int, k: int) -> Tensor:
+    if stream.dtype != torch.uint8 or stream.dim() != 1:
+        raise ValueError("weightshare: stream must be a 1-D uint8 tensor")
+    if rows < 0 or cols < 0 or not 1 <= k <= 256:
+        raise ValueError(f"weightshare: rows, cols must be >= 0 and k in 1..256, got {rows}, {cols}, {k}")
+    data = stream.tolist()
+    if len(data) < 2 or data[0] != _CTX_VERSION:
+        raise ValueError(f"weightshare: context_decode: stream version {data[0] if data else None} is not 1")
+    background = data[1]
+    if background >= k:
+        raise ValueError(f"weightshare: context_decode: background symbol {background} is not below k = {k}")
+    body = data[2:]
+    if len(body) < 5 or body[0] != 0:
+        raise ValueError("weightshare: context_decode: stream is not a context-coded index stream (bad coder start)")
+    pos, rng, code = 1, 0xFFFFFFFF, 0
+
+    def next_byte() -> int:
+        nonlocal pos
+        pos += 1
+        return body[pos - 1] if pos - 1 < len(body) else 0
+    for _ in range(4):
+        code = ((code << 8) | next_byte()) & 0xFFFFFFFF
+
+    def decode(model: _BitModel) -> int:
+        nonlocal rng, code
+        bound = (rng >> 16) * model.p0
+        if code < bound:
+            rng, bit = bound, 0
+        else:
+            code, rng, bit = code - bound, rng - bound, 1
+        model.update(bit)
+        while rng < _CTX_TOP:
+            rng = (rng << 8) & 0xFFFFFFFF
+            code = ((code << 8) | next_byte()) & 0xFFFFFFFF
+        return bit
+
+    model = _ContextModel(cols, k)
+    out = [0] * (rows * cols)
+    nnz = seen = 0
+    for r in range(rows):
+        left1 = left2 = row_count = 0
+        for c in range(cols):
+            flag = decode(model.flag_model(r, c, left1, left2, row_count, nnz, seen))
+            s = background
+            if flag:
+                node = 1
+                for _ in range(model.depth):
+                    node = 2 * node + decode(model.tree[node])
+                rank = node - (1 << model.depth)
+                if rank >= k - 1:
+                    raise ValueError(f"weightshare: context_decode: decoded symbol rank {rank} is not below k - 1 = "
+                                     f"{k - 1} (corrupt stream)")
+                s = rank if rank < background else rank + 1
+            out[r * cols + c] = s
+            left1, left2 = flag, left1
+            row_count += flag
+            model.col_count[c] += flag
+            model.above[c] = flag
+            nnz += flag
+            seen += 1
+    if pos != len(body):
+        raise ValueError(f"weightshare: context_decode: stream is {'longer' if len(body) > pos else 'shorter'} than "
+                         f"its coded symbols ({len(body)} bytes, {pos} used): corrupt or truncated")
+    return torch.tensor(out, dtype=torch.uint8).reshape(rows, cols)

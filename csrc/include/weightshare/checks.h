@@ -28,6 +28,9 @@ Grouping check_kmeans_step(const at::Tensor& w, const at::Tensor& idx, int64_t k
 Grouping check_loss_aware_assign(const at::Tensor& w, const std::optional<at::Tensor>& grad, const at::Tensor& hdiag,
                                  const at::Tensor& codebook, const std::optional<at::Tensor>& penalty);
 void check_kmeans1d_optimal(const at::Tensor& values, const at::Tensor& weights, int64_t k);
+// Context coding of an index matrix (CPU only: a sequential arithmetic coder for files, not a kernel).
+void check_context_encode(const at::Tensor& indices, int64_t k);
+void check_context_decode(const at::Tensor& stream, int64_t rows, int64_t cols, int64_t k);
 
 // A packed weight matrix: `rows` rows of `cols` indices, codebook [groups, K] (K <= 2**bits).
 struct PackedWeight {

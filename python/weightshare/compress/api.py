@@ -92,6 +92,17 @@ def _parse_budget(max_loss_increase, base_loss: float) -> Optional[float]:
     return v
 
 
+def _with_half_biases(model: nn.Module) -> nn.Module:
+    """A copy of the model whose compressible layers' float32 biases are rounded to float16 values."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in compressible_layers(out):
+            bias = getattr(layer.module, "bias", None)
+            if isinstance(bias, torch.Tensor) and bias.dtype == torch.float32:
+                bias.copy_(bias.half().float())
+    return out
+
+
 def _apply(model: nn.Module, fits: dict[str, Fit], shared: bool) -> nn.Module:
     """A copy of the model whose layers carry the fits: shared-weight layers (ws.replace_layers) when available,
     else dense dequantised weights."""
@@ -115,7 +126,8 @@ def compress(model: nn.Module, data, loss_fn: Callable, method: str = "loss_awar
              bits: Union[int, dict, None] = None, max_loss_increase=None, max_accuracy_drop: Optional[float] = None,
              eval_fn: Optional[Callable[[nn.Module], float]] = None, prune: bool = False, progress: bool = True,
              curvature: str = "fisher", finetune_data=None, finetune_epochs: int = 1, finetune_lr: float = 1e-4,
-             shared_layers: bool = True, seed: int = 0, baseline_metric: Optional[float] = None) -> CompressResult:
+             shared_layers: bool = True, seed: int = 0, baseline_metric: Optional[float] = None,
+             half_bias: bool = True) -> CompressResult:
     """Compress `model`'s Linear/Conv1d/Conv2d layers by learned weight sharing.
 
     data: calibration batches [(x, y), ...] (iterated several times): the loss model's statistics (gradient and
@@ -131,11 +143,15 @@ def compress(model: nn.Module, data, loss_fn: Callable, method: str = "loss_awar
     the other k - 1 entries fit the rest, as in Deep Compression.
     finetune_data: training batches for codebook fine-tuning (Han et al.; assignments fixed). Given, a candidate
     that fails the constraint is fine-tuned for `finetune_epochs` and judged again (every method alike); with
-    fixed `bits` the fits are always fine-tuned.
+    fixed `bits` the fits are always fine-tuned. (Retraining the whole network through its shared weights is
+    compress.qat.quantize_retrain, a separate stage.)
     Constraints: max_loss_increase (absolute number, or "2%" relative to the calibration loss), and/or
     max_accuracy_drop with eval_fn(model) -> accuracy on held-out data (0 = no drop at all). Neither given: "1%".
     baseline_metric: the accuracy max_accuracy_drop is measured from (default eval_fn(model)); give the original
     dense model's when `model` was already pruned (prune.prune_retrain), so the drop is counted end to end.
+    half_bias: round the compressed layers' float32 biases to float16, which ws.save then stores at half the bytes
+    (a LeNet-5's 580 biases are 2.3 kB, a quarter of a 200x file). The base loss and metric are the given model's,
+    so the rounding is part of what the constraint checks.
     """
     if method not in METHODS:
         raise ValueError(f"weightshare.compress: method must be one of {METHODS}, got {method!r}")
@@ -146,13 +162,15 @@ def compress(model: nn.Module, data, loss_fn: Callable, method: str = "loss_awar
     if not batches:
         raise ValueError("weightshare.compress: data is empty")
     model = model.eval()
+    base_loss = mean_loss(model, loss_fn, batches)
+    base_metric = eval_fn(model) if eval_fn is not None and baseline_metric is None else baseline_metric
+    if half_bias:
+        model = _with_half_biases(model)
     layers = compressible_layers(model)
     by_name = {l.name: l for l in layers}
-    base_loss = mean_loss(model, loss_fn, batches)
     from weightshare.curvature import gather_stats
     stats = gather_stats(model, loss_fn, batches, kind=curvature, seed=seed)
     lstats = {l.name: (l.weight, stats.gradient[l.param], stats.diagonal[l.param]) for l in layers}
-    base_metric = eval_fn(model) if eval_fn is not None and baseline_metric is None else baseline_metric
 
     def log(msg: str) -> None:
         if progress:
@@ -178,12 +196,15 @@ def compress(model: nn.Module, data, loss_fn: Callable, method: str = "loss_awar
 
     finetune_batches = list(finetune_data) if finetune_data is not None else None
 
+    def fine_tuned(fits: dict[str, Fit]) -> dict[str, Fit]:
+        return finetune_codebooks(model, by_name, fits, finetune_batches, loss_fn, finetune_epochs, finetune_lr)
+
     def tuned(fits: dict[str, Fit]) -> tuple[dict[str, Fit], float, bool, Optional[float]]:
         """(fits, loss, ok, metric), fine-tuning the codebooks first when the fits fail and data was given."""
         loss = measure(fits)
         ok, metric = feasible(fits, loss)
         if not ok and finetune_batches:
-            fits = finetune_codebooks(model, by_name, fits, finetune_batches, loss_fn, finetune_epochs, finetune_lr)
+            fits = fine_tuned(fits)
             loss = measure(fits)
             ok, metric = feasible(fits, loss)
         return fits, loss, ok, metric
@@ -197,7 +218,7 @@ def compress(model: nn.Module, data, loss_fn: Callable, method: str = "loss_awar
         per = bits if isinstance(bits, dict) else {l.name: int(bits) for l in layers}
         fits = {n: fit_baseline(method, *lstats[n], 1 << int(b), seed, prune) for n, b in per.items()}
         if finetune_batches:  # no constraint to meet: fine-tune whenever data was given
-            fits = finetune_codebooks(model, by_name, fits, finetune_batches, loss_fn, finetune_epochs, finetune_lr)
+            fits = fine_tuned(fits)
         loss = measure(fits)
         chosen_budget = None
     elif method == "loss_aware":

@@ -30,7 +30,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -80,10 +80,18 @@ def weight_scores(model: nn.Module, saliency: str, calib_batches: Optional[list]
             for l in layers}
 
 
+def _layer_floor(min_layer_density: Union[float, dict], name: str) -> float:
+    if isinstance(min_layer_density, dict):
+        return float(min_layer_density.get(name, min_layer_density.get("*", 0.0)))
+    return float(min_layer_density)
+
+
 def global_masks(scores: dict[str, Tensor], previous: dict[str, Tensor], density: float,
-                 min_layer_density: float) -> dict[str, Tensor]:
+                 min_layer_density: Union[float, dict]) -> dict[str, Tensor]:
     """Keep the `density` fraction of all weights with the highest scores, never reviving a pruned weight, and at
-    least `min_layer_density` of each layer (its best-scored weights), so no layer is cut off entirely."""
+    least `min_layer_density` of each layer (its best-scored weights), so no layer is cut off entirely. A dict
+    gives each layer its own floor (key "*" for the rest): the small layers whose weights cost almost nothing to
+    store but carry the features (LeNet-5's conv1 has 500 of its 431,080 weights) can be kept denser."""
     flat = torch.cat([torch.where(previous[n].reshape(-1), s.reshape(-1).double(), -1.0) for n, s in scores.items()])
     keep = max(1, int(round(density * flat.numel())))
     threshold = torch.topk(flat, keep, sorted=True).values[-1] if keep < flat.numel() else -math.inf
@@ -91,7 +99,7 @@ def global_masks(scores: dict[str, Tensor], previous: dict[str, Tensor], density
     for n, s in scores.items():
         s = torch.where(previous[n], s.double(), -1.0)
         m = (s >= threshold) & previous[n]
-        floor = min(int(previous[n].sum()), math.ceil(min_layer_density * s.numel()))
+        floor = min(int(previous[n].sum()), math.ceil(_layer_floor(min_layer_density, n) * s.numel()))
         if int(m.sum()) < floor:
             top = torch.topk(s.reshape(-1), floor).indices
             m = torch.zeros(s.numel(), dtype=torch.bool)
@@ -122,7 +130,7 @@ class _GradualMasks:
     at once (with the step's learning rate still high)."""
 
     def __init__(self, model: nn.Module, masks: dict[str, Tensor], start: float, end: float, ramp: int, every: int,
-                 score: Callable[[], dict[str, Tensor]], min_layer_density: float):
+                 score: Callable[[], dict[str, Tensor]], min_layer_density: Union[float, dict]):
         self.model, self.masks, self.start, self.end = model, masks, start, end
         self.ramp, self.every, self.score = max(1, ramp), max(1, every), score
         self.min_layer_density = min_layer_density
@@ -141,7 +149,7 @@ class _GradualMasks:
 def prune_retrain(model: nn.Module, train_set, loss_fn, eval_fn: Callable[[nn.Module], float], *,
                   calib_batches: Optional[list] = None, max_accuracy_drop: float = 0.0,
                   baseline_metric: Optional[float] = None, saliency: str = "magnitude", start_density: float = 0.5,
-                  factor: float = 0.7, min_density: float = 0.005, min_layer_density: float = 0.01,
+                  factor: float = 0.7, min_density: float = 0.005, min_layer_density: Union[float, dict] = 0.01,
                   epochs: int = 2, lr: float = 0.01, batch_size: int = 128, weight_decay: float = 1e-4,
                   patience: int = 3, max_steps: Optional[int] = None, ramp: float = 0.0,
                   rescore_every: Optional[int] = None, distill: float = 0.0, temperature: float = 2.0, seed: int = 0,
