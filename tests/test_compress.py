@@ -123,7 +123,7 @@ def test_cli_compress_pruned(tmp_path):
     sparsest candidate with a pinned zero entry, so ~90 % of the weights land on it and the file shrinks far below
     the unpruned 4-bit one."""
     out = subprocess.run([sys.executable, "-m", "weightshare", "compress", "--model", "lenet300100", "--method",
-                          "kmeans", "--bits", "4", "--calib", "500", "--finetune", "0", "--prune",
+                          "kmeans", "--bits", "4", "--calib", "500", "--finetune", "0", "--prune", "--prune-now",
                           "--prune-max-steps", "1", "--prune-slack", "1.0", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -138,7 +138,8 @@ def test_cli_compress_pruned(tmp_path):
 
 def test_cli_demo_small(tmp_path):
     out = subprocess.run([sys.executable, "-m", "weightshare", "demo", "--out", str(tmp_path), "--models",
-                          "lenet300100", "--methods", "uniform", "--calib", "500", "--prune-max-steps", "1"],
+                          "lenet300100", "--methods", "uniform", "--calib", "500", "--prune-now",
+                          "--prune-max-steps", "1", "--qat-bits"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     records = json.loads((tmp_path / "summary.json").read_text())
@@ -178,3 +179,24 @@ def test_codebook_finetuning_lowers_the_loss(lenet300, mnist):
     for n in r.fits:  # assignments untouched, model untouched
         assert torch.equal(tuned[n].idx, r.fits[n].idx)
         assert torch.equal(layers[n].module.weight, layers[n].weight)
+
+
+@pytest.mark.skipif(not any((REPO / "checkpoints" / "pruned").glob("lenet300100-d*.safetensors")),
+                    reason="no committed pruned LeNet-300-100")
+def test_cli_demo_committed_pruned_networks_and_qat(tmp_path):
+    """The demo's default route: the committed pruned networks (no pruning in the demo) compressed by a method,
+    and the qat+prune row (retrained with shared weights), whose file holds at most 2**bits values per layer."""
+    out = subprocess.run([sys.executable, "-m", "weightshare", "demo", "--out", str(tmp_path), "--models",
+                          "lenet300100", "--methods", "uniform", "--calib", "500", "--qat-bits", "3", "--no-bnn"],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr
+    assert "committed (checkpoints/pruned)" in out.stdout + out.stderr
+    records = {r["method"]: r for r in json.loads((tmp_path / "summary.json").read_text())}
+    assert set(records) == {"uniform", "uniform+prune", "qat+prune"}
+    qat = records["qat+prune"]
+    assert qat["bits"] == 3 and qat["pruned_density"] < 0.1 and len(qat["qat_trials"]) >= 1
+    model = ws.load(qat["file"])
+    for m in model.modules():
+        if hasattr(m, "to_dense"):
+            assert m.k <= 8 and bool((m.to_dense().weight == 0).float().mean() > 0.8)
+    assert qat["test_error"] == pytest.approx(evaluate(model, mnist_splits().test)[1])

@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 import tracemalloc
+import zlib
 
 import pytest
 import torch
@@ -68,7 +69,8 @@ def sample(gen):
 def layout_of(data: bytes) -> dict:
     """Region boundaries of a container file, from its own header."""
     header_len = struct.unpack_from("<Q", data, 16)[0]
-    header = json.loads(data[24:24 + header_len])
+    raw = data[24:24 + header_len]
+    header = json.loads(zlib.decompressobj().decompress(raw) if struct.unpack_from("<I", data, 12)[0] else raw)
     start = 24 + header_len
     return {"header_len": header_len, "data_start": start, "entries": header["tensors"],
             "trailer": len(data) - 32}
@@ -127,11 +129,14 @@ def test_size_matches_file_and_output_is_deterministic(tmp_path, sample):
     assert (tmp_path / "a.ws").stat().st_size == size
 
 
-def test_layout_is_aligned_and_documented(tmp_path, sample):
+@pytest.mark.parametrize("deflate", [True, False])
+def test_layout_is_aligned_and_documented(tmp_path, sample, deflate):
     tensors, metadata = sample
-    write_container(tmp_path / "x.ws", tensors, metadata)
+    write_container(tmp_path / "x.ws", tensors, metadata, deflate_header=deflate)
     data = (tmp_path / "x.ws").read_bytes()
-    assert data[:8] == MAGIC and struct.unpack_from("<II", data, 8) == (1, 0)
+    assert data[:8] == MAGIC and struct.unpack_from("<II", data, 8) == (1, int(deflate))
+    assert len(data) == container_size(tensors, metadata, deflate)
+    assert read_bytes(tmp_path, data)[1] == metadata
     layout = layout_of(data)
     assert layout["data_start"] % 8 == 0
     for name, e in layout["entries"].items():
@@ -202,7 +207,7 @@ def test_truncation_at_every_region_boundary(tmp_path, sample):
 @pytest.mark.parametrize("region", ["header-name", "buffer", "padding", "trailer", "preamble-reserved"])
 def test_flipped_byte_in_each_region(tmp_path, sample, region):
     tensors, metadata = sample
-    write_container(tmp_path / "x.ws", tensors, metadata)
+    write_container(tmp_path / "x.ws", tensors, metadata, deflate_header=False)
     data = bytearray((tmp_path / "x.ws").read_bytes())
     layout = layout_of(bytes(data))
     scale = layout["entries"]["scale"]
@@ -220,11 +225,39 @@ def test_flipped_byte_in_each_region(tmp_path, sample, region):
 
 def test_corruption_that_breaks_the_header_is_reported_as_corruption(tmp_path, sample):
     tensors, metadata = sample
-    write_container(tmp_path / "x.ws", tensors, metadata)
+    write_container(tmp_path / "x.ws", tensors, metadata, deflate_header=False)
     data = bytearray((tmp_path / "x.ws").read_bytes())
     data[data.index(b'"dtype"')] ^= 0x80  # no longer UTF-8
     with pytest.raises(ContainerError, match=r"checksum mismatch.*header is not valid UTF-8"):
         read_bytes(tmp_path, bytes(data))
+    write_container(tmp_path / "y.ws", tensors, metadata)  # deflated: a flipped byte breaks the stream
+    data = bytearray((tmp_path / "y.ws").read_bytes())
+    data[24 + 10] ^= 0x55
+    with pytest.raises(ContainerError, match=r"checksum mismatch"):
+        read_bytes(tmp_path, bytes(data))
+
+
+def deflated(obj, tail: bytes = b"") -> bytes:
+    raw = zlib.compress(json.dumps(obj).encode()) + tail
+    return raw + bytes(-len(raw) % 8)
+
+
+@pytest.mark.parametrize("raw, message", [
+    (deflated({"tensors": {}, "metadata": {}}), None),
+    (b"not zlib" * 2, "does not inflate"),
+    (zlib.compress(json.dumps({"tensors": {}, "metadata": {}}).encode())[:-6] + bytes(2), "incomplete"),
+    (deflated({"tensors": {}, "metadata": {}}, b"\x01"), "other than zero padding"),
+    (deflated({"tensors": {}, "metadata": {}}) + bytes(8), "more than alignment needs"),
+    (deflated({"tensors": {}, "metadata": {"x": " " * (17 << 20)}}), "past the 16777216-byte cap"),  # a bomb
+    (deflated([1]), "not an object"),
+])
+def test_deflated_headers_are_inflated_with_bounds(tmp_path, raw, message):
+    data = assemble(raw, flags=1)
+    if message is None:
+        assert read_bytes(tmp_path, data) == ({}, {})
+    else:
+        with pytest.raises(ContainerError, match=message):
+            read_bytes(tmp_path, data)
 
 
 def test_wrong_magic_version_and_flags(tmp_path):
@@ -235,6 +268,8 @@ def test_wrong_magic_version_and_flags(tmp_path):
     with pytest.raises(ContainerError, match="unsupported container format version 2"):
         read_bytes(tmp_path, assemble({"tensors": {}, "metadata": {}}, version=2))
     with pytest.raises(ContainerError, match="unknown flags"):
+        read_bytes(tmp_path, assemble({"tensors": {}, "metadata": {}}, flags=2))
+    with pytest.raises(ContainerError, match="does not inflate"):  # the flag says deflated, the header is not
         read_bytes(tmp_path, assemble({"tensors": {}, "metadata": {}}, flags=1))
 
 

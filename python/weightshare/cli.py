@@ -16,6 +16,9 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[2]
 CHECKPOINTS = REPO / "checkpoints"
+# Pruned networks from long pruning runs (benchmarks/prune_checkpoints.py; checkpoints/README.md has the commands):
+# the demo compresses these instead of pruning within its time budget, when they are there.
+PRUNED = CHECKPOINTS / "pruned"
 DEMO_MODELS = ("lenet300100", "lenet5")
 # The demo's pruning steps (densities start, start * factor, ...; at most max_steps of them), sized to the
 # 10-minute budget with the models' RETRAIN_RECIPES: LeNet-300-100 10, 5, 2.5 % (~22 s a step); LeNet-5 30, 15,
@@ -121,6 +124,90 @@ def prune_one(name: str, slack: float = 0.002, progress: bool = False, patience:
     return PrunedNetworks(sorted(kept, key=lambda c: c[0])[:keep], base, r.seconds)
 
 
+def load_pruned(name: str) -> Optional[PrunedNetworks]:
+    """The committed pruned networks of a bundled model (checkpoints/pruned/<name>-d*.safetensors), sparsest
+    first, or None when there are none."""
+    from weightshare.compress.layers import compressible_layers
+    from weightshare.data import mnist_splits
+    from weightshare.train import load_checkpoint
+    files = sorted(PRUNED.glob(f"{name}-d*.safetensors"))
+    if not files:
+        return None
+    networks = []
+    for f in files:
+        model = load_checkpoint(f, expected_model=name)
+        layers = compressible_layers(model)
+        density = sum(int((l.weight != 0).sum()) for l in layers) / sum(l.weight.numel() for l in layers)
+        networks.append((density, model))
+    base = _val_accuracy(mnist_splits())(_load_baseline(name))
+    return PrunedNetworks(sorted(networks, key=lambda c: c[0]), base, 0.0)
+
+
+def _calibration(splits, calib_size: int) -> list:
+    xs, ys = splits.train.tensors
+    return [(xs[i:i + 500], ys[i:i + 500]) for i in range(0, calib_size, 500)]
+
+
+def qat_one(name: str, pruned: PrunedNetworks, out_dir: Path, bits_options=(3, 4), calib_size: int = 2000,
+            max_loss_increase=LOSS_GUARD, max_candidates: int = 2, progress: bool = False) -> dict:
+    """Our trained-sharing pipeline on the pruned networks: retrain each (sparsest first, at most
+    `max_candidates`) with its weights shared among 2**bits values (compress.qat.quantize_retrain, the model's
+    train.QAT_RECIPES, distilled from the dense model), fewest bits first, and keep the first network whose shared
+    form keeps the dense model's validation accuracy (and the calibration loss within the guard of the pruned
+    network's). The shared form holds each layer's values exactly, so the file computes what was judged."""
+    import weightshare as ws
+    from weightshare.compress.api import _parse_budget
+    from weightshare.compress.layers import mean_loss
+    from weightshare.compress.qat import quantize_retrain, to_shared
+    from weightshare.data import mnist_splits
+    from weightshare.train import QAT_RECIPES, evaluate
+
+    splits = mnist_splits()
+    dense = _load_baseline(name)
+    calib = _calibration(splits, calib_size)
+    val_accuracy = _val_accuracy(splits)
+    t0 = time.time()
+    tried = []
+    for density, net in pruned.networks[:max_candidates]:
+        base_loss = mean_loss(net, F.cross_entropy, calib)
+        budget = _parse_budget(max_loss_increase, base_loss)
+        for bits in bits_options:
+            r = quantize_retrain(net, splits.train, bits, teacher=dense, progress=progress, **QAT_RECIPES[name])
+            shared = to_shared(r.model)
+            metric, loss = val_accuracy(shared), mean_loss(shared, F.cross_entropy, calib)
+            ok = pruned.base_metric - metric <= 1e-12 and (budget is None or loss - base_loss <= budget + 1e-12)
+            tried.append({"density": density, "bits": bits, "val_error": 1 - metric, "calibration_loss": loss,
+                          "feasible": ok})
+            if ok:
+                break
+        if ok:
+            break
+    # when nothing kept the accuracy, the last attempt (densest candidate, most bits) is reported with
+    # constraint_met false
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}-qat+prune.ws"
+    base_test = evaluate(dense, splits.test)[1]
+    file_bytes = ws.save(shared, path, metadata={"method": "qat+prune", "baseline_test_error": base_test})
+    loaded = ws.load(path)
+    report = ws.size_report(loaded)
+    x1 = splits.test.tensors[0][:1]
+    return {
+        "model": name, "method": "qat+prune", "bits": bits, "finetune_samples": 0,
+        "pruned_density": density, "pruned_candidates": [c[0] for c in pruned.networks[:max_candidates]],
+        "pruned_val_error": evaluate(net, splits.val)[1], "pruned_test_error": evaluate(net, splits.test)[1],
+        "baseline_test_error": base_test, "test_error": evaluate(loaded, splits.test)[1],
+        "baseline_val_error": 1 - pruned.base_metric, "val_error": evaluate(loaded, splits.val)[1],
+        "compression_ratio": report.ratio, "file": str(path), "file_bytes": file_bytes,
+        "fp32_bytes": report.fp32_bytes,
+        "layers": [{"name": l.name, "k": l.k, "bits": l.bits, "entropy": l.shannon_bytes * 8 / l.weights}
+                   for l in report.layers],
+        "calibration_loss": [tried[-1]["calibration_loss"]], "predicted_loss_increase": None,
+        "loss_budget": budget, "constraint_met": ok, "qat_trials": tried,
+        "compress_seconds": time.time() - t0 + pruned.seconds,
+        "batch1_ms_dense": _batch1_ms(dense, x1), "batch1_ms_compressed": _batch1_ms(loaded, x1),
+    }
+
+
 def compress_one(name: str, method: str, calib_size: int, out_dir: Path, bits: Optional[int] = None,
                  max_accuracy_drop: Optional[float] = 0.0, progress: bool = False, finetune: int = 0,
                  pruned=None, max_loss_increase=LOSS_GUARD) -> dict:
@@ -136,7 +223,7 @@ def compress_one(name: str, method: str, calib_size: int, out_dir: Path, bits: O
     splits = mnist_splits()
     dense = _load_baseline(name)
     xs, ys = splits.train.tensors
-    calib = [(xs[i:i + 500], ys[i:i + 500]) for i in range(0, calib_size, 500)]
+    calib = _calibration(splits, calib_size)
     # fine-tuning batches: the training images after the calibration ones (never the validation set)
     tune = [(xs[i:i + 100], ys[i:i + 100]) for i in range(calib_size, calib_size + finetune, 100)] or None
     base_test = evaluate(dense, splits.test)[1]
@@ -263,16 +350,25 @@ def cmd_demo(args) -> None:
     jobs = [(m, meth, None) for m in args.models for meth in args.methods]
     jobs += [(m, meth, b) for m in args.models for meth in args.methods for b in args.bits]
     records = []
-    if args.prune:  # pruning + retraining first, once per model; every method then compresses the pruned network
+    if args.prune:  # pruned networks first (committed, or pruned now); every method then compresses them
         jobs += [(m, meth, None, True) for m in args.models for meth in args.methods]
+        if args.qat_bits:
+            jobs += [(m, "qat", None, True) for m in args.models]
     pruned = {}
     for name, method, bits, *prune in tqdm(jobs, desc="compressing", unit="run"):
         if prune and name not in pruned:
-            pruned[name] = prune_one(name, args.prune_slack, True, args.prune_patience, args.prune_max_steps)
+            committed = None if args.prune_now else load_pruned(name)
+            pruned[name] = committed or prune_one(name, args.prune_slack, True, args.prune_patience,
+                                                  args.prune_max_steps)
             tqdm.write(f"{name}: pruned candidates (fraction of weights kept) "
-                       f"{[round(c[0], 4) for c in pruned[name].networks]}, {pruned[name].seconds:.0f} s")
-        records.append(compress_one(name, method, args.calib, out, bits, 0.0, args.verbose, args.finetune,
-                                    pruned.get(name) if prune else None, _loss_guard(args.max_loss_increase)))
+                       f"{[round(c[0], 4) for c in pruned[name].networks]}, "
+                       + ("committed (checkpoints/pruned)" if committed else f"{pruned[name].seconds:.0f} s"))
+        if method == "qat":
+            records.append(qat_one(name, pruned[name], out, tuple(args.qat_bits), args.calib,
+                                   _loss_guard(args.max_loss_increase), progress=args.verbose))
+        else:
+            records.append(compress_one(name, method, args.calib, out, bits, 0.0, args.verbose, args.finetune,
+                                        pruned.get(name) if prune else None, _loss_guard(args.max_loss_increase)))
         tqdm.write(f"{name} {records[-1]['method']} {'search' if bits is None else f'{bits} bits'}: test error "
                    f"{100 * records[-1]['test_error']:.2f}% at {records[-1]['compression_ratio']:.1f}x")
     if args.bnn:
@@ -292,7 +388,8 @@ def cmd_compress(args) -> None:
     if args.prune:
         if args.model not in DEMO_MODELS:
             raise SystemExit(f"weightshare compress: --prune supports {DEMO_MODELS}, not {args.model}")
-        pruned = prune_one(args.model, args.prune_slack, True, max_steps=args.prune_max_steps)
+        pruned = (None if args.prune_now else load_pruned(args.model)) or prune_one(
+            args.model, args.prune_slack, True, max_steps=args.prune_max_steps)
     r = compress_one(args.model, args.method, args.calib, Path(args.out), args.bits, args.max_accuracy_drop,
                      progress=True, finetune=args.finetune, pruned=pruned,
                      max_loss_increase=_loss_guard(args.max_loss_increase))
@@ -341,6 +438,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     d.add_argument("--max-loss-increase", default=LOSS_GUARD,
                    help="also keep the calibration loss within this increase (relative like '50%%', or absolute; "
                         "'none': accuracy alone)")
+    d.add_argument("--prune-now", action="store_true",
+                   help="prune within the demo (short schedules) even when committed pruned networks exist")
+    d.add_argument("--qat-bits", nargs="*", type=int, default=[3, 4],
+                   help="bit widths (fewest first) of the qat+prune rows: the pruned network retrained with shared "
+                        "weights (none: skip those rows)")
     d.add_argument("--prune-slack", type=float, default=0.002,
                    help="pruned networks within this validation-accuracy drop are candidates; the compressed file "
                         "must still meet zero drop")
@@ -362,7 +464,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     c.add_argument("--calib", type=int, default=2000)
     c.add_argument("--finetune", type=int, default=10000, help="samples for codebook fine-tuning (0: off)")
     c.add_argument("--prune", action="store_true",
-                   help="prune and retrain first (as the demo's +prune runs), then compress the pruned network")
+                   help="compress the pruned networks (committed in checkpoints/pruned, else pruned now as the "
+                        "demo's +prune runs) instead of the dense one")
+    c.add_argument("--prune-now", action="store_true",
+                   help="with --prune: prune now (short schedule) even when committed pruned networks exist")
     c.add_argument("--prune-slack", type=float, default=0.002,
                    help="pruned networks within this validation-accuracy drop are candidates")
     c.add_argument("--prune-max-steps", type=int, default=None, help="at most this many pruning steps")
