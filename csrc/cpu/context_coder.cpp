@@ -161,7 +161,13 @@ inline int density_class(int64_t count, int64_t total, int64_t nnz, int64_t seen
   return 4;
 }
 
-// The state both directions walk through: models, column counts, the flags of the previous row.
+// What the current row has shown so far.
+struct RowState {
+  int left1 = 0, left2 = 0;
+  int64_t count = 0;
+};
+
+// The state both directions walk through, position by position: models, counts, the flags of the previous row.
 struct ContextModel {
   ContextModel(int64_t cols, int k) : col_count(cols, 0), above(cols, 0) {
     depth = 0;
@@ -169,17 +175,28 @@ struct ContextModel {
     tree.resize(size_t(1) << depth);
   }
 
-  int flag_context(int64_t r, int64_t c, int left1, int left2, int64_t row_count, int64_t nnz, int64_t seen) const {
-    const int neighbours = left1 | (left2 << 1) | (above[c] << 2);
+  BitModel& flag_model(int64_t r, int64_t c, const RowState& row) {
+    const int neighbours = row.left1 | (row.left2 << 1) | (above[c] << 2);
     const int column = density_class(col_count[c], r, nnz, seen);
-    const int row = density_class(row_count, c, nnz, seen);
-    return (neighbours * kDensityClasses + column) * kDensityClasses + row;
+    const int in_row = density_class(row.count, c, nnz, seen);
+    return flags[(neighbours * kDensityClasses + column) * kDensityClasses + in_row];
+  }
+
+  void record(int64_t c, int flag, RowState& row) {
+    row.left2 = row.left1;
+    row.left1 = flag;
+    row.count += flag;
+    col_count[c] += flag;
+    above[c] = static_cast<uint8_t>(flag);
+    nnz += flag;
+    ++seen;
   }
 
   std::array<BitModel, kFlagContexts> flags{};
   std::vector<BitModel> tree;  // node i (1-based heap order) codes the next bit of a rank
   std::vector<int64_t> col_count;
   std::vector<uint8_t> above;
+  int64_t nnz = 0, seen = 0;  // flags set / positions coded so far, over the whole matrix
   int depth;
 };
 
@@ -205,15 +222,13 @@ at::Tensor context_encode_cpu(const at::Tensor& indices, int64_t k) {
   out.reserve(2 + rows * cols / 8);
   RangeEncoder enc(out);
   ContextModel model(cols, static_cast<int>(k));
-  int64_t nnz = 0, seen = 0;
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* row = idx + r * cols;
-    int left1 = 0, left2 = 0;
-    int64_t row_count = 0;
+    RowState state;
     for (int64_t c = 0; c < cols; ++c) {
       const int s = row[c];
       const int flag = s != background;
-      enc.encode(model.flags[model.flag_context(r, c, left1, left2, row_count, nnz, seen)], flag);
+      enc.encode(model.flag_model(r, c, state), flag);
       if (flag) {
         const int rank = s < background ? s : s - 1;
         for (int level = model.depth - 1, node = 1; level >= 0; --level) {
@@ -222,13 +237,7 @@ at::Tensor context_encode_cpu(const at::Tensor& indices, int64_t k) {
           node = 2 * node + bit;
         }
       }
-      left2 = left1;
-      left1 = flag;
-      row_count += flag;
-      model.col_count[c] += flag;
-      model.above[c] = static_cast<uint8_t>(flag);
-      nnz += flag;
-      ++seen;
+      model.record(c, flag, state);
     }
   }
   enc.finish();
@@ -250,13 +259,11 @@ at::Tensor context_decode_cpu(const at::Tensor& stream, int64_t rows, int64_t co
   uint8_t* idx = indices.data_ptr<uint8_t>();
   RangeDecoder dec(data + 2, size - 2);
   ContextModel model(cols, static_cast<int>(k));
-  int64_t nnz = 0, seen = 0;
   for (int64_t r = 0; r < rows; ++r) {
     uint8_t* row = idx + r * cols;
-    int left1 = 0, left2 = 0;
-    int64_t row_count = 0;
+    RowState state;
     for (int64_t c = 0; c < cols; ++c) {
-      const int flag = dec.decode(model.flags[model.flag_context(r, c, left1, left2, row_count, nnz, seen)]);
+      const int flag = dec.decode(model.flag_model(r, c, state));
       int s = background;
       if (flag) {
         int node = 1;
@@ -267,13 +274,7 @@ at::Tensor context_decode_cpu(const at::Tensor& stream, int64_t rows, int64_t co
         s = rank < background ? rank : rank + 1;
       }
       row[c] = static_cast<uint8_t>(s);
-      left2 = left1;
-      left1 = flag;
-      row_count += flag;
-      model.col_count[c] += flag;
-      model.above[c] = static_cast<uint8_t>(flag);
-      nnz += flag;
-      ++seen;
+      model.record(c, flag, state);
     }
   }
   dec.check_consumed_all();

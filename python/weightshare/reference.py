@@ -278,12 +278,25 @@ class _ContextModel:
             self.depth += 1
         self.tree = [_BitModel() for _ in range(1 << self.depth)]
         self.col_count, self.above = [0] * cols, [0] * cols
+        self.nnz = self.seen = 0
+        self.left1 = self.left2 = self.row_count = 0
 
-    def flag_model(self, r, c, left1, left2, row_count, nnz, seen) -> _BitModel:
-        neighbours = left1 | (left2 << 1) | (self.above[c] << 2)
-        column = _density_class(self.col_count[c], r, nnz, seen)
-        row = _density_class(row_count, c, nnz, seen)
+    def start_row(self) -> None:
+        self.left1 = self.left2 = self.row_count = 0
+
+    def flag_model(self, r: int, c: int) -> _BitModel:
+        neighbours = self.left1 | (self.left2 << 1) | (self.above[c] << 2)
+        column = _density_class(self.col_count[c], r, self.nnz, self.seen)
+        row = _density_class(self.row_count, c, self.nnz, self.seen)
         return self.flags[(neighbours * _CTX_CLASSES + column) * _CTX_CLASSES + row]
+
+    def record(self, c: int, flag: int) -> None:
+        self.left1, self.left2 = flag, self.left1
+        self.row_count += flag
+        self.col_count[c] += flag
+        self.above[c] = flag
+        self.nnz += flag
+        self.seen += 1
 
 
 def context_encode(indices: Tensor, k: int) -> Tensor:
@@ -329,25 +342,19 @@ def context_encode(indices: Tensor, k: int) -> Tensor:
             shift_low()
 
     model = _ContextModel(cols, k)
-    nnz = seen = 0
     for r in range(rows):
-        left1 = left2 = row_count = 0
+        model.start_row()
         for c in range(cols):
             s = flat[r * cols + c]
             flag = int(s != background)
-            encode(model.flag_model(r, c, left1, left2, row_count, nnz, seen), flag)
+            encode(model.flag_model(r, c), flag)
             if flag:
                 rank, node = (s if s < background else s - 1), 1
                 for level in range(model.depth - 1, -1, -1):
                     bit = (rank >> level) & 1
                     encode(model.tree[node], bit)
                     node = 2 * node + bit
-            left1, left2 = flag, left1
-            row_count += flag
-            model.col_count[c] += flag
-            model.above[c] = flag
-            nnz += flag
-            seen += 1
+            model.record(c, flag)
     for _ in range(5):
         shift_low()
     return torch.tensor(list(out), dtype=torch.uint8)
@@ -391,11 +398,10 @@ def context_decode(stream: Tensor, rows: int, cols: int, k: int) -> Tensor:
 
     model = _ContextModel(cols, k)
     out = [0] * (rows * cols)
-    nnz = seen = 0
     for r in range(rows):
-        left1 = left2 = row_count = 0
+        model.start_row()
         for c in range(cols):
-            flag = decode(model.flag_model(r, c, left1, left2, row_count, nnz, seen))
+            flag = decode(model.flag_model(r, c))
             s = background
             if flag:
                 node = 1
@@ -407,12 +413,7 @@ def context_decode(stream: Tensor, rows: int, cols: int, k: int) -> Tensor:
                                      f"{k - 1} (corrupt stream)")
                 s = rank if rank < background else rank + 1
             out[r * cols + c] = s
-            left1, left2 = flag, left1
-            row_count += flag
-            model.col_count[c] += flag
-            model.above[c] = flag
-            nnz += flag
-            seen += 1
+            model.record(c, flag)
     if pos != len(body):
         raise ValueError(f"weightshare: context_decode: stream is {'longer' if len(body) > pos else 'shorter'} than "
                          f"its coded symbols ({len(body)} bytes, {pos} used): corrupt or truncated")

@@ -123,16 +123,23 @@ def quantize_retrain(model: nn.Module, train_set, bits: int | dict, *, epochs: i
     return QuantizeResult(work.eval(), {n: int(b) for n, b in per.items()}, time.time() - t0)
 
 
-def to_shared(model: nn.Module, max_entries: int = 256) -> nn.Module:
+def to_shared(model: nn.Module, max_entries: int = 256, half_bias: bool = True) -> nn.Module:
     """The shared-layer form of a network whose compressible layers hold few distinct values (quantize_retrain's
-    output): each layer's codebook is its distinct values, exactly, so the outputs do not change. Layers with more
-    than `max_entries` distinct values are left dense. Returns a copy."""
+    output): each layer's codebook is its distinct values, exactly, so the weights do not change. Layers with more
+    than `max_entries` distinct values are left dense. half_bias: round the shared layers' float32 biases to
+    float16 values (as ws.compress does; ws.save then stores them at 2 bytes each): judge the returned model, not
+    the argument. Returns a copy."""
     from weightshare.replace import replace_layers
     out = copy.deepcopy(model)
     assignments = {}
     for layer in compressible_layers(out):
         values, idx = torch.unique(layer.weight, sorted=True, return_inverse=True)
-        if values.numel() <= max_entries:
-            assignments[layer.name] = (values, idx.to(torch.uint8))
+        if values.numel() > max_entries:
+            continue
+        assignments[layer.name] = (values, idx.to(torch.uint8))
+        bias = getattr(layer.module, "bias", None)
+        if half_bias and isinstance(bias, Tensor) and bias.dtype == torch.float32:
+            with torch.no_grad():
+                bias.copy_(bias.half().float())
     replace_layers(out, assignments)
     return out
