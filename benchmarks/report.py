@@ -93,10 +93,52 @@ def demo_table(records):
                 if d < 1 else " (no pruned candidate met it: dense network)")
         val = (f"{100 * r['baseline_val_error']:.2f} -> {100 * r['val_error']:.2f}%"
                if r.get("val_error") is not None and r.get("baseline_val_error") is not None else "")
+        if r.get("constraint_met") is False:
+            val += " (not met: the closest attempt)"
         out.append(f"| {r['model']} | {r['method']}{fixed} | {val} | "
                    f"{100 * r['baseline_test_error']:.2f}% | {100 * r['test_error']:.2f}% | "
                    f"{r['compression_ratio']:.1f}x | {r['file_bytes']:,} | {bits} | "
                    f"{r['batch1_ms_dense']:.3f} / {r['batch1_ms_compressed']:.3f} ms |")
+    return "\n".join(out)
+
+
+def qat_table(r):
+    """Pruned networks retrained with shared weights (bench_qat.py): every density x bit configuration."""
+    out = [f"{r['model']}: pruned + trained sharing, {r['recipe']['epochs']} epochs at lr {r['recipe']['lr']}, "
+           f"distillation {r['recipe']['distill']} (dense val {100 * r['baseline_val_error']:.2f}%, test "
+           f"{100 * r['baseline_test_error']:.2f}%; {_machine(r['machine'])})", "",
+           "| weights kept | pruned val / test error | bits | val error | test error | compression ratio (file) | "
+           "file bytes | index / codebook / bias / header bytes |", "|---|---|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        parts = [sum(l[key] for l in x["layers"]) for key in ("index_bytes", "codebook_bytes", "bias_bytes")]
+        out.append(f"| {100 * x['density']:.2f}% | {100 * x['pruned_val_error']:.2f} / "
+                   f"{100 * x['pruned_test_error']:.2f}% | {x['config']} | {100 * x['val_error']:.2f}% | "
+                   f"{100 * x['test_error']:.2f}% | {x['compression_ratio']:.1f}x | {x['file_bytes']:,} | "
+                   f"{' / '.join(f'{v:,}' for v in parts)} / {x['overhead_bytes']:,} |")
+    return "\n".join(out)
+
+
+def pruned_table(r):
+    """Every step of a long pruning run (prune_checkpoints.py) and which networks it kept."""
+    kept = {c["density"] for c in r["chosen"]}
+    out = [f"{r['model']}: {r['recipe']['epochs']} epochs a step, lr {r['recipe']['lr']}, floors "
+           f"{r['layer_floors']} ({_machine(r['machine'])}, {r['seconds']:.0f} s)", "",
+           "| density | val error | test error | per-layer density | kept |", "|---|---|---|---|---|"]
+    for x in r["steps"]:
+        layers = ", ".join(f"{k} {100 * v:.1f}%" for k, v in x["layer_density"].items())
+        out.append(f"| {100 * x['density']:.2f}% | {100 * x['val_error']:.2f}% | {100 * x['test_error']:.2f}% | "
+                   f"{layers} | {'yes' if x['density'] in kept else ''} |")
+    return "\n".join(out)
+
+
+def context_coder_table(r):
+    out = [f"Index streams of pruned layers, 4-bit (k-means, 15 values + zero) ({_machine(r['machine'])})", "",
+           "| model | layer | density | packed | Shannon bound (independent) | static rANS | context coder | "
+           "context / rANS | context enc / dec |", "|---|---|---|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        out.append(f"| {x['model']} | {x['layer']} | {100 * x['density']:.2f}% | {x['packed_bytes']:,} B | "
+                   f"{x['shannon_bytes']:,.0f} B | {x['rans_bytes']:,} B | {x['context_bytes']:,} B | "
+                   f"{x['context_vs_rans']:.3f} | {x['context_encode_ms']:.2f} / {x['context_decode_ms']:.2f} ms |")
     return "\n".join(out)
 
 
@@ -199,7 +241,9 @@ def main():
                      ("prune_curve_lenet5.json", prune_curve_table),
                      ("prune_curve_lenet300100_ramped.json", prune_curve_table),
                      ("prune_curve_lenet5_ramped.json", prune_curve_table), ("methods_curve.json", methods_curve_table),
-                     ("hashednets_lenet300100.json", hashednets_table)):
+                     ("hashednets_lenet300100.json", hashednets_table), ("pruned_lenet300100.json", pruned_table),
+                     ("pruned_lenet5.json", pruned_table), ("qat_lenet300100.json", qat_table),
+                     ("qat_lenet5.json", qat_table), ("context_coder_cpu.json", context_coder_table)):
         r = _load(name)
         if r:
             print(fn(r), end="\n\n")
