@@ -1,7 +1,7 @@
 """Index-stream coding of pruned layers: bytes and speed of the context-adaptive coder (ops.context_encode)
 against static rANS (weightshare.entropy) and bit packing, and the Shannon bound of independent symbols, on the
-layers of the committed pruned checkpoints (checkpoints/*_pruned.safetensors; a magnitude-pruned copy of the
-dense checkpoint at 5 % density where none is committed). Each layer's surviving weights get a 15-entry k-means
+layers of the sparsest committed pruned checkpoint (checkpoints/pruned/; a magnitude-pruned copy of the dense
+checkpoint at 5 % density where none is committed). Each layer's surviving weights get a 15-entry k-means
 codebook plus the exact zero (4-bit indices, as the demo's k-means files).
 
     python benchmarks/bench_context_coder.py      # writes benchmarks/results/context_coder_cpu.json
@@ -27,9 +27,9 @@ K = 16
 
 
 def pruned_model(name: str):
-    path = REPO / "checkpoints" / f"{name}_pruned.safetensors"
-    if path.exists():
-        return load_checkpoint(path, expected_model=name), str(path.relative_to(REPO))
+    committed = sorted((REPO / "checkpoints" / "pruned").glob(f"{name}-d*.safetensors"))
+    if committed:  # the sparsest (names sort by density)
+        return load_checkpoint(committed[0], expected_model=name), str(committed[0].relative_to(REPO))
     from weightshare.compress.prune import global_masks, weight_scores
     model = load_checkpoint(REPO / "checkpoints" / f"{name}.safetensors", expected_model=name)
     scores = weight_scores(model, "magnitude", None, None)
