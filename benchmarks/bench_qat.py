@@ -52,6 +52,9 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=["3", "4"])
     ap.add_argument("--extra", nargs="*", default=[], help="more pruned checkpoints to include")
     ap.add_argument("--out-dir", default="out/bench_qat")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0],
+                    help="retraining seeds (data order and refits); each cell is run once per seed")
+    ap.add_argument("--tag", default="", help="suffix of the results file: qat_<model><tag>.json")
     args = ap.parse_args()
 
     splits = mnist_splits()
@@ -67,16 +70,17 @@ def main() -> None:
         names = [l.name for l in compressible_layers(net)]
         density = density_of(net)
         pruned_val, pruned_test = evaluate(net, splits.val)[1], evaluate(net, splits.test)[1]
-        for text in args.configs:
+        for text, seed in [(t, s) for t in args.configs for s in args.seeds]:
             bits = parse_config(text, names)
             t0 = time.time()
-            r = quantize_retrain(net, splits.train, bits, teacher=dense, **QAT_RECIPES[args.model])
-            path = out_dir / f"{args.model}-d{density:.4f}-{text.replace(',', '_').replace('*', 'rest')}.ws"
+            r = quantize_retrain(net, splits.train, bits, teacher=dense, seed=seed, **QAT_RECIPES[args.model])
+            path = out_dir / f"{args.model}-d{density:.4f}-{text.replace(',', '_').replace('*', 'rest')}-s{seed}.ws"
             file_bytes = ws.save(to_shared(r.model), path)
             loaded = ws.load(path)
             report = ws.size_report(loaded)
             row = {"source": str(f.relative_to(REPO)) if f.is_relative_to(REPO) else str(f), "density": density,
                    "pruned_val_error": pruned_val, "pruned_test_error": pruned_test, "config": text, "bits": bits,
+                   "seed": seed,
                    "val_error": evaluate(loaded, splits.val)[1], "test_error": evaluate(loaded, splits.test)[1],
                    "compression_ratio": report.ratio, "file_bytes": file_bytes, "seconds": time.time() - t0,
                    "layers": [{"name": l.name, "k": l.k, "index_bytes": l.index_bytes, "encoding": l.encoding,
@@ -84,7 +88,7 @@ def main() -> None:
                               for l in report.layers],
                    "overhead_bytes": report.overhead_bytes}
             rows.append(row)
-            print(f"density {density:.4f} bits {text:>16s}: val {100 * row['val_error']:.2f}% (dense "
+            print(f"density {density:.4f} bits {text:>16s} seed {seed}: val {100 * row['val_error']:.2f}% (dense "
                   f"{100 * base_val:.2f}%), test {100 * row['test_error']:.2f}% (dense {100 * base_test:.2f}%), "
                   f"{row['compression_ratio']:.1f}x ({file_bytes} B), {row['seconds']:.0f} s", flush=True)
     zero_test = [r for r in rows if r["test_error"] <= base_test + 1e-12]
@@ -96,12 +100,12 @@ def main() -> None:
                                     f"{row['config']}, test {100 * row['test_error']:.2f}%)" if row else "none"))
     result = {"machine": machine(), "model": args.model, "recipe": QAT_RECIPES[args.model],
               "baseline_val_error": base_val, "baseline_test_error": base_test, "rows": rows, "best": best}
-    print(write_json(f"qat_{args.model}.json", result))
+    print(write_json(f"qat_{args.model}{args.tag}.json", result))
     curves = {f"density {d:.4f}": sorted((r["compression_ratio"], 100 * r["test_error"], 0.0, 0.0)
                                          for r in rows if r["density"] == d)
               for d in sorted({r["density"] for r in rows})}
     panel = (f"{args.model}: pruned + trained sharing (file bytes)", base_test, curves)
-    plot_error_vs_ratio([panel], REPO / "benchmarks" / "results" / f"qat_{args.model}.png")
+    plot_error_vs_ratio([panel], REPO / "benchmarks" / "results" / f"qat_{args.model}{args.tag}.png")
 
 
 if __name__ == "__main__":

@@ -107,12 +107,13 @@ def qat_table(r):
     out = [f"{r['model']}: pruned + trained sharing, {r['recipe']['epochs']} epochs at lr {r['recipe']['lr']}, "
            f"distillation {r['recipe']['distill']} (dense val {100 * r['baseline_val_error']:.2f}%, test "
            f"{100 * r['baseline_test_error']:.2f}%; {_machine(r['machine'])})", "",
-           "| weights kept | pruned val / test error | bits | val error | test error | compression ratio (file) | "
-           "file bytes | index / codebook / bias / header bytes |", "|---|---|---|---|---|---|---|---|"]
+           "| weights kept | pruned val / test error | bits | seed | val error | test error | compression ratio (file) | "
+           "file bytes | index / codebook / bias / header bytes |", "|---|---|---|---|---|---|---|---|---|"]
     for x in r["rows"]:
         parts = [sum(l[key] for l in x["layers"]) for key in ("index_bytes", "codebook_bytes", "bias_bytes")]
         out.append(f"| {100 * x['density']:.2f}% | {100 * x['pruned_val_error']:.2f} / "
-                   f"{100 * x['pruned_test_error']:.2f}% | {x['config']} | {100 * x['val_error']:.2f}% | "
+                   f"{100 * x['pruned_test_error']:.2f}% | {x['config']} | {x.get('seed', 0)} | "
+                   f"{100 * x['val_error']:.2f}% | "
                    f"{100 * x['test_error']:.2f}% | {x['compression_ratio']:.1f}x | {x['file_bytes']:,} | "
                    f"{' / '.join(f'{v:,}' for v in parts)} / {x['overhead_bytes']:,} |")
     return "\n".join(out)
@@ -243,7 +244,8 @@ def main():
                      ("prune_curve_lenet5_ramped.json", prune_curve_table), ("methods_curve.json", methods_curve_table),
                      ("hashednets_lenet300100.json", hashednets_table), ("pruned_lenet300100.json", pruned_table),
                      ("pruned_lenet5.json", pruned_table), ("qat_lenet300100.json", qat_table),
-                     ("qat_lenet5.json", qat_table), ("context_coder_cpu.json", context_coder_table)):
+                     ("qat_lenet5.json", qat_table), ("qat_lenet300100_seeds.json", qat_table),
+                     ("qat_lenet5_seeds.json", qat_table), ("context_coder_cpu.json", context_coder_table)):
         r = _load(name)
         if r:
             print(fn(r), end="\n\n")
