@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import weightshare as ws  # noqa: E402
-from weightshare.compress.layers import compressible_layers  # noqa: E402
+from weightshare.compress.layers import compressible_layers, density as weight_density  # noqa: E402
 from weightshare.compress.qat import quantize_retrain, to_shared  # noqa: E402
 from weightshare.data import mnist_splits  # noqa: E402
 from weightshare.train import QAT_RECIPES, evaluate, load_checkpoint  # noqa: E402
@@ -39,11 +39,6 @@ def parse_config(text: str, layer_names: list[str]) -> dict[str, int]:
     if unknown:
         raise SystemExit(f"bench_qat: unknown layers {sorted(unknown)} in {text!r} (layers: {layer_names})")
     return {n: int(given.get(n, given.get("*", 0))) for n in layer_names}
-
-
-def density_of(model) -> float:
-    layers = compressible_layers(model)
-    return sum(int((l.weight != 0).sum()) for l in layers) / sum(l.weight.numel() for l in layers)
 
 
 def main() -> None:
@@ -68,7 +63,7 @@ def main() -> None:
     for f in files:
         net = load_checkpoint(f, expected_model=args.model)
         names = [l.name for l in compressible_layers(net)]
-        density = density_of(net)
+        density = weight_density(net)
         pruned_val, pruned_test = evaluate(net, splits.val)[1], evaluate(net, splits.test)[1]
         for text, seed in [(t, s) for t in args.configs for s in args.seeds]:
             bits = parse_config(text, names)

@@ -200,9 +200,18 @@ struct ContextModel {
   int depth;
 };
 
-int most_frequent(const uint8_t* idx, int64_t n) {
+// The most frequent symbol (lowest on ties), after checking in the same pass that every index is below k.
+int most_frequent_below_k(const uint8_t* idx, int64_t rows, int64_t cols, int64_t k) {
   std::array<int64_t, 256> hist{};
+  const int64_t n = rows * cols;
   for (int64_t i = 0; i < n; ++i) ++hist[idx[i]];
+  for (int s = static_cast<int>(k); s < 256; ++s) {
+    if (hist[s] == 0) continue;
+    int64_t i = 0;  // an error path: find the first offender to name it
+    while (idx[i] != s) ++i;
+    TORCH_CHECK_VALUE(false, "weightshare: context_encode: indices[", i / cols, ", ", i % cols, "] = ", s,
+                      " is not below k = ", k);
+  }
   int best = 0;
   for (int s = 1; s < 256; ++s)
     if (hist[s] > hist[best]) best = s;
@@ -213,10 +222,7 @@ at::Tensor context_encode_cpu(const at::Tensor& indices, int64_t k) {
   check_context_encode(indices, k);
   const int64_t rows = indices.size(0), cols = indices.size(1);
   const uint8_t* idx = indices.data_ptr<uint8_t>();
-  for (int64_t i = 0; i < rows * cols; ++i)
-    TORCH_CHECK_VALUE(idx[i] < k, "weightshare: context_encode: indices[", i / cols, ", ", i % cols, "] = ",
-                      int(idx[i]), " is not below k = ", k);
-  const int background = most_frequent(idx, rows * cols);
+  const int background = most_frequent_below_k(idx, rows, cols, k);
 
   std::vector<uint8_t> out = {kStreamVersion, static_cast<uint8_t>(background)};
   out.reserve(2 + rows * cols / 8);

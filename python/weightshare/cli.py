@@ -127,18 +127,13 @@ def prune_one(name: str, slack: float = 0.002, progress: bool = False, patience:
 def load_pruned(name: str) -> Optional[PrunedNetworks]:
     """The committed pruned networks of a bundled model (checkpoints/pruned/<name>-d*.safetensors), sparsest
     first, or None when there are none."""
-    from weightshare.compress.layers import compressible_layers
+    from weightshare.compress.layers import density
     from weightshare.data import mnist_splits
     from weightshare.train import load_checkpoint
     files = sorted(PRUNED.glob(f"{name}-d*.safetensors"))
     if not files:
         return None
-    networks = []
-    for f in files:
-        model = load_checkpoint(f, expected_model=name)
-        layers = compressible_layers(model)
-        density = sum(int((l.weight != 0).sum()) for l in layers) / sum(l.weight.numel() for l in layers)
-        networks.append((density, model))
+    networks = [(density(m), m) for m in (load_checkpoint(f, expected_model=name) for f in files)]
     base = _val_accuracy(mnist_splits())(_load_baseline(name))
     return PrunedNetworks(sorted(networks, key=lambda c: c[0]), base, 0.0)
 

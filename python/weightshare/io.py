@@ -176,22 +176,25 @@ def _stored_codebook(layer: SharedLayer, where: str) -> Tensor:
     codebook = layer.codebook.detach().float()
     if not torch.isfinite(codebook).all():
         raise ValueError(f"layer {where!r}: the codebook holds NaN or Inf; refusing to save it")
-    half = codebook.half()
-    return half if torch.equal(half.float(), codebook) else codebook
+    return _half_if_exact(codebook)
 
 
 def _stored_bias(bias: Tensor) -> Tensor:
     """float16 when a float32 bias survives the round trip exactly (half the bytes, the same model), else as is.
     A bias of a shared layer is a few hundred values, but at 100-200x those are 10-25 % of a LeNet file."""
     bias = bias.detach()
-    if bias.dtype != torch.float32:
-        return bias
-    half = bias.half()
-    return half if torch.equal(half.float(), bias) else bias
+    return _half_if_exact(bias) if bias.dtype == torch.float32 else bias
+
+
+def _half_if_exact(values: Tensor) -> Tensor:
+    """float32 values as float16 when every one survives the round trip exactly, else unchanged."""
+    half = values.half()
+    return half if torch.equal(half.float(), values) else values
 
 
 def _dtype_name(tensor: Tensor) -> str:
     return str(tensor.dtype).removeprefix("torch.")
+
 
 @dataclass
 class _Plan:

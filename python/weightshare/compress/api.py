@@ -12,7 +12,7 @@ from torch import nn
 
 from weightshare.compress.baselines import METHODS, fit_baseline
 from weightshare.compress.finetune import finetune_codebooks
-from weightshare.compress.layers import compressible_layers, mean_loss, weights_swapped
+from weightshare.compress.layers import compressible_layers, mean_loss, round_biases_to_half_, weights_swapped
 from weightshare.compress.lagrangian import LayerFits, Trial, search
 from weightshare.compress.quadratic import Fit
 
@@ -95,11 +95,7 @@ def _parse_budget(max_loss_increase, base_loss: float) -> Optional[float]:
 def _with_half_biases(model: nn.Module) -> nn.Module:
     """A copy of the model whose compressible layers' float32 biases are rounded to float16 values."""
     out = copy.deepcopy(model)
-    with torch.no_grad():
-        for layer in compressible_layers(out):
-            bias = getattr(layer.module, "bias", None)
-            if isinstance(bias, torch.Tensor) and bias.dtype == torch.float32:
-                bias.copy_(bias.half().float())
+    round_biases_to_half_(l.module for l in compressible_layers(out))
     return out
 
 

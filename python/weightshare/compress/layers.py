@@ -50,6 +50,22 @@ def weights_swapped(layers: Mapping[str, Layer], weights: Mapping[str, Tensor]) 
                 layers[name].module.weight.copy_(w)
 
 
+def density(model: nn.Module) -> float:
+    """Fraction of the compressible layers' weights that are not exactly zero (a pruned network's density)."""
+    layers = compressible_layers(model)
+    return sum(int((l.weight != 0).sum()) for l in layers) / sum(l.weight.numel() for l in layers)
+
+
+@torch.no_grad()
+def round_biases_to_half_(modules) -> None:
+    """Round the float32 biases of these modules to float16 values, in place (ws.save then stores them at 2 bytes
+    each, losslessly)."""
+    for module in modules:
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, Tensor) and bias.dtype == torch.float32:
+            bias.copy_(bias.half().float())
+
+
 def mean_loss(model: nn.Module, loss_fn, batches: list) -> float:
     """Mean of loss_fn over the batches (weighted by batch size), in eval mode without gradients."""
     was_training = model.training

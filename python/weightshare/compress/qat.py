@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from weightshare.compress.layers import compressible_layers
+from weightshare.compress.layers import compressible_layers, round_biases_to_half_
 
 
 class SharedValues(nn.Module):
@@ -131,15 +131,13 @@ def to_shared(model: nn.Module, max_entries: int = 256, half_bias: bool = True) 
     the argument. Returns a copy."""
     from weightshare.replace import replace_layers
     out = copy.deepcopy(model)
-    assignments = {}
+    assignments, shared = {}, []
     for layer in compressible_layers(out):
         values, idx = torch.unique(layer.weight, sorted=True, return_inverse=True)
-        if values.numel() > max_entries:
-            continue
-        assignments[layer.name] = (values, idx.to(torch.uint8))
-        bias = getattr(layer.module, "bias", None)
-        if half_bias and isinstance(bias, Tensor) and bias.dtype == torch.float32:
-            with torch.no_grad():
-                bias.copy_(bias.half().float())
+        if values.numel() <= max_entries:
+            assignments[layer.name] = (values, idx.to(torch.uint8))
+            shared.append(layer.module)
+    if half_bias:
+        round_biases_to_half_(shared)
     replace_layers(out, assignments)
     return out
