@@ -4,7 +4,9 @@
                                                                 # without the flag every case runs once, untimed)
     python benchmarks/bench_curvature.py [rounds]               # medians and ratios -> results/curvature_cpu.json
 
-Each case is one call on one batch: gradient, hvp (both methods), ggn_vp, fisher_diag. The ratios to the gradient
+Each case is one call on one batch: gradient, hvp (all three methods), ggn_vp, fisher_diag. hvp's
+reverse_over_forward and ggn_vp run the traced R-forward (weightshare/curvature/traced.py); its one-time trace per
+model and input shape happens in the warm-up calls and is reported separately under "trace_ms". The ratios to the gradient
 are what matter for the compressor: Hutchinson costs probes x HVP per batch, the Fisher one per-sample pass.
 """
 from __future__ import annotations
@@ -26,8 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from weightshare import curvature as cv
+from weightshare.curvature import traced
 
 RESULTS = Path(__file__).resolve().parent / "results" / "curvature_cpu.json"
+TRACE_MS: dict[str, float] = {}  # first (uncached) trace of each case's model, filled by measure()
 
 
 class LeNet5(nn.Module):
@@ -98,13 +102,15 @@ def operations(model: nn.Module, loss_fn, batch, v) -> dict[str, Callable[[], ob
         "gradient": lambda: cv.gradient(model, loss_fn, [batch]),
         "hvp_double_backward": lambda: cv.hvp(model, loss_fn, batch, v, method="double_backward"),
         "hvp_forward_over_reverse": lambda: cv.hvp(model, loss_fn, batch, v, method="forward_over_reverse"),
+        "hvp_reverse_over_forward": lambda: cv.hvp(model, loss_fn, batch, v, method="reverse_over_forward"),
         "ggn_vp": lambda: cv.ggn_vp(model, loss_fn, batch, v),
         "fisher_diag": lambda: cv.fisher_diag(model, loss_fn, [batch]),
     }
 
 
 CASES = ["lenet5", "transformer"]
-OPERATIONS = ["gradient", "hvp_double_backward", "hvp_forward_over_reverse", "ggn_vp", "fisher_diag"]
+OPERATIONS = ["gradient", "hvp_double_backward", "hvp_forward_over_reverse", "hvp_reverse_over_forward", "ggn_vp",
+              "fisher_diag"]
 
 
 @pytest.mark.parametrize("operation", OPERATIONS)
@@ -135,7 +141,11 @@ def measure(rounds: int = 15, warmup: int = 2) -> tuple[dict[str, dict[str, floa
     medians: dict[str, dict[str, float]] = {}
     minima: dict[str, dict[str, float]] = {}
     for case in CASES:
-        ops = operations(*make_case(case))
+        model, loss_fn, batch, v = make_case(case)
+        start = time.perf_counter()
+        traced.trace(model, batch[0])
+        TRACE_MS[case] = (time.perf_counter() - start) * 1e3
+        ops = operations(model, loss_fn, batch, v)
         for fn in ops.values():
             for _ in range(warmup):
                 fn()
@@ -171,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": ratios,
         "min_ms": minima,
         "ratios_of_min": ratios_of(minima),
+        "trace_ms_once_per_model_and_shape": TRACE_MS,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")

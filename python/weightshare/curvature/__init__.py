@@ -2,9 +2,10 @@
 and the diagonals (Hutchinson, empirical Fisher) that weight the second-order model dL = g.dW + 1/2 dW.H.dW.
 
 Files: parameters.py (which weights, argument checks), functional.py (the loss as a function of the weights),
-output_hessian.py (closed-form H_out products), products.py (hvp, ggn_vp), accumulators.py (streaming means),
-diagonals.py (gradient, hessian_diag, ggn_diag, fisher_diag), stats.py (CurvatureStats, gather_stats).
-Pure PyTorch; a fused native Fisher kernel (ws.ops.sq_grad_accum) will plug into FisherPass.
+output_hessian.py (closed-form H_out products), traced.py + tangents.py (the forward as traced ATen ops and
+Pearlmutter's R-forward over them: J v for the products), products.py (hvp, ggn_vp), accumulators.py (streaming
+means), diagonals.py (gradient, hessian_diag, ggn_diag, fisher_diag), fused_fisher.py (the Fisher diagonal
+through ws.ops.sq_grad_accum), stats.py (CurvatureStats, gather_stats).
 """
 from weightshare.curvature.diagonals import fisher_diag, ggn_diag, gradient, hessian_diag
 from weightshare.curvature.parameters import compressible_parameters

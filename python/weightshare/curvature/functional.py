@@ -8,11 +8,13 @@ parameters that are not differentiated are detached so that no autograd graph is
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+
+from weightshare.curvature.traced import TracedForward, named_tensors, trace
 
 LossFn = Callable[[Tensor, Any], Tensor]
 
@@ -58,6 +60,21 @@ class FunctionalLoss:
 
     def loss(self, params: Mapping[str, Tensor], x: Tensor, y: Any) -> Tensor:
         return self.loss_of_outputs(self.outputs(params, x), y)
+
+    def traced(self, x: Tensor) -> Optional["TracedForward"]:
+        """The model's forward on inputs like x as traced ATen ops (traced.py), or None where it cannot be traced."""
+        return trace(self.model, x)
+
+    def traced_values(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Every parameter and buffer by every name it has (tied weights included): `params` for the
+        differentiated ones, detached tensors for the rest; what TracedForward.primal takes."""
+        differentiated = {id(p): params[n] for n, p in self.params.items()}
+        return {n: differentiated.get(id(t), t.detach()) for n, t in named_tensors(self.model)}
+
+    def traced_directions(self, v: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """A direction over the differentiated parameters, by every name each of them has."""
+        by_id = {id(p): v[n] for n, p in self.params.items()}
+        return {n: by_id[id(t)] for n, t in self.model.named_parameters(remove_duplicate=False) if id(t) in by_id}
 
     def zeros_for_unused(self, derivs: Mapping[str, Tensor | None]) -> dict[str, Tensor]:
         """Derivatives of parameters the loss does not depend on are zero, not None."""

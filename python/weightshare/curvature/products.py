@@ -16,8 +16,8 @@ from weightshare.curvature.functional import FunctionalLoss, LossFn
 from weightshare.curvature.output_hessian import output_hessian_product
 from weightshare.curvature.parameters import ParamsArg, check_batch, check_direction, resolve_parameters
 
-HVP_METHODS = ("double_backward", "forward_over_reverse")
-DEFAULT_HVP_METHOD = "double_backward"
+HVP_METHODS = ("double_backward", "forward_over_reverse", "reverse_over_forward")
+DEFAULT_HVP_METHOD = "reverse_over_forward"
 
 
 def check_hvp_method(method: Any, caller: str) -> str:
@@ -32,6 +32,17 @@ class HessianOperator:
     def __init__(self, f: FunctionalLoss, x: Tensor, y: Any, method: str = DEFAULT_HVP_METHOD) -> None:
         self.f, self.x, self.y, self.method = f, x, y, method
         self._names = list(f.params)
+        self._traced = f.traced(x) if method == "reverse_over_forward" else None
+        if method == "reverse_over_forward" and self._traced is not None:
+            # H v = d/dtheta <grad_out L, J v>: the R-forward recorded by autograd, then one backward
+            self._leaves = f.leaves()
+            with torch.enable_grad():
+                self._env = self._traced.primal(f.traced_values(self._leaves), x)
+                out = self._traced.result(self._env)
+                loss = f.loss_of_outputs(out, y)
+                self._grad_out = torch.autograd.grad(loss, out, create_graph=True)[0] if out.requires_grad else None
+        elif method == "reverse_over_forward":  # an untraceable model: the next best generic method
+            self.method = method = "double_backward"
         if method == "double_backward":
             self._leaves = f.leaves()
             with torch.enable_grad():  # a caller's torch.no_grad() must not turn the product into an error
@@ -42,6 +53,8 @@ class HessianOperator:
             self._differentiable = [(n, g) for n, g in zip(self._names, grads) if g is not None and g.requires_grad]
 
     def __call__(self, v: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        if self.method == "reverse_over_forward":
+            return self._reverse_over_forward(v)
         if self.method == "forward_over_reverse":
             if isinstance(self.y, Tensor) and self.y.is_floating_point():
                 # Workaround for pytorch/pytorch#123996 (open in torch 2.14): a captured float target gets an
@@ -62,29 +75,59 @@ class HessianOperator:
                                      retain_graph=True, allow_unused=True)
         return self.f.zeros_for_unused(dict(zip(self._names, hv)))
 
+    def _reverse_over_forward(self, v: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        if self._grad_out is None:
+            return self.f.zeros_for_unused({})
+        with torch.enable_grad():
+            jv = self._traced.tangent(self._env, self.f.traced_directions(v))
+            if jv is None or not (jv.requires_grad or self._grad_out.requires_grad):
+                return self.f.zeros_for_unused({})
+            directional = (self._grad_out * jv).sum()
+            hv = torch.autograd.grad(directional, [self._leaves[n] for n in self._names], retain_graph=True,
+                                     allow_unused=True)
+        return self.f.zeros_for_unused(dict(zip(self._names, hv)))
+
 
 class GaussNewtonOperator:
-    """v -> J^T H_out J v for one batch; the forward graph for J^T is built once and reused for every v."""
+    """v -> J^T H_out J v for one batch; the forward (and its autograd graph for J^T) is run once and reused for
+    every v.
+
+    Where the model traces (traced.py), J v comes from the R-forward over the traced ops, which reuses the
+    primal intermediates of that one forward: per v, one tangent pass and one backward. Otherwise torch.func.jvp
+    reruns the forward with the tangent for each v."""
 
     def __init__(self, f: FunctionalLoss, x: Tensor, y: Any) -> None:
         self.f, self.x, self.y = f, x, y
         self._names = list(f.params)
         self._leaves = f.leaves()
+        self._traced = f.traced(x)
         with torch.enable_grad():
-            self._out: Optional[Tensor] = f.outputs(self._leaves, x)
+            if self._traced is not None:
+                self._env = self._traced.primal(f.traced_values(self._leaves), x)
+                out = self._traced.result(self._env)
+            else:
+                out = f.outputs(self._leaves, x)
+        self._out: Optional[Tensor] = out
         # The loss must be a scalar, also when its output Hessian has a closed form that never calls it.
-        f.loss_of_outputs(self._out.detach(), y)
-        if not self._out.requires_grad:  # outputs independent of the parameters
+        f.loss_of_outputs(out.detach(), y)
+        if not out.requires_grad:  # outputs independent of the parameters
             self._out = None
+
+    def _jv(self, v: Mapping[str, Tensor]) -> Tensor:
+        if self._traced is not None:
+            with torch.no_grad():
+                jv = self._traced.tangent(self._env, self.f.traced_directions(v))
+            return torch.zeros_like(self._out) if jv is None else jv
+        # J v by forward mode without recording a graph (measured: 5-10% faster on LeNet-5 and an MLP than
+        # carrying the tangent through the recorded forward with fwAD dual tensors).
+        with torch.no_grad():
+            _, jv = torch.func.jvp(lambda p: self.f.outputs(p, self.x), (self.f.primals(),), (dict(v),))
+        return jv
 
     def __call__(self, v: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if self._out is None:
             return self.f.zeros_for_unused({})
-        # J v by forward mode without recording a graph (measured: 5-10% faster on LeNet-5 and an MLP than
-        # carrying the tangent through the recorded forward with fwAD dual tensors), then J^T by a backward.
-        with torch.no_grad():
-            out, jv = torch.func.jvp(lambda p: self.f.outputs(p, self.x), (self.f.primals(),), (dict(v),))
-        hjv = output_hessian_product(self.f.loss_fn, out, self.y, jv)
+        hjv = output_hessian_product(self.f.loss_fn, self._out.detach(), self.y, self._jv(v))
         with torch.enable_grad():
             gv = torch.autograd.grad(self._out, [self._leaves[n] for n in self._names], grad_outputs=hjv,
                                      retain_graph=True, allow_unused=True)
@@ -100,22 +143,23 @@ def hvp(model: nn.Module, loss_fn: LossFn, batch: Any, v: Mapping[str, Tensor], 
     loss does not depend on). The model is left untouched and may be in eval mode.
 
     method:
-      "double_backward" (default): torch.autograd.grad with create_graph=True, then a backward through the
-          graph of the gradient.
+      "reverse_over_forward" (default): Pearlmutter's R-forward over the traced ATen ops (traced.py,
+          tangents.py), recorded by autograd, then one backward of <grad_out L, J v>, which is v.H. Models that
+          cannot be traced (data-dependent Python control flow, in-place buffer updates) use double_backward.
+      "double_backward": torch.autograd.grad with create_graph=True, then a backward through the graph of the
+          gradient.
       "forward_over_reverse": torch.func.jvp of torch.func.grad over torch.func.functional_call.
-    Why double_backward is the default, measured on this project's 2-core VM ("Intel(R) Xeon(R) Processor",
-    AVX-512), torch 2.14.1, one thread, batch 128, cross-entropy, minimum of 40-60 interleaved calls (the machine
-    was shared with other jobs):
-      LeNet-5 (conv20-pool-conv50-pool-fc500-fc10):  double_backward 106-122 ms, forward_over_reverse 98-116 ms
-                                                     (3-20% faster across runs), gradient alone 39-42 ms;
-      MLP 784-300-100-10:                            double_backward 2.8-3.4 ms, forward_over_reverse 5.7-6.8 ms
-                                                     (2x slower: torch.func's per-op overhead dominates small
-                                                     layers), gradient alone 1.2-2.7 ms;
-      2-layer transformer of benchmarks/bench_curvature.py: double_backward 46 ms, forward_over_reverse 70 ms.
-    So double_backward: at most a fifth slower on LeNet-5, up to twice as fast on the others, and it needs no
-    forward-mode formula for any op.
-    For Hutchinson, double_backward also reuses one batch's gradient graph across all probes: hessian_diag with
-    8 probes on one LeNet-5 batch took 629 ms with it and 919 ms with forward_over_reverse.
+    Why reverse_over_forward is the default, measured on this project's 2-core VM (AMD EPYC, AVX-512), torch
+    2.14.1, 2 threads, batch 128, cross-entropy, medians of interleaved calls, as multiples of one gradient
+    (benchmarks/bench_curvature.py, README "Curvature"): LeNet-5 1.72x (double_backward 2.53x,
+    forward_over_reverse 2.31x); the 2-layer transformer 2.64x (2.69x, 3.88x); the MLP 784-300-100-10 1.1x
+    (1.4-1.6x; its gradient call carries fixed overhead of the same size as the products). It never lost to
+    the others on a single product. Its floor: for a Linear layer it runs one forward, two tangent and five
+    backward matrix products against the gradient's three, so on matmul-bound models (the transformer) it stays
+    near 8/3 of a gradient. With many probes on one
+    batch (hessian_diag), double_backward reuses its gradient graph: 8 probes on the transformer took 17.2
+    gradients with it against 19.4 with reverse_over_forward; on LeNet-5 reverse_over_forward still wins, 13.2
+    against 16.8.
     """
     check_hvp_method(method, "hvp")
     targets = resolve_parameters(model, params, "hvp")
@@ -132,9 +176,13 @@ def ggn_vp(model: nn.Module, loss_fn: LossFn, batch: Any, v: Mapping[str, Tensor
     H_out the Hessian of the loss w.r.t. the outputs. G is positive semi-definite whenever the loss is convex in
     the outputs (cross-entropy on logits, MSE), unlike H, which makes it the safer quadratic model.
 
-    Cost: a forward-mode pass for J v, H_out (J v), then a forward and backward pass for J^T. H_out (J v) has
-    a closed form for nn.CrossEntropyLoss / F.cross_entropy (diag(p) - p p^T per sample) and nn.MSELoss /
-    F.mse_loss (2/M I); any other loss is differentiated twice by autograd w.r.t. the outputs.
+    Cost: one forward (recording the graph for J^T), the R-forward over the traced ops for J v (traced.py; a
+    model that cannot be traced reruns its forward under torch.func.jvp instead), H_out (J v), one backward.
+    Measured: 1.30x a gradient on LeNet-5, 1.56x on the transformer (benchmarks/bench_curvature.py; the
+    transformer's Linear layers bound it near 5/3: one forward, two tangent, two backward matrix products against
+    the gradient's three). H_out (J v) has a closed form for nn.CrossEntropyLoss / F.cross_entropy
+    (diag(p) - p p^T per sample) and nn.MSELoss / F.mse_loss (2/M I); any other loss is differentiated twice by
+    autograd w.r.t. the outputs.
     """
     targets = resolve_parameters(model, params, "ggn_vp")
     direction = check_direction(v, targets, "ggn_vp")
