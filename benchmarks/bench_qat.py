@@ -3,7 +3,8 @@
 For each pruned network (the committed ones in checkpoints/pruned, plus any given with --extra) and each bit
 configuration, retrain with shared weights (compress.qat.quantize_retrain, train.QAT_RECIPES, distilled from the
 dense model), save the exact shared form (ws.save: context-coded indices, float16 biases, deflated header) and
-measure validation and test error from the file. A configuration is uniform ("3") or per layer ("fc1=2,*=3":
+measure validation and test error from the file (units nothing reads zeroed first: exact, see
+compress/dead_units.py). A configuration is uniform ("3") or per layer ("fc1=2,*=3":
 the big fully connected layer at 2 bits, every other at 3).
 
     python benchmarks/bench_qat.py --model lenet5 --configs 2 3 4 "conv1=4,fc1=2,*=3"
@@ -21,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import weightshare as ws  # noqa: E402
+from weightshare.cli import zero_dead_units_checked  # noqa: E402
 from weightshare.compress.layers import compressible_layers, density as weight_density  # noqa: E402
 from weightshare.compress.qat import quantize_retrain, to_shared  # noqa: E402
 from weightshare.data import mnist_splits  # noqa: E402
@@ -70,7 +72,9 @@ def main() -> None:
             t0 = time.time()
             r = quantize_retrain(net, splits.train, bits, teacher=dense, seed=seed, **QAT_RECIPES[args.model])
             path = out_dir / f"{args.model}-d{density:.4f}-{text.replace(',', '_').replace('*', 'rest')}-s{seed}.ws"
-            file_bytes = ws.save(to_shared(r.model), path)
+            shared = to_shared(r.model)
+            dead_units = zero_dead_units_checked(shared, splits)  # exact; smaller file (cli.py says how)
+            file_bytes = ws.save(shared, path)
             loaded = ws.load(path)
             report = ws.size_report(loaded)
             row = {"source": str(f.relative_to(REPO)) if f.is_relative_to(REPO) else str(f), "density": density,
@@ -81,7 +85,7 @@ def main() -> None:
                    "layers": [{"name": l.name, "k": l.k, "index_bytes": l.index_bytes, "encoding": l.encoding,
                                "codebook_bytes": l.codebook_bytes, "bias_bytes": l.bias_bytes}
                               for l in report.layers],
-                   "overhead_bytes": report.overhead_bytes}
+                   "overhead_bytes": report.overhead_bytes, "dead_units": dead_units}
             rows.append(row)
             print(f"density {density:.4f} bits {text:>16s} seed {seed}: val {100 * row['val_error']:.2f}% (dense "
                   f"{100 * base_val:.2f}%), test {100 * row['test_error']:.2f}% (dense {100 * base_test:.2f}%), "

@@ -40,10 +40,28 @@ def test_retrained_network_holds_few_values_keeps_zeros_and_shares_exactly(bits)
     x = torch.randn(3, 1, 28, 28)
     torch.testing.assert_close(shared(x), r.model(x), rtol=1e-3, atol=1e-3)  # biases rounded to float16
     assert all(layer.bias_bytes == 2 * layer.parameters - 2 * layer.weights for layer in ws.size_report(shared).layers)
+    # half_values (the default): every shared value is float16-representable, so the codebooks are stored at 2 B
+    assert all(layer.codebook_bytes == 2 * layer.k * layer.groups for layer in ws.size_report(shared).layers)
+    for name in zeros:
+        w = getattr(r.model, name).weight
+        assert torch.equal(w.half().float(), w)
     exact = to_shared(r.model, half_bias=False)
     torch.testing.assert_close(exact(x), r.model(x), rtol=1e-5, atol=1e-5)
     assert not torch.equal(r.model.fc1.weight, model.fc1.weight)  # it trained; the argument is untouched
     assert torch.equal(model.fc1.weight == 0, zeros["fc1"])
+
+
+def test_half_values_only_rounds_the_final_values():
+    """Training is the same with and without half_values; only the final shared values differ, by float16
+    rounding (a latent weight within rounding distance of the midpoint of two values may also change side)."""
+    model = pruned_lenet()
+    a = quantize_retrain(model, toy_data(), 3, epochs=1, batch_size=64, refit_every=3, half_values=False)
+    b = quantize_retrain(model, toy_data(), 3, epochs=1, batch_size=64, refit_every=3)
+    for ma, mb in zip(a.model.modules(), b.model.modules()):
+        if isinstance(ma, (nn.Linear, nn.Conv2d)):
+            assert torch.equal(mb.weight.half().float(), mb.weight)
+            assert (ma.weight.half().float() != mb.weight).float().mean() < 0.01
+            assert not torch.equal(ma.weight.half().float(), ma.weight)  # float32 values before rounding
 
 
 def test_unpruned_layers_use_every_entry_and_a_teacher_is_accepted():

@@ -138,6 +138,27 @@ def load_pruned(name: str) -> Optional[PrunedNetworks]:
     return PrunedNetworks(sorted(networks, key=lambda c: c[0]), base, 0.0)
 
 
+def zero_dead_units_checked(model, splits) -> dict:
+    """compress.dead_units.zero_dead_units_ on a compressed model right before it is saved (every *_one below):
+    units whose output no layer reads (pruning leaves many) get a zero weight row and bias, which the file then
+    stores for less (context-coded zero rows, masked biases). It is exact; this checks that, bit for bit, on
+    validation images, so the errors measured before (candidate selection) and after (from the file) agree.
+    Returns the summary for the record."""
+    from weightshare.compress import zero_dead_units_
+    x = splits.val.tensors[0][:1000]
+    training = model.training
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+        report = zero_dead_units_(model, x[:1])
+        after = model(x)
+    model.train(training)
+    if not torch.equal(before, after):
+        raise RuntimeError("weightshare: zeroing dead units changed the model's outputs; please report this")
+    return {"units": report.dead, "weights_zeroed": report.weights_zeroed, "biases_zeroed": report.biases_zeroed,
+            "layers": {l.name: l.dead for l in report.layers if l.dead}}
+
+
 def _calibration(splits, calib_size: int) -> list:
     xs, ys = splits.train.tensors
     return [(xs[i:i + 500], ys[i:i + 500]) for i in range(0, calib_size, 500)]
@@ -182,6 +203,7 @@ def qat_one(name: str, pruned: PrunedNetworks, out_dir: Path, bits_options=(3, 4
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}-qat+prune.ws"
     base_test = evaluate(dense, splits.test)[1]
+    dead_units = zero_dead_units_checked(shared, splits)
     file_bytes = ws.save(shared, path, metadata={"method": "qat+prune", "baseline_test_error": base_test})
     loaded = ws.load(path)
     report = ws.size_report(loaded)
@@ -197,7 +219,7 @@ def qat_one(name: str, pruned: PrunedNetworks, out_dir: Path, bits_options=(3, 4
         "layers": [{"name": l.name, "k": l.k, "bits": l.bits, "entropy": l.shannon_bytes * 8 / l.weights}
                    for l in report.layers],
         "calibration_loss": [tried[-1]["calibration_loss"]], "predicted_loss_increase": None,
-        "loss_budget": budget, "constraint_met": ok, "qat_trials": tried,
+        "loss_budget": budget, "constraint_met": ok, "qat_trials": tried, "dead_units": dead_units,
         "compress_seconds": time.time() - t0 + pruned.seconds,
         "batch1_ms_dense": _batch1_ms(dense, x1), "batch1_ms_compressed": _batch1_ms(loaded, x1),
     }
@@ -242,6 +264,7 @@ def compress_one(name: str, method: str, calib_size: int, out_dir: Path, bits: O
     label = method + ("+prune" if pruned is not None else "")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}-{label}{'' if bits is None else f'-{bits}bit'}.ws"
+    dead_units = zero_dead_units_checked(r.model, splits)
     file_bytes = ws.save(r.model, path, metadata={"method": label, "baseline_test_error": base_test})
     loaded = ws.load(path)  # the numbers below come from the file, not from the in-memory model
     report = ws.size_report(loaded)
@@ -261,6 +284,7 @@ def compress_one(name: str, method: str, calib_size: int, out_dir: Path, bits: O
         "layers": [{"name": l.name, "k": l.k, "bits": l.bits, "entropy": l.entropy} for l in r.layers],
         "calibration_loss": [r.base_loss, r.loss], "predicted_loss_increase": r.predicted_increase,
         "loss_budget": r.budget, "constraint_met": bool(accuracy_ok and loss_ok) if bits is None else None,
+        "dead_units": dead_units,
         "compress_seconds": seconds,
         "batch1_ms_dense": _batch1_ms(dense, x1), "batch1_ms_compressed": _batch1_ms(loaded, x1),
     }
@@ -283,6 +307,7 @@ def binary_one(out_dir: Path) -> dict:
     ws.replace_layers(compressed, assignments)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "bnn_mlp-binary.ws"
+    dead_units = zero_dead_units_checked(compressed, splits)  # none: sign activations are not followed
     file_bytes = ws.save(compressed, path, metadata={"method": "binary", "baseline_test_error": base_test})
     loaded = ws.load(path)
     report = ws.size_report(loaded)
@@ -294,6 +319,7 @@ def binary_one(out_dir: Path) -> dict:
         "compression_ratio": report.ratio, "file": str(path), "file_bytes": file_bytes, "fp32_bytes": report.fp32_bytes,
         "layers": [{"name": n, "k": 2, "bits": 1, "entropy": None} for n in assignments],
         "calibration_loss": None, "predicted_loss_increase": None, "compress_seconds": time.time() - t0,
+        "dead_units": dead_units,
         "batch1_ms_dense": _batch1_ms(model, x1), "batch1_ms_compressed": _batch1_ms(loaded, x1),
     }
 

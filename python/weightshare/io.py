@@ -11,7 +11,13 @@ holding, in the model's state_dict order:
       neighbourhood). "auto" picks whichever is smallest, per layer;
     - `L.codebook`: [groups, k], float16 when every value survives the round trip exactly, else float32;
     - `L.bias` (if the layer has one): float16 when the model's float32 bias survives that round trip exactly
-      (ws.compress rounds the biases of the layers it shares to float16 for this), else as stored in the model;
+      (ws.compress rounds the biases of the layers it shares to float16 for this), else as stored in the model.
+      Stored densely (all the layer's n values), or, when the spec says "bias_encoding": "masked", as
+      `L.bias_mask` (uint8 [ceil(n / 8)], written just before `L.bias`: bit i % 8 of byte i // 8 (least
+      significant bit first) is set when bias[i] is anything but +0.0, so -0.0 and NaN are kept; the unused high
+      bits of the last byte are zero) and `L.bias` holding only the values at the set bits, in order (1-D, same
+      dtype rule; none of them +0.0). `save` masks a bias only when that makes the file strictly smaller (a unit
+      that compress.dead_units zeroed, or a pruned-away output row, then costs one bit instead of 2-4 bytes);
 * every other state_dict tensor (BatchNorm weights and statistics, layers left dense, ...) raw, under its
   state_dict name.
 
@@ -23,6 +29,7 @@ Metadata (the container's JSON)::
                     "groups": G, "bias": bool, "activation": "float" | "int8",
                     "index_encoding": "packed" | "rans" | "context", "codebook_dtype": "float32" | "float16",
                     "bias_dtype": "float32" | "float16",    # optional (absent: the model's bias dtype)
+                    "bias_encoding": "masked",              # optional (absent: the bias is stored densely)
                     # conv kinds only:
                     "stride": [...], "padding": [...], "dilation": [...], "conv_groups": g}},
      "user": {... the caller's metadata ...}}
@@ -35,17 +42,19 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from weightshare import entropy, models, ops
-from weightshare.container import ContainerError, container_size, read_container, write_container
+from weightshare.bias_mask import stored_mask, unmask
+from weightshare.container import ALIGN, ContainerError, container_size, read_container, write_container
 from weightshare.formats import MAX_BITS, MIN_BITS, packed_row_bytes
 from weightshare.nn import ACTIVATIONS, SharedConv1d, SharedConv2d, SharedLayer, SharedLinear, _numeric_padding
 from weightshare.replace import _is_gpt2_conv1d, _parents
+from weightshare.sizes import LayerSize, SizeReport
 
 __all__ = ["save", "load", "size_report", "SizeReport", "LayerSize", "FORMAT_NAME", "FORMAT_VERSION"]
 
@@ -55,83 +64,10 @@ KINDS: dict[str, type] = {"linear": SharedLinear, "conv1d": SharedConv1d, "conv2
 _COMMON_KEYS = {"kind", "weight_shape", "bits", "k", "groups", "bias", "activation", "index_encoding",
                 "codebook_dtype"}
 _CONV_KEYS = {"stride", "padding", "dilation", "conv_groups"}
-_OPTIONAL_KEYS = {"bias_dtype"}
+_OPTIONAL_KEYS = {"bias_dtype", "bias_encoding"}
 _CODEBOOK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 EntropyCoding = Union[bool, str]
-
-
-# ----------------------------------------------------------------------------------------------- reports
-
-
-@dataclass
-class LayerSize:
-    """Sizes of one shared layer, in bytes unless said otherwise."""
-
-    name: str
-    kind: str
-    weights: int            # weights in the layer (dense-equivalent)
-    parameters: int         # weights + bias values
-    fp32_bytes: int         # the dense layer in float32
-    bits: int               # index bits per weight, packed
-    k: int
-    groups: int
-    packed_bytes: int       # packed index rows (32-bit aligned per row)
-    entropy_bytes: int      # rANS-coded index stream
-    shannon_bytes: float    # the Shannon bound of the indices (n * H / 8)
-    encoding: str           # what the file stores: "packed", "rans" or "context"
-    index_bytes: int        # the stored index stream
-    codebook_bytes: int
-    bias_bytes: int
-    context_bytes: int = 0  # context-coded index stream (ops.context_encode)
-
-    @property
-    def stored_bytes(self) -> int:
-        return self.index_bytes + self.codebook_bytes + self.bias_bytes
-
-    @property
-    def bits_per_weight(self) -> float:
-        """Stored index bits per weight (after entropy coding when the file uses it)."""
-        return 8 * self.index_bytes / max(self.weights, 1)
-
-
-@dataclass
-class SizeReport:
-    """Where the bytes of a saved model go. `file_bytes` is exactly the size of the file `save` writes."""
-
-    layers: list[LayerSize] = field(default_factory=list)
-    other_tensors: int = 0       # tensors stored raw (BatchNorm, dense layers, ...)
-    other_bytes: int = 0
-    other_fp32_bytes: int = 0
-    parameters: int = 0          # dense-equivalent trainable values of the whole model
-    fp32_bytes: int = 0          # the dense model with every float tensor in float32 (all params and buffers)
-    file_bytes: int = 0
-
-    @property
-    def overhead_bytes(self) -> int:
-        """Preamble, JSON header, alignment padding and checksum."""
-        return self.file_bytes - sum(l.stored_bytes for l in self.layers) - self.other_bytes
-
-    @property
-    def ratio(self) -> float:
-        """Compression ratio against the fp32 model."""
-        return self.fp32_bytes / self.file_bytes if self.file_bytes else float("nan")
-
-    def __str__(self) -> str:
-        head = ("layer", "kind", "params", "fp32 B", "bits", "k", "packed B", "rANS B", "context B", "Shannon B",
-                "stored", "bits/w", "codebook B", "bias B")
-        rows = [(l.name, l.kind, f"{l.parameters:,}", f"{l.fp32_bytes:,}", str(l.bits), str(l.k),
-                 f"{l.packed_bytes:,}", f"{l.entropy_bytes:,}", f"{l.context_bytes:,}", f"{l.shannon_bytes:,.0f}",
-                 l.encoding,
-                 f"{l.bits_per_weight:.3f}", f"{l.codebook_bytes:,}", f"{l.bias_bytes:,}") for l in self.layers]
-        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-        fmt = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-        lines = [fmt(head), "-" * len(fmt(head)), *map(fmt, rows)]
-        lines += [f"other tensors: {self.other_tensors} ({self.other_bytes:,} B; fp32 {self.other_fp32_bytes:,} B)",
-                  f"header, padding and checksum: {self.overhead_bytes:,} B",
-                  f"total: {self.parameters:,} parameters, fp32 {self.fp32_bytes:,} B -> file {self.file_bytes:,} B "
-                  f"({self.ratio:.2f}x)"]
-        return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -159,12 +95,15 @@ def _kind(layer: SharedLayer) -> str:
     return next(kind for kind, cls in KINDS.items() if isinstance(layer, cls))
 
 
-def _layer_spec(layer: SharedLayer, encoding: str, codebook_dtype: str, bias_dtype: Optional[str]) -> dict:
+def _layer_spec(layer: SharedLayer, encoding: str, codebook_dtype: str, bias_dtype: Optional[str],
+                masked_bias: bool = False) -> dict:
     spec = {"kind": _kind(layer), "weight_shape": list(layer.weight_shape), "bits": layer.bits, "k": layer.k,
             "groups": layer.groups, "bias": layer.bias is not None, "activation": layer.activation,
             "index_encoding": encoding, "codebook_dtype": codebook_dtype}
     if bias_dtype is not None:
         spec["bias_dtype"] = bias_dtype
+    if masked_bias:
+        spec["bias_encoding"] = "masked"
     if spec["kind"] != "linear":
         spec.update(stride=list(layer.stride), padding=list(layer.padding), dilation=list(layer.dilation),
                     conv_groups=layer.conv_groups)
@@ -184,6 +123,11 @@ def _stored_bias(bias: Tensor) -> Tensor:
     A bias of a shared layer is a few hundred values, but at 100-200x those are 10-25 % of a LeNet file."""
     bias = bias.detach()
     return _half_if_exact(bias) if bias.dtype == torch.float32 else bias
+
+
+def _align(nbytes: int) -> int:
+    """A buffer's footprint in the container: each one starts at a multiple of ALIGN bytes."""
+    return -(-nbytes // ALIGN) * ALIGN
 
 
 def _half_if_exact(values: Tensor) -> Tensor:
@@ -217,6 +161,12 @@ def _plan(model: nn.Module, entropy_coding: EntropyCoding, metadata: Optional[di
     streams: dict[str, dict[str, Tensor]] = {}  # layer -> encoding -> stream
     codebooks = {name: _stored_codebook(layer, name) for name, layer in shared.items()}
     biases = {name: _stored_bias(layer.bias) for name, layer in shared.items() if layer.bias is not None}
+    masked_biases: dict[str, tuple[Tensor, Tensor]] = {}  # layer -> (mask, nonzero values): where it may pay
+    for name, bias in biases.items():
+        keep, mask = stored_mask(bias)
+        nbytes = bias.element_size()
+        if _align(mask.numel()) + _align(int(keep.sum()) * nbytes) < _align(bias.numel() * nbytes):
+            masked_biases[name] = (mask, bias.reshape(-1)[keep.to(bias.device)].contiguous())
     sizes: dict[str, LayerSize] = {}
     for name, layer in shared.items():
         options = {"packed": layer.packed.detach()}
@@ -235,7 +185,7 @@ def _plan(model: nn.Module, entropy_coding: EntropyCoding, metadata: Optional[di
             shannon_bytes=entropy.entropy_bits(idx) / 8 if measure else 0.0, encoding="packed",
             index_bytes=0, codebook_bytes=0, bias_bytes=0)
 
-    def build(choose: Callable[[str], str]) -> tuple[dict[str, Tensor], dict]:
+    def build(choose: Callable[[str], str], masked: frozenset = frozenset()) -> tuple[dict[str, Tensor], dict]:
         tensors, layers = {}, {}
         for key, tensor in model.state_dict().items():
             if not isinstance(tensor, Tensor):
@@ -249,9 +199,11 @@ def _plan(model: nn.Module, entropy_coding: EntropyCoding, metadata: Optional[di
                 encoding = choose(name)
                 tensors[_prefix(name) + "indices"] = streams[name][encoding]
                 layers[name] = _layer_spec(layer, encoding, _dtype_name(codebooks[name]),
-                                           _dtype_name(biases[name]) if name in biases else None)
+                                           _dtype_name(biases[name]) if name in biases else None, name in masked)
             elif role == "codebook":
                 tensors[key] = codebooks[name]
+            elif name in masked:
+                tensors[_prefix(name) + "bias_mask"], tensors[key] = masked_biases[name]
             else:
                 tensors[key] = biases[name]
         meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
@@ -263,22 +215,35 @@ def _plan(model: nn.Module, entropy_coding: EntropyCoding, metadata: Optional[di
         return min(among, key=lambda e: (streams[name][e].numel(), among.index(e)))
 
     if entropy_coding == "auto":
-        tensors, meta = build(smaller)
+        choose = smaller
+        tensors, meta = build(choose)
         # per-layer choices shrink the buffers; make sure header details (shapes, names) cannot undo that
         packed_tensors, packed_meta = build(lambda name: "packed")
         if container_size(packed_tensors, packed_meta) < container_size(tensors, meta):
+            choose = lambda name: "packed"
             tensors, meta = packed_tensors, packed_meta
     else:
-        tensors, meta = build(lambda name: smaller(name, ("rans", "context")) if entropy_coding else "packed")
+        choose = lambda name: smaller(name, ("rans", "context")) if entropy_coding else "packed"
+        tensors, meta = build(choose)
+    # masked biases, one layer at a time, each kept only when the whole file (header included) gets smaller
+    masked, best = frozenset(), container_size(tensors, meta)
+    for name in masked_biases:
+        trial_tensors, trial_meta = build(choose, masked | {name})
+        trial = container_size(trial_tensors, trial_meta)
+        if trial < best:
+            masked, best, tensors, meta = masked | {name}, trial, trial_tensors, trial_meta
 
     for name, spec in meta["layers"].items():
         size = sizes[name]
         size.encoding = spec["index_encoding"]
         size.index_bytes = tensors[_prefix(name) + "indices"].numel()
         codebook, bias = tensors[_prefix(name) + "codebook"], tensors.get(_prefix(name) + "bias")
+        mask = tensors.get(_prefix(name) + "bias_mask")
         size.codebook_bytes = codebook.numel() * codebook.element_size()
-        size.bias_bytes = 0 if bias is None else bias.numel() * bias.element_size()
-    owned = {_prefix(name) + role for name in shared for role in ("indices", "codebook", "bias")}
+        size.bias_bytes = (0 if bias is None else bias.numel() * bias.element_size()) + \
+            (0 if mask is None else mask.numel())
+        size.bias_encoding = spec.get("bias_encoding", "dense")
+    owned = {_prefix(name) + role for name in shared for role in ("indices", "codebook", "bias", "bias_mask")}
     return _Plan(tensors, meta, [sizes[name] for name in meta["layers"]], owned, param_names)
 
 
@@ -383,6 +348,9 @@ def _parse_layer(name: str, spec: Any, fail) -> dict:
     if "bias_dtype" in spec and (spec["bias_dtype"] not in _CODEBOOK_DTYPES or not spec["bias"]):
         raise fail(f"{what}: bias dtype must be one of {list(_CODEBOOK_DTYPES)} and needs bias=true, got "
                    f"{spec['bias_dtype']!r:.60}")
+    if "bias_encoding" in spec and (spec["bias_encoding"] != "masked" or not spec["bias"]):
+        raise fail(f"{what}: bias encoding must be 'masked' (or absent: dense) and needs bias=true, got "
+                   f"{spec['bias_encoding']!r:.60} with bias={spec['bias']!r:.10}")
     if kind != "linear":
         n = dims - 2
         out["stride"] = _int_list(spec, "stride", n, 1, what, fail)
@@ -543,11 +511,16 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> nn
             expected.pop(_prefix(name) + key, None)
         expected.update({_prefix(name) + key: value for key, value in layer.state_dict().items()})
     streams = {_prefix(name) + "indices": name for name in layers}
-    provided = set(tensors) - set(streams)
+    masks = {_prefix(name) + "bias_mask": name for name, spec in specs.items() if "bias_encoding" in spec}
+    masked_biases = {_prefix(name) + "bias": mask for mask, name in masks.items()}  # bias -> its mask
+    provided = set(tensors) - set(streams) - set(masks)
     needed = set(expected) - {_prefix(name) + "packed" for name in layers}
     for stream in streams:
         if stream not in tensors:
             raise fail(f"missing tensor {stream!r} (the indices of layer {streams[stream]!r})")
+    for mask in masks:
+        if mask not in tensors:
+            raise fail(f"missing tensor {mask!r} (the bias mask of layer {masks[mask]!r})")
     if needed - provided:
         raise fail(f"missing tensor(s) {sorted(needed - provided)[:10]} that the model needs")
     if provided - needed:
@@ -572,6 +545,9 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> nn
             tensor = tensor.float()
         elif tensor.dtype != want.dtype:
             raise fail(f"tensor {key!r} is {tensor.dtype} but the model's is {want.dtype}")
+        if key in masked_biases:
+            mask = masked_biases[key]
+            tensor = unmask(masks[mask], tensors[mask], tensor, want, fail)
         if tensor.shape != want.shape:
             raise fail(f"tensor {key!r} has shape {list(tensor.shape)} but the model's is {list(want.shape)}")
         state[key] = tensor
