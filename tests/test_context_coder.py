@@ -61,7 +61,7 @@ def test_costs_little_more_than_static_coding_on_independent_symbols(gen):
     assert bound < stream.numel() < 1.01 * bound + 64  # adaptation costs ~log(n) bits per model, not a table
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "pad", "version", "background", "start"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "pad", "version", "background", "mode", "start"])
 def test_damaged_streams_raise(damage, gen):
     idx = sparse_indices(50, 60, 8, 0.1, gen)
     stream = W.context_encode(idx, 8).clone()
@@ -72,11 +72,13 @@ def test_damaged_streams_raise(damage, gen):
     elif damage == "pad":
         stream = torch.cat([stream, torch.zeros(1, dtype=torch.uint8)])
     elif damage == "version":
-        stream[0] = 2
+        stream[0] = 3
     elif damage == "background":
         stream[1] = 8
+    elif damage == "mode":
+        stream[2] = 4
     else:
-        stream[2] = 1
+        stream[3] = 1
     for decode in (W.context_decode, reference.context_decode):
         try:
             out = decode(stream, 50, 60, 8)
@@ -85,6 +87,37 @@ def test_damaged_streams_raise(damage, gen):
         # a flipped bit may decode to other valid indices of the right count; it can never decode silently to the
         # original, and the container's SHA-256 catches it first in a file
         assert damage == "flip" and not torch.equal(out, idx)
+
+
+@pytest.mark.parametrize("mode", range(4))
+def test_every_occupancy_mode_round_trips_in_both_decoders(mode, gen):
+    """Modes 1-3 code row / column occupancy first; the encoder keeps the shortest, the decoders read any."""
+    idx = sparse_indices(30, 40, 6, 0.15, gen, dead_cols=0.3, dead_rows=0.4)
+    flat, background = idx.reshape(-1).tolist(), 0
+    stream = torch.tensor(list(reference._ctx_encode_mode(flat, 30, 40, 6, background, mode)), dtype=torch.uint8)
+    assert stream[0] == 2 and stream[2] == mode
+    assert torch.equal(W.context_decode(stream, 30, 40, 6), idx)
+    assert torch.equal(reference.context_decode(stream, 30, 40, 6), idx)
+    chosen = W.context_encode(idx, 6)
+    assert chosen.numel() <= stream.numel()
+
+
+def test_dead_rows_are_coded_by_occupancy_flags(gen):
+    # 60 % of the rows empty (dead units): coding them as empty rows beats learning them position by position
+    idx = sparse_indices(200, 300, 4, 0.05, gen, dead_rows=0.6)
+    stream = W.context_encode(idx, 4)
+    plain = reference._ctx_encode_mode(idx.reshape(-1).tolist(), 200, 300, 4, 0, 0)
+    assert stream[2] & 1 and stream.numel() < 0.97 * len(plain)  # 1,155 vs 1,214 bytes when written
+    assert torch.equal(W.context_decode(stream, 200, 300, 4), idx)
+
+
+def test_version_1_streams_still_decode(gen):
+    """A version-1 stream (session 4's files) is today's mode-0 stream without the mode byte."""
+    idx = sparse_indices(25, 30, 5, 0.2, gen)
+    mode0 = reference._ctx_encode_mode(idx.reshape(-1).tolist(), 25, 30, 5, 0, 0)
+    v1 = torch.tensor([1, mode0[1]] + list(mode0[3:]), dtype=torch.uint8)
+    assert torch.equal(W.context_decode(v1, 25, 30, 5), idx)
+    assert torch.equal(reference.context_decode(v1, 25, 30, 5), idx)
 
 
 def test_opcheck(gen):

@@ -242,7 +242,8 @@ def sq_grad_accum(x: Tensor, grad_out: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------- context coding
 # A line-by-line Python mirror of csrc/cpu/context_coder.cpp (same model, same arithmetic, same bytes); see that
 # file for the design. Slow (a few microseconds per index): for tests and as the fallback without the library.
-_CTX_VERSION, _CTX_WINDOW, _CTX_MIN_PROB, _CTX_TOP, _CTX_CLASSES = 1, 1024, 16, 1 << 24, 5
+_CTX_VERSION, _CTX_WINDOW, _CTX_MIN_PROB, _CTX_TOP, _CTX_CLASSES = 2, 1024, 16, 1 << 24, 5
+_CTX_ROW_FLAGS, _CTX_COLUMN_FLAGS, _CTX_MODES = 1, 2, 4
 
 
 class _BitModel:
@@ -277,6 +278,7 @@ class _ContextModel:
         while (1 << self.depth) < k - 1:
             self.depth += 1
         self.tree = [_BitModel() for _ in range(1 << self.depth)]
+        self.row_occupied, self.column_occupied = [_BitModel(), _BitModel()], [_BitModel(), _BitModel()]
         self.col_count, self.above = [0] * cols, [0] * cols
         self.nnz = self.seen = 0
         self.left1 = self.left2 = self.row_count = 0
@@ -284,9 +286,9 @@ class _ContextModel:
     def start_row(self) -> None:
         self.left1 = self.left2 = self.row_count = 0
 
-    def flag_model(self, r: int, c: int) -> _BitModel:
+    def flag_model(self, rows_before: int, c: int) -> _BitModel:
         neighbours = self.left1 | (self.left2 << 1) | (self.above[c] << 2)
-        column = _density_class(self.col_count[c], r, self.nnz, self.seen)
+        column = _density_class(self.col_count[c], rows_before, self.nnz, self.seen)
         row = _density_class(self.row_count, c, self.nnz, self.seen)
         return self.flags[(neighbours * _CTX_CLASSES + column) * _CTX_CLASSES + row]
 
@@ -297,6 +299,99 @@ class _ContextModel:
         self.above[c] = flag
         self.nnz += flag
         self.seen += 1
+
+
+def _ctx_walk(rows: int, cols: int, k: int, mode: int, occ_rows: list, occ_cols: list, bit, symbol) -> None:
+    """csrc/cpu/context_coder.cpp's walk(): one pass of the model; bit(model, value) codes or decodes a decision
+    (returning it), symbol(model, r, c) handles a non-background position's rank. occ_rows / occ_cols are the
+    encoder's truth or filled in while decoding."""
+    model = _ContextModel(cols, k)
+    if mode & _CTX_COLUMN_FLAGS:
+        previous = 0
+        for c in range(cols):
+            previous = occ_cols[c] = bit(model.column_occupied[previous], occ_cols[c])
+    else:
+        occ_cols[:] = [1] * cols
+    last_col = max((c for c in range(cols) if occ_cols[c]), default=-1)
+    previous_row = rows_before = 0
+    for r in range(rows):
+        if mode & _CTX_ROW_FLAGS:
+            previous_row = occ_rows[r] = bit(model.row_occupied[previous_row], occ_rows[r])
+            if not previous_row:
+                continue
+            if last_col < 0:
+                raise ValueError("weightshare: context_decode: an occupied row but no occupied column (corrupt stream)")
+        model.start_row()
+        for c in range(cols):
+            flag = 0
+            if occ_cols[c]:
+                if (mode & _CTX_ROW_FLAGS) and model.row_count == 0 and c == last_col:
+                    flag = 1
+                else:
+                    flag = bit(model.flag_model(rows_before, c), None if symbol.truth is None else
+                               int(symbol.truth[r * cols + c] != symbol.background))
+                if flag:
+                    symbol(model, r, c)
+            model.record(c, flag)
+        rows_before += 1
+
+
+class _CtxSymbols:
+    """The symbol callback of _ctx_walk, holding the encoder's truth (None when decoding)."""
+
+    def __init__(self, fn, truth, background):
+        self.fn, self.truth, self.background = fn, truth, background
+
+    def __call__(self, model, r, c):
+        self.fn(model, r, c)
+
+
+def _ctx_encode_mode(flat: list, rows: int, cols: int, k: int, background: int, mode: int) -> bytearray:
+    out = bytearray([_CTX_VERSION, background, mode])
+    state = {"low": 0, "rng": 0xFFFFFFFF, "cache": 0, "pending": 1}
+
+    def shift_low():
+        low = state["low"]
+        if (low & 0xFFFFFFFF) < 0xFF000000 or (low >> 32) != 0:
+            carry, byte = low >> 32, state["cache"]
+            while True:
+                out.append((byte + carry) & 0xFF)
+                byte = 0xFF
+                state["pending"] -= 1
+                if state["pending"] == 0:
+                    break
+            state["cache"] = (low >> 24) & 0xFF
+        state["pending"] += 1
+        state["low"] = (low & 0x00FFFFFF) << 8
+
+    def bit(model: _BitModel, b: int) -> int:
+        bound = (state["rng"] >> 16) * model.p0
+        if b:
+            state["low"], state["rng"] = state["low"] + bound, state["rng"] - bound
+        else:
+            state["rng"] = bound
+        model.update(b)
+        while state["rng"] < _CTX_TOP:
+            state["rng"] = (state["rng"] << 8) & 0xFFFFFFFF
+            shift_low()
+        return b
+
+    def rank_of(model, r, c):
+        s = flat[r * cols + c]
+        rank, node = (s if s < background else s - 1), 1
+        for level in range(model.depth - 1, -1, -1):
+            b = (rank >> level) & 1
+            bit(model.tree[node], b)
+            node = 2 * node + b
+
+    occ_rows, occ_cols = [0] * rows, [0] * cols
+    for i, s in enumerate(flat):
+        if s != background:
+            occ_rows[i // cols] = occ_cols[i % cols] = 1
+    _ctx_walk(rows, cols, k, mode, occ_rows, occ_cols, bit, _CtxSymbols(rank_of, flat, background))
+    for _ in range(5):
+        shift_low()
+    return out
 
 
 def context_encode(indices: Tensor, k: int) -> Tensor:
@@ -312,52 +407,9 @@ def context_encode(indices: Tensor, k: int) -> Tensor:
     for s in flat:
         hist[s] += 1
     background = max(range(256), key=lambda s: (hist[s], -s))
-    out = bytearray([_CTX_VERSION, background])
-    low, rng, cache, pending = 0, 0xFFFFFFFF, 0, 1
-
-    def shift_low():
-        nonlocal low, cache, pending
-        if (low & 0xFFFFFFFF) < 0xFF000000 or (low >> 32) != 0:
-            carry, byte = low >> 32, cache
-            while True:
-                out.append((byte + carry) & 0xFF)
-                byte = 0xFF
-                pending -= 1
-                if pending == 0:
-                    break
-            cache = (low >> 24) & 0xFF
-        pending += 1
-        low = (low & 0x00FFFFFF) << 8
-
-    def encode(model: _BitModel, bit: int):
-        nonlocal low, rng
-        bound = (rng >> 16) * model.p0
-        if bit:
-            low, rng = low + bound, rng - bound
-        else:
-            rng = bound
-        model.update(bit)
-        while rng < _CTX_TOP:
-            rng = (rng << 8) & 0xFFFFFFFF
-            shift_low()
-
-    model = _ContextModel(cols, k)
-    for r in range(rows):
-        model.start_row()
-        for c in range(cols):
-            s = flat[r * cols + c]
-            flag = int(s != background)
-            encode(model.flag_model(r, c), flag)
-            if flag:
-                rank, node = (s if s < background else s - 1), 1
-                for level in range(model.depth - 1, -1, -1):
-                    bit = (rank >> level) & 1
-                    encode(model.tree[node], bit)
-                    node = 2 * node + bit
-            model.record(c, flag)
-    for _ in range(5):
-        shift_low()
-    return torch.tensor(list(out), dtype=torch.uint8)
+    streams = [_ctx_encode_mode(flat, rows, cols, k, background, mode) for mode in range(_CTX_MODES)]
+    best = min(range(_CTX_MODES), key=lambda m: (len(streams[m]), m))
+    return torch.tensor(list(streams[best]), dtype=torch.uint8)
 
 
 def context_decode(stream: Tensor, rows: int, cols: int, k: int) -> Tensor:
@@ -366,55 +418,54 @@ def context_decode(stream: Tensor, rows: int, cols: int, k: int) -> Tensor:
     if rows < 0 or cols < 0 or not 1 <= k <= 256:
         raise ValueError(f"weightshare: rows, cols must be >= 0 and k in 1..256, got {rows}, {cols}, {k}")
     data = stream.tolist()
-    if len(data) < 2 or data[0] != _CTX_VERSION:
-        raise ValueError(f"weightshare: context_decode: stream version {data[0] if data else None} is not 1")
+    if len(data) < 2 or data[0] not in (1, _CTX_VERSION):
+        raise ValueError(f"weightshare: context_decode: stream version {data[0] if data else None} is not 1 or 2")
     background = data[1]
     if background >= k:
         raise ValueError(f"weightshare: context_decode: background symbol {background} is not below k = {k}")
-    body = data[2:]
+    head = 2 if data[0] == 1 else 3  # version 1 has no mode byte (mode 0)
+    if len(data) < head:
+        raise ValueError("weightshare: context_decode: stream is shorter than its header")
+    mode = data[2] if head == 3 else 0
+    if mode >= _CTX_MODES:
+        raise ValueError(f"weightshare: context_decode: mode {mode} is not below {_CTX_MODES}")
+    body = data[head:]
     if len(body) < 5 or body[0] != 0:
         raise ValueError("weightshare: context_decode: stream is not a context-coded index stream (bad coder start)")
-    pos, rng, code = 1, 0xFFFFFFFF, 0
+    state = {"pos": 1, "rng": 0xFFFFFFFF, "code": 0}
 
     def next_byte() -> int:
-        nonlocal pos
-        pos += 1
-        return body[pos - 1] if pos - 1 < len(body) else 0
+        state["pos"] += 1
+        return body[state["pos"] - 1] if state["pos"] - 1 < len(body) else 0
     for _ in range(4):
-        code = ((code << 8) | next_byte()) & 0xFFFFFFFF
+        state["code"] = ((state["code"] << 8) | next_byte()) & 0xFFFFFFFF
 
-    def decode(model: _BitModel) -> int:
-        nonlocal rng, code
-        bound = (rng >> 16) * model.p0
-        if code < bound:
-            rng, bit = bound, 0
+    def bit(model: _BitModel, _unused=None) -> int:
+        bound = (state["rng"] >> 16) * model.p0
+        if state["code"] < bound:
+            state["rng"], b = bound, 0
         else:
-            code, rng, bit = code - bound, rng - bound, 1
-        model.update(bit)
-        while rng < _CTX_TOP:
-            rng = (rng << 8) & 0xFFFFFFFF
-            code = ((code << 8) | next_byte()) & 0xFFFFFFFF
-        return bit
+            state["code"], state["rng"], b = state["code"] - bound, state["rng"] - bound, 1
+        model.update(b)
+        while state["rng"] < _CTX_TOP:
+            state["rng"] = (state["rng"] << 8) & 0xFFFFFFFF
+            state["code"] = ((state["code"] << 8) | next_byte()) & 0xFFFFFFFF
+        return b
 
-    model = _ContextModel(cols, k)
-    out = [0] * (rows * cols)
-    for r in range(rows):
-        model.start_row()
-        for c in range(cols):
-            flag = decode(model.flag_model(r, c))
-            s = background
-            if flag:
-                node = 1
-                for _ in range(model.depth):
-                    node = 2 * node + decode(model.tree[node])
-                rank = node - (1 << model.depth)
-                if rank >= k - 1:
-                    raise ValueError(f"weightshare: context_decode: decoded symbol rank {rank} is not below k - 1 = "
-                                     f"{k - 1} (corrupt stream)")
-                s = rank if rank < background else rank + 1
-            out[r * cols + c] = s
-            model.record(c, flag)
-    if pos != len(body):
-        raise ValueError(f"weightshare: context_decode: stream is {'longer' if len(body) > pos else 'shorter'} than "
-                         f"its coded symbols ({len(body)} bytes, {pos} used): corrupt or truncated")
+    out = [background] * (rows * cols)
+
+    def rank_of(model, r, c):
+        node = 1
+        for _ in range(model.depth):
+            node = 2 * node + bit(model.tree[node])
+        rank = node - (1 << model.depth)
+        if rank >= k - 1:
+            raise ValueError(f"weightshare: context_decode: decoded symbol rank {rank} is not below k - 1 = "
+                             f"{k - 1} (corrupt stream)")
+        out[r * cols + c] = rank if rank < background else rank + 1
+
+    _ctx_walk(rows, cols, k, mode, [0] * rows, [0] * cols, bit, _CtxSymbols(rank_of, None, background))
+    if state["pos"] != len(body):
+        raise ValueError(f"weightshare: context_decode: stream is {'longer' if len(body) > state['pos'] else 'shorter'}"
+                         f" than its coded symbols ({len(body)} bytes, {state['pos']} used): corrupt or truncated")
     return torch.tensor(out, dtype=torch.uint8).reshape(rows, cols)
