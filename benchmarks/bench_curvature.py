@@ -6,8 +6,9 @@
 
 Each case is one call on one batch: gradient, hvp (all three methods), ggn_vp, fisher_diag. hvp's
 reverse_over_forward and ggn_vp run the traced R-forward (weightshare/curvature/traced.py); its one-time trace per
-model and input shape happens in the warm-up calls and is reported separately under "trace_ms". The ratios to the gradient
-are what matter for the compressor: Hutchinson costs probes x HVP per batch, the Fisher one per-sample pass.
+model and input shape happens before the timed calls and is reported separately
+("trace_ms_once_per_model_and_shape"). The ratios to the gradient are what matter for the compressor: Hutchinson
+costs probes x HVP per batch, the Fisher one per-sample pass.
 """
 from __future__ import annotations
 
