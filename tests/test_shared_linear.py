@@ -184,3 +184,27 @@ def test_bad_input(case, exc, match, device, gen):
     a = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
     with pytest.raises(exc, match=match):
         torch.ops.weightshare.shared_linear(**a)
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_double_backward_matches_the_dense_layer(groups):
+    """Second derivatives through shared_linear (a Hessian-vector product of a compressed layer w.r.t. its input and
+    its codebook) equal those of F.linear with the weight gathered differentiably from the codebook."""
+    torch.manual_seed(0)
+    out_f, in_f, bits = 6, 10, 3
+    idx = torch.randint(0, 8, (out_f, in_f), dtype=torch.uint8)
+    packed = ws.ops.pack(idx, bits)
+    cb0, x0 = torch.randn(groups, 8), torch.randn(2, 5, in_f)
+    v, u = torch.randn(2, 5, in_f), torch.randn(groups, 8)
+
+    def second_derivatives(layer):
+        x, cb = x0.clone().requires_grad_(True), cb0.clone().requires_grad_(True)
+        loss = layer(x, cb).sin().sum()
+        gx, gc = torch.autograd.grad(loss, [x, cb], create_graph=True)
+        return torch.autograd.grad((gx * v).sum() + (gc * u).sum(), [x, cb])
+
+    rows = torch.arange(out_f) // (out_f // groups)
+    ours = second_derivatives(lambda x, cb: torch.ops.weightshare.shared_linear(x, packed, cb, bits, out_f, in_f))
+    dense = second_derivatives(lambda x, cb: torch.nn.functional.linear(x, cb[rows[:, None], idx.long()]))
+    for a, b in zip(ours, dense):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

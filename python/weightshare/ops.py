@@ -343,6 +343,47 @@ if NATIVE:
     torch.library.register_autograd("weightshare::shared_linear", _shared_linear_backward,
                                     setup_context=_shared_linear_setup)
 
+    # The backward op is itself differentiable (double backward through a shared layer: Hessian-vector products of
+    # a compressed model, gradient penalties). With W decoded from (packed, codebook):
+    #   gx = grad_out @ W is linear in grad_out and in the codebook;
+    #   gc[g, j] = sum over the weights of entry j in group g of (grad_out^T x) is bilinear in grad_out and x.
+    # Every derivative is again one of the two ops, with the upstream gradient of gc standing in as a codebook.
+    def _shared_linear_backward_setup(ctx, inputs, output):
+        grad_out, x, packed, codebook, bits, out_features, in_features, need_x, need_c = inputs
+        ctx.save_for_backward(grad_out, x, packed, codebook)
+        ctx.meta = (bits, out_features, in_features, need_x, need_c)
+
+    def _shared_linear_double_backward(ctx, ggx, ggc):
+        grad_out, x, packed, codebook = ctx.saved_tensors
+        bits, out_f, in_f, need_x, need_c = ctx.meta
+        W = torch.ops.weightshare
+        g_grad_out = g_x = g_codebook = None
+
+        def add(total, term):
+            return term if total is None else total + term
+        if need_x and ggx is not None and ggx.numel():
+            if ctx.needs_input_grad[0]:
+                g_grad_out = add(g_grad_out, W.shared_linear(ggx.contiguous(), packed, codebook, bits, out_f, in_f))
+            if ctx.needs_input_grad[3]:
+                _, gc = W.shared_linear_backward(grad_out, ggx.contiguous(), packed, codebook, bits, out_f, in_f,
+                                                 False, True)
+                g_codebook = add(g_codebook, gc.to(codebook.dtype))
+        if need_c and ggc is not None and ggc.numel():
+            as_codebook = ggc.to(torch.float32).contiguous()
+            if ctx.needs_input_grad[0]:
+                g_grad_out = add(g_grad_out, W.shared_linear(x, packed, as_codebook, bits, out_f, in_f))
+            if ctx.needs_input_grad[1]:
+                gx, _ = W.shared_linear_backward(grad_out, x, packed, as_codebook, bits, out_f, in_f, True, False)
+                g_x = add(g_x, gx)
+        if g_grad_out is not None:
+            g_grad_out = g_grad_out.to(grad_out.dtype)
+        if g_x is not None:
+            g_x = g_x.to(x.dtype)
+        return g_grad_out, g_x, None, g_codebook, None, None, None, None, None
+
+    torch.library.register_autograd("weightshare::shared_linear_backward", _shared_linear_double_backward,
+                                    setup_context=_shared_linear_backward_setup)
+
     @torch.library.register_fake("weightshare::shared_conv2d")
     def _shared_conv2d_fake(x, packed, codebook, bits, weight_shape, bias=None, stride=(1, 1), padding=(0, 0),
                             dilation=(1, 1), groups=1):
