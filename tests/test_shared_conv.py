@@ -141,3 +141,29 @@ def test_bad_input(case, exc, match, gen):
         a[3] = 9
     with pytest.raises(exc, match=match):
         torch.ops.weightshare.shared_conv2d(*a)
+
+
+@pytest.mark.parametrize("groups, codebook_groups", [(1, 1), (2, 2)])
+def test_double_backward_matches_the_dense_conv(groups, codebook_groups):
+    """create_graph=True through shared_conv2d (a Hessian-vector product w.r.t. input and codebook) equals F.conv2d
+    with the weight gathered differentiably from the codebook."""
+    torch.manual_seed(0)
+    out_c, in_c, k, bits = 4, 4, 3, 3
+    shape = [out_c, in_c // groups, k, k]
+    idx = torch.randint(0, 8, (out_c, shape[1] * k * k), dtype=torch.uint8)
+    packed = ws.ops.pack(idx, bits)
+    cb0, x0 = torch.randn(codebook_groups, 8), torch.randn(2, in_c, 6, 6)
+    v, u = torch.randn(2, in_c, 6, 6), torch.randn(codebook_groups, 8)
+    rows = torch.arange(out_c) // (out_c // codebook_groups)
+
+    def second_derivatives(layer):
+        x, cb = x0.clone().requires_grad_(True), cb0.clone().requires_grad_(True)
+        gx, gc = torch.autograd.grad(layer(x, cb).sin().sum(), [x, cb], create_graph=True)
+        return torch.autograd.grad((gx * v).sum() + (gc * u).sum(), [x, cb])
+
+    ours = second_derivatives(lambda x, cb: torch.ops.weightshare.shared_conv2d(
+        x, packed, cb, bits, shape, None, [1, 1], [1, 1], [1, 1], groups))
+    dense = second_derivatives(lambda x, cb: torch.nn.functional.conv2d(
+        x, cb[rows[:, None], idx.long()].view(shape), None, 1, 1, 1, groups))
+    for a, b in zip(ours, dense):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -6,6 +6,8 @@ Without the native library, the same calls run the pure-PyTorch reference (weigh
 """
 from __future__ import annotations
 
+import math
+
 from typing import Optional
 
 import torch
@@ -401,12 +403,34 @@ if NATIVE:
     def _shared_conv2d_backward(ctx, grad):
         x, packed, codebook = ctx.saved_tensors
         bits, wshape, has_bias, stride, padding, dilation, groups = ctx.meta
-        w = dequantize(packed, codebook, bits, wshape).to(x.dtype)
         need = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], has_bias and ctx.needs_input_grad[5]]
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward): the same backward in differentiable torch ops; the weight is
+            # gathered from the codebook and the codebook gradient is an index_add, so autograd sees through both
+            return _shared_conv2d_backward_differentiable(grad, x, packed, codebook, bits, wshape, stride, padding,
+                                                          dilation, groups, need)
+        w = dequantize(packed, codebook, bits, wshape).to(x.dtype)
         gx, gw, gb = torch.ops.aten.convolution_backward(
             grad, x, w, [wshape[0]] if has_bias else None, stride, padding, dilation, False, [0, 0], groups, need)
         gc = codebook_gradient(gw, packed, bits, codebook.shape[1], codebook.shape[0]).to(codebook.dtype) \
             if need[1] else None
+        return gx if need[0] else None, None, gc, None, None, gb if need[2] else None, None, None, None, None
+
+    def _shared_conv2d_backward_differentiable(grad, x, packed, codebook, bits, wshape, stride, padding, dilation,
+                                               groups, need):
+        rows, cols = wshape[0], math.prod(wshape[1:])
+        g, k = codebook.shape
+        idx = unpack(packed, bits, cols).long()
+        keep = idx < k  # indices >= k read NaN forward and credit nothing backward (as codebook_gradient)
+        slot = (torch.arange(rows, device=idx.device) // (rows // g))[:, None] * k + torch.where(keep, idx, 0)
+        w = (codebook.reshape(-1)[slot] * keep).reshape(wshape).to(x.dtype)
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad, x, w, [wshape[0]] if need[2] else None, stride, padding, dilation, False, [0, 0], groups, need)
+        gc = None
+        if need[1]:
+            credited = (gw.reshape(rows, cols).float() * keep).reshape(-1)
+            gc = torch.zeros(g * k, dtype=torch.float32, device=gw.device).index_add(0, slot.reshape(-1), credited)
+            gc = gc.reshape(g, k).to(codebook.dtype)
         return gx if need[0] else None, None, gc, None, None, gb if need[2] else None, None, None, None, None
 
     torch.library.register_autograd("weightshare::shared_conv2d", _shared_conv2d_backward,
