@@ -6,7 +6,7 @@ from torch.library import opcheck
 
 import weightshare as ws
 
-from conftest import FLOAT_DTYPES, requires_native
+from conftest import DEVICES, FLOAT_DTYPES, requires_native
 
 pytestmark = requires_native
 
@@ -143,8 +143,9 @@ def test_bad_input(case, exc, match, gen):
         torch.ops.weightshare.shared_conv2d(*a)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("groups, codebook_groups", [(1, 1), (2, 2)])
-def test_double_backward_matches_the_dense_conv(groups, codebook_groups):
+def test_double_backward_matches_the_dense_conv(groups, codebook_groups, device):
     """create_graph=True through shared_conv2d (a Hessian-vector product w.r.t. input and codebook) equals F.conv2d
     with the weight gathered differentiably from the codebook."""
     torch.manual_seed(0)
@@ -154,7 +155,8 @@ def test_double_backward_matches_the_dense_conv(groups, codebook_groups):
     packed = ws.ops.pack(idx, bits)
     cb0, x0 = torch.randn(codebook_groups, 8), torch.randn(2, in_c, 6, 6)
     v, u = torch.randn(2, in_c, 6, 6), torch.randn(codebook_groups, 8)
-    rows = torch.arange(out_c) // (out_c // codebook_groups)
+    idx, packed, cb0, x0, v, u = (t.to(device) for t in (idx, packed, cb0, x0, v, u))
+    rows = torch.arange(out_c, device=device) // (out_c // codebook_groups)
 
     def second_derivatives(layer):
         x, cb = x0.clone().requires_grad_(True), cb0.clone().requires_grad_(True)

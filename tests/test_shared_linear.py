@@ -7,7 +7,7 @@ from torch.library import opcheck
 import weightshare as ws
 from weightshare import reference
 
-from conftest import FLOAT_DTYPES, requires_native
+from conftest import DEVICES, FLOAT_DTYPES, requires_native
 
 pytestmark = requires_native
 
@@ -186,8 +186,9 @@ def test_bad_input(case, exc, match, device, gen):
         torch.ops.weightshare.shared_linear(**a)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("groups", [1, 3])
-def test_double_backward_matches_the_dense_layer(groups):
+def test_double_backward_matches_the_dense_layer(groups, device):
     """Second derivatives through shared_linear (a Hessian-vector product of a compressed layer w.r.t. its input and
     its codebook) equal those of F.linear with the weight gathered differentiably from the codebook."""
     torch.manual_seed(0)
@@ -196,6 +197,7 @@ def test_double_backward_matches_the_dense_layer(groups):
     packed = ws.ops.pack(idx, bits)
     cb0, x0 = torch.randn(groups, 8), torch.randn(2, 5, in_f)
     v, u = torch.randn(2, 5, in_f), torch.randn(groups, 8)
+    idx, packed, cb0, x0, v, u = (t.to(device) for t in (idx, packed, cb0, x0, v, u))
 
     def second_derivatives(layer):
         x, cb = x0.clone().requires_grad_(True), cb0.clone().requires_grad_(True)
@@ -203,7 +205,7 @@ def test_double_backward_matches_the_dense_layer(groups):
         gx, gc = torch.autograd.grad(loss, [x, cb], create_graph=True)
         return torch.autograd.grad((gx * v).sum() + (gc * u).sum(), [x, cb])
 
-    rows = torch.arange(out_f) // (out_f // groups)
+    rows = torch.arange(out_f, device=device) // (out_f // groups)
     ours = second_derivatives(lambda x, cb: torch.ops.weightshare.shared_linear(x, packed, cb, bits, out_f, in_f))
     dense = second_derivatives(lambda x, cb: torch.nn.functional.linear(x, cb[rows[:, None], idx.long()]))
     for a, b in zip(ours, dense):

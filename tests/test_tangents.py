@@ -189,9 +189,14 @@ def _model(cls, shape):
 NETS = {"attention": (Attention, (4, 8)), "conv_bn": (ConvBN, (2, 6, 6))}
 
 
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no GPU"))])
 @pytest.mark.parametrize("net", list(NETS))
-def test_traced_products_equal_autograd_products(net):
+def test_traced_products_equal_autograd_products(net, device):
     model, x, y, v = _model(*NETS[net])
+    model, x, y, v = model.to(device), x.to(device), y.to(device), {n: t.to(device) for n, t in v.items()}
     assert traced.trace(model, x) is not None
     loss = nn.CrossEntropyLoss()
     reference = cv.hvp(model, loss, (x, y), v, method="double_backward")
