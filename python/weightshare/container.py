@@ -98,7 +98,8 @@ class ContainerError(ValueError):
     """A container file (or the data offered for one) is malformed, corrupted, unsupported or over a limit."""
 
 
-def _align(n: int) -> int:
+def aligned(n: int) -> int:
+    """n bytes rounded up to the buffer alignment: a buffer's footprint in the data section."""
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
@@ -165,7 +166,7 @@ def _plan(tensors: dict[str, torch.Tensor], metadata: dict, deflate: bool = True
         entries[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
                          "offset": offset, "nbytes": nbytes}
         layout.append((name, tensor, offset))
-        offset = _align(offset + nbytes)
+        offset = aligned(offset + nbytes)
     try:
         text = json.dumps({"tensors": entries, "metadata": metadata}, ensure_ascii=True, allow_nan=False,
                           separators=(",", ":"))
@@ -176,7 +177,7 @@ def _plan(tensors: dict[str, torch.Tensor], metadata: dict, deflate: bool = True
         raise ContainerError(f"header would be {len(header)} bytes, over the {MAX_HEADER_BYTES}-byte cap")
     if deflate:  # level 9 with the default window: the same bytes from the same zlib, and tiny headers anyway
         header = zlib.compress(header, 9)
-    header += (b"\0" if deflate else b" ") * (_align(len(header)) - len(header))
+    header += (b"\0" if deflate else b" ") * (aligned(len(header)) - len(header))
     if len(header) > MAX_HEADER_BYTES:
         raise ContainerError(f"header would be {len(header)} bytes, over the {MAX_HEADER_BYTES}-byte cap")
     return header, layout, offset
@@ -384,7 +385,7 @@ def _check_layout(entries: dict[str, dict], fail) -> int:
                        f"(the buffer belongs at {expected})")
         if offset > expected:
             raise fail(f"tensor {name!r}: offset {offset} leaves a gap (the buffer belongs at {expected})")
-        expected = _align(offset + entry["nbytes"])
+        expected = aligned(offset + entry["nbytes"])
     return expected
 
 

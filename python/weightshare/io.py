@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from weightshare import entropy, models, ops
 from weightshare.bias_mask import stored_mask, unmask
-from weightshare.container import ALIGN, ContainerError, container_size, read_container, write_container
+from weightshare.container import ContainerError, aligned, container_size, read_container, write_container
 from weightshare.formats import MAX_BITS, MIN_BITS, packed_row_bytes
 from weightshare.nn import ACTIVATIONS, SharedConv1d, SharedConv2d, SharedLayer, SharedLinear, _numeric_padding
 from weightshare.replace import _is_gpt2_conv1d, _parents
@@ -125,11 +125,6 @@ def _stored_bias(bias: Tensor) -> Tensor:
     return _half_if_exact(bias) if bias.dtype == torch.float32 else bias
 
 
-def _align(nbytes: int) -> int:
-    """A buffer's footprint in the container: each one starts at a multiple of ALIGN bytes."""
-    return -(-nbytes // ALIGN) * ALIGN
-
-
 def _half_if_exact(values: Tensor) -> Tensor:
     """float32 values as float16 when every one survives the round trip exactly, else unchanged."""
     half = values.half()
@@ -165,7 +160,7 @@ def _plan(model: nn.Module, entropy_coding: EntropyCoding, metadata: Optional[di
     for name, bias in biases.items():
         keep, mask = stored_mask(bias)
         nbytes = bias.element_size()
-        if _align(mask.numel()) + _align(int(keep.sum()) * nbytes) < _align(bias.numel() * nbytes):
+        if aligned(mask.numel()) + aligned(int(keep.sum()) * nbytes) < aligned(bias.numel() * nbytes):
             masked_biases[name] = (mask, bias.reshape(-1)[keep.to(bias.device)].contiguous())
     sizes: dict[str, LayerSize] = {}
     for name, layer in shared.items():

@@ -301,10 +301,11 @@ class _ContextModel:
         self.seen += 1
 
 
-def _ctx_walk(rows: int, cols: int, k: int, mode: int, occ_rows: list, occ_cols: list, bit, symbol) -> None:
+def _ctx_walk(rows: int, cols: int, k: int, mode: int, truth, background: int, occ_rows: list, occ_cols: list, bit,
+              symbol) -> None:
     """csrc/cpu/context_coder.cpp's walk(): one pass of the model; bit(model, value) codes or decodes a decision
-    (returning it), symbol(model, r, c) handles a non-background position's rank. occ_rows / occ_cols are the
-    encoder's truth or filled in while decoding."""
+    (returning it), symbol(model, r, c) handles a non-background position's rank. truth: the encoder's flat indices
+    (None when decoding); occ_rows / occ_cols are the encoder's truth or filled in while decoding."""
     model = _ContextModel(cols, k)
     if mode & _CTX_COLUMN_FLAGS:
         previous = 0
@@ -328,22 +329,12 @@ def _ctx_walk(rows: int, cols: int, k: int, mode: int, occ_rows: list, occ_cols:
                 if (mode & _CTX_ROW_FLAGS) and model.row_count == 0 and c == last_col:
                     flag = 1
                 else:
-                    flag = bit(model.flag_model(rows_before, c), None if symbol.truth is None else
-                               int(symbol.truth[r * cols + c] != symbol.background))
+                    flag = bit(model.flag_model(rows_before, c),
+                               None if truth is None else int(truth[r * cols + c] != background))
                 if flag:
                     symbol(model, r, c)
             model.record(c, flag)
         rows_before += 1
-
-
-class _CtxSymbols:
-    """The symbol callback of _ctx_walk, holding the encoder's truth (None when decoding)."""
-
-    def __init__(self, fn, truth, background):
-        self.fn, self.truth, self.background = fn, truth, background
-
-    def __call__(self, model, r, c):
-        self.fn(model, r, c)
 
 
 def _ctx_encode_mode(flat: list, rows: int, cols: int, k: int, background: int, mode: int) -> bytearray:
@@ -388,7 +379,7 @@ def _ctx_encode_mode(flat: list, rows: int, cols: int, k: int, background: int, 
     for i, s in enumerate(flat):
         if s != background:
             occ_rows[i // cols] = occ_cols[i % cols] = 1
-    _ctx_walk(rows, cols, k, mode, occ_rows, occ_cols, bit, _CtxSymbols(rank_of, flat, background))
+    _ctx_walk(rows, cols, k, mode, flat, background, occ_rows, occ_cols, bit, rank_of)
     for _ in range(5):
         shift_low()
     return out
@@ -464,7 +455,7 @@ def context_decode(stream: Tensor, rows: int, cols: int, k: int) -> Tensor:
                              f"{k - 1} (corrupt stream)")
         out[r * cols + c] = rank if rank < background else rank + 1
 
-    _ctx_walk(rows, cols, k, mode, [0] * rows, [0] * cols, bit, _CtxSymbols(rank_of, None, background))
+    _ctx_walk(rows, cols, k, mode, None, background, [0] * rows, [0] * cols, bit, rank_of)
     if state["pos"] != len(body):
         raise ValueError(f"weightshare: context_decode: stream is {'longer' if len(body) > state['pos'] else 'shorter'}"
                          f" than its coded symbols ({len(body)} bytes, {state['pos']} used): corrupt or truncated")

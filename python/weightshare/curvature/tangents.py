@@ -160,20 +160,22 @@ def _convolution(args, kwargs, targs, out):
     tx, tw, tb = targs[0], targs[1], targs[2]
     through_x = None if tx is None else aten.convolution(tx, w, None, stride, padding, dilation, transposed,
                                                          output_padding, groups)
-    through_w = None if tw is None and tb is None else aten.convolution(
-        x, tw if tw is not None else torch.zeros_like(w), tb, stride, padding, dilation, transposed, output_padding,
-        groups)
-    return _sum(through_x, through_w)
+    through_w = None if tw is None else aten.convolution(x, tw, None, stride, padding, dilation, transposed,
+                                                         output_padding, groups)
+    through_b = None if tb is None else tb.view([1, -1] + [1] * (out.dim() - 2)).expand(out.shape)
+    return _sum(through_x, through_w, through_b)
 
 
-@_rule(aten.cat.default, aten.stack.default)
-def _cat(args, kwargs, targs, out):
-    tensors, tangents = args[0], targs[0]
-    if all(t is None for t in tangents):
-        return None
-    op = aten.cat.default if out.dim() == tensors[0].dim() else aten.stack.default
-    filled = [torch.zeros_like(x) if t is None else t for x, t in zip(tensors, tangents)]
-    return op(filled, *args[1:], **kwargs)
+def _same_op_on_list(op: Any) -> Rule:
+    """cat / stack: the same op over the tangents (zeros where an input has none)."""
+    def rule(args, kwargs, targs, out):
+        filled = [torch.zeros_like(x) if t is None else t for x, t in zip(args[0], targs[0])]
+        return op(filled, *args[1:], **kwargs)
+    return rule
+
+
+RULES[aten.cat.default] = _same_op_on_list(aten.cat.default)
+RULES[aten.stack.default] = _same_op_on_list(aten.stack.default)
 
 
 @_rule(aten.where.self)

@@ -150,18 +150,10 @@ def _trace_uncached(model: nn.Module, x: Tensor) -> Optional[TracedForward]:
     output = next(n for n in graph.nodes if n.op == "output").args[0]
     if len(placeholders) != len(names) + 1 or (isinstance(output, (list, tuple)) and len(output) != 1):
         return None
-    constants = {n: getattr(gm, n.target) for n in graph.nodes if n.op == "get_attr"}
-    traced = TracedForward(graph, names + ["x"])
-    if constants:
-        traced = _with_constants(traced, constants)
-    return traced
-
-
-def _with_constants(traced: TracedForward, constants: dict[Node, Tensor]) -> TracedForward:
-    """get_attr nodes read the traced module's constant tensors."""
-    for node, value in constants.items():
-        node.op, node.target, node.args = "call_function", _constant(value), ()
-    return traced
+    for node in graph.nodes:  # get_attr nodes read the traced module's constant tensors: make them plain calls
+        if node.op == "get_attr":
+            node.op, node.target, node.args = "call_function", _constant(getattr(gm, node.target)), ()
+    return TracedForward(graph, names + ["x"])
 
 
 def _constant(value: Tensor):
