@@ -38,7 +38,7 @@ CASES = {
     "assign_double_weights": (W.assign, lambda d: (f32(4, 4, d=d).double(), f32(1, 4, d=d)), TypeError, "w must be float32"),
     "assign_empty": (W.assign, lambda d: (f32(0, 4, d=d), f32(1, 4, d=d)), ValueError, "w is empty"),
     "assign_noncontiguous": (W.assign, lambda d: (f32(4, 6, d=d)[:, ::2], f32(1, 4, d=d)), ValueError, "w must be contiguous"),
-    "assign_codebook_1d": (W.assign, lambda d: (f32(4, 4, d=d), f32(4, d=d)), ValueError, "codebook must be 2-D"),
+    "assign_codebook_1d": (W.assign, lambda d: (f32(4, 4, d=d), f32(4, d=d)), ValueError, r"codebook must be 2-D \[G, K\], got shape \[4\]"),
     "assign_codebook_too_big": (W.assign, lambda d: (f32(4, 4, d=d), f32(1, 257, d=d)), ValueError, "K must be in 1..256"),
     "assign_groups_mismatch": (W.assign, lambda d: (f32(4, 4, d=d), f32(3, 4, d=d)), ValueError, "must divide the 4 rows"),
     "assign_codebook_dtype": (W.assign, lambda d: (f32(4, 4, d=d), u8(1, 4, d=d)), TypeError, "codebook must be float32"),
@@ -57,6 +57,14 @@ CASES = {
     "la_penalty_shape": (W.loss_aware_assign, lambda d: (f32(4, 4, d=d), None, f32(4, 4, d=d), f32(1, 4, d=d), f32(1, 3, d=d)), ValueError, "penalty must have the shape of codebook"),
     "la_inf_weight": (W.loss_aware_assign, lambda d: (torch.full((4, 4), float("inf"), device=d), None, f32(4, 4, d=d), f32(1, 4, d=d)), ValueError, "contains NaN or Inf"),
     "la_codebook_nan": (W.loss_aware_assign, lambda d: (f32(4, 4, d=d), None, f32(4, 4, d=d), torch.full((1, 4), float("nan"), device=d)), ValueError, "codebook contains NaN"),
+    # messages that print tensor shapes (formatted by shape_str; streaming IntArrayRef crashed on one machine)
+    "dequant_packed_shape": (W.dequantize, lambda d: (u8(4, 3, d=d), f32(1, 16, d=d), 4, [4, 8]), ValueError, r"packed must be \[4, 4\] .* got \[4, 3\]"),
+    "dequant_shape_negative": (W.dequantize, lambda d: (u8(4, 4, d=d), f32(1, 16, d=d), 4, [4, -8]), ValueError, r"shape must be positive, got \[4, -8\]"),
+    "sl_packed_shape": (W.shared_linear, lambda d: (f32(2, 8, d=d), u8(4, 3, d=d), f32(1, 16, d=d), 4, 4, 8), ValueError, r"got \[4, 3\]"),
+    "sl_x_shape": (W.shared_linear, lambda d: (f32(2, 7, d=d), u8(4, 4, d=d), f32(1, 16, d=d), 4, 4, 8), ValueError, r"in_features=8\], got \[2, 7\]"),
+    "conv_weight_shape_3d": (W.shared_conv2d, lambda d: (f32(1, 2, 5, 5, d=d), u8(4, 9, d=d), f32(1, 16, d=d), 4, [4, 2, 9], None, [1, 1], [0, 0], [1, 1], 1), ValueError, r"weight_shape must be .* got \[4, 2, 9\]"),
+    "conv_x_2d": (W.shared_conv2d, lambda d: (f32(2, 5, d=d), u8(4, 9, d=d), f32(1, 16, d=d), 4, [4, 2, 3, 3], None, [1, 1], [0, 0], [1, 1], 1), ValueError, r"got \[2, 5\]"),
+    "sq_shapes": (W.sq_grad_accum, lambda d: (f32(4, 3, d=d), f32(5, 2, d=d)), ValueError, r"x \[4, 3\] and grad_out \[5, 2\]"),
     # kmeans1d_optimal (CPU op)
     "k1d_float32": (W.kmeans1d_optimal, lambda d: (f32(5), f32(5), 2), TypeError, "values must be float64"),
     "k1d_length": (W.kmeans1d_optimal, lambda d: (f32(5).double().sort().values, f32(4).double().abs(), 2), ValueError, "equal length"),

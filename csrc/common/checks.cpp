@@ -24,7 +24,7 @@ void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& 
 
 void check_dense(const at::Tensor& t, const char* name) {
   check_device(t, name);
-  TORCH_CHECK_VALUE(t.numel() > 0, "weightshare: ", name, " is empty (shape ", t.sizes(), ")");
+  TORCH_CHECK_VALUE(t.numel() > 0, "weightshare: ", name, " is empty (shape ", shape_str(t.sizes()), ")");
   TORCH_CHECK_VALUE(t.is_contiguous(), "weightshare: ", name, " must be contiguous (call .contiguous())");
   TORCH_CHECK_VALUE(!t.is_complex(), "weightshare: ", name, " must be real");
 }
@@ -43,8 +43,8 @@ void check_uint8(const at::Tensor& t, const char* name) {
 void check_like(const at::Tensor& t, const char* name, const at::Tensor& w) {
   check_float(t, name);
   check_same_device(t, name, w, "w");
-  TORCH_CHECK_VALUE(t.sizes() == w.sizes(), "weightshare: ", name, " must have the shape of w ", w.sizes(),
-                    ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == w.sizes(), "weightshare: ", name, " must have the shape of w ", shape_str(w.sizes()),
+                    ", got ", shape_str(t.sizes()));
 }
 
 int64_t rows_of(const at::Tensor& w) { return w.dim() >= 2 ? w.size(0) : 1; }
@@ -60,7 +60,8 @@ Grouping grouping(const at::Tensor& w, int64_t groups, const char* what) {
 void check_codebook(const at::Tensor& codebook, const at::Tensor& w) {
   check_float(codebook, "codebook");
   check_same_device(codebook, "codebook", w, "w");
-  TORCH_CHECK_VALUE(codebook.dim() == 2, "weightshare: codebook must be 2-D [G, K], got shape ", codebook.sizes());
+  TORCH_CHECK_VALUE(codebook.dim() == 2, "weightshare: codebook must be 2-D [G, K], got shape ",
+                    shape_str(codebook.sizes()));
   TORCH_CHECK_VALUE(codebook.size(1) >= 1 && codebook.size(1) <= kMaxCodebook, "weightshare: codebook has K=",
                     codebook.size(1), " entries; K must be in 1..", kMaxCodebook, " (indices are uint8)");
 }
@@ -102,8 +103,8 @@ Grouping check_kmeans_step(const at::Tensor& w, const at::Tensor& idx, int64_t k
   check_float(w, "w");
   check_uint8(idx, "idx");
   check_same_device(idx, "idx", w, "w");
-  TORCH_CHECK_VALUE(idx.sizes() == w.sizes(), "weightshare: idx must have the shape of w ", w.sizes(), ", got ",
-                    idx.sizes());
+  TORCH_CHECK_VALUE(idx.sizes() == w.sizes(), "weightshare: idx must have the shape of w ", shape_str(w.sizes()),
+                    ", got ", shape_str(idx.sizes()));
   TORCH_CHECK_VALUE(k >= 1 && k <= kMaxCodebook, "weightshare: k must be in 1..", kMaxCodebook, ", got ", k);
   if (importance.has_value()) check_like(*importance, "importance", w);
   return grouping(w, groups, "groups");
@@ -119,7 +120,7 @@ Grouping check_loss_aware_assign(const at::Tensor& w, const std::optional<at::Te
     check_float(*penalty, "penalty");
     check_same_device(*penalty, "penalty", w, "w");
     TORCH_CHECK_VALUE(penalty->sizes() == codebook.sizes(), "weightshare: penalty must have the shape of codebook ",
-                      codebook.sizes(), ", got ", penalty->sizes());
+                      shape_str(codebook.sizes()), ", got ", shape_str(penalty->sizes()));
   }
   return grouping(w, codebook.size(0), "codebook");
 }
@@ -135,8 +136,8 @@ void check_kmeans1d_optimal(const at::Tensor& values, const at::Tensor& weights,
               "weightshare: kmeans1d_optimal runs on the CPU (a sequential dynamic programme); values and weights "
               "must be CPU tensors");
   TORCH_CHECK_VALUE(values.dim() == 1 && weights.dim() == 1 && values.numel() == weights.numel(),
-                    "weightshare: values and weights must be 1-D of equal length, got ", values.sizes(), " and ",
-                    weights.sizes());
+                    "weightshare: values and weights must be 1-D of equal length, got ", shape_str(values.sizes()),
+                    " and ", shape_str(weights.sizes()));
   TORCH_CHECK_VALUE(k >= 1 && k <= kMaxCodebook, "weightshare: k must be in 1..", kMaxCodebook, ", got ", k);
 }
 
@@ -144,7 +145,8 @@ void check_context_encode(const at::Tensor& indices, int64_t k) {
   check_uint8(indices, "indices");
   TORCH_CHECK(indices.device().is_cpu(), "weightshare: context_encode runs on the CPU (a sequential arithmetic "
               "coder for files); indices must be a CPU tensor, got ", indices.device());
-  TORCH_CHECK_VALUE(indices.dim() == 2, "weightshare: indices must be 2-D [rows, cols], got shape ", indices.sizes());
+  TORCH_CHECK_VALUE(indices.dim() == 2, "weightshare: indices must be 2-D [rows, cols], got shape ",
+                    shape_str(indices.sizes()));
   TORCH_CHECK_VALUE(indices.is_contiguous(), "weightshare: indices must be contiguous (call .contiguous())");
   TORCH_CHECK_VALUE(k >= 1 && k <= kMaxCodebook, "weightshare: k must be in 1..", kMaxCodebook, ", got ", k);
 }
@@ -153,7 +155,7 @@ void check_context_decode(const at::Tensor& stream, int64_t rows, int64_t cols, 
   check_uint8(stream, "stream");
   TORCH_CHECK(stream.device().is_cpu(), "weightshare: context_decode runs on the CPU (a sequential arithmetic "
               "coder for files); stream must be a CPU tensor, got ", stream.device());
-  TORCH_CHECK_VALUE(stream.dim() == 1, "weightshare: stream must be 1-D, got shape ", stream.sizes());
+  TORCH_CHECK_VALUE(stream.dim() == 1, "weightshare: stream must be 1-D, got shape ", shape_str(stream.sizes()));
   TORCH_CHECK_VALUE(stream.is_contiguous(), "weightshare: stream must be contiguous (call .contiguous())");
   TORCH_CHECK_VALUE(rows >= 0 && cols >= 0 && (cols == 0 || rows <= (int64_t(1) << 40) / cols),
                     "weightshare: rows and cols must be >= 0 with rows * cols <= 2**40, got ", rows, " and ", cols);
@@ -168,7 +170,8 @@ PackedWeight check_packed_weight(const at::Tensor& packed, const at::Tensor& cod
   check_uint8(packed, "packed");
   check_float(codebook, "codebook");
   check_same_device(codebook, "codebook", packed, "packed");
-  TORCH_CHECK_VALUE(codebook.dim() == 2, "weightshare: codebook must be 2-D [G, K], got shape ", codebook.sizes());
+  TORCH_CHECK_VALUE(codebook.dim() == 2, "weightshare: codebook must be 2-D [G, K], got shape ",
+                    shape_str(codebook.sizes()));
   const int64_t K = codebook.size(1);
   TORCH_CHECK_VALUE(K >= 1 && K <= (int64_t(1) << bits), "weightshare: codebook has K=", K,
                     " entries, more than 2**bits = ", int64_t(1) << bits, " (bits=", bits, ")");
@@ -177,7 +180,7 @@ PackedWeight check_packed_weight(const at::Tensor& packed, const at::Tensor& cod
   const int64_t row_bytes = packed_row_bytes(cols, static_cast<int>(bits));
   TORCH_CHECK_VALUE(packed.dim() == 2 && packed.size(0) == rows && packed.size(1) == row_bytes,
                     "weightshare: packed must be [", rows, ", ", row_bytes, "] for ", rows, " rows of ", cols,
-                    " indices at ", bits, " bits, got ", packed.sizes());
+                    " indices at ", bits, " bits, got ", shape_str(packed.sizes()));
   TORCH_CHECK_VALUE(rows % codebook.size(0) == 0, "weightshare: codebook has ", codebook.size(0),
                     " groups, which must divide the ", rows, " rows");
   return PackedWeight{rows, cols, codebook.size(0), K, row_bytes};
@@ -185,13 +188,22 @@ PackedWeight check_packed_weight(const at::Tensor& packed, const at::Tensor& cod
 
 }  // namespace
 
+std::string shape_str(at::IntArrayRef shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (i > 0) out += ", ";
+    out += std::to_string(shape[i]);
+  }
+  return out + "]";
+}
+
 PackedWeight check_dequantize(const at::Tensor& packed, const at::Tensor& codebook, int64_t bits,
                               at::IntArrayRef shape) {
   TORCH_CHECK_VALUE(!shape.empty(), "weightshare: shape must have at least one dimension");
   int64_t numel = 1;
   for (int64_t s : shape) {
-    TORCH_CHECK_VALUE(s >= 1, "weightshare: shape must be positive, got ", shape);
-    TORCH_CHECK_VALUE(numel <= (int64_t(1) << 40) / s, "weightshare: shape ", shape, " is too large");
+    TORCH_CHECK_VALUE(s >= 1, "weightshare: shape must be positive, got ", shape_str(shape));
+    TORCH_CHECK_VALUE(numel <= (int64_t(1) << 40) / s, "weightshare: shape ", shape_str(shape), " is too large");
     numel *= s;
   }
   const int64_t rows = shape[0];
@@ -205,13 +217,13 @@ PackedWeight check_shared_linear(const at::Tensor& x, const at::Tensor& packed, 
   check_float(x, "x");
   check_same_device(packed, "packed", x, "x");
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == in_features, "weightshare: x must be [..., in_features=",
-                    in_features, "], got ", x.sizes());
+                    in_features, "], got ", shape_str(x.sizes()));
   const PackedWeight pw = check_packed_weight(packed, codebook, bits, out_features, in_features);
   if (bias.has_value()) {
     check_float(*bias, "bias");
     check_same_device(*bias, "bias", x, "x");
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out_features, "weightshare: bias must be [",
-                      out_features, "], got ", bias->sizes());
+                      out_features, "], got ", shape_str(bias->sizes()));
   }
   if (activation == "float") {
     *parsed = Activation::Float;
@@ -236,8 +248,8 @@ PackedWeight check_shared_linear_backward(const at::Tensor& grad_out, const at::
   check_same_device(grad_out, "grad_out", x, "x");
   TORCH_CHECK_VALUE(grad_out.dim() == x.dim() && grad_out.size(-1) == out_features &&
                         grad_out.numel() / out_features == x.numel() / in_features,
-                    "weightshare: grad_out must be [..., out_features=", out_features, "] matching x ", x.sizes(),
-                    ", got ", grad_out.sizes());
+                    "weightshare: grad_out must be [..., out_features=", out_features, "] matching x ",
+                    shape_str(x.sizes()), ", got ", shape_str(grad_out.sizes()));
   return pw;
 }
 

@@ -8,6 +8,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "weightshare/checks.h"
+
 namespace weightshare {
 namespace {
 
@@ -20,10 +22,10 @@ at::Tensor sq_grad_accum(const at::Tensor& x, const at::Tensor& grad_out) {
   TORCH_CHECK(x.device() == grad_out.device(), "weightshare: grad_out is on ", grad_out.device(), " but x is on ",
               x.device(), "; all inputs must be on the same device");
   TORCH_CHECK_VALUE((x.dim() == 2 || x.dim() == 3) && grad_out.dim() == x.dim(),
-                    "weightshare: x and grad_out must both be [N, features] or [N, T, features], got ", x.sizes(),
-                    " and ", grad_out.sizes());
+                    "weightshare: x and grad_out must both be [N, features] or [N, T, features], got ",
+                    shape_str(x.sizes()), " and ", shape_str(grad_out.sizes()));
   TORCH_CHECK_VALUE(x.size(0) == grad_out.size(0) && (x.dim() == 2 || x.size(1) == grad_out.size(1)),
-                    "weightshare: x ", x.sizes(), " and grad_out ", grad_out.sizes(),
+                    "weightshare: x ", shape_str(x.sizes()), " and grad_out ", shape_str(grad_out.sizes()),
                     " must agree on the sample (and sequence) dimensions");
   TORCH_CHECK_VALUE(x.numel() > 0 && grad_out.numel() > 0, "weightshare: x and grad_out must be non-empty");
   const at::Tensor xf = x.to(at::kFloat);

@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
 
 namespace weightshare {
 
@@ -51,6 +52,12 @@ PackedWeight check_shared_linear(const at::Tensor& x, const at::Tensor& packed, 
 PackedWeight check_shared_linear_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& packed,
                                           const at::Tensor& codebook, int64_t bits, int64_t out_features,
                                           int64_t in_features);
+
+// "[4, 8]": a shape for an error message, formatted here rather than by streaming an IntArrayRef into c10::str.
+// On the H200 machine (torch 2.11 wheel) every message that streamed `t.sizes()` segfaulted while building the
+// message (CPU tensors too), while messages of strings, numbers, dtypes and devices raised fine; plain std::string
+// pieces avoid that path on every torch version.
+std::string shape_str(at::IntArrayRef shape);
 
 // Raised after a kernel reports a bad value it found in the data (NaN weight, index out of range, ...).
 [[noreturn]] void fail_value(const std::string& message);
