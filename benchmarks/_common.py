@@ -9,7 +9,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -46,20 +46,57 @@ def time_interleaved(fns: list, repeat: int = 200, warmup: int = 5) -> list:
     return [statistics.median(t) for t in times]
 
 
-def time_cuda(fn: Callable[[], object], repeat: int = 20, warmup: int = 3) -> float:
-    """Median GPU time in seconds of fn() measured with CUDA events on the current stream."""
-    for _ in range(warmup):
-        fn()
+def time_cuda(fn: Callable[[], object] | Sequence[Callable[[], object]], repeat: int = 20, warmup: int = 3,
+              graph: bool = True, calls_per_replay: int = 32) -> float:
+    """Median GPU seconds per call of fn, measured with CUDA events on the current stream.
+
+    fn may be a list of callables that do the same work on distinct copies of the operands; they are called in
+    rotation, so that an operand smaller than the GPU's L2 cache is not served from L2 on the next call (weights
+    of a deployed model are read once per token, from HBM). graph=True (the issue's protocol: CUDA graphs) captures
+    calls_per_replay calls in one CUDA graph and times its replays, so the figure is the kernels' time without
+    the host's launch and dispatch overhead; graph=False times each eager call between two events, which includes
+    that overhead whenever the host is slower than the GPU (small ops)."""
+    fns = list(fn) if isinstance(fn, (list, tuple)) else [fn]
+    calls = [fns[i % len(fns)] for i in range(max(calls_per_replay, len(fns)) if graph else len(fns))]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # graph capture needs warmed-up kernels and allocator state off the main stream
+        for _ in range(warmup):
+            for f in calls:
+                f()
+    torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for f in calls:
+                f()
+        g.replay()
+        torch.cuda.synchronize()
+        run, per_run = g.replay, len(calls)
+    else:
+        state = {"i": 0}
+
+        def run():
+            fns[state["i"] % len(fns)]()
+            state["i"] += 1
+        per_run = 1
     times = []
     for _ in range(repeat):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        run()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
+        times.append(a.elapsed_time(b) / 1e3 / per_run)
     return statistics.median(times)
+
+
+def cold_l2_copies(nbytes: int, device: int | None = None) -> int:
+    """How many copies of an nbytes operand to rotate through so that each call reads it from HBM, not L2 (the
+    copies together span at least twice the L2 size)."""
+    l2 = getattr(torch.cuda.get_device_properties(device or 0), "L2_cache_size", 64 << 20) or (64 << 20)
+    return max(1, -(-2 * l2 // max(1, nbytes)))
 
 
 def last_level_cache_bytes(default: int = 64 << 20) -> int:

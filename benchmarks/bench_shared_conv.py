@@ -1,6 +1,7 @@
 """Shared-weight Conv2d speed on this CPU against dense F.conv2d (fp32), batch 1, in one run.
 
     python benchmarks/bench_shared_conv.py          # writes benchmarks/results/shared_conv_cpu.json
+    python benchmarks/bench_shared_conv.py --cuda   # fp16 against cuDNN (CUDA graphs), shared_conv_cuda.json
     pytest benchmarks/bench_shared_conv.py --benchmark-enable
 """
 from __future__ import annotations
@@ -54,6 +55,34 @@ def run() -> dict:
     return out
 
 
+def run_cuda() -> dict:
+    """The issue's GPU conv target: at least parity with cuDNN fp16, batch 1 (and 8), the same convs, times from
+    CUDA-graph replays (time_cuda)."""
+    from _common import time_cuda
+    out = {"machine": machine(), "bits": BITS, "dtype": "float16", "results": []}
+    for name in CONVS:
+        x, packed, cb, shape, dense, (s, p, d, g) = make(name)
+        packed, cb = packed.cuda(), cb.half().cuda()
+        dense = dense.half().cuda()
+        for n in (1, 8):
+            xc = x.repeat(n, 1, 1, 1).half().cuda()
+            if name.endswith("_channels_last"):
+                xc = xc.contiguous(memory_format=torch.channels_last)
+                dense_w = dense.contiguous(memory_format=torch.channels_last)
+            else:
+                dense_w = dense
+            t_dense = time_cuda(lambda: F.conv2d(xc, dense_w, None, s, p, d, g))
+            t_ws = time_cuda(lambda: ws.ops.shared_conv2d(xc, packed, cb, BITS, shape, None, s, p, d, g))
+            ref = F.conv2d(xc.float(), dense.float(), None, s, p, d, g)
+            got = ws.ops.shared_conv2d(xc, packed, cb, BITS, shape, None, s, p, d, g).float()
+            row = {"conv": name, "batch": n, "cudnn_fp16_ms": t_dense * 1e3, "ws_ms": t_ws * 1e3,
+                   "ws_speed_vs_cudnn": t_dense / t_ws, "rel_err": float((got - ref).norm() / ref.norm())}
+            out["results"].append(row)
+            print(f"cuda {name:34s} N={n}: cuDNN {row['cudnn_fp16_ms']:.4f} ms ws {row['ws_ms']:.4f} ms "
+                  f"({row['ws_speed_vs_cudnn']:.2f}x) err {row['rel_err']:.1e}", flush=True)
+    return out
+
+
 @pytest.mark.parametrize("name", list(CONVS))
 @pytest.mark.parametrize("path", ["dense", "ws"])
 def test_conv(benchmark, name, path):
@@ -66,4 +95,7 @@ def test_conv(benchmark, name, path):
 
 
 if __name__ == "__main__":
-    print(write_json("shared_conv_cpu.json", run()))
+    if "--cuda" in sys.argv:
+        print(write_json("shared_conv_cuda.json", run_cuda()))
+    else:
+        print(write_json("shared_conv_cpu.json", run()))

@@ -19,6 +19,9 @@ echo "build: $((SECONDS - t0)) s"
 # CUDA tests: every test parametrised with device=cuda, plus the cuda-only ones
 timeout 240 "$PY" -m pytest tests -q -x -k "cuda" -p no:cacheprovider > "$OUT/tests_cuda.log" 2>&1
 echo "cuda tests rc=$? ($(tail -1 "$OUT/tests_cuda.log"))"
+# every bad-input case on both devices (error messages that print shapes crashed this machine's torch 2.11 once)
+timeout 60 "$PY" -m pytest tests/test_bad_input.py -q -p no:cacheprovider > "$OUT/tests_bad_input.log" 2>&1
+echo "bad-input tests rc=$? ($(tail -1 "$OUT/tests_bad_input.log"))"
 if command -v compute-sanitizer >/dev/null; then
   timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -c "
 import torch, weightshare as ws
@@ -27,6 +30,9 @@ i = ws.ops.assign(w, cb); p = ws.ops.pack(i, 4); ws.ops.unpack(p, 4, 77); ws.ops
 ws.ops.loss_aware_assign(w, w, w.abs(), cb)
 x = torch.randn(3, 77, device='cuda', dtype=torch.float16)
 ws.ops.shared_linear(x, p, cb, 4, 1000, 77); ws.ops.shared_linear(x, p, cb, 4, 1000, 77, None, 'int8')
+import os; os.environ['WS_CUDA_GEMV'] = 'mma'  # the tensor-core GEMV: pair tables (4-bit) and per-row tables (3-bit)
+ws.ops.shared_linear(x, p, cb, 4, 1000, 77); cr = torch.randn(1000, 8, device='cuda')
+ws.ops.shared_linear(x[:, 1:].contiguous(), ws.ops.pack(ws.ops.assign(w[:, :76].contiguous(), cr), 3), cr, 3, 1000, 76)
 torch.cuda.synchronize(); print('memcheck workload done')" > "$OUT/memcheck.log" 2>&1
   echo "memcheck rc=$? ($(grep -c 'ERROR SUMMARY: 0' "$OUT/memcheck.log") clean summaries)"
   timeout 120 compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" -c "
@@ -42,4 +48,5 @@ torch.cuda.synchronize(); print('racecheck workload done')" > "$OUT/racecheck.lo
 fi
 timeout 150 "$PY" benchmarks/bench_assign.py --cuda 2>&1 | tail -4
 timeout 200 "$PY" benchmarks/bench_shared_linear.py --cuda 2>&1 | tail -14
+timeout 90 "$PY" benchmarks/bench_shared_conv.py --cuda 2>&1 | tail -9
 echo "gpu_check total $((SECONDS - t0)) s"

@@ -210,3 +210,49 @@ def test_double_backward_matches_the_dense_layer(groups, device):
     dense = second_derivatives(lambda x, cb: torch.nn.functional.linear(x, cb[rows[:, None], idx.long()]))
     for a, b in zip(ours, dense):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("gemv", ["default", "mma"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("M", [1, 5, 16, 17, 40])
+@pytest.mark.parametrize("groups", ["one", "per_row", "three"])
+def test_cuda_16bit_few_rows(gemv, dtype, bits, M, groups, monkeypatch, gen):
+    # The CUDA GEMV paths for fp16/bf16 x (WS_CUDA_GEMV=mma: the tensor-core kernel, shared_linear_gemv_mma.cu)
+    # against fp32 products with the weight rounded to x's dtype: a whole 128-k unit plus a partial one (in_f 300),
+    # output rows not a multiple of 16, one / three / per-row codebooks, bias, x rows of M that span 1-3 blocks
+    if gemv == "mma":
+        monkeypatch.setenv("WS_CUDA_GEMV", "mma")
+    out_f, in_f = 48 if groups == "three" else 37, 300
+    g = {"one": 1, "per_row": out_f, "three": 3}[groups]
+    packed, cb, _ = make_weight(out_f, in_f, bits, g, gen)
+    x = torch.randn(M, in_f, generator=gen).to(dtype)
+    bias = torch.randn(out_f, generator=gen)
+    y = ws.ops.shared_linear(x.cuda(), packed.cuda(), cb.cuda(), bits, out_f, in_f, bias.cuda()).cpu()
+    w = ws.ops.dequantize(packed, cb, bits, (out_f, in_f)).to(dtype).float()
+    want = F.linear(x.float(), w, bias)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), want, rtol=TOL[dtype][0], atol=TOL[dtype][1])
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("gemv", ["default", "mma"])
+def test_cuda_16bit_unaligned_x_and_bad_indices(gemv, monkeypatch, gen):
+    # x rows that are not 8-byte aligned (a column slice made contiguous at an odd offset) take the element loads;
+    # indices >= K give NaN outputs exactly in the rows that use them, finite ones elsewhere
+    if gemv == "mma":
+        monkeypatch.setenv("WS_CUDA_GEMV", "mma")
+    out_f, in_f, bits = 24, 131, 4
+    idx = torch.randint(0, 10, (out_f, in_f), generator=gen, dtype=torch.uint8)
+    idx[5, 7] = 12  # K = 10: no entry
+    packed, cb = ws.ops.pack(idx, bits), torch.randn(1, 10, generator=gen) * 0.1
+    buf = torch.randn(3 * in_f + 1, generator=gen).half().cuda()
+    x = buf[1:].view(3, in_f)  # storage offset 1 element: rows start 2 bytes past an 8-byte boundary
+    assert x.is_contiguous() and x.data_ptr() % 8 != 0
+    y = ws.ops.shared_linear(x, packed.cuda(), cb.cuda(), bits, out_f, in_f).float().cpu()
+    assert torch.isnan(y[:, 5]).all() and not torch.isnan(y[:, [i for i in range(out_f) if i != 5]]).any()
+    w = cb[0, idx.clamp(max=9).long()].half().float()
+    keep = [i for i in range(out_f) if i != 5]
+    want = F.linear(x.float().cpu(), w)
+    torch.testing.assert_close(y[:, keep], want[:, keep], rtol=2e-2, atol=2e-2)

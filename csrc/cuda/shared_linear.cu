@@ -25,9 +25,11 @@
 
 #include "weightshare/checks.h"
 #include "weightshare/cuda_decode.h"
+#include "weightshare/cuda_linear.h"
 #include "weightshare/cuda_utils.h"
 #include "weightshare/dispatch.h"
 #include "weightshare/packing.h"
+#include "shared_linear_gemv_mma.h"
 
 namespace weightshare {
 namespace {
@@ -39,58 +41,6 @@ constexpr int kGemvRows = 2;    // output rows per warp: each loaded x value fee
 constexpr int kGemvMaxMT = 8;   // x rows per GEMV block
 constexpr int kUnit = 128;      // indices per lane per GEMV step: 4 chunks, BITS 16-byte words
 
-// ----------------------------------------------------------------------------------------------- epilogue
-enum class OutKind : int { Float, Half, BFloat16 };
-
-// How a finished accumulator becomes an output element, shared by every kernel that writes y or grad_x and by the
-// split-K finaliser. float: y = acc (+ bias). int8: y = float(acc) * (scale_x * scale_w) (+ bias), rounded exactly
-// as the fp32 reference (no FMA contraction).
-struct Epilogue {
-  void* y;
-  OutKind kind;
-  int64_t M, ld;          // y is [M, ld]
-  const float* bias;      // [ld] or null
-  const float* sx;        // int8: [M] activation scales
-  const float* sw;        // int8: [G] codebook scales
-  int64_t rows_per_group;
-  void* partial;          // [splits, M, ld] raw sums when splits > 1
-  int splits;
-
-  __device__ void store(int64_t i, float v) const {
-    switch (kind) {
-      case OutKind::Float: static_cast<float*>(y)[i] = v; break;
-      case OutKind::Half: static_cast<__half*>(y)[i] = __float2half_rn(v); break;
-      case OutKind::BFloat16: static_cast<__nv_bfloat16*>(y)[i] = __float2bfloat16_rn(v); break;
-    }
-  }
-  __device__ void finish(int64_t m, int64_t c, float acc) const {
-    store(m * ld + c, bias ? acc + bias[c] : acc);
-  }
-  __device__ void finish(int64_t m, int64_t c, int acc) const {
-    float v = __fmul_rn(__int2float_rn(acc), __fmul_rn(sx[m], sw[c / rows_per_group]));
-    if (bias) v = __fadd_rn(v, bias[c]);
-    store(m * ld + c, v);
-  }
-  template <typename Acc>
-  __device__ void put(int split, int64_t m, int64_t c, Acc acc) const {
-    if (splits == 1) {
-      finish(m, c, acc);
-    } else {
-      static_cast<Acc*>(partial)[(split * M + m) * ld + c] = acc;
-    }
-  }
-};
-
-template <typename Acc>
-__global__ void finalize_kernel(const Epilogue e) {
-  const Acc* p = static_cast<const Acc*>(e.partial);
-  const int64_t total = e.M * e.ld;
-  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < total; t += int64_t(gridDim.x) * blockDim.x) {
-    Acc s = p[t];
-    for (int k = 1; k < e.splits; ++k) s += p[k * total + t];
-    e.finish(t / e.ld, t % e.ld, s);
-  }
-}
 
 // ----------------------------------------------------------------------------------------------- tables, int8 x
 // Per-group tables over all 2**bits indices, so the hot loops never compare an index with K. float: the codebook
@@ -435,77 +385,6 @@ __global__ void __launch_bounds__(kTileThreads) grad_w_tile_kernel(const TileArg
   }
 }
 
-// ----------------------------------------------------------------------------------------------- host
-int sm_count(int device) {
-  static std::atomic<int> cache[64];
-  if (device < 0 || device >= 64) return 132;
-  int v = cache[device].load(std::memory_order_relaxed);
-  if (v == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
-    cache[device].store(v, std::memory_order_relaxed);
-  }
-  return v;
-}
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-bool rows_vec16(const void* p, int64_t row_bytes) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && row_bytes % 16 == 0;
-}
-
-int row_alignment(const void* p, int64_t row_bytes) {
-  if (rows_vec16(p, row_bytes)) return 16;
-  return reinterpret_cast<uintptr_t>(p) % 8 == 0 && row_bytes % 8 == 0 ? 8 : 4;
-}
-
-// Split-K: when `blocks` do not fill the GPU, split the `steps` of the reduction so that about two blocks per SM
-// run, keeping >= min_steps per split. Returns the number of splits (none empty) and the steps of each.
-std::pair<int, int64_t> split_k(int64_t blocks, int64_t steps, int64_t min_steps, int sms) {
-  int64_t s = 1;
-  if (blocks < sms) s = std::min<int64_t>({ceil_div(2 * sms, blocks), steps / min_steps, 64});
-  s = std::max<int64_t>(s, 1);
-  const int64_t per = ceil_div(steps, s);
-  return {static_cast<int>(ceil_div(steps, per)), per};
-}
-
-OutKind out_kind(at::ScalarType t) {
-  return t == at::kFloat ? OutKind::Float : (t == at::kHalf ? OutKind::Half : OutKind::BFloat16);
-}
-
-Epilogue make_epilogue(const at::Tensor& y, int64_t M, int64_t ld) {
-  Epilogue e{};
-  e.y = y.data_ptr();
-  e.kind = out_kind(y.scalar_type());
-  e.M = M;
-  e.ld = ld;
-  e.rows_per_group = 1;
-  e.splits = 1;
-  return e;
-}
-
-// Allocates the split-K workspace (stream-ordered: safe to release when the caller returns).
-at::Tensor set_splits(Epilogue& e, int splits, bool int8, const at::Tensor& like) {
-  e.splits = splits;
-  if (splits == 1) return at::Tensor();
-  at::Tensor ws = at::empty({splits, e.M, e.ld}, like.options().dtype(int8 ? at::kInt : at::kFloat));
-  e.partial = ws.data_ptr();
-  return ws;
-}
-
-void finalize(const Epilogue& e, bool int8) {
-  if (e.splits == 1) return;
-  if (int8) {
-    finalize_kernel<int><<<cuda::blocks_for(e.M * e.ld), cuda::kThreads, 0, cuda::stream()>>>(e);
-  } else {
-    finalize_kernel<float><<<cuda::blocks_for(e.M * e.ld), cuda::kThreads, 0, cuda::stream()>>>(e);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-void check_grid(int64_t y, int64_t z) {
-  TORCH_CHECK_VALUE(y <= 65535 && z <= 65535, "weightshare: shared_linear is too large for one launch (grid ", y,
-                    " x ", z, ")");
-}
 
 // The packed weight (4-byte aligned, as the kernels read words) and its per-group tables.
 struct Prepared {
@@ -589,6 +468,10 @@ at::Tensor shared_linear_cuda(const at::Tensor& x, const at::Tensor& packed, con
   TileArgs ta{};
   ga.w = ta.w = w.rows;
   ta.M = M;
+  if (!int8 && gemv_mma_takes(x.scalar_type(), M, x.get_device())) {
+    launch_gemv_mma(w.rows, x, in_features, static_cast<int>(bits), e, sms);
+    return y;
+  }
   if (!int8) {
     ga.x = ta.x = x.data_ptr();
     ga.x_ld = ta.x_cols = in_features;
