@@ -245,7 +245,10 @@ def main():
                      ("hashednets_lenet300100.json", hashednets_table), ("pruned_lenet300100.json", pruned_table),
                      ("pruned_lenet5.json", pruned_table), ("qat_lenet300100.json", qat_table),
                      ("qat_lenet5.json", qat_table), ("qat_lenet300100_seeds.json", qat_table),
-                     ("qat_lenet5_seeds.json", qat_table), ("context_coder_cpu.json", context_coder_table)):
+                     ("qat_lenet5_seeds.json", qat_table), ("qat_lenet5_mixed.json", qat_table),
+                     ("qat_lenet300100_mixed.json", qat_table), ("qat_lenet300100_uniform.json", qat_table),
+                     ("pruned_lenet300100_f085.json", pruned_table), ("qat_lenet300100_gradual.json", qat_table),
+                     ("context_coder_cpu.json", context_coder_table)):
         r = _load(name)
         if r:
             print(fn(r), end="\n\n")
