@@ -17,8 +17,11 @@ t0=$SECONDS
 echo "build: $((SECONDS - t0)) s"
 "$PY" -c "import weightshare as ws; assert ws.cuda_built(), 'CUDA kernels missing'; print('cuda kernels ok')"
 # CUDA tests: every test parametrised with device=cuda, plus the cuda-only ones
-timeout 240 "$PY" -m pytest tests -q -x -k "cuda" -p no:cacheprovider > "$OUT/tests_cuda.log" 2>&1
+timeout 240 "$PY" -m pytest tests -q -x -k "cuda and not mma" -p no:cacheprovider > "$OUT/tests_cuda.log" 2>&1
 echo "cuda tests rc=$? ($(tail -1 "$OUT/tests_cuda.log"))"
+# the opt-in tensor-core GEMV (WS_CUDA_GEMV=mma), untested on a GPU before: every case, no stop at the first failure
+timeout 120 "$PY" -m pytest tests/test_shared_linear.py -q -k "mma" -p no:cacheprovider > "$OUT/tests_cuda_mma.log" 2>&1
+echo "mma GEMV tests rc=$? ($(tail -1 "$OUT/tests_cuda_mma.log"))"
 # every bad-input case on both devices (error messages that print shapes crashed this machine's torch 2.11 once)
 timeout 60 "$PY" -m pytest tests/test_bad_input.py -q -p no:cacheprovider > "$OUT/tests_bad_input.log" 2>&1
 echo "bad-input tests rc=$? ($(tail -1 "$OUT/tests_bad_input.log"))"

@@ -213,7 +213,7 @@ def test_double_backward_matches_the_dense_layer(groups, device):
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
-@pytest.mark.parametrize("gemv", ["default", "mma"])
+@pytest.mark.parametrize("gemv", ["default", "mma", "tiles"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("M", [1, 5, 16, 17, 40])
@@ -222,8 +222,11 @@ def test_cuda_16bit_few_rows(gemv, dtype, bits, M, groups, monkeypatch, gen):
     # The CUDA GEMV paths for fp16/bf16 x (WS_CUDA_GEMV=mma: the tensor-core kernel, shared_linear_gemv_mma.cu)
     # against fp32 products with the weight rounded to x's dtype: a whole 128-k unit plus a partial one (in_f 300),
     # output rows not a multiple of 16, one / three / per-row codebooks, bias, x rows of M that span 1-3 blocks
+    # default: the SIMT GEMV up to 8 rows, decoded panels + cuBLAS above; tiles: the tile kernel above 8 rows
     if gemv == "mma":
         monkeypatch.setenv("WS_CUDA_GEMV", "mma")
+    if gemv == "tiles":
+        monkeypatch.setenv("WS_CUDA_LINEAR", "tiles")
     out_f, in_f = 48 if groups == "three" else 37, 300
     g = {"one": 1, "per_row": out_f, "three": 3}[groups]
     packed, cb, _ = make_weight(out_f, in_f, bits, g, gen)
@@ -256,3 +259,19 @@ def test_cuda_16bit_unaligned_x_and_bad_indices(gemv, monkeypatch, gen):
     keep = [i for i in range(out_f) if i != 5]
     want = F.linear(x.float().cpu(), w)
     torch.testing.assert_close(y[:, keep], want[:, keep], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_many_rows_in_several_panels(dtype, gen):
+    # a weight larger than half the L2 of any current GPU, so the panel path decodes it in several panels (the last
+    # one partial), with per-row codebooks and a bias; fp32 x is compared at fp32 precision (no TF32 by default)
+    out_f, in_f, bits = 5000, 4096, 3
+    packed, cb, _ = make_weight(out_f, in_f, bits, out_f, gen)
+    x = torch.randn(33, in_f, generator=gen).to(dtype).cuda()
+    bias = torch.randn(out_f, generator=gen).cuda()
+    y = ws.ops.shared_linear(x, packed.cuda(), cb.cuda(), bits, out_f, in_f, bias)
+    w = ws.ops.dequantize(packed.cuda(), cb.cuda(), bits, (out_f, in_f)).to(dtype).float()
+    want = F.linear(x.float(), w, bias)
+    tol = (1e-5, 1e-4) if dtype == torch.float32 else TOL[dtype]
+    torch.testing.assert_close(y.float(), want, rtol=tol[0], atol=tol[1])

@@ -7,6 +7,9 @@
 //    indices (= BITS 16-byte loads per row); codebooks in per-warp shared tables; each decoded weight is applied
 //    to up to 8 rows of x (read through L1; grid.z takes further groups of 8 rows); fp32 FMA or dp4a; warp-shuffle
 //    reduction. Split-K over grid.y when the rows alone do not fill the GPU.
+//  * the tensor-core GEMV (shared_linear_gemv_mma.cu) for fp16/bf16 x up to 64 rows, opt-in (WS_CUDA_GEMV=mma).
+//  * forward with more rows (float activations): decoded panels + cuBLAS (shared_linear_panels.cu), unless
+//    WS_CUDA_LINEAR=tiles selects the tile kernel below (the int8 forward and the backward always use tiles).
 //  * forward_tile_kernel / grad_x_tile_kernel / grad_w_tile_kernel, many rows: 64x64 output tiles, 128 threads,
 //    reduction steps of 64. Each step decodes a 64x64 W tile once into shared memory (one 32-index chunk per
 //    thread) and multiplies it with a 64x64 tile of x / grad_out: tensor cores (wmma, fp32 accumulate) for
@@ -30,6 +33,7 @@
 #include "weightshare/dispatch.h"
 #include "weightshare/packing.h"
 #include "shared_linear_gemv_mma.h"
+#include "shared_linear_panels.h"
 
 namespace weightshare {
 namespace {
@@ -470,6 +474,11 @@ at::Tensor shared_linear_cuda(const at::Tensor& x, const at::Tensor& packed, con
   ta.M = M;
   if (!int8 && gemv_mma_takes(x.scalar_type(), M, x.get_device())) {
     launch_gemv_mma(w.rows, x, in_features, static_cast<int>(bits), e, sms);
+    return y;
+  }
+  if (!int8 && M > (x.scalar_type() == at::kFloat ? 2 * kGemvMaxMT : kGemvMaxMT) && panels_enabled()) {
+    at::Tensor y2d = y.view({M, out_features});
+    linear_by_panels(w.rows, static_cast<int>(bits), x.view({M, in_features}), bias, y2d);
     return y;
   }
   if (!int8) {

@@ -47,9 +47,6 @@ struct MmaGemvArgs {
   Epilogue out;
 };
 
-__device__ __forceinline__ uint16_t bits_of(__half v) { return __half_as_ushort(v); }
-__device__ __forceinline__ uint16_t bits_of(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
-
 // d += A (16x16, row) * B (16x8, col), fp32 accumulation.
 template <typename T>
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {

@@ -28,6 +28,10 @@ __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+// The bits of a 16-bit float (to pack two into a 32-bit word).
+__device__ __forceinline__ uint16_t bits_of(__half v) { return __half_as_ushort(v); }
+__device__ __forceinline__ uint16_t bits_of(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+
 // Round to nearest even, as torch's .to(dtype).
 template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
