@@ -219,24 +219,13 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_mma_kernel(const MmaGemvArgs
   }
 }
 
-int compute_capability_major(int device) {
-  static std::atomic<int> cache[64];
-  if (device < 0 || device >= 64) return 0;
-  int v = cache[device].load(std::memory_order_relaxed);
-  if (v == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrComputeCapabilityMajor, device));
-    cache[device].store(v, std::memory_order_relaxed);
-  }
-  return v;
-}
-
 }  // namespace
 
 bool gemv_mma_takes(at::ScalarType x_dtype, int64_t M, int device) {
   const char* sw = std::getenv("WS_CUDA_GEMV");
   if (sw == nullptr || std::string_view(sw) != "mma") return false;
   return (x_dtype == at::kHalf || x_dtype == at::kBFloat16) && M >= 1 && M <= kGemvMmaMaxM &&
-         compute_capability_major(device) >= 8;
+         device_attribute<cudaDevAttrComputeCapabilityMajor>(device) >= 8;
 }
 
 void launch_gemv_mma(const PackedRows& w, const at::Tensor& x, int64_t x_ld, int bits, Epilogue out, int sms) {

@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <string_view>
 
+#include "weightshare/cuda_linear.h"
 #include "weightshare/cuda_utils.h"
 #include "weightshare/dispatch.h"
 
@@ -72,17 +73,6 @@ __global__ void __launch_bounds__(256) decode_panel_kernel(const PackedRows w, i
   }
 }
 
-int l2_cache_bytes(int device) {
-  static std::atomic<int> cache[64];
-  if (device < 0 || device >= 64) return 0;
-  int v = cache[device].load(std::memory_order_relaxed);
-  if (v == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrL2CacheSize, device));
-    cache[device].store(v > 0 ? v : 1, std::memory_order_relaxed);
-  }
-  return v;
-}
-
 }  // namespace
 
 bool panels_enabled() {
@@ -94,7 +84,7 @@ void linear_by_panels(const PackedRows& w, int bits, const at::Tensor& x2d, cons
                       at::Tensor& y2d) {
   const int64_t N = w.N, kin = w.kin, es = x2d.element_size();
   // half the L2 (H200: 60 MB -> 30 MB, 1,920 rows of 8,192 fp16 values), at least 4 MB, whole 64-row blocks
-  const int64_t budget = std::max<int64_t>(int64_t(4) << 20, l2_cache_bytes(x2d.get_device()) / 2);
+  const int64_t budget = std::max<int64_t>(int64_t(4) << 20, device_attribute<cudaDevAttrL2CacheSize>(x2d.get_device()) / 2);
   int64_t P = std::max<int64_t>(64, budget / (kin * es) / 64 * 64);
   P = std::min(P, N);
   at::Tensor panel = at::empty({P, kin}, x2d.options());

@@ -68,15 +68,23 @@ __global__ void finalize_kernel(const Epilogue e) {
 }
 
 // ----------------------------------------------------------------------------------------------- host
-inline int sm_count(int device) {
+// A device attribute read once per (attribute, device) and cached: cudaDeviceGetAttribute is a driver call, and
+// these are asked on every op call. 0 for a device index past the cache.
+template <cudaDeviceAttr kAttr>
+inline int device_attribute(int device) {
   static std::atomic<int> cache[64];
-  if (device < 0 || device >= 64) return 132;
+  if (device < 0 || device >= 64) return 0;
   int v = cache[device].load(std::memory_order_relaxed);
   if (v == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, kAttr, device));
     cache[device].store(v, std::memory_order_relaxed);
   }
   return v;
+}
+
+inline int sm_count(int device) {
+  const int v = device_attribute<cudaDevAttrMultiProcessorCount>(device);
+  return v > 0 ? v : 132;
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
