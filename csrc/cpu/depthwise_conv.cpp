@@ -1,4 +1,5 @@
-// Direct depthwise convolution, fp32 NCHW, any stride / padding / dilation / channel multiplier.
+// Direct depthwise convolution, fp32: NCHW with any stride / padding / dilation / channel multiplier, and
+// channels-last (NHWC) with multiplier 1.
 //
 // Why not oneDNN: a depthwise layer does 9 multiply-adds per output pixel, so at batch 1 the call is dominated by
 // fixed costs, and oneDNN's include reordering the weight into its blocked layout on every call (our weight is
@@ -14,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "weightshare/cpu_features.h"
@@ -134,12 +136,156 @@ WS_AVX2 void plane_avx2(const float* in, const float* w, float bias, float* out,
 }
 #endif
 
+// ---------------------------------------------------------------------------------------------------- NHWC
+// Channels-last input (multiplier 1): the channels of a pixel are contiguous, so the kernel vectorises over them.
+// One task per output row; per output pixel the taps that land inside the input are found once, then every
+// channel chunk adds tap weight x input pixel for those taps (weights transposed to [tap][channel] so both loads
+// are unit-stride) and is stored once.
+struct NhwcGeometry {
+  int64_t C, H, W, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw;
+};
+
+// The taps of output pixel (oy, ox) that fall inside the input: tap index and input pixel offset (in pixels).
+inline int valid_taps(const NhwcGeometry& g, int64_t oy, int64_t ox, int* tap, int64_t* pix) {
+  int n = 0;
+  for (int64_t ky = 0; ky < g.KH; ++ky) {
+    const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
+    if (iy < 0 || iy >= g.H) continue;
+    for (int64_t kx = 0; kx < g.KW; ++kx) {
+      const int64_t ix = ox * g.sw - g.pw + kx * g.dw;
+      if (ix < 0 || ix >= g.W) continue;
+      tap[n] = static_cast<int>(ky * g.KW + kx);
+      pix[n++] = iy * g.W + ix;
+    }
+  }
+  return n;
+}
+
+void nhwc_row(const float* in, const float* wt, const float* bias, float* out, const NhwcGeometry& g, int64_t oy,
+              int* tap, int64_t* pix) {
+  for (int64_t ox = 0; ox < g.OW; ++ox) {
+    const int nt = valid_taps(g, oy, ox, tap, pix);
+    float* o = out + ox * g.C;
+    for (int64_t c = 0; c < g.C; ++c) o[c] = bias ? bias[c] : 0.0f;
+    for (int t = 0; t < nt; ++t) {
+      const float* wv = wt + tap[t] * g.C;
+      const float* xv = in + pix[t] * g.C;
+      for (int64_t c = 0; c < g.C; ++c) o[c] += wv[c] * xv[c];
+    }
+  }
+}
+
+#ifdef WS_X86
+WS_AVX512 void nhwc_row_avx512(const float* in, const float* wt, const float* bias, float* out,
+                               const NhwcGeometry& g, int64_t oy, int* tap, int64_t* pix) {
+  for (int64_t ox = 0; ox < g.OW; ++ox) {
+    const int nt = valid_taps(g, oy, ox, tap, pix);
+    float* o = out + ox * g.C;
+    int64_t c0 = 0;
+    // four independent accumulators: a single one would wait out the FMA latency on every tap
+    for (; c0 + 64 <= g.C; c0 += 64) {
+      __m512 acc[4];
+      for (int v = 0; v < 4; ++v) acc[v] = bias ? _mm512_loadu_ps(bias + c0 + 16 * v) : _mm512_setzero_ps();
+      for (int t = 0; t < nt; ++t) {
+        const float* wv = wt + tap[t] * g.C + c0;
+        const float* xv = in + pix[t] * g.C + c0;
+        for (int v = 0; v < 4; ++v) {
+          acc[v] = _mm512_fmadd_ps(_mm512_loadu_ps(wv + 16 * v), _mm512_loadu_ps(xv + 16 * v), acc[v]);
+        }
+      }
+      for (int v = 0; v < 4; ++v) _mm512_storeu_ps(o + c0 + 16 * v, acc[v]);
+    }
+    for (; c0 < g.C; c0 += 16) {
+      const __mmask16 m = g.C - c0 >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (g.C - c0)) - 1u);
+      __m512 acc = bias ? _mm512_maskz_loadu_ps(m, bias + c0) : _mm512_setzero_ps();
+      for (int t = 0; t < nt; ++t) {
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, wt + tap[t] * g.C + c0),
+                              _mm512_maskz_loadu_ps(m, in + pix[t] * g.C + c0), acc);
+      }
+      _mm512_mask_storeu_ps(o + c0, m, acc);
+    }
+  }
+}
+
+WS_AVX2 void nhwc_row_avx2(const float* in, const float* wt, const float* bias, float* out, const NhwcGeometry& g,
+                           int64_t oy, int* tap, int64_t* pix) {
+  const int64_t cv = g.C / 8 * 8;
+  for (int64_t ox = 0; ox < g.OW; ++ox) {
+    const int nt = valid_taps(g, oy, ox, tap, pix);
+    float* o = out + ox * g.C;
+    int64_t c0 = 0;
+    for (; c0 + 32 <= cv; c0 += 32) {  // four independent accumulators (FMA latency)
+      __m256 acc[4];
+      for (int v = 0; v < 4; ++v) acc[v] = bias ? _mm256_loadu_ps(bias + c0 + 8 * v) : _mm256_setzero_ps();
+      for (int t = 0; t < nt; ++t) {
+        const float* wv = wt + tap[t] * g.C + c0;
+        const float* xv = in + pix[t] * g.C + c0;
+        for (int v = 0; v < 4; ++v) {
+          acc[v] = _mm256_fmadd_ps(_mm256_loadu_ps(wv + 8 * v), _mm256_loadu_ps(xv + 8 * v), acc[v]);
+        }
+      }
+      for (int v = 0; v < 4; ++v) _mm256_storeu_ps(o + c0 + 8 * v, acc[v]);
+    }
+    for (; c0 < cv; c0 += 8) {
+      __m256 acc = bias ? _mm256_loadu_ps(bias + c0) : _mm256_setzero_ps();
+      for (int t = 0; t < nt; ++t) {
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(wt + tap[t] * g.C + c0), _mm256_loadu_ps(in + pix[t] * g.C + c0), acc);
+      }
+      _mm256_storeu_ps(o + c0, acc);
+    }
+    for (int64_t c = cv; c < g.C; ++c) {  // the last C % 8 channels
+      float acc = bias ? bias[c] : 0.0f;
+      for (int t = 0; t < nt; ++t) acc = std::fma(wt[tap[t] * g.C + c], in[pix[t] * g.C + c], acc);
+      o[c] = acc;
+    }
+  }
+}
+#endif
+
+at::Tensor depthwise_nhwc(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const NhwcGeometry& g,
+                          int64_t N) {
+  // weights [C, 1, KH, KW] -> [KH * KW, C]
+  const at::Tensor wt = w.to(at::kFloat).reshape({g.C, g.KH * g.KW}).t().contiguous();
+  at::Tensor y = at::empty({N, g.C, g.OH, g.OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const float* xp = x.data_ptr<float>();
+  const float* wp = wt.data_ptr<float>();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const Simd simd = simd_level();
+  const int64_t row_work = std::max<int64_t>(1, g.OW * g.C * g.KH * g.KW);
+  at::parallel_for(0, N * g.OH, std::max<int64_t>(1, 16384 / row_work), [&](int64_t r0, int64_t r1) {
+    std::vector<int> tap(g.KH * g.KW);
+    std::vector<int64_t> pix(g.KH * g.KW);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / g.OH, oy = r % g.OH;
+      const float* in = xp + n * g.H * g.W * g.C;
+      float* out = yp + r * g.OW * g.C;
+#ifdef WS_X86
+      if (simd == Simd::Avx512) {
+        nhwc_row_avx512(in, wp, bp, out, g, oy, tap.data(), pix.data());
+        continue;
+      }
+      if (simd == Simd::Avx2) {
+        nhwc_row_avx2(in, wp, bp, out, g, oy, tap.data(), pix.data());
+        continue;
+      }
+#endif
+      nhwc_row(in, wp, bp, out, g, oy, tap.data(), pix.data());
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 at::Tensor depthwise_conv2d_f32(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                 int64_t groups) {
-  if (!x.is_cpu() || x.scalar_type() != at::kFloat || !x.is_contiguous() || w.size(1) != 1 ||
+  // NCHW (contiguous) input, or channels-last 4-D input with one output channel per input channel
+  const bool nchw = x.is_contiguous();
+  const bool nhwc =
+      !nchw && x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast) && w.size(0) == x.size(1);
+  if (!x.is_cpu() || x.scalar_type() != at::kFloat || !(nchw || nhwc) || w.size(1) != 1 ||
       stride.size() != 2 || padding.size() != 2 || dilation.size() != 2 || groups != x.size(-3)) {
     return at::Tensor();
   }
@@ -155,6 +301,7 @@ at::Tensor depthwise_conv2d_f32(const at::Tensor& x, const at::Tensor& w, const 
   const at::Tensor wc = w.to(at::kFloat).contiguous();
   at::Tensor b;
   if (bias.has_value() && bias->defined()) b = bias->to(at::kFloat).contiguous();
+  if (nhwc) return depthwise_nhwc(x4, w, b, NhwcGeometry{C, H, W, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw}, N);
   at::Tensor y = at::empty({N, OC, OH, OW}, x.options());
   const float* xp = x4.data_ptr<float>();
   const float* wp = wc.data_ptr<float>();
