@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The one GPU check, for a lent H200 (device tool): build for sm_90 with all cores, run the CUDA tests (and a
 # compute-sanitizer memcheck and racecheck passes over small kernel runs), run the GPU benchmarks; logs and JSON go to $OUT.
-#   device run:  bash benchmarks/gpu_check.sh        (timeout_s ~ 540)
+#   device run:  bash benchmarks/gpu_check.sh [all|test|bench]     (default all; timeout_s ~ 590)
+# The whole check may need more than one device call's 600 s: then run `test` and, straight after (the warm machine
+# keeps the build; an idle one is released after ~30 s), `bench`. Each phase builds first (a no-op when built).
 # Then commit the JSON it returns under benchmarks/results/ with the date and the GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -10,12 +12,15 @@ mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=$(nproc) WS_CUDA=1 PYTHONUNBUFFERED=1
 export WS_RESULTS_DIR="$OUT"
 PY=${PYTHON:-python3}
+PHASE=${1:-all}
+case "$PHASE" in all|test|bench) ;; *) echo "usage: gpu_check.sh [all|test|bench]"; exit 2;; esac
 t0=$SECONDS
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; "$PY" -c "import torch; print(torch.__version__)"; } \
   > "$OUT/env.txt" 2>&1
 "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build: $((SECONDS - t0)) s"
 "$PY" -c "import weightshare as ws; assert ws.cuda_built(), 'CUDA kernels missing'; print('cuda kernels ok')"
+if [ "$PHASE" != bench ]; then
 # CUDA tests: every test parametrised with device=cuda, plus the cuda-only ones
 timeout 240 "$PY" -m pytest tests -q -x -k "cuda and not mma" -p no:cacheprovider > "$OUT/tests_cuda.log" 2>&1
 echo "cuda tests rc=$? ($(tail -1 "$OUT/tests_cuda.log"))"
@@ -49,7 +54,10 @@ for m in (1, 64):
 torch.cuda.synchronize(); print('racecheck workload done')" > "$OUT/racecheck.log" 2>&1
   echo "racecheck rc=$? ($(grep -c 'ERROR SUMMARY: 0' "$OUT/racecheck.log") clean summaries)"
 fi
+fi
+if [ "$PHASE" != test ]; then
 timeout 150 "$PY" benchmarks/bench_assign.py --cuda 2>&1 | tail -4
-timeout 200 "$PY" benchmarks/bench_shared_linear.py --cuda 2>&1 | tail -14
+timeout 300 "$PY" benchmarks/bench_shared_linear.py --cuda 2>&1 | tail -14
 timeout 90 "$PY" benchmarks/bench_shared_conv.py --cuda 2>&1 | tail -9
+fi
 echo "gpu_check total $((SECONDS - t0)) s"
