@@ -248,6 +248,7 @@ def main():
                      ("qat_lenet5_seeds.json", qat_table), ("qat_lenet5_mixed.json", qat_table),
                      ("qat_lenet300100_mixed.json", qat_table), ("qat_lenet300100_uniform.json", qat_table),
                      ("pruned_lenet300100_f085.json", pruned_table), ("qat_lenet300100_gradual.json", qat_table),
+                     ("pruned_lenet300100_e60.json", pruned_table), ("qat_lenet300100_e60.json", qat_table),
                      ("context_coder_cpu.json", context_coder_table)):
         r = _load(name)
         if r:
