@@ -24,23 +24,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 import weightshare as ws  # noqa: E402
 from weightshare.cli import zero_dead_units_checked  # noqa: E402
 from weightshare.compress.layers import compressible_layers, density as weight_density  # noqa: E402
-from weightshare.compress.qat import quantize_retrain, to_shared  # noqa: E402
+from weightshare.compress.qat import parse_bit_config, quantize_retrain, to_shared  # noqa: E402
 from weightshare.data import mnist_splits  # noqa: E402
 from weightshare.train import QAT_RECIPES, evaluate, load_checkpoint  # noqa: E402
 from _common import machine, plot_error_vs_ratio, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def parse_config(text: str, layer_names: list[str]) -> dict[str, int]:
-    """"3" -> every layer 3 bits; "fc1=2,*=3" -> fc1 2 bits, the rest 3."""
-    if "=" not in text:
-        return {n: int(text) for n in layer_names}
-    given = dict(item.split("=") for item in text.split(","))
-    unknown = set(given) - set(layer_names) - {"*"}
-    if unknown:
-        raise SystemExit(f"bench_qat: unknown layers {sorted(unknown)} in {text!r} (layers: {layer_names})")
-    return {n: int(given.get(n, given.get("*", 0))) for n in layer_names}
 
 
 def main() -> None:
@@ -68,7 +58,7 @@ def main() -> None:
         density = weight_density(net)
         pruned_val, pruned_test = evaluate(net, splits.val)[1], evaluate(net, splits.test)[1]
         for text, seed in [(t, s) for t in args.configs for s in args.seeds]:
-            bits = parse_config(text, names)
+            bits = parse_bit_config(text, names)
             t0 = time.time()
             r = quantize_retrain(net, splits.train, bits, teacher=dense, seed=seed, **QAT_RECIPES[args.model])
             path = out_dir / f"{args.model}-d{density:.4f}-{text.replace(',', '_').replace('*', 'rest')}-s{seed}.ws"

@@ -84,7 +84,8 @@ def demo_table(records):
            "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         bits = "/".join(str(l["bits"]) for l in r["layers"])
-        fixed = "" if r.get("bits") is None else f" ({r['bits']} bits)"
+        fixed = ("" if r.get("bits") is None else
+                 f" (bits {r['bits']})" if "=" in str(r["bits"]) else f" ({r['bits']} bits)")
         if r.get("pruned_density") is not None:  # pruned runs: which candidate met the constraint
             d = r["pruned_density"]
             fixed += (f" ({100 * d:.3g}% of weights kept" + (

@@ -5,7 +5,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import weightshare as ws
-from weightshare.compress.qat import SharedValues, quantize_retrain, to_shared
+from weightshare.compress.qat import SharedValues, parse_bit_config, quantize_retrain, to_shared
 from weightshare.models import build_model
 
 
@@ -86,3 +86,17 @@ def test_bad_arguments():
         quantize_retrain(pruned_lenet(), toy_data(64), 9, epochs=1)
     with pytest.raises(ValueError, match="no weights left"):
         SharedValues(torch.zeros(3, 3), entries=2)
+
+
+def test_parse_bit_config():
+    layers = ["fc1", "fc2", "fc3"]
+    assert parse_bit_config("3", layers) == {"fc1": 3, "fc2": 3, "fc3": 3}
+    assert parse_bit_config(4, layers) == {"fc1": 4, "fc2": 4, "fc3": 4}
+    assert parse_bit_config("fc1=3,*=4", layers) == {"fc1": 3, "fc2": 4, "fc3": 4}
+    assert parse_bit_config(" fc1=2, fc2=3, fc3=5 ", layers) == {"fc1": 2, "fc2": 3, "fc3": 5}
+    with pytest.raises(ValueError, match="unknown layers"):
+        parse_bit_config("conv1=3,*=4", layers)
+    with pytest.raises(ValueError, match="gives no bits"):
+        parse_bit_config("fc1=3", layers)
+    with pytest.raises(ValueError, match="must be"):
+        parse_bit_config("three", layers)

@@ -164,17 +164,20 @@ def _calibration(splits, calib_size: int) -> list:
     return [(xs[i:i + 500], ys[i:i + 500]) for i in range(0, calib_size, 500)]
 
 
-def qat_one(name: str, pruned: PrunedNetworks, out_dir: Path, bits_options=(3, 4), calib_size: int = 2000,
+def qat_one(name: str, pruned: PrunedNetworks, out_dir: Path, bits_options=("3", "fc1=3,*=4", "4"),
+            calib_size: int = 2000,
             max_loss_increase=LOSS_GUARD, max_candidates: int = 2, progress: bool = False) -> dict:
     """Our trained-sharing pipeline on the pruned networks: retrain each (sparsest first, at most
     `max_candidates`) with its weights shared among 2**bits values (compress.qat.quantize_retrain, the model's
-    train.QAT_RECIPES, distilled from the dense model), fewest bits first, and keep the first network whose shared
-    form keeps the dense model's validation accuracy (and the calibration loss within the guard of the pruned
+    train.QAT_RECIPES, distilled from the dense model), for each bit option in order (fewest bytes first: "3", a
+    per-layer config such as "fc1=3,*=4" (compress.qat.parse_bit_config), "4"), and keep the first network whose
+    shared form keeps the dense model's validation accuracy (and the calibration loss within the guard of the pruned
     network's). The shared form holds each layer's values exactly, so the file computes what was judged."""
     import weightshare as ws
     from weightshare.compress.api import _parse_budget
     from weightshare.compress.layers import mean_loss
-    from weightshare.compress.qat import quantize_retrain, to_shared
+    from weightshare.compress.layers import compressible_layers
+    from weightshare.compress.qat import parse_bit_config, quantize_retrain, to_shared
     from weightshare.data import mnist_splits
     from weightshare.train import QAT_RECIPES, evaluate
 
@@ -187,8 +190,13 @@ def qat_one(name: str, pruned: PrunedNetworks, out_dir: Path, bits_options=(3, 4
     for density, net in pruned.networks[:max_candidates]:
         base_loss = mean_loss(net, F.cross_entropy, calib)
         budget = _parse_budget(max_loss_increase, base_loss)
-        for bits in bits_options:
-            r = quantize_retrain(net, splits.train, bits, teacher=dense, progress=progress, **QAT_RECIPES[name])
+        names = [l.name for l in compressible_layers(net)]
+        for option in bits_options:
+            # summary.json keeps a plain width as a number, a per-layer config as its text
+            bits = int(option) if str(option).strip().isdigit() else str(option)
+            per_layer = parse_bit_config(option, names)
+            r = quantize_retrain(net, splits.train, per_layer, teacher=dense, progress=progress,
+                                 **QAT_RECIPES[name])
             shared = to_shared(r.model)
             metric, loss = val_accuracy(shared), mean_loss(shared, F.cross_entropy, calib)
             ok = pruned.base_metric - metric <= 1e-12 and (budget is None or loss - base_loss <= budget + 1e-12)
@@ -461,9 +469,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                         "'none': accuracy alone)")
     d.add_argument("--prune-now", action="store_true",
                    help="prune within the demo (short schedules) even when committed pruned networks exist")
-    d.add_argument("--qat-bits", nargs="*", type=int, default=[3, 4],
-                   help="bit widths (fewest first) of the qat+prune rows: the pruned network retrained with shared "
-                        "weights (none: skip those rows)")
+    d.add_argument("--qat-bits", nargs="*", default=["3", "fc1=3,*=4", "4"],
+                   help="bit options (fewest bytes first) of the qat+prune rows: the pruned network retrained with "
+                        "shared weights, the first option that keeps the accuracy wins; 'B' for every layer or "
+                        "'layer=B,...,*=B' (none: skip those rows)")
     d.add_argument("--prune-slack", type=float, default=0.002,
                    help="pruned networks within this validation-accuracy drop are candidates; the compressed file "
                         "must still meet zero drop")

@@ -73,6 +73,26 @@ class QuantizeResult:
     seconds: float
 
 
+def parse_bit_config(text: str, layer_names: list[str]) -> dict[str, int]:
+    """Index bits per layer from a short text: "3" -> every layer 3 bits; "fc1=2,*=3" -> fc1 2 bits, every other
+    layer 3 (a layer neither named nor covered by "*" is an error)."""
+    text = str(text).strip()
+    try:
+        if "=" not in text:
+            return {n: int(text) for n in layer_names}
+        given = {k.strip(): int(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise ValueError(f"weightshare: bit config {text!r} must be 'B' or 'layer=B,...,*=B'") from None
+    unknown = set(given) - set(layer_names) - {"*"}
+    if unknown:
+        raise ValueError(f"weightshare: unknown layers {sorted(unknown)} in bit config {text!r} "
+                         f"(layers: {layer_names})")
+    missing = [n for n in layer_names if n not in given and "*" not in given]
+    if missing:
+        raise ValueError(f"weightshare: bit config {text!r} gives no bits for {missing} (add '*=B')")
+    return {n: given.get(n, given.get("*")) for n in layer_names}
+
+
 def _entries(bits: int, pruned: bool) -> int:
     return (1 << bits) - (1 if pruned else 0)
 
