@@ -134,14 +134,14 @@ def run_cuda() -> dict:
                 e_dense, e_ws = time_cuda(dense_fns, graph=False), time_cuda(ws_fns, graph=False)
                 ref = F.linear(x.float(), dense.float())
                 err = float((ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f).float() - ref).norm() / ref.norm())
-                mma = {}
+                extra = {}  # the other paths: the tile kernel (M > 8) and the opt-in mma GEMV (M <= 64)
                 if M > 8:  # the tile kernel the panels (decode + cuBLAS) replaced as default
                     os.environ["WS_CUDA_LINEAR"] = "tiles"
                     try:
                         t_tiles = time_cuda(ws_fns)
                     finally:
                         os.environ.pop("WS_CUDA_LINEAR", None)
-                    mma.update({"ws_tiles_ms": t_tiles * 1e3, "tiles_speedup_vs_cublas": t_dense / t_tiles})
+                    extra.update({"ws_tiles_ms": t_tiles * 1e3, "tiles_speedup_vs_cublas": t_dense / t_tiles})
                 if M <= 64:  # the tensor-core GEMV, opt-in until measured (WS_CUDA_GEMV=mma)
                     os.environ["WS_CUDA_GEMV"] = "mma"
                     try:
@@ -149,24 +149,24 @@ def run_cuda() -> dict:
                         y_mma = ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f).float()
                     finally:
                         os.environ.pop("WS_CUDA_GEMV", None)
-                    mma.update({"ws_mma_ms": t_mma * 1e3, "mma_speedup_vs_cublas": t_dense / t_mma,
-                           "mma_index_gb_s": packed.nbytes / t_mma / 1e9,
-                           "mma_rel_err": float((y_mma - ref).norm() / ref.norm())})
+                    extra.update({"ws_mma_ms": t_mma * 1e3, "mma_speedup_vs_cublas": t_dense / t_mma,
+                                  "mma_index_gb_s": packed.nbytes / t_mma / 1e9,
+                                  "mma_rel_err": float((y_mma - ref).norm() / ref.norm())})
                 row = {"shape": [out_f, in_f], "bits": bits, "batch": M, "cublas_fp16_ms": t_dense * 1e3,
                        "ws_ms": t_ws * 1e3, "speedup_vs_cublas": t_dense / t_ws,
                        "ws_index_gb_s": packed.nbytes / t_ws / 1e9, "cublas_weight_gb_s": dense.nbytes / t_dense / 1e9,
                        "cublas_fp16_eager_ms": e_dense * 1e3, "ws_eager_ms": e_ws * 1e3,
                        "eager_speedup_vs_cublas": e_dense / e_ws, "weight_copies": [len(dense_copies),
                                                                                   len(packed_copies)],
-                       "rel_err": err, **mma}
+                       "rel_err": err, **extra}
                 out["results"].append(row)
                 print(f"cuda {out_f}x{in_f} {bits}-bit M={M}: graph cuBLAS {t_dense*1e3:.4f} ms ws {t_ws*1e3:.4f} ms "
                       f"({t_dense / t_ws:.2f}x, {row['ws_index_gb_s']:.0f} GB/s of indices) | eager "
                       f"{e_dense*1e3:.4f} / {e_ws*1e3:.4f} ms ({e_dense / e_ws:.2f}x) | err {err:.1e}"
-                      + (f" | mma {mma['ws_mma_ms']:.4f} ms ({mma['mma_speedup_vs_cublas']:.2f}x, err "
-                         f"{mma['mma_rel_err']:.1e})" if "ws_mma_ms" in mma else "")
-                      + (f" | tiles {mma['ws_tiles_ms']:.4f} ms ({mma['tiles_speedup_vs_cublas']:.2f}x)"
-                         if "ws_tiles_ms" in mma else ""), flush=True)
+                      + (f" | mma {extra['ws_mma_ms']:.4f} ms ({extra['mma_speedup_vs_cublas']:.2f}x, err "
+                         f"{extra['mma_rel_err']:.1e})" if "ws_mma_ms" in extra else "")
+                      + (f" | tiles {extra['ws_tiles_ms']:.4f} ms ({extra['tiles_speedup_vs_cublas']:.2f}x)"
+                         if "ws_tiles_ms" in extra else ""), flush=True)
             del dense, dense_copies, packed_copies
     return out
 

@@ -244,8 +244,8 @@ WS_AVX2 void nhwc_row_avx2(const float* in, const float* wt, const float* bias, 
 
 at::Tensor depthwise_nhwc(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const NhwcGeometry& g,
                           int64_t N) {
-  // weights [C, 1, KH, KW] -> [KH * KW, C]
-  const at::Tensor wt = w.to(at::kFloat).reshape({g.C, g.KH * g.KW}).t().contiguous();
+  // weights [C, 1, KH, KW] (fp32) -> [KH * KW, C]
+  const at::Tensor wt = w.reshape({g.C, g.KH * g.KW}).t().contiguous();
   at::Tensor y = at::empty({N, g.C, g.OH, g.OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   const float* xp = x.data_ptr<float>();
   const float* wp = wt.data_ptr<float>();
@@ -301,7 +301,7 @@ at::Tensor depthwise_conv2d_f32(const at::Tensor& x, const at::Tensor& w, const 
   const at::Tensor wc = w.to(at::kFloat).contiguous();
   at::Tensor b;
   if (bias.has_value() && bias->defined()) b = bias->to(at::kFloat).contiguous();
-  if (nhwc) return depthwise_nhwc(x4, w, b, NhwcGeometry{C, H, W, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw}, N);
+  if (nhwc) return depthwise_nhwc(x4, wc, b, NhwcGeometry{C, H, W, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw}, N);
   at::Tensor y = at::empty({N, OC, OH, OW}, x.options());
   const float* xp = x4.data_ptr<float>();
   const float* wp = wc.data_ptr<float>();

@@ -476,7 +476,9 @@ at::Tensor shared_linear_cuda(const at::Tensor& x, const at::Tensor& packed, con
     launch_gemv_mma(w.rows, x, in_features, static_cast<int>(bits), e, sms);
     return y;
   }
-  if (!int8 && M > (x.scalar_type() == at::kFloat ? 2 * kGemvMaxMT : kGemvMaxMT) && panels_enabled()) {
+  // the float GEMV serves up to 16 rows of fp32 x, 8 of 16-bit x; more rows take the panels (or the tiles)
+  const bool float_gemv = M <= (x.scalar_type() == at::kFloat ? 2 * kGemvMaxMT : kGemvMaxMT);
+  if (!int8 && !float_gemv && panels_enabled()) {
     at::Tensor y2d = y.view({M, out_features});
     linear_by_panels(w.rows, static_cast<int>(bits), x.view({M, in_features}), bias, y2d);
     return y;
@@ -489,7 +491,7 @@ at::Tensor shared_linear_cuda(const at::Tensor& x, const at::Tensor& packed, con
     WS_DISPATCH_FLOAT(x.scalar_type(), "weightshare::shared_linear_cuda", [&] {
       using T = native_t<scalar_t>;
       WS_DISPATCH_BITS(bits, BITS, [&] {
-        if (M <= (std::is_same_v<T, float> ? 2 * kGemvMaxMT : kGemvMaxMT)) {
+        if (float_gemv) {
           launch_gemv<T, BITS, false>(ga, sms, x);
         } else {
           launch_tiles(forward_tile_kernel<T, BITS>, ta, mt, nt, steps, true, false, sms, x);
