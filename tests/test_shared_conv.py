@@ -74,6 +74,55 @@ def test_depthwise_direct_kernel(case, batched, with_bias, simd, gen):
             memory_format=torch.channels_last)
 
 
+DIRECT = [  # (out, in, kh, kw, padding, dilation, N, H, W): the direct (indirect-GEMM) CPU kernel's cases
+    (64, 64, 3, 3, (1, 1), (1, 1), 1, 20, 22),     # the ResNet layer's geometry, small image
+    (19, 5, 3, 3, (1, 1), (1, 1), 2, 15, 13),      # output channels not a multiple of the register block
+    (8, 3, 7, 7, (3, 3), (1, 1), 1, 23, 21),       # a stem
+    (12, 16, 1, 1, (0, 0), (1, 1), 3, 9, 11),      # 1x1, read in place (no padding copy)
+    (6, 4, 3, 2, (0, 0), (2, 3), 2, 17, 19),       # no padding, dilated, non-square: wide rows read in place
+    (5, 7, 1, 3, (0, 2), (1, 1), 1, 1, 30),        # one input row
+    (33, 9, 5, 5, (4, 1), (2, 1), 2, 6, 40),       # padding on one axis only, wide image
+    (4, 4, 3, 3, (1, 1), (1, 1), 1, 1, 1),         # one pixel
+]
+
+
+@pytest.mark.parametrize("case", DIRECT)
+@pytest.mark.parametrize("batched,with_bias", [(True, True), (True, False), (False, True)])
+def test_direct_conv_kernel(case, batched, with_bias, simd, monkeypatch, gen):
+    """The dense unit-stride NCHW path of shared_conv2d (csrc/cpu/direct_conv.cpp), forced on where its speed test
+    would decline, against F.conv2d; and the same values with the kernel forced off."""
+    oc, c, kh, kw, p, d, n, h, w_ = case
+    idx = torch.randint(0, 16, (oc, c * kh * kw), generator=gen, dtype=torch.uint8)
+    cb = torch.randn(1, 16, generator=gen)
+    packed, shape = ws.ops.pack(idx, 4), [oc, c, kh, kw]
+    w = ws.ops.dequantize(packed, cb, 4, shape)
+    x = torch.randn(*((n,) if batched else ()), c, h, w_, generator=gen)
+    b = torch.randn(oc, generator=gen) if with_bias else None
+    want = F.conv2d(x, w, b, 1, p, d)
+    for mode in ("direct", "dense"):
+        monkeypatch.setenv("WS_CPU_CONV", mode)
+        y = ws.ops.shared_conv2d(x, packed, cb, 4, shape, b, 1, p, d, 1)
+        assert y.shape == want.shape and y.is_contiguous()
+        # fp32 sums of up to 576 products of unit-scale values (|y| ~ 25): rounding differs with the order
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
+
+
+def test_direct_conv_kernel_leaves_other_layouts_to_the_general_path(monkeypatch, gen):
+    """Strided, grouped, channels-last and non-contiguous inputs are not the direct kernel's; forcing it on must
+    not change their results."""
+    monkeypatch.setenv("WS_CPU_CONV", "direct")
+    packed, cb, shape, w = make(8, 8, 3, 1, 4, False, gen)
+    x = torch.randn(2, 8, 12, 12, generator=gen)
+    cases = [(x, 2, 1), (x.to(memory_format=torch.channels_last), 1, 1), (x[:, :, :, ::2], 1, 1),
+             (x.transpose(2, 3), 1, 1)]
+    for xi, s, p in cases:
+        torch.testing.assert_close(ws.ops.shared_conv2d(xi, packed, cb, 4, shape, None, s, p),
+                                   F.conv2d(xi, w, None, s, p), rtol=1e-5, atol=1e-5)
+    pg, cg, sg, wg = make(8, 8, 3, 2, 4, False, gen)
+    torch.testing.assert_close(ws.ops.shared_conv2d(x, pg, cg, 4, sg, None, 1, 1, 1, 2),
+                               F.conv2d(x, wg, None, 1, 1, 1, 2), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_dtypes_and_channels_last(dtype, device, gen):
     packed, cb, shape, w = make(16, 8, 3, 1, 4, False, gen)

@@ -14,6 +14,7 @@
 
 #include "../cpu/decode_scratch.h"
 #include "../cpu/depthwise_conv.h"
+#include "../cpu/direct_conv.h"
 #include "weightshare/checks.h"
 
 namespace weightshare {
@@ -64,6 +65,10 @@ at::Tensor shared_conv2d(const at::Tensor& x, const at::Tensor& packed, const at
     const at::Tensor w = decode(0, out, weight_shape);
     if (x.is_cpu() && cin_g == 1) {  // depthwise: the direct kernel (csrc/cpu/depthwise_conv.cpp says why)
       at::Tensor y = cpu::depthwise_conv2d_f32(x, w, bias, stride, padding, dilation, groups);
+      if (y.defined()) return y;
+    }
+    if (x.is_cpu() && groups == 1) {  // unit-stride NCHW: the direct kernel (csrc/cpu/direct_conv.cpp says why)
+      at::Tensor y = cpu::direct_conv2d_f32(x, w, bias, stride, padding, dilation, groups);
       if (y.defined()) return y;
     }
     return at::conv2d(x, w.to(x.scalar_type()), bias.has_value() ? bias->to(x.scalar_type()) : at::Tensor(), stride,

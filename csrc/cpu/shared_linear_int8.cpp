@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "shared_linear.h"
@@ -174,10 +175,52 @@ struct ByteSteps {
   }
 };
 
+// The accumulator of step slot u, index s of a byte: u * E + s for one x row (8 chains), s & 1 for more (see
+// int8_rows_avx512).
+template <int BITS, int M, int NA>
+constexpr int int8_slot(int u, int s) {
+  return M == 1 ? (u * (8 / BITS) + s) % NA : (s & 1);
+}
+
+// One byte-aligned step: 64 packed bytes -> 8/BITS lookups of 64 weights, each dotted with the M x rows.
+// (Templates rather than lambdas: GCC does not give a lambda its enclosing function's target attribute.)
+template <int BITS, int M, int NA, int U_>
+WS_AVX512 inline __attribute__((always_inline)) void int8_step(const ByteLookup<BITS>& lookup, __m512i bytes,
+                                                                 int64_t st, const int8_t* x, int64_t stride,
+                                                                 __m512i (&acc)[M][NA]) {
+  constexpr int E = 8 / BITS;
+#pragma GCC unroll 8
+  for (int s = 0; s < E; ++s) {
+    const __m512i wu = lookup(ByteSteps::extract<BITS>(bytes, s));
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const __m512i xv = _mm512_loadu_si512(x + m * stride + st * 512 / BITS + s * 64);
+      acc[m][int8_slot<BITS, M, NA>(U_, s)] = _mm512_dpbusd_epi32(acc[m][int8_slot<BITS, M, NA>(U_, s)], wu, xv);
+    }
+  }
+}
+
+// Steps st + U_ .. st + U - 1, unmasked, each into its own accumulator slots.
+template <int BITS, int M, int NA, int U_, int U>
+WS_AVX512 inline __attribute__((always_inline)) void int8_steps(const ByteLookup<BITS>& lookup, const uint8_t* row,
+                                                                  int64_t st, const int8_t* x, int64_t stride,
+                                                                  __m512i (&acc)[M][NA]) {
+  if constexpr (U_ < U) {
+    int8_step<BITS, M, NA, U_>(lookup, _mm512_loadu_si512(row + (st + U_) * 64), st + U_, x, stride, acc);
+    int8_steps<BITS, M, NA, U_ + 1, U>(lookup, row, st, x, stride, acc);
+  }
+}
+
 template <int BITS, int M>
 WS_AVX512 void int8_rows_avx512(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq,
                                 int64_t m0, int64_t r0, int64_t r1, int64_t* acc_out) {
   constexpr int E = byte_aligned(BITS) ? 8 / BITS : 1;
+  // Independent accumulator chains per x row. One x row (the GEMV) has only its own chain of vpdpbusd, whose
+  // latency (4-5 cycles) then paces the whole loop: the profile showed the loop waiting on it with two chains.
+  // So for M = 1, U steps are unrolled into 8 chains (slot = u * E + s); with more x rows, the rows give the
+  // parallelism and two chains each keep the 32 registers enough.
+  constexpr int U = M == 1 ? (E < 8 ? 8 / E : 1) : 1;
+  constexpr int NA = M == 1 ? U * E : 2;
   const ByteSteps steps{w.row_bytes};
   const Avx512Unpack16<BITS> unpack16;  // generic widths
   const int64_t nsteps = xq.stride / step_elems(BITS);
@@ -189,21 +232,24 @@ WS_AVX512 void int8_rows_avx512(const PackedLinear& w, const QuantizedX& xq, con
       lookup = ByteLookup<BITS>(cq.q.data() + group * 256);
     }
     const uint8_t* row = w.packed + r * w.row_bytes;
-    __m512i acc[M][2];
-    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
-    for (int64_t st = 0; st < nsteps; ++st) {
-      // two rows ahead: the hardware prefetcher alone left the stream at half the bandwidth dense GEMV reaches
-      _mm_prefetch(reinterpret_cast<const char*>(row + 2 * w.row_bytes + st * 64), _MM_HINT_T0);
-      if constexpr (byte_aligned(BITS)) {
-        const __m512i bytes = steps.load(row, st);
-        for (int s = 0; s < E; ++s) {
-          const __m512i wu = lookup(ByteSteps::extract<BITS>(bytes, s));
-          for (int m = 0; m < M; ++m) {
-            const __m512i xv = _mm512_loadu_si512(xq.q.data() + (m0 + m) * xq.stride + st * 512 / BITS + s * 64);
-            acc[m][s & 1] = _mm512_dpbusd_epi32(acc[m][s & 1], wu, xv);
-          }
-        }
-      } else {
+    __m512i acc[M][NA];
+    for (int m = 0; m < M; ++m)
+      for (int a = 0; a < NA; ++a) acc[m][a] = _mm512_setzero_si512();
+    if constexpr (byte_aligned(BITS)) {
+      // whole 64-byte steps U at a time (unmasked loads), then the rest masked (zero past the row end)
+      const int64_t whole = std::min(nsteps, w.row_bytes / 64);
+      const int8_t* xrow = xq.q.data() + m0 * xq.stride;
+      int64_t st = 0;
+      for (; st + U <= whole; st += U) {
+        // two rows ahead: the hardware prefetcher alone left the stream at half the bandwidth dense GEMV reaches
+        for (int u = 0; u < U; ++u)
+          _mm_prefetch(reinterpret_cast<const char*>(row + 2 * w.row_bytes + (st + u) * 64), _MM_HINT_T0);
+        int8_steps<BITS, M, NA, 0, U>(lookup, row, st, xrow, xq.stride, acc);
+      }
+      for (; st < nsteps; ++st) int8_step<BITS, M, NA, 0>(lookup, steps.load(row, st), st, xrow, xq.stride, acc);
+    } else {
+      for (int64_t st = 0; st < nsteps; ++st) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + 2 * w.row_bytes + st * 64), _MM_HINT_T0);
         __m128i part[4];
         for (int u = 0; u < 4; ++u) {
           const int64_t off = (st * 4 + u) * 2 * BITS;
@@ -223,9 +269,13 @@ WS_AVX512 void int8_rows_avx512(const PackedLinear& w, const QuantizedX& xq, con
         }
       }
     }
+    __m512i total[M];
+    for (int m = 0; m < M; ++m) {
+      total[m] = acc[m][0];
+      for (int a = 1; a < NA; ++a) total[m] = _mm512_add_epi32(total[m], acc[m][a]);
+    }
     for (int m = 0; m < M; ++m)
-      acc_out[(m0 + m) * w.out_features + r] =
-          reduce_epi32_as_64(acc[m][0]) + reduce_epi32_as_64(acc[m][1]) - 128 * xq.sum[m0 + m];
+      acc_out[(m0 + m) * w.out_features + r] = reduce_epi32_as_64(total[m]) - 128 * xq.sum[m0 + m];
   }
 }
 #endif
