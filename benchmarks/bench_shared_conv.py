@@ -22,6 +22,11 @@ CONVS = {  # name: (out, in, k, groups, stride, padding, hw)
     "depthwise3x3_256_28": (256, 256, 3, 256, 1, 1, 28),
     "depthwise3x3_256_28_channels_last": (256, 256, 3, 256, 1, 1, 28),
     "pointwise1x1_256x128_28": (256, 128, 1, 1, 1, 0, 28),
+    # later ResNet stages and a bottleneck expansion: beyond the targets, recorded to show where the direct
+    # kernel declines (csrc/cpu/direct_conv.cpp) and the decode + oneDNN path runs
+    "resnet3x3_128x128_28": (128, 128, 3, 1, 1, 1, 28),
+    "resnet3x3_256x256_14": (256, 256, 3, 1, 1, 1, 14),
+    "pointwise1x1_64x256_56": (256, 64, 1, 1, 1, 0, 56),
 }
 BITS = 4
 
@@ -44,14 +49,23 @@ def run() -> dict:
     out = {"machine": machine(), "bits": BITS, "results": []}
     for name in CONVS:
         x, packed, cb, shape, dense, (s, p, d, g) = make(name)
-        # calls alternate dense / ws (time_interleaved says why)
-        t_dense, t_ws = time_interleaved([lambda: F.conv2d(x, dense, None, s, p, d, g),
-                                          lambda: ws.ops.shared_conv2d(x, packed, cb, BITS, shape, None, s, p, d, g)],
-                                         repeat=400)
-        row = {"conv": name, "dense_fp32_ms": t_dense * 1e3, "ws_ms": t_ws * 1e3, "ws_speed_vs_dense": t_dense / t_ws}
+        def ws_call():
+            return ws.ops.shared_conv2d(x, packed, cb, BITS, shape, None, s, p, d, g)
+
+        def ws_decode_onednn():  # the same op with its direct CPU kernels declined (decode + oneDNN)
+            os.environ["WS_CPU_CONV"] = "dense"
+            try:
+                return ws_call()
+            finally:
+                del os.environ["WS_CPU_CONV"]
+        # calls alternate (time_interleaved says why)
+        t_dense, t_ws, t_alt = time_interleaved([lambda: F.conv2d(x, dense, None, s, p, d, g), ws_call,
+                                                 ws_decode_onednn], repeat=400)
+        row = {"conv": name, "dense_fp32_ms": t_dense * 1e3, "ws_ms": t_ws * 1e3, "ws_speed_vs_dense": t_dense / t_ws,
+               "ws_decode_onednn_ms": t_alt * 1e3}
         out["results"].append(row)
-        print(f"{name:26s} dense {row['dense_fp32_ms']:7.3f} ms  ws {row['ws_ms']:7.3f} ms  "
-              f"({row['ws_speed_vs_dense']:.2f}x)", flush=True)
+        print(f"{name:34s} dense {row['dense_fp32_ms']:7.3f} ms  ws {row['ws_ms']:7.3f} ms  "
+              f"({row['ws_speed_vs_dense']:.2f}x; decode + oneDNN {row['ws_decode_onednn_ms']:7.3f} ms)", flush=True)
     return out
 
 

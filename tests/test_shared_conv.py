@@ -48,6 +48,12 @@ DEPTHWISE = [  # (channels, multiplier, kh, kw, stride, padding, dilation, H, W)
     (5, 3, 7, 7, (1, 2), (3, 0), (1, 1), 8, 20),
     (3, 1, 1, 1, (1, 1), (0, 0), (1, 1), 4, 4),      # 1x1 depthwise
     (4, 1, 3, 3, (1, 1), (0, 0), (1, 1), 3, 3),      # one output pixel
+    # 3x3 with channels not a multiple of the vector width: the channels-last interior kernel's masked / scalar tails
+    (20, 1, 3, 3, (1, 1), (1, 1), (1, 1), 9, 14),
+    (19, 1, 3, 3, (2, 2), (1, 1), (1, 1), 11, 12),
+    (37, 1, 3, 3, (1, 2), (2, 2), (2, 1), 10, 17),
+    (16, 1, 3, 3, (1, 1), (0, 0), (1, 1), 6, 9),     # no padding: every pixel interior
+    (24, 1, 3, 3, (1, 1), (1, 1), (3, 3), 5, 6),     # dilation reaching past the input: no interior pixel
 ]
 
 

@@ -52,6 +52,26 @@ def test_float_matches_reference(bits, M, per_row, simd, device, gen):
     torch.testing.assert_close(got, reference.shared_linear(*args), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bits", [1, 3, 4, 8])
+@pytest.mark.parametrize("M", [5, 37, 300])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_batched_blocked_kernel(bits, M, groups, simd, monkeypatch, gen):
+    """The CPU batched path (shared_linear_blocked.cpp) where its blocking shows: several K chunks of 256 with a
+    scalar decode tail (600 = 2 x 256 + 88), output features not a multiple of the register block and codebook
+    groups that straddle blocks (21 rows, 7 per group), a batch beyond one 256-column pass and not a multiple of the
+    vector width. Against the reference, and against the decode + ATen GEMM path it replaced."""
+    out_f, in_f = 21, 600
+    packed, cb, _ = make_weight(out_f, in_f, bits, groups, gen)
+    x = torch.randn(M, in_f, generator=gen)
+    bias = torch.randn(out_f, generator=gen)
+    got = ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f, bias)
+    torch.testing.assert_close(got, reference.shared_linear(x, packed, cb, bits, out_f, in_f, bias),
+                               rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("WS_CPU_LINEAR", "aten")
+    torch.testing.assert_close(got, ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f, bias),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_dtypes_and_leading_dims(dtype, device, gen):
     packed, cb, _ = make_weight(40, 96, 4, 1, gen)

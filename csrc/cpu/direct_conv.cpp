@@ -22,9 +22,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <vector>
 
 #include "weightshare/cpu_features.h"
@@ -255,10 +253,9 @@ at::Tensor direct_conv2d_f32(const at::Tensor& x, const at::Tensor& w, const std
   // 14x14 the 3x3 computes 82 % useful positions and lost, 0.70x) and the weight panel of a block fits in L1
   // (K <= 1024 floats per row).
   // WS_CPU_CONV=direct takes this kernel wherever it applies, =dense never (tests and benchmarks compare them).
-  const char* env = std::getenv("WS_CPU_CONV");
-  const std::string choice = env ? env : "";
-  if (choice == "dense") return at::Tensor();
-  if (choice != "direct") {
+  const ConvKernels choice = conv_kernels();
+  if (choice == ConvKernels::Never) return at::Tensor();
+  if (choice == ConvKernels::Auto) {
     const int64_t tile = (simd == Simd::Avx512 ? kNr512 * kV512 : kNr256 * kV256);
     const int64_t computed = (OH * Wp + tile - 1) / tile * tile;
     if (OH * OW * 100 < computed * 93 || K > 1024) return at::Tensor();

@@ -2,8 +2,9 @@
 //  * up to kGemvRows rows of x (batch-1 inference): a GEMV that decodes 16 indices at a time into a register
 //    (byte permute + variable shift, then a permute lookup of the codebook held in registers) and feeds FMAs for
 //    every x row, four independent accumulators per row; parallel over output rows.
-//  * more rows: decode a panel of W rows (~8 MiB: 512 rows at 4096 columns) once and multiply it with all rows of x by
-//    the dense GEMM (at::mm); the panel is reused across the whole batch.
+//  * more rows: the blocked kernel of shared_linear_blocked.cpp (weights decoded into L1 panels next to an FMA
+//    micro-kernel); without AVX2, decode a panel of W rows (~8 MiB: 512 rows at 4096 columns) once and multiply it
+//    with all rows of x by the dense GEMM (at::mm).
 #include "shared_linear.h"
 
 #include "decode_scratch.h"
@@ -15,26 +16,14 @@
 #include "weightshare/cpu_decode.h"
 #include "weightshare/dispatch.h"
 
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 namespace weightshare::cpu {
 namespace {
 
 constexpr int64_t kGemvRows = 4;
-
-// Per-thread decode state: the table of the group last used.
-struct GroupTable {
-  DecodeTable table;
-  int64_t group = -1;
-  const DecodeTable& get(const PackedLinear& w, int64_t row) {
-    const int64_t g = row / w.rows_per_group;
-    if (g != group) {
-      table.fill(w.codebook + g * w.K, static_cast<int>(w.K), w.bits);
-      group = g;
-    }
-    return table;
-  }
-};
 
 // Scalar/portable GEMV: decode the row into a buffer, then plain dot products (the compiler vectorises them).
 template <int BITS>
@@ -161,16 +150,13 @@ WS_AVX512 void gemv_rows_avx512_fast(const PackedLinear& w, const float* x, cons
 
 template <int BITS>
 WS_AVX512 void decode_rows_avx512(const PackedLinear& w, int64_t r0, int64_t r1, int64_t dst_row0, float* dst) {
-  const Avx512Unpack16<BITS> unpack;
   GroupTable gt;
-  const int64_t blocks = w.in_features / 16;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = w.packed + r * w.row_bytes;
     const DecodeTable& dt = gt.get(w, r);
-    const Avx512Lookup<BITS> lookup(dt);
     float* out = dst + (r - dst_row0) * w.in_features;
-    for (int64_t blk = 0; blk < blocks; ++blk) _mm512_storeu_ps(out + 16 * blk, lookup(unpack.indices(row, blk)));
-    decode_scalar<BITS>(row, blocks * 16, w.in_features - blocks * 16, dt.v, out + blocks * 16);
+    const int64_t done = decode_blocks_avx512<BITS>(row, dt, 0, w.in_features, out);
+    decode_scalar<BITS>(row, done, w.in_features - done, dt.v, out + done);
   }
 }
 #endif
@@ -246,7 +232,11 @@ void linear_float(const PackedLinear& w, const float* x, int64_t M, float* y) {
     WS_DISPATCH_BITS(w.bits, BITS, [&] { gemv<BITS>(w, x, M, y); });
     return;
   }
-  // Batched: y[:, r0:r1] = x @ panel^T, panel decoded once per call and reused for all M rows.
+  // Batched: the blocked kernel (shared_linear_blocked.cpp); WS_CPU_LINEAR=aten takes the decode + ATen GEMM path
+  // below instead (benchmarks compare the two), as does a CPU without AVX2.
+  const char* env = std::getenv("WS_CPU_LINEAR");
+  if (!(env && std::strcmp(env, "aten") == 0) && linear_float_blocked(w, x, M, y)) return;
+  // Decode + ATen: y[:, r0:r1] = x @ panel^T, panel decoded once per call and reused for all M rows.
   const int64_t P = panel_rows(w);
   // the panel lives in this thread's reused buffer (decode_scratch.h): a fresh 8 MiB tensor per call is mapped and
   // zero-filled by the kernel every time; measured at batch 64, 4096x4096, that cost 7 % (0.91x -> 0.98x of dense)

@@ -3,6 +3,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "weightshare/checks.h"
+#include "weightshare/cpu_decode.h"
 
 namespace weightshare::cpu {
 
@@ -14,6 +15,20 @@ struct PackedLinear {
   int bits;
 };
 
+// Per-thread decode state: the table of the group last used.
+struct GroupTable {
+  DecodeTable table;
+  int64_t group = -1;
+  const DecodeTable& get(const PackedLinear& w, int64_t row) {
+    const int64_t g = row / w.rows_per_group;
+    if (g != group) {
+      table.fill(w.codebook + g * w.K, static_cast<int>(w.K), w.bits);
+      group = g;
+    }
+    return table;
+  }
+};
+
 PackedLinear make_packed_linear(const at::Tensor& packed, const at::Tensor& codebook_f32, const PackedWeight& pw,
                                 int64_t bits);
 
@@ -22,6 +37,10 @@ void linear_float(const PackedLinear& w, const float* x, int64_t M, float* y);
 
 // y[M, out] (fp32) by the int8 definition in reference.shared_linear (before bias).
 void linear_int8(const PackedLinear& w, const at::Tensor& x_f32, float* y);
+
+// y[M, out] (fp32) = x[M, in] @ W^T by the blocked kernel (shared_linear_blocked.cpp), for batches; false (and
+// nothing written) on a CPU without AVX2.
+bool linear_float_blocked(const PackedLinear& w, const float* x, int64_t M, float* y);
 
 // Decodes rows [r0, r1) of W into dst [r1 - r0, in] fp32 (panel of the batched and backward paths).
 void decode_panel(const PackedLinear& w, int64_t r0, int64_t r1, float* dst);

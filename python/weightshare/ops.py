@@ -25,6 +25,16 @@ def _native(op: str, *tensors: Tensor) -> bool:
     return has_kernel(op, tensors[0].device.type)
 
 
+def _no_autograd_needed(*tensors: Optional[Tensor]) -> bool:
+    """Whether a call of a differentiable op may go straight to its device kernel: no input asks for a gradient and
+    no compiler or functorch transform is watching. Then the op's autograd kernel (torch.library's, in Python) would
+    only redispatch, and skipping it saves about 5 us per call (measured on a 1x1 conv: 15.4 -> 10.2 us), which at
+    batch 1 is 5-7 % of a depthwise layer."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False
+    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
+
+
 def pack(idx: Tensor, bits: int) -> Tensor:
     """Bit-pack uint8 indices [..., n] (each < 2**bits, bits 1..8) into uint8 [..., packed_row_bytes(n, bits)].
 
@@ -131,8 +141,11 @@ def shared_linear(x: Tensor, packed: Tensor, codebook: Tensor, bits: int, out_fe
     int8 path's gradient is the float path's: straight-through)."""
     codebook = _as_2d(codebook)
     if _native("shared_linear", x):
-        return torch.ops.weightshare.shared_linear(x, packed, codebook, bits, out_features, in_features, bias,
-                                                   activation)
+        args = (x, packed, codebook, bits, out_features, in_features, bias, activation)
+        if _no_autograd_needed(x, codebook, bias):
+            with torch._C._AutoDispatchBelowAutograd():
+                return torch.ops.weightshare.shared_linear(*args)
+        return torch.ops.weightshare.shared_linear(*args)
     return _SharedLinearReference.apply(x, packed, codebook, bits, out_features, in_features, bias, activation)
 
 
@@ -152,6 +165,9 @@ def shared_conv2d(x: Tensor, packed: Tensor, codebook: Tensor, bits: int, weight
     args = (x, packed, codebook, bits, [int(s) for s in weight_shape], bias, _pair(stride), _pair(padding),
             _pair(dilation), int(groups))
     if _native("shared_conv2d", x):
+        if _no_autograd_needed(x, codebook, bias):
+            with torch._C._AutoDispatchBelowAutograd():
+                return torch.ops.weightshare.shared_conv2d(*args)
         return torch.ops.weightshare.shared_conv2d(*args)
     w = reference.dequantize(packed, codebook, bits, args[4])  # reference path: autograd through the indexing
     return torch.nn.functional.conv2d(x, w.to(x.dtype), bias, args[6], args[7], args[8], args[9])

@@ -77,6 +77,18 @@ struct Avx512Lookup {
   }
 };
 
+// Whole 16-blocks of columns [begin, begin + count) of a row (begin a multiple of 16) decoded into out; returns
+// the columns covered (count rounded down to 16; the caller decodes the rest with decode_scalar).
+template <int BITS>
+WS_AVX512 int64_t decode_blocks_avx512(const uint8_t* row, const DecodeTable& table, int64_t begin, int64_t count,
+                                       float* out) {
+  const Avx512Unpack16<BITS> unpack;
+  const Avx512Lookup<BITS> lookup(table);
+  const int64_t n = count / 16;
+  for (int64_t i = 0; i < n; ++i) _mm512_storeu_ps(out + 16 * i, lookup(unpack.indices(row, begin / 16 + i)));
+  return n * 16;
+}
+
 #endif  // WS_X86
 
 }  // namespace weightshare

@@ -28,6 +28,18 @@ inline Simd simd_level() {
 #endif
 }
 
+// Whether shared_conv2d's own CPU kernels (direct_conv.cpp, depthwise_conv.cpp) run: WS_CPU_CONV = direct (wherever
+// they apply, even where their speed test would decline), dense (never: decode + oneDNN), unset = where faster.
+enum class ConvKernels { Auto, Always, Never };
+
+inline ConvKernels conv_kernels() {
+  const char* env = std::getenv("WS_CPU_CONV");
+  if (env == nullptr) return ConvKernels::Auto;
+  if (std::strcmp(env, "direct") == 0) return ConvKernels::Always;
+  if (std::strcmp(env, "dense") == 0) return ConvKernels::Never;
+  return ConvKernels::Auto;
+}
+
 inline const char* simd_name(Simd s) {
   return s == Simd::Avx512 ? "avx512" : s == Simd::Avx2 ? "avx2" : "scalar";
 }
