@@ -62,10 +62,24 @@ def linear_table(r):
 
 
 def conv_table(r):
-    out = [f"Shared Conv2d, {r['bits']}-bit, batch 1, fp32 ({_machine(r['machine'])})", "",
-           "| conv | dense F.conv2d | ws.ops.shared_conv2d | speed vs dense |", "|---|---|---|---|"]
+    offsets = r.get("offsets")
+    head = f"Shared Conv2d, {r['bits']}-bit, batch 1, fp32 ({_machine(r['machine'])})"
+    if not offsets:  # files from before the placement sweep
+        out = [head, "", "| conv | dense F.conv2d | ws.ops.shared_conv2d | speed vs dense |", "|---|---|---|---|"]
+        for x in r["results"]:
+            out.append(f"| {x['conv']} | {x['dense_fp32_ms']:.3f} ms | {x['ws_ms']:.3f} ms | "
+                       f"{x['ws_speed_vs_dense']:.2f}x |")
+        return "\n".join(out)
+    out = [head + f"; each at its best of {len(offsets)} input placements, the range in brackets", "",
+           "| conv | dense F.conv2d | ws.ops.shared_conv2d | speed vs dense | ws as decode + oneDNN |",
+           "|---|---|---|---|---|"]
+
+    def cell(best, values):
+        return f"{best:.3f} ms ({min(values):.3f}-{max(values):.3f})"
     for x in r["results"]:
-        out.append(f"| {x['conv']} | {x['dense_fp32_ms']:.3f} ms | {x['ws_ms']:.3f} ms | {x['ws_speed_vs_dense']:.2f}x |")
+        by = x["ms_by_offset"]
+        out.append(f"| {x['conv']} | {cell(x['dense_fp32_ms'], by['dense'])} | {cell(x['ws_ms'], by['ws'])} | "
+                   f"{x['ws_speed_vs_dense']:.2f}x | {cell(x['ws_decode_onednn_ms'], by['decode_onednn'])} |")
     return "\n".join(out)
 
 

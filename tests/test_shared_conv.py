@@ -113,6 +113,41 @@ def test_direct_conv_kernel(case, batched, with_bias, simd, monkeypatch, gen):
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
 
 
+WINOGRAD = [  # (out, in, padding, N, H, W): 3x3 stride-1 convs for the Winograd F(2x2, 3x3) kernel
+    (64, 64, (1, 1), 1, 20, 22),   # the ResNet layer's geometry, small image
+    (19, 5, (1, 1), 2, 15, 13),    # odd output size: half-used last tiles in both directions
+    (33, 16, (0, 1), 1, 3, 3),     # one output row
+    (16, 16, (1, 1), 1, 1, 1),     # one pixel
+    (40, 24, (2, 2), 3, 17, 2),    # padding wider than the image
+    (8, 8, (0, 0), 2, 40, 37),     # more than 16 tiles per row: several vectors and a masked tail
+    (70, 3, (1, 1), 1, 9, 9),      # output channels past the last full panel of 8
+]
+
+
+@pytest.mark.parametrize("case", WINOGRAD)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_winograd_conv_kernel(case, with_bias, monkeypatch, gen):
+    """shared_conv2d's Winograd path (csrc/cpu/winograd_conv.cpp; AVX-512 CPUs, else the next path runs) against a
+    float64 convolution, as close as the direct kernel and oneDNN are."""
+    oc, c, p, n, h, w_ = case
+    idx = torch.randint(0, 16, (oc, c * 9), generator=gen, dtype=torch.uint8)
+    cb = torch.randn(1, 16, generator=gen)
+    packed, shape = ws.ops.pack(idx, 4), [oc, c, 3, 3]
+    w = ws.ops.dequantize(packed, cb, 4, shape)
+    x = torch.randn(n, c, h, w_, generator=gen)
+    b = torch.randn(oc, generator=gen) if with_bias else None
+    want = F.conv2d(x.double(), w.double(), None if b is None else b.double(), 1, p)
+    scale = want.abs().max().item()
+    errors = {}
+    for mode in ("winograd", "direct", "dense"):
+        monkeypatch.setenv("WS_CPU_CONV", mode)
+        y = ws.ops.shared_conv2d(x, packed, cb, 4, shape, b, 1, p)
+        assert y.shape == want.shape and y.dtype == torch.float32 and y.is_contiguous()
+        errors[mode] = (y.double() - want).abs().max().item() / scale
+    assert errors["winograd"] < 2e-6, errors
+    assert errors["winograd"] < 4 * max(errors["direct"], errors["dense"], 1e-7), errors
+
+
 def test_direct_conv_kernel_leaves_other_layouts_to_the_general_path(monkeypatch, gen):
     """Strided, grouped, channels-last and non-contiguous inputs are not the direct kernel's; forcing it on must
     not change their results."""

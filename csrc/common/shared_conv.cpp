@@ -15,6 +15,7 @@
 #include "../cpu/decode_scratch.h"
 #include "../cpu/depthwise_conv.h"
 #include "../cpu/direct_conv.h"
+#include "../cpu/winograd_conv.h"
 #include "weightshare/checks.h"
 
 namespace weightshare {
@@ -61,30 +62,31 @@ at::Tensor shared_conv2d(const at::Tensor& x, const at::Tensor& packed, const at
     if (x.is_cpu()) return cpu::decode_rows_to_scratch(packed, codebook, pw, bits, o0, o1, shape);
     return dequantize(packed.slice(0, o0, o1), codebook.slice(0, o0 / rows_per_cb, o1 / rows_per_cb), bits, shape);
   };
-  if (panel >= out) {  // the common case: one panel, the whole (small) weight
-    const at::Tensor w = decode(0, out, weight_shape);
-    if (x.is_cpu() && cin_g == 1) {  // depthwise: the direct kernel (csrc/cpu/depthwise_conv.cpp says why)
-      at::Tensor y = cpu::depthwise_conv2d_f32(x, w, bias, stride, padding, dilation, groups);
+  // one panel's conv: on the CPU our kernels where they apply (depthwise; Winograd for 3x3, else the direct kernel
+  // for dense unit-stride NCHW; their files say why), else ATen's (oneDNN / cuDNN)
+  auto conv = [&](const at::Tensor& xs, const at::Tensor& w, const std::optional<at::Tensor>& b, int64_t g) {
+    if (x.is_cpu() && cin_g == 1) {
+      at::Tensor y = cpu::depthwise_conv2d_f32(xs, w, b, stride, padding, dilation, g);
       if (y.defined()) return y;
     }
-    if (x.is_cpu() && groups == 1) {  // unit-stride NCHW: the direct kernel (csrc/cpu/direct_conv.cpp says why)
-      at::Tensor y = cpu::direct_conv2d_f32(x, w, bias, stride, padding, dilation, groups);
+    if (x.is_cpu() && g == 1) {
+      at::Tensor y = cpu::winograd3x3_conv2d_f32(xs, w, b, stride, padding, dilation, g);
+      if (!y.defined()) y = cpu::direct_conv2d_f32(xs, w, b, stride, padding, dilation, g);
       if (y.defined()) return y;
     }
-    return at::conv2d(x, w.to(x.scalar_type()), bias.has_value() ? bias->to(x.scalar_type()) : at::Tensor(), stride,
-                      padding, dilation, groups);
-  }
+    return at::conv2d(xs, w.to(x.scalar_type()), b.has_value() ? b->to(x.scalar_type()) : at::Tensor(), stride,
+                      padding, dilation, g);
+  };
+  if (panel >= out) return conv(x, decode(0, out, weight_shape), bias, groups);  // the common case: one panel
   std::vector<at::Tensor> parts;
   for (int64_t o0 = 0; o0 < out; o0 += panel) {
     const int64_t o1 = std::min(out, o0 + panel);
     const int64_t g0 = o0 / out_per_group, g1 = o1 / out_per_group;
     std::vector<int64_t> shape(weight_shape.begin(), weight_shape.end());
     shape[0] = o1 - o0;
-    const at::Tensor w = decode(o0, o1, shape);
-    const at::Tensor xs = x.slice(-3, g0 * cin_g, g1 * cin_g);
-    parts.push_back(at::conv2d(xs, w.to(x.scalar_type()),
-                               bias.has_value() ? bias->slice(0, o0, o1).to(x.scalar_type()) : at::Tensor(), stride,
-                               padding, dilation, g1 - g0));
+    const std::optional<at::Tensor> b =
+        bias.has_value() ? std::optional<at::Tensor>(bias->slice(0, o0, o1)) : std::nullopt;
+    parts.push_back(conv(x.slice(-3, g0 * cin_g, g1 * cin_g), decode(o0, o1, shape), b, g1 - g0));
   }
   return at::cat(parts, -3);
 }
