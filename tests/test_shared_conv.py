@@ -126,7 +126,7 @@ WINOGRAD = [  # (out, in, padding, N, H, W): 3x3 stride-1 convs for the Winograd
 
 @pytest.mark.parametrize("case", WINOGRAD)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_winograd_conv_kernel(case, with_bias, monkeypatch, gen):
+def test_winograd_conv_kernel(case, with_bias, simd, monkeypatch, gen):
     """shared_conv2d's Winograd path (csrc/cpu/winograd_conv.cpp; AVX-512 CPUs, else the next path runs) against a
     float64 convolution, as close as the direct kernel and oneDNN are."""
     oc, c, p, n, h, w_ = case

@@ -102,34 +102,33 @@ WS_AVX512 void block_avx512(const Plan& p, const float* a, const float* x, const
   }
 }
 
-template <bool kMasked>
+template <int NR, bool kMasked>
 WS_AVX2 void block_avx2(const Plan& p, const float* a, const float* x, const float* bias, int rows,
-                        const Tile<kNr256, kV256>& t, float* y) {
+                        const Tile<NR, kV256>& t, float* y) {
   alignas(32) static const int32_t bit[8] = {1, 2, 4, 8, 16, 32, 64, 128};
   const __m256i lane_bit = _mm256_load_si256(reinterpret_cast<const __m256i*>(bit));
-  __m256i lm[kNr256];
-  for (int n = 0; n < kNr256; ++n) {
+  __m256i lm[NR];
+  for (int n = 0; n < NR; ++n) {
     lm[n] = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(t.load[n])), lane_bit), lane_bit);
   }
-  __m256 acc[kMr256][kNr256];
+  __m256 acc[kMr256][NR];
 #pragma GCC unroll 4
   for (int m = 0; m < kMr256; ++m) {
     const __m256 b = _mm256_set1_ps(bias[m]);
 #pragma GCC unroll 3
-    for (int n = 0; n < kNr256; ++n) acc[m][n] = b;
+    for (int n = 0; n < NR; ++n) acc[m][n] = b;
   }
   for (int64_t k = 0; k < p.K; ++k) {
     const float* b = x + p.koff[k];
-    const __m256 b0 = kMasked ? _mm256_maskload_ps(b, lm[0]) : _mm256_loadu_ps(b);
-    const __m256 b1 = kMasked ? _mm256_maskload_ps(b + 8, lm[1]) : _mm256_loadu_ps(b + 8);
-    const __m256 b2 = kMasked ? _mm256_maskload_ps(b + 16, lm[2]) : _mm256_loadu_ps(b + 16);
+    __m256 bv[NR];
+#pragma GCC unroll 3
+    for (int n = 0; n < NR; ++n) bv[n] = kMasked ? _mm256_maskload_ps(b + 8 * n, lm[n]) : _mm256_loadu_ps(b + 8 * n);
     const float* ak = a + k * kMr256;
 #pragma GCC unroll 4
     for (int m = 0; m < kMr256; ++m) {
       const __m256 w = _mm256_broadcast_ss(ak + m);
-      acc[m][0] = _mm256_fmadd_ps(w, b0, acc[m][0]);
-      acc[m][1] = _mm256_fmadd_ps(w, b1, acc[m][1]);
-      acc[m][2] = _mm256_fmadd_ps(w, b2, acc[m][2]);
+#pragma GCC unroll 3
+      for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_fmadd_ps(w, bv[n], acc[m][n]);
     }
   }
   // fully unrolled like the k loop (a runtime-indexed accumulator would live in memory)
@@ -138,7 +137,7 @@ WS_AVX2 void block_avx2(const Plan& p, const float* a, const float* x, const flo
     if (m >= rows) break;
     float* ym = y + m * p.out_plane;
 #pragma GCC unroll 3
-    for (int n = 0; n < kNr256; ++n) {
+    for (int n = 0; n < NR; ++n) {
       const uint32_t s = t.store[n];
       if (s == 0xffu) {
         _mm256_storeu_ps(ym + t.out[n], acc[m][n]);

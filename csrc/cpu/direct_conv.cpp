@@ -182,11 +182,11 @@ at::Tensor direct_conv2d_f32(const at::Tensor& x, const at::Tensor& w, const std
   at::Tensor y = at::empty({N, OC, OH, OW}, x.options());
   const Plan p{C, OC, OH, OW, Wp, plane, K, OH * Wp, OH * OW, off_max, koff};
   if (simd == Simd::Avx512) {
-    run<kMr512, kNr512, kV512>(p, N, xin, image_floats, panels, bvals, y.data_ptr<float>(), block_avx512<kNr512, false>,
-                               block_avx512<kNr512, true>);
+    run<kMr512, kNr512, kV512>(p, N, xin, image_floats, panels, bvals, y.data_ptr<float>(),
+                               block_avx512<kNr512, false>, block_avx512<kNr512, true>);
   } else {
-    run<kMr256, kNr256, kV256>(p, N, xin, image_floats, panels, bvals, y.data_ptr<float>(), block_avx2<false>,
-                               block_avx2<true>);
+    run<kMr256, kNr256, kV256>(p, N, xin, image_floats, panels, bvals, y.data_ptr<float>(),
+                               block_avx2<kNr256, false>, block_avx2<kNr256, true>);
   }
   return batched ? y : y.squeeze(0);
 #else

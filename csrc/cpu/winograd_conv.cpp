@@ -43,20 +43,23 @@ float* reused(std::vector<float>& buf, size_t n) {
   return buf.data();
 }
 
-WS_AVX512 void transform_weight_panels(const float* g, const Geo& e, int64_t b0, int64_t b1, float* U) {
-  constexpr int MR = 8;
-  const int64_t ocb = (e.OC + MR - 1) / MR;
+// U[xi][panel][c][MR] = (G g G^T)[xi] of every (output, input) channel pair, rows past OC zero, for panels of MR = 8
+// (AVX-512 kernel) or 4 (AVX2) output channels. Eight output channels are the lanes of one vector, so a panel row
+// is one contiguous store (a scalar version with a scattered store per value took 2.4 ms for a 256 x 256 layer,
+// more than the whole convolution).
+WS_AVX2 void transform_weight_groups(const float* g, const Geo& e, int MR, int64_t g0, int64_t g1, float* U) {
+  const int64_t panels = (e.OC + MR - 1) / MR, xs = panels * e.C * MR;  // xs: floats per xi
   const __m256 half = _mm256_set1_ps(0.5f);
-  for (int64_t b = b0; b < b1; ++b) {
-    const int rows = static_cast<int>(std::min<int64_t>(MR, e.OC - b * MR));
-    // lane m reads output channel b * 8 + m (lanes past OC read channel b * 8 and are zeroed)
-    alignas(32) int32_t lane_off[MR];
-    for (int m = 0; m < MR; ++m) lane_off[m] = static_cast<int32_t>((m < rows ? m : 0) * e.C * 9);
+  for (int64_t gi = g0; gi < g1; ++gi) {  // output channels gi * 8 .. gi * 8 + 7
+    const int rows = static_cast<int>(std::min<int64_t>(8, e.OC - gi * 8));
+    // lane m reads output channel gi * 8 + m (lanes past OC read channel gi * 8 and are zeroed)
+    alignas(32) int32_t lane_off[8];
+    for (int m = 0; m < 8; ++m) lane_off[m] = static_cast<int32_t>((m < rows ? m : 0) * e.C * 9);
     const __m256i off = _mm256_load_si256(reinterpret_cast<const __m256i*>(lane_off));
-    const __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(rows),
-                                                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+    const __m256 live = _mm256_castsi256_ps(
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(rows), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
     for (int64_t c = 0; c < e.C; ++c) {
-      const float* base = g + (b * MR * e.C + c) * 9;
+      const float* base = g + (gi * 8 * e.C + c) * 9;
       __m256 k[9];
       for (int j = 0; j < 9; ++j) k[j] = _mm256_and_ps(live, _mm256_i32gather_ps(base + j, off, 4));
       __m256 t[4][3];  // G g: 4 x 3
@@ -66,36 +69,38 @@ WS_AVX512 void transform_weight_panels(const float* g, const Geo& e, int64_t b0,
         t[2][j] = _mm256_mul_ps(half, _mm256_add_ps(_mm256_sub_ps(k[j], k[3 + j]), k[6 + j]));
         t[3][j] = k[6 + j];
       }
-      float* dst = U + (b * e.C + c) * MR;  // + xi * ocb * C * MR
-      const int64_t xs = ocb * e.C * MR;
+      __m256 u[16];
       for (int i = 0; i < 4; ++i) {  // (G g) G^T
-        _mm256_storeu_ps(dst + (i * 4 + 0) * xs, t[i][0]);
-        _mm256_storeu_ps(dst + (i * 4 + 1) * xs,
-                         _mm256_mul_ps(half, _mm256_add_ps(_mm256_add_ps(t[i][0], t[i][1]), t[i][2])));
-        _mm256_storeu_ps(dst + (i * 4 + 2) * xs,
-                         _mm256_mul_ps(half, _mm256_add_ps(_mm256_sub_ps(t[i][0], t[i][1]), t[i][2])));
-        _mm256_storeu_ps(dst + (i * 4 + 3) * xs, t[i][2]);
+        u[i * 4 + 0] = t[i][0];
+        u[i * 4 + 1] = _mm256_mul_ps(half, _mm256_add_ps(_mm256_add_ps(t[i][0], t[i][1]), t[i][2]));
+        u[i * 4 + 2] = _mm256_mul_ps(half, _mm256_add_ps(_mm256_sub_ps(t[i][0], t[i][1]), t[i][2]));
+        u[i * 4 + 3] = t[i][2];
+      }
+      if (MR == 8) {
+        float* dst = U + (gi * e.C + c) * 8;
+        for (int xi = 0; xi < 16; ++xi) _mm256_storeu_ps(dst + xi * xs, u[xi]);
+      } else {  // two panels of 4: lanes 0-3 and 4-7
+        float* lo = U + (2 * gi * e.C + c) * 4;
+        float* hi = U + ((2 * gi + 1) * e.C + c) * 4;
+        const bool has_hi = 2 * gi + 1 < panels;
+        for (int xi = 0; xi < 16; ++xi) {
+          _mm_storeu_ps(lo + xi * xs, _mm256_castps256_ps128(u[xi]));
+          if (has_hi) _mm_storeu_ps(hi + xi * xs, _mm256_extractf128_ps(u[xi], 1));
+        }
       }
     }
   }
 }
 
-// U[xi][ocb][c][8] = (G g G^T)[xi] of every (output, input) channel pair, rows past OC zero: the 8 output
-// channels of a panel are the 8 lanes of a vector, so every panel row is one 32-byte store. (A scalar version with
-// a scattered store per value took 2.4 ms for a 256 x 256 layer, more than the whole convolution.)
-WS_AVX512 void transform_weights(const float* g, const Geo& e, float* U) {
-  constexpr int MR = 8;
-  const int64_t ocb = (e.OC + MR - 1) / MR;
-  at::parallel_for(0, ocb, 1, [&](int64_t b0, int64_t b1) {
-    transform_weight_panels(g, e, b0, b1, U);
-  });
+void transform_weights(const float* g, const Geo& e, int MR, float* U) {
+  at::parallel_for(0, (e.OC + 7) / 8, 1, [&](int64_t g0, int64_t g1) { transform_weight_groups(g, e, MR, g0, g1, U); });
 }
 
-// Lanes j of a 16-float load at column `start` that lie in [0, n).
-inline __mmask16 inside(int64_t start, int64_t n) {
-  const int64_t lo = std::clamp<int64_t>(-start, 0, 16), hi = std::clamp<int64_t>(n - start, 0, 16);
+// Lanes j of a `lanes`-float load at column `start` that lie in [0, n).
+inline uint32_t inside(int64_t start, int64_t n, int lanes = 16) {
+  const int64_t lo = std::clamp<int64_t>(-start, 0, lanes), hi = std::clamp<int64_t>(n - start, 0, lanes);
   if (hi <= lo) return 0;
-  return static_cast<__mmask16>(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+  return ((1u << hi) - 1u) & ~((1u << lo) - 1u);
 }
 
 // Phase 1 for one (channel, tile row): the 16 transformed values of each tile of the row into V (stride xs between
@@ -170,6 +175,95 @@ WS_AVX512 void output_row(const float* mc, int64_t xs, float bias, const Geo& e,
   }
 }
 
+// The AVX2 forms of the two transforms: 8 tiles per vector; the strided columns gathered by a shuffle and a
+// 64-bit lane permute, the output columns interleaved by unpack + 128-bit lane permutes.
+WS_AVX2 inline __m256i lanes8(uint32_t bits) {
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), bit), bit);
+}
+
+// Stores the lanes of `keep` (a prefix or all): a plain store when all 8 are kept. (vmaskmovps stores are
+// microcoded on AMD Zen; with them the input transform took a quarter of the call.)
+WS_AVX2 inline void store8(float* dst, uint32_t keep, __m256 v) {
+  if (keep == 0xffu) {
+    _mm256_storeu_ps(dst, v);
+    return;
+  }
+  alignas(32) float tmp[8];
+  _mm256_store_ps(tmp, v);
+  for (int j = 0; j < 8; ++j)
+    if (keep >> j & 1u) dst[j] = tmp[j];
+}
+
+WS_AVX2 inline __m256 even8(__m256 a, __m256 b) {  // a[0], a[2], a[4], a[6], b[0], b[2], b[4], b[6]
+  const __m256 s = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(s), _MM_SHUFFLE(3, 1, 2, 0)));
+}
+
+WS_AVX2 inline __m256 odd8(__m256 a, __m256 b) {  // a[1], a[3], ..., b[7]
+  const __m256 s = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(s), _MM_SHUFFLE(3, 1, 2, 0)));
+}
+
+WS_AVX2 void input_row_avx2(const float* xc, const Geo& e, int64_t ty, float* v, int64_t xs) {
+  for (int64_t tx0 = 0; tx0 < e.TW; tx0 += 8) {
+    const int64_t b = 2 * tx0 - e.pw;
+    const __m256i m0 = lanes8(inside(b, e.W, 8)), m1 = lanes8(inside(b + 8, e.W, 8));
+    const __m256i m2 = lanes8(inside(b + 2, e.W, 8)), m3 = lanes8(inside(b + 10, e.W, 8));
+    __m256 r[4][4];
+    for (int i = 0; i < 4; ++i) {
+      const int64_t iy = 2 * ty + i - e.ph;
+      if (iy < 0 || iy >= e.H) {
+        for (int k = 0; k < 4; ++k) r[i][k] = _mm256_setzero_ps();
+        continue;
+      }
+      const float* row = xc + iy * e.W + b;
+      const __m256 l0 = _mm256_maskload_ps(row, m0), l1 = _mm256_maskload_ps(row + 8, m1);
+      const __m256 l2 = _mm256_maskload_ps(row + 2, m2), l3 = _mm256_maskload_ps(row + 10, m3);
+      const __m256 d0 = even8(l0, l1), d1 = odd8(l0, l1), d2 = even8(l2, l3), d3 = odd8(l2, l3);
+      r[i][0] = _mm256_sub_ps(d0, d2);
+      r[i][1] = _mm256_add_ps(d1, d2);
+      r[i][2] = _mm256_sub_ps(d2, d1);
+      r[i][3] = _mm256_sub_ps(d1, d3);
+    }
+    const uint32_t keep = inside(tx0, e.TW, 8);
+    float* o = v + ty * e.TW + tx0;
+    for (int k = 0; k < 4; ++k) {
+      store8(o + (0 * 4 + k) * xs, keep, _mm256_sub_ps(r[0][k], r[2][k]));
+      store8(o + (1 * 4 + k) * xs, keep, _mm256_add_ps(r[1][k], r[2][k]));
+      store8(o + (2 * 4 + k) * xs, keep, _mm256_sub_ps(r[2][k], r[1][k]));
+      store8(o + (3 * 4 + k) * xs, keep, _mm256_sub_ps(r[1][k], r[3][k]));
+    }
+  }
+}
+
+WS_AVX2 void output_row_avx2(const float* mc, int64_t xs, float bias, const Geo& e, int64_t ty, float* yc) {
+  const __m256 bv = _mm256_set1_ps(bias);
+  for (int64_t tx0 = 0; tx0 < e.TW; tx0 += 8) {
+    const __m256i keep = lanes8(inside(tx0, e.TW, 8));
+    const float* src = mc + ty * e.TW + tx0;
+    __m256 s[2][4];
+    for (int k = 0; k < 4; ++k) {
+      const __m256 a0 = _mm256_maskload_ps(src + (0 * 4 + k) * xs, keep);
+      const __m256 a1 = _mm256_maskload_ps(src + (1 * 4 + k) * xs, keep);
+      const __m256 a2 = _mm256_maskload_ps(src + (2 * 4 + k) * xs, keep);
+      const __m256 a3 = _mm256_maskload_ps(src + (3 * 4 + k) * xs, keep);
+      s[0][k] = _mm256_add_ps(_mm256_add_ps(a0, a1), a2);
+      s[1][k] = _mm256_sub_ps(_mm256_sub_ps(a1, a2), a3);
+    }
+    for (int i = 0; i < 2; ++i) {
+      const int64_t oy = 2 * ty + i;
+      if (oy >= e.OH) break;
+      const __m256 y0 = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(s[i][0], s[i][1]), s[i][2]), bv);
+      const __m256 y1 = _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(s[i][1], s[i][2]), s[i][3]), bv);
+      const __m256 lo = _mm256_unpacklo_ps(y0, y1), hi = _mm256_unpackhi_ps(y0, y1);
+      float* out = yc + oy * e.OW + 2 * tx0;
+      store8(out, inside(2 * tx0, e.OW, 8), _mm256_permute2f128_ps(lo, hi, 0x20));
+      store8(out + 8, inside(2 * tx0 + 8, e.OW, 8), _mm256_permute2f128_ps(lo, hi, 0x31));
+    }
+  }
+}
+
 }  // namespace
 #endif
 
@@ -178,8 +272,9 @@ at::Tensor winograd3x3_conv2d_f32(const at::Tensor& x, const at::Tensor& w, cons
                                   int64_t groups) {
 #ifdef WS_X86
   const ConvKernels choice = conv_kernels();
-  if (choice == ConvKernels::Never || choice == ConvKernels::Direct || simd_level() != Simd::Avx512 ||
-      !x.is_cpu() || x.scalar_type() != at::kFloat || w.scalar_type() != at::kFloat || groups != 1 ||
+  const Simd simd = simd_level();
+  if (choice == ConvKernels::Never || choice == ConvKernels::Direct || simd == Simd::Scalar || !x.is_cpu() ||
+      x.scalar_type() != at::kFloat || w.scalar_type() != at::kFloat || groups != 1 ||
       !(x.dim() == 4 || x.dim() == 3) || !x.is_contiguous() || !w.is_contiguous() || w.dim() != 4 ||
       w.size(2) != 3 || w.size(3) != 3 || stride.size() != 2 || padding.size() != 2 || dilation.size() != 2 ||
       stride[0] != 1 || stride[1] != 1 || dilation[0] != 1 || dilation[1] != 1) {
@@ -196,76 +291,95 @@ at::Tensor winograd3x3_conv2d_f32(const at::Tensor& x, const at::Tensor& w, cons
   e.TH = (e.OH + 1) / 2, e.TW = (e.OW + 1) / 2, e.T = e.TH * e.TW, e.Tp = (e.T + 15) / 16 * 16;
   // Where it pays: the transforms cost O(C + OC) per tile against the GEMM's O(C x OC), so very thin layers (the
   // 3-channel stem) stay with the direct kernel; the buffers (16 x (C + OC) x tiles floats) stay bounded.
-  if (choice == ConvKernels::Auto && (e.C < 16 || e.OC < 16)) return at::Tensor();
+  // With AVX2 the weight transform (gathers, half-width panels) costs relatively more, and at 7x7 tiles (14x14
+  // outputs) it measured 0.78x of oneDNN's AVX2 conv: there it needs at least 100 tiles.
+  if (choice == ConvKernels::Auto && (e.C < 16 || e.OC < 16 || (simd == Simd::Avx2 && e.T < 100))) {
+    return at::Tensor();
+  }
   if (16 * (e.C + e.OC) * e.Tp > (int64_t(1) << 24)) return at::Tensor();
 
-  constexpr int MR = kMr512;
-  const int64_t ocb = (e.OC + MR - 1) / MR;
+  const bool v512 = simd == Simd::Avx512;
+  const int MR = v512 ? kMr512 : kMr256;
+  const int64_t V = v512 ? kV512 : kV256;
+  const int64_t panels = (e.OC + MR - 1) / MR;
   thread_local std::vector<float> u_buf, v_buf, m_buf;
-  float* U = reused(u_buf, static_cast<size_t>(16 * ocb * e.C * MR));
-  float* V = reused(v_buf, static_cast<size_t>(16 * e.C * e.Tp));
+  float* U = reused(u_buf, static_cast<size_t>(16 * panels * e.C * MR));
+  float* Vt = reused(v_buf, static_cast<size_t>(16 * e.C * e.Tp));
   float* M = reused(m_buf, static_cast<size_t>(16 * e.OC * e.Tp));
-  transform_weights(w.data_ptr<float>(), e, U);
+  transform_weights(w.data_ptr<float>(), e, MR, U);
 
-  // the GEMM's geometry: positions are tiles (all real), row c of B at c * Tp, and its tiles of 48 positions
+  // the GEMM's geometry: positions are tiles (all real), row c of B at c * Tp
   std::vector<int64_t> koff(e.C);
   for (int64_t c = 0; c < e.C; ++c) koff[c] = c * e.Tp;
   const Plan p{e.C, e.OC, 1, e.Tp, e.Tp, e.Tp, e.C, e.Tp, e.Tp, (e.C - 1) * e.Tp, koff.data()};
-  // tiles of 3 vectors (48 positions); the last 4 go as 2 + 2 and a lone 1-2 as such (a 1-vector tile issues a
-  // broadcast per FMA)
+  // blocks of 3 vectors; the last 4 go as 2 + 2 and a lone 1-2 as such (a 1-vector block issues a broadcast per FMA)
   std::vector<std::pair<int64_t, int>> tiles;  // (first position, vectors)
-  for (int64_t q = 0, left = e.Tp / kV512; left > 0;) {
+  for (int64_t q = 0, left = e.Tp / V; left > 0;) {
     const int nr = left == 4 ? 2 : static_cast<int>(std::min<int64_t>(3, left));
     tiles.emplace_back(q, nr);
-    q += nr * kV512, left -= nr;
+    q += nr * V, left -= nr;
   }
-  // lane facts relative to a tile's start (the kernel gets pointers to it): the same for every tile of a width
-  Tile<3, kV512> t3;
-  Tile<2, kV512> t2;
-  Tile<1, kV512> t1;
-  t3.init(p, 0, e.C * e.Tp);
-  t2.init(p, 0, e.C * e.Tp);
-  t1.init(p, 0, e.C * e.Tp);
-  const float zeros[MR] = {};
+  // lane facts relative to a block's start (the kernel gets pointers to it): the same for every block of a width
+  Tile<3, kV512> a3;
+  Tile<2, kV512> a2;
+  Tile<1, kV512> a1;
+  Tile<3, kV256> b3;
+  Tile<2, kV256> b2;
+  Tile<1, kV256> b1;
+  a3.init(p, 0, e.C * e.Tp), a2.init(p, 0, e.C * e.Tp), a1.init(p, 0, e.C * e.Tp);
+  b3.init(p, 0, e.C * e.Tp), b2.init(p, 0, e.C * e.Tp), b1.init(p, 0, e.C * e.Tp);
+  const float zeros[kMr512] = {};
 
   at::Tensor b32;
   if (bias.has_value() && bias->defined()) b32 = bias->to(at::kFloat).contiguous();
   const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
   at::Tensor y = at::empty({N, e.OC, e.OH, e.OW}, x.options());
   const int64_t xs_v = e.C * e.Tp, xs_m = e.OC * e.Tp;
+  const int64_t nt = static_cast<int64_t>(tiles.size());
   for (int64_t n = 0; n < N; ++n) {
     const float* xn = x4.data_ptr<float>() + n * e.C * e.H * e.W;
     float* yn = y.data_ptr<float>() + n * e.OC * e.OH * e.OW;
     at::parallel_for(0, e.C * e.TH, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t c = i / e.TH, ty = i % e.TH;
-        input_row(xn + c * e.H * e.W, e, ty, V + c * e.Tp, xs_v);
+        if (v512) {
+          input_row(xn + c * e.H * e.W, e, ty, Vt + c * e.Tp, xs_v);
+        } else {
+          input_row_avx2(xn + c * e.H * e.W, e, ty, Vt + c * e.Tp, xs_v);
+        }
         if (ty == e.TH - 1 && e.Tp > e.T) {  // zero the padding positions (read by the GEMM, never used)
-          for (int xi = 0; xi < 16; ++xi) std::memset(V + xi * xs_v + c * e.Tp + e.T, 0, 4 * (e.Tp - e.T));
+          for (int xi = 0; xi < 16; ++xi) std::memset(Vt + xi * xs_v + c * e.Tp + e.T, 0, 4 * (e.Tp - e.T));
         }
       }
     });
-    // 16 GEMMs; the blocks of one (xi, tile) share its input rows in cache, so the output-channel block is innermost
-    const int64_t nt = static_cast<int64_t>(tiles.size());
-    at::parallel_for(0, 16 * nt * ocb, 1, [&](int64_t i0, int64_t i1) {
+    // 16 GEMMs; the blocks of one (xi, tile) share its input rows in cache, so the output-channel panel is innermost
+    at::parallel_for(0, 16 * nt * panels, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = i % ocb, t = (i / ocb) % nt, xi = i / (ocb * nt);
+        const int64_t pb = i % panels, t = (i / panels) % nt, xi = i / (panels * nt);
         const int64_t q0 = tiles[t].first;
-        const float* a = U + (xi * ocb + b) * e.C * MR;
-        const float* v = V + xi * xs_v + q0;
-        float* m = M + xi * xs_m + b * MR * e.Tp + q0;
-        const int rows = static_cast<int>(std::min<int64_t>(MR, e.OC - b * MR));
-        switch (tiles[t].second) {
-          case 3: block_avx512<3, false>(p, a, v, zeros, rows, t3, m); break;
-          case 2: block_avx512<2, false>(p, a, v, zeros, rows, t2, m); break;
-          default: block_avx512<1, false>(p, a, v, zeros, rows, t1, m); break;
+        const float* a = U + (xi * panels + pb) * e.C * MR;
+        const float* v = Vt + xi * xs_v + q0;
+        float* m = M + xi * xs_m + pb * MR * e.Tp + q0;
+        const int rows = static_cast<int>(std::min<int64_t>(MR, e.OC - pb * MR));
+        switch (tiles[t].second * (v512 ? 1 : -1)) {
+          case 3: block_avx512<3, false>(p, a, v, zeros, rows, a3, m); break;
+          case 2: block_avx512<2, false>(p, a, v, zeros, rows, a2, m); break;
+          case 1: block_avx512<1, false>(p, a, v, zeros, rows, a1, m); break;
+          case -3: block_avx2<3, false>(p, a, v, zeros, rows, b3, m); break;
+          case -2: block_avx2<2, false>(p, a, v, zeros, rows, b2, m); break;
+          default: block_avx2<1, false>(p, a, v, zeros, rows, b1, m); break;
         }
       }
     });
     at::parallel_for(0, e.OC * e.TH, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t oc = i / e.TH, ty = i % e.TH;
-        output_row(M + oc * e.Tp, xs_m, bp ? bp[oc] : 0.0f, e, ty, yn + oc * e.OH * e.OW);
+        const float bias_oc = bp ? bp[oc] : 0.0f;
+        if (v512) {
+          output_row(M + oc * e.Tp, xs_m, bias_oc, e, ty, yn + oc * e.OH * e.OW);
+        } else {
+          output_row_avx2(M + oc * e.Tp, xs_m, bias_oc, e, ty, yn + oc * e.OH * e.OW);
+        }
       }
     });
   }
