@@ -52,6 +52,23 @@ def test_float_matches_reference(bits, M, per_row, simd, device, gen):
     torch.testing.assert_close(got, reference.shared_linear(*args), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("M", [1, 2, 4])
+@pytest.mark.parametrize("groups", [1, 6])
+def test_gemv_wide_rows(bits, M, groups, simd, gen):
+    """The GEMV paths over rows wide enough for several SIMD steps of every width and a tail (1100 = 4 x 256 + 76
+    at 1 bit, 17 x 64 + 12 at 4 bits; the AVX2 gather path's 16-byte loads stop short of the row end), one or
+    several codebooks, one codebook with fewer entries than 2**bits; the int8 path bit-exact on the same rows."""
+    out_f, in_f = 18, 1100
+    k = max(2, (1 << bits) - 1) if groups == 1 else None
+    packed, cb, _ = make_weight(out_f, in_f, bits, groups, gen, k=k)
+    x = torch.randn(M, in_f, generator=gen)
+    got = ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f)
+    torch.testing.assert_close(got, reference.shared_linear(x, packed, cb, bits, out_f, in_f), rtol=1e-5, atol=1e-5)
+    assert torch.equal(ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f, None, "int8"),
+                       reference.shared_linear(x, packed, cb, bits, out_f, in_f, None, "int8"))
+
+
 @pytest.mark.parametrize("bits", [1, 3, 4, 8])
 @pytest.mark.parametrize("M", [5, 37, 300])
 @pytest.mark.parametrize("groups", [1, 3])

@@ -42,6 +42,10 @@ void linear_int8(const PackedLinear& w, const at::Tensor& x_f32, float* y);
 // nothing written) on a CPU without AVX2.
 bool linear_float_blocked(const PackedLinear& w, const float* x, int64_t M, float* y);
 
+// y[M, out] = x[M, in] @ W^T for M <= 4 on an AVX2 CPU (shared_linear_gemv_avx2.cpp); false (nothing written)
+// without AVX2 or for other M.
+bool gemv_avx2(const PackedLinear& w, const float* x, int64_t M, float* y);
+
 // Decodes rows [r0, r1) of W into dst [r1 - r0, in] fp32 (panel of the batched and backward paths).
 void decode_panel(const PackedLinear& w, int64_t r0, int64_t r1, float* dst);
 

@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -278,6 +279,68 @@ WS_AVX512 void int8_rows_avx512(const PackedLinear& w, const QuantizedX& xq, con
       acc_out[(m0 + m) * w.out_features + r] = reduce_epi32_as_64(total[m]) - 128 * xq.sum[m0 + m];
   }
 }
+
+// AVX2 (no VNNI): bits 1, 2, 4, whose codebook (at most 16 int8 entries) is one pshufb table. The weights stay
+// signed and products go through vpmaddubsw (u8 x s8 pairs into s16) as |x| x (w * sign(x)): each pair is at most
+// 2 x 127 x 127 = 32258, so the s16 never saturates and the sums are exact. The x layout is the AVX-512 kernel's
+// (a 64-byte step is two 32-byte halves here).
+template <int BITS, int M>
+WS_AVX2 void int8_rows_avx2(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq, int64_t m0,
+                            int64_t r0, int64_t r1, int64_t* acc_out) {
+  constexpr int E = 8 / BITS;
+  constexpr int64_t S = step_elems(BITS);
+  const int64_t nsteps = xq.stride / S;
+  const int64_t whole = std::min(nsteps, w.row_bytes / 64);
+  const __m256i low = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1));
+  const __m256i ones = _mm256_set1_epi16(1);
+  // int32 lanes gain at most 8E products of 127 x 127 per step: fold them into int64 every 4096 steps
+  constexpr int64_t kFold = 4096;
+  int64_t group = -1;
+  __m256i table = _mm256_setzero_si256();
+  for (int64_t r = r0; r < r1; ++r) {
+    if (r / w.rows_per_group != group) {
+      group = r / w.rows_per_group;
+      table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cq.q.data() + group * 256)));
+    }
+    const uint8_t* row = w.packed + r * w.row_bytes;
+    int64_t total[M] = {};
+    for (int64_t f0 = 0; f0 < nsteps; f0 += kFold) {
+      __m256i acc[M];
+      for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_si256();
+      for (int64_t st = f0; st < std::min(nsteps, f0 + kFold); ++st) {
+        const uint8_t* src = row + st * 64;
+        alignas(32) uint8_t tail[64];
+        if (st >= whole) {  // the row's last, partial step: zero bytes (index 0) past its end; x is zero there
+          std::memset(tail, 0, sizeof(tail));
+          std::memcpy(tail, src, static_cast<size_t>(std::max<int64_t>(0, w.row_bytes - st * 64)));
+          src = tail;
+        }
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+          const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 * h));
+#pragma GCC unroll 8
+          for (int s = 0; s < E; ++s) {
+            const __m256i idx = _mm256_and_si256(_mm256_srli_epi16(bytes, s * BITS), low);
+            const __m256i wq = _mm256_shuffle_epi8(table, idx);
+#pragma GCC unroll 4
+            for (int m = 0; m < M; ++m) {
+              const __m256i xv = _mm256_loadu_si256(
+                  reinterpret_cast<const __m256i*>(xq.q.data() + (m0 + m) * xq.stride + st * S + s * 64 + 32 * h));
+              const __m256i prod = _mm256_maddubs_epi16(_mm256_abs_epi8(xv), _mm256_sign_epi8(wq, xv));
+              acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(prod, ones));
+            }
+          }
+        }
+      }
+      for (int m = 0; m < M; ++m) {
+        alignas(32) int32_t lanes[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc[m]);
+        for (int j = 0; j < 8; ++j) total[m] += lanes[j];
+      }
+    }
+    for (int m = 0; m < M; ++m) acc_out[(m0 + m) * w.out_features + r] = total[m];
+  }
+}
 #endif
 
 }  // namespace
@@ -306,6 +369,19 @@ void linear_int8(const PackedLinear& w, const at::Tensor& x_f32, float* y) {
           }
         }
         return;
+      }
+      if constexpr (BITS == 1 || BITS == 2 || BITS == 4) {
+        if (simd == Simd::Avx2) {
+          for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            switch (std::min<int64_t>(4, M - m0)) {
+              case 1: int8_rows_avx2<BITS, 1>(w, xq, cq, m0, r0, r1, acc.data()); break;
+              case 2: int8_rows_avx2<BITS, 2>(w, xq, cq, m0, r0, r1, acc.data()); break;
+              case 3: int8_rows_avx2<BITS, 3>(w, xq, cq, m0, r0, r1, acc.data()); break;
+              default: int8_rows_avx2<BITS, 4>(w, xq, cq, m0, r0, r1, acc.data()); break;
+            }
+          }
+          return;
+        }
       }
 #endif
       int8_rows_portable<BITS>(w, xq, cq, M, r0, r1, acc.data());
