@@ -169,6 +169,18 @@ def machine() -> dict:
     return info
 
 
+def simd_env() -> dict:
+    """The SIMD caps in force (our kernels', oneDNN's, MKL's): set together they emulate an AVX2-only CPU."""
+    keys = ("WS_CPU_SIMD", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+    return {k: os.environ[k] for k in keys if k in os.environ}
+
+
+def cpu_results_name(stem: str) -> str:
+    """results/<stem>.json, or <stem>_avx2.json (etc.) when WS_CPU_SIMD caps our kernels."""
+    simd = os.environ.get("WS_CPU_SIMD")
+    return f"{stem}_{simd}.json" if simd else f"{stem}.json"
+
+
 def write_json(name: str, payload: dict) -> Path:
     """Write results/<name> atomically (temp file + rename)."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,8 @@
 
     python benchmarks/bench_shared_conv.py          # writes benchmarks/results/shared_conv_cpu.json
     python benchmarks/bench_shared_conv.py --cuda   # fp16 against cuDNN (CUDA graphs), shared_conv_cuda.json
+    # an AVX2-only CPU, emulated on an AVX-512 one (our kernels, oneDNN and MKL capped): shared_conv_cpu_avx2.json
+    WS_CPU_SIMD=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python benchmarks/bench_shared_conv.py
     pytest benchmarks/bench_shared_conv.py --benchmark-enable
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 import weightshare as ws  # noqa: E402
-from _common import machine, time_interleaved, write_json  # noqa: E402
+from _common import cpu_results_name, machine, simd_env, time_interleaved, write_json  # noqa: E402
 
 CONVS = {  # name: (out, in, k, groups, stride, padding, hw)
     "resnet3x3_64x64_56": (64, 64, 3, 1, 1, 1, 56),
@@ -65,7 +67,7 @@ def placed(x: torch.Tensor, offset: int) -> torch.Tensor:
 
 
 def run() -> dict:
-    out = {"machine": machine(), "bits": BITS, "offsets": list(OFFSETS), "results": []}
+    out = {"machine": machine(), "simd_caps": simd_env(), "bits": BITS, "offsets": list(OFFSETS), "results": []}
     for name in CONVS:
         x0, packed, cb, shape, dense, (s, p, d, g) = make(name)
         by_offset = []
@@ -139,4 +141,4 @@ if __name__ == "__main__":
     if "--cuda" in sys.argv:
         print(write_json("shared_conv_cuda.json", run_cuda()))
     else:
-        print(write_json("shared_conv_cpu.json", run()))
+        print(write_json(cpu_results_name("shared_conv_cpu"), run()))

@@ -2,6 +2,9 @@
 quantized Linear on the same (dequantised) weight, all in one run.
 
     python benchmarks/bench_shared_linear.py        # writes benchmarks/results/shared_linear_cpu.json
+    # an AVX2-only CPU, emulated (our kernels, oneDNN and MKL capped; torch's int8 Linear (FBGEMM) is not: it keeps
+    # AVX-512 VNNI here, so its int8 ratios are against a faster baseline than an AVX2 CPU has): *_avx2.json
+    WS_CPU_SIMD=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python benchmarks/bench_shared_linear.py
     pytest benchmarks/bench_shared_linear.py --benchmark-enable
 
 Layers 4096x4096 and 11008x4096 (out x in), 4-bit indices, per-layer codebook of 16 trained-looking values,
@@ -29,7 +32,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 import weightshare as ws  # noqa: E402
-from _common import last_level_cache_bytes, machine, rotating, time_cpu, write_json  # noqa: E402
+from _common import (cpu_results_name, last_level_cache_bytes, machine, rotating, simd_env, time_cpu,  # noqa: E402
+                     write_json)
 
 SHAPES = [(4096, 4096), (11008, 4096)]
 BATCHES = [1, 64, 256]
@@ -64,7 +68,8 @@ def dram_copies(nbytes: int) -> int:
 
 
 def run() -> dict:
-    out = {"machine": machine(), "bits": BITS, "simd": os.environ.get("WS_CPU_SIMD", "best"), "results": []}
+    out = {"machine": machine(), "simd_caps": simd_env(), "bits": BITS, "simd": os.environ.get("WS_CPU_SIMD", "best"),
+           "results": []}
     for out_f, in_f in SHAPES:
         packed, cb, dense = make_layer(out_f, in_f)
         qlin = int8_dynamic(dense)
@@ -197,4 +202,4 @@ if __name__ == "__main__":
     if "--cuda" in sys.argv:
         print(write_json("shared_linear_cuda.json", run_cuda()))
     else:
-        print(write_json("shared_linear_cpu.json", run()))
+        print(write_json(cpu_results_name("shared_linear_cpu"), run()))

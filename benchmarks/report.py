@@ -47,8 +47,14 @@ def kmeans_table(r):
     return "\n".join(out)
 
 
+def _caps(r):
+    caps = r.get("simd_caps") or {}
+    return "; " + " ".join(f"{k}={v}" for k, v in caps.items()) if caps else ""
+
+
 def linear_table(r):
-    out = [f"Shared Linear, {r['bits']}-bit indices, per-layer codebook, fp32 in/out ({_machine(r['machine'])})", "",
+    out = [f"Shared Linear, {r['bits']}-bit indices, per-layer codebook, fp32 in/out ({_machine(r['machine'])}"
+           f"{_caps(r)})", "",
            "| layer | batch | weights from | dense fp32 | ws float | speed-up | ws int8 | torch int8 dynamic | "
            "int8 speed-up | int8 error (ws / torch) |", "|---|---|---|---|---|---|---|---|---|---|"]
     regimes = {"cache": "cache (one layer, repeated)", "dram": "DRAM (rotating copies, 2x L3)"}
@@ -63,7 +69,7 @@ def linear_table(r):
 
 def conv_table(r):
     offsets = r.get("offsets")
-    head = f"Shared Conv2d, {r['bits']}-bit, batch 1, fp32 ({_machine(r['machine'])})"
+    head = f"Shared Conv2d, {r['bits']}-bit, batch 1, fp32 ({_machine(r['machine'])}{_caps(r)})"
     if not offsets:  # files from before the placement sweep
         out = [head, "", "| conv | dense F.conv2d | ws.ops.shared_conv2d | speed vs dense |", "|---|---|---|---|"]
         for x in r["results"]:
@@ -252,7 +258,8 @@ def main():
     ap.add_argument("--demo", default=None, help="a demo summary.json")
     args = ap.parse_args()
     for name, fn in (("assign_cpu.json", assign_table), ("kmeans_cpu.json", kmeans_table),
-                     ("shared_linear_cpu.json", linear_table), ("shared_conv_cpu.json", conv_table),
+                     ("shared_linear_cpu.json", linear_table), ("shared_linear_cpu_avx2.json", linear_table),
+                     ("shared_conv_cpu.json", conv_table), ("shared_conv_cpu_avx2.json", conv_table),
                      ("ops_cpu.json", ops_table), ("prune_curve_lenet300100.json", prune_curve_table),
                      ("prune_curve_lenet5.json", prune_curve_table),
                      ("prune_curve_lenet300100_ramped.json", prune_curve_table),

@@ -124,6 +124,9 @@ at::Tensor direct_conv2d_f32(const at::Tensor& x, const at::Tensor& w, const std
     const int64_t tile = (simd == Simd::Avx512 ? kNr512 * kV512 : kNr256 * kV256);
     const int64_t computed = (OH * Wp + tile - 1) / tile * tile;
     if (OH * OW * 100 < computed * 93 || K > 1024) return at::Tensor();
+    // with AVX2, against oneDNN capped to AVX2 (WS_CPU_SIMD=avx2 ONEDNN_MAX_CPU_ISA=AVX2), the 4 x 24 kernel won
+    // for 1x1 layers (1.00x vs decode + oneDNN's 0.88x) and lost for the 3x3 (0.86x vs 0.92x)
+    if (simd == Simd::Avx2 && KH * KW > 1) return at::Tensor();
   }
   const int64_t plane = Hp * Wp, image_floats = C * plane;
   const size_t panel_floats = static_cast<size_t>(ocb * K * MR), bias_floats = static_cast<size_t>(ocb * MR);

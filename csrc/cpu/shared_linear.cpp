@@ -220,9 +220,16 @@ void decode_panel(const PackedLinear& w, int64_t r0, int64_t r1, float* dst) {
       if (simd == Simd::Avx512) return decode_rows_avx512<BITS>(w, b, e, r0, dst);
 #endif
       GroupTable gt;
-      for (int64_t r = b; r < e; ++r)
-        decode_scalar<BITS>(w.packed + r * w.row_bytes, 0, w.in_features, gt.get(w, r).v,
-                            dst + (r - r0) * w.in_features);
+      for (int64_t r = b; r < e; ++r) {
+        const uint8_t* row = w.packed + r * w.row_bytes;
+        const DecodeTable& dt = gt.get(w, r);
+        float* out = dst + (r - r0) * w.in_features;
+        int64_t done = 0;
+#ifdef WS_X86
+        if (simd == Simd::Avx2) done = decode_blocks_avx2<BITS>(row, w.row_bytes, dt, 0, w.in_features, out);
+#endif
+        decode_scalar<BITS>(row, done, w.in_features - done, dt.v, out + done);
+      }
     });
   });
 }

@@ -41,6 +41,7 @@ void decode_panel_chunk(const PackedLinear& w, int64_t r0, int rows, int MR, int
     int64_t done = 0;
 #ifdef WS_X86
     if (simd == Simd::Avx512) done = decode_blocks_avx512<BITS>(row, dt, k0, kc, dst);
+    if (simd == Simd::Avx2) done = decode_blocks_avx2<BITS>(row, w.row_bytes, dt, k0, kc, dst);
 #endif
     decode_scalar<BITS>(row, k0 + done, kc - done, dt.v, dst + done);
   }

@@ -119,34 +119,9 @@ WS_AVX2 void rows_byte_planes(const PackedLinear& w, const float* x, const float
   }
 }
 
-// Gather path: 8 indices of BITS bits (BITS bytes, starting on a byte boundary) as 32-bit lanes.
-template <int BITS>
-struct Unpack8 {
-  __m256i pattern, shifts, mask;
-  WS_AVX2 Unpack8() {
-    alignas(32) uint8_t p[32];
-    alignas(32) int32_t sh[8];
-    for (int j = 0; j < 8; ++j) {
-      const int bit = j * BITS;
-      p[4 * j] = static_cast<uint8_t>(bit / 8);
-      p[4 * j + 1] = static_cast<uint8_t>(bit / 8 + 1);
-      p[4 * j + 2] = p[4 * j + 3] = 0x80;  // pshufb writes zero
-      sh[j] = bit % 8;
-    }
-    pattern = _mm256_load_si256(reinterpret_cast<const __m256i*>(p));
-    shifts = _mm256_load_si256(reinterpret_cast<const __m256i*>(sh));
-    mask = _mm256_set1_epi32((1 << BITS) - 1);
-  }
-  // The 16 bytes at `src` (both 128-bit lanes see them: pshufb indexes within a lane).
-  WS_AVX2 inline __m256i indices(const uint8_t* src) const {
-    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(v, pattern), shifts), mask);
-  }
-};
-
 template <int BITS, int M>
 WS_AVX2 void rows_gather(const PackedLinear& w, const float* x, int64_t r0, int64_t r1, float* y) {
-  const Unpack8<BITS> unpack;
+  const Avx2Unpack8<BITS> unpack;
   // whole 8-index steps whose 16-byte load stays inside the row
   const int64_t steps = w.row_bytes >= 16 ? std::min(w.in_features / 8, (w.row_bytes - 16) / BITS + 1) : 0;
   GroupTable gt;

@@ -2,6 +2,7 @@
 // CPU decoding of packed index rows (layout: packing.h) into codebook values, shared by dequantize and the
 // shared-weight matmuls. A block of 16 indices always starts on a byte boundary (16 * bits bits = 2 * bits bytes),
 // so the SIMD decoder handles whole 16-blocks and a scalar loop the row's tail.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -76,6 +77,46 @@ struct Avx512Lookup {
     }
   }
 };
+
+// Gather path: 8 indices of BITS bits (BITS bytes, starting on a byte boundary) as 32-bit lanes.
+template <int BITS>
+struct Avx2Unpack8 {
+  __m256i pattern, shifts, mask;
+  WS_AVX2 Avx2Unpack8() {
+    alignas(32) uint8_t p[32];
+    alignas(32) int32_t sh[8];
+    for (int j = 0; j < 8; ++j) {
+      const int bit = j * BITS;
+      p[4 * j] = static_cast<uint8_t>(bit / 8);
+      p[4 * j + 1] = static_cast<uint8_t>(bit / 8 + 1);
+      p[4 * j + 2] = p[4 * j + 3] = 0x80;  // pshufb writes zero
+      sh[j] = bit % 8;
+    }
+    pattern = _mm256_load_si256(reinterpret_cast<const __m256i*>(p));
+    shifts = _mm256_load_si256(reinterpret_cast<const __m256i*>(sh));
+    mask = _mm256_set1_epi32((1 << BITS) - 1);
+  }
+  // The 16 bytes at `src` (both 128-bit lanes see them: pshufb indexes within a lane).
+  WS_AVX2 inline __m256i indices(const uint8_t* src) const {
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(v, pattern), shifts), mask);
+  }
+};
+
+// Columns [begin, begin + count) of a row of row_bytes bytes (begin a multiple of 8) decoded 8 at a time with
+// gathers from the table, as far as each step's 16-byte load stays inside the row; returns the columns covered
+// (the caller decodes the rest with decode_scalar).
+template <int BITS>
+WS_AVX2 int64_t decode_blocks_avx2(const uint8_t* row, int64_t row_bytes, const DecodeTable& table, int64_t begin,
+                                   int64_t count, float* out) {
+  const Avx2Unpack8<BITS> unpack;
+  const int64_t first = begin / 8;
+  const int64_t last = row_bytes >= 16 ? (row_bytes - 16) / BITS : -1;  // last step whose load fits
+  const int64_t n = std::max<int64_t>(0, std::min(count / 8, last - first + 1));
+  for (int64_t i = 0; i < n; ++i)
+    _mm256_storeu_ps(out + 8 * i, _mm256_i32gather_ps(table.v, unpack.indices(row + (first + i) * BITS), 4));
+  return n * 8;
+}
 
 // Whole 16-blocks of columns [begin, begin + count) of a row (begin a multiple of 16) decoded into out; returns
 // the columns covered (count rounded down to 16; the caller decodes the rest with decode_scalar).
