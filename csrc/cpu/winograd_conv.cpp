@@ -290,13 +290,14 @@ at::Tensor winograd3x3_conv2d_f32(const at::Tensor& x, const at::Tensor& w, cons
   if (e.OH <= 0 || e.OW <= 0 || N * e.C == 0 || e.OC == 0) return at::Tensor();
   e.TH = (e.OH + 1) / 2, e.TW = (e.OW + 1) / 2, e.T = e.TH * e.TW, e.Tp = (e.T + 15) / 16 * 16;
   // Where it pays: the transforms cost O(C + OC) per tile against the GEMM's O(C x OC), so very thin layers (the
-  // 3-channel stem) stay with the direct kernel; the buffers (16 x (C + OC) x tiles floats) stay bounded.
+  // 3-channel stem) stay with the direct kernel. The transformed tiles (16 x (C + OC) x tiles floats, 6.4 MiB for
+  // the 64-channel 56x56 layer) live in per-thread buffers that are reused, not freed: capped at 16 MiB.
   // The AVX2 form is opt-in (WS_CPU_CONV=winograd): against oneDNN capped to AVX2 on this project's AVX-512 VM
   // (ONEDNN_MAX_CPU_ISA=AVX2 WS_CPU_SIMD=avx2) it measured 1.14-1.34x in some processes and 0.7-0.97x in others
   // at 56x56 and 28x28, and 0.78x at 14x14; until it is measured on a real AVX2 CPU the default stays with the
   // direct kernel and oneDNN there.
   if (choice == ConvKernels::Auto && (e.C < 16 || e.OC < 16 || simd != Simd::Avx512)) return at::Tensor();
-  if (16 * (e.C + e.OC) * e.Tp > (int64_t(1) << 24)) return at::Tensor();
+  if (16 * (e.C + e.OC) * e.Tp > (int64_t(1) << 22)) return at::Tensor();
 
   const bool v512 = simd == Simd::Avx512;
   const int MR = v512 ? kMr512 : kMr256;
