@@ -35,7 +35,7 @@ namespace {
 using namespace conv_gemm;
 
 struct Geo {
-  int64_t C, OC, H, W, OH, OW, ph, pw, TH, TW, T, Tp;  // T = TH * TW tiles, Tp = T rounded up to 16
+  int64_t C, OC, H, W, OH, OW, ph, pw, TH, TW, T;  // T = TH * TW tiles (2x2 output tiles)
 };
 
 float* reused(std::vector<float>& buf, size_t n) {
@@ -103,13 +103,14 @@ inline uint32_t inside(int64_t start, int64_t n, int lanes = 16) {
   return ((1u << hi) - 1u) & ~((1u << lo) - 1u);
 }
 
-// Phase 1 for one (channel, tile row): the 16 transformed values of each tile of the row into V (stride xs between
-// the 16 xi planes).
-WS_AVX512 void input_row(const float* xc, const Geo& e, int64_t ty, float* v, int64_t xs) {
+// Phase 1 for tiles [ta, tb) of tile row ty of one channel: the 16 transformed values of each into v at the tile's
+// position minus q0 (stride xs between the 16 xi planes).
+WS_AVX512 void input_row(const float* xc, const Geo& e, int64_t ty, int64_t ta, int64_t tb, int64_t q0, float* v,
+                         int64_t xs) {
   alignas(64) static const int32_t ev[16] = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
   alignas(64) static const int32_t od[16] = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
   const __m512i even = _mm512_load_si512(ev), odd = _mm512_load_si512(od);
-  for (int64_t tx0 = 0; tx0 < e.TW; tx0 += 16) {
+  for (int64_t tx0 = ta; tx0 < tb; tx0 += 16) {
     const int64_t b = 2 * tx0 - e.pw;  // input column of the first tile's first column
     const __mmask16 m0 = inside(b, e.W), m1 = inside(b + 16, e.W), m2 = inside(b + 2, e.W),
                     m3 = inside(b + 18, e.W);
@@ -131,8 +132,8 @@ WS_AVX512 void input_row(const float* xc, const Geo& e, int64_t ty, float* v, in
       r[i][2] = _mm512_sub_ps(d2, d1);
       r[i][3] = _mm512_sub_ps(d1, d3);
     }
-    const __mmask16 keep = inside(tx0, e.TW);
-    float* o = v + ty * e.TW + tx0;
+    const __mmask16 keep = inside(tx0, tb);
+    float* o = v + ty * e.TW + tx0 - q0;
 #pragma GCC unroll 4
     for (int k = 0; k < 4; ++k) {  // B^T along the columns of the tile
       _mm512_mask_storeu_ps(o + (0 * 4 + k) * xs, keep, _mm512_sub_ps(r[0][k], r[2][k]));
@@ -144,14 +145,16 @@ WS_AVX512 void input_row(const float* xc, const Geo& e, int64_t ty, float* v, in
 }
 
 // Phase 3 for one (output channel, tile row): y = A^T M A + bias, the two output columns of each tile interleaved.
-WS_AVX512 void output_row(const float* mc, int64_t xs, float bias, const Geo& e, int64_t ty, float* yc) {
+WS_AVX512 void output_row(const float* mc, int64_t xs, float bias, const Geo& e, int64_t ty, int64_t ta, int64_t tb,
+                          int64_t q0, float* yc) {
   alignas(64) static const int32_t lo_idx[16] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
   alignas(64) static const int32_t hi_idx[16] = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
   const __m512 bv = _mm512_set1_ps(bias);
-  for (int64_t tx0 = 0; tx0 < e.TW; tx0 += 16) {
-    const __mmask16 keep = inside(tx0, e.TW);
-    const float* src = mc + ty * e.TW + tx0;
+  const int64_t cols = std::min(e.OW, 2 * tb);  // the output columns of tiles < tb
+  for (int64_t tx0 = ta; tx0 < tb; tx0 += 16) {
+    const __mmask16 keep = inside(tx0, tb);
+    const float* src = mc + ty * e.TW + tx0 - q0;
     __m512 s[2][4];  // A^T M
 #pragma GCC unroll 4
     for (int k = 0; k < 4; ++k) {
@@ -169,8 +172,8 @@ WS_AVX512 void output_row(const float* mc, int64_t xs, float bias, const Geo& e,
       const __m512 y0 = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(s[i][0], s[i][1]), s[i][2]), bv);
       const __m512 y1 = _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(s[i][1], s[i][2]), s[i][3]), bv);
       float* out = yc + oy * e.OW + 2 * tx0;
-      _mm512_mask_storeu_ps(out, inside(2 * tx0, e.OW), _mm512_permutex2var_ps(y0, lo, y1));
-      _mm512_mask_storeu_ps(out + 16, inside(2 * tx0 + 16, e.OW), _mm512_permutex2var_ps(y0, hi, y1));
+      _mm512_mask_storeu_ps(out, inside(2 * tx0, cols), _mm512_permutex2var_ps(y0, lo, y1));
+      _mm512_mask_storeu_ps(out + 16, inside(2 * tx0 + 16, cols), _mm512_permutex2var_ps(y0, hi, y1));
     }
   }
 }
@@ -205,8 +208,9 @@ WS_AVX2 inline __m256 odd8(__m256 a, __m256 b) {  // a[1], a[3], ..., b[7]
   return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(s), _MM_SHUFFLE(3, 1, 2, 0)));
 }
 
-WS_AVX2 void input_row_avx2(const float* xc, const Geo& e, int64_t ty, float* v, int64_t xs) {
-  for (int64_t tx0 = 0; tx0 < e.TW; tx0 += 8) {
+WS_AVX2 void input_row_avx2(const float* xc, const Geo& e, int64_t ty, int64_t ta, int64_t tb, int64_t q0, float* v,
+                             int64_t xs) {
+  for (int64_t tx0 = ta; tx0 < tb; tx0 += 8) {
     const int64_t b = 2 * tx0 - e.pw;
     const __m256i m0 = lanes8(inside(b, e.W, 8)), m1 = lanes8(inside(b + 8, e.W, 8));
     const __m256i m2 = lanes8(inside(b + 2, e.W, 8)), m3 = lanes8(inside(b + 10, e.W, 8));
@@ -226,8 +230,8 @@ WS_AVX2 void input_row_avx2(const float* xc, const Geo& e, int64_t ty, float* v,
       r[i][2] = _mm256_sub_ps(d2, d1);
       r[i][3] = _mm256_sub_ps(d1, d3);
     }
-    const uint32_t keep = inside(tx0, e.TW, 8);
-    float* o = v + ty * e.TW + tx0;
+    const uint32_t keep = inside(tx0, tb, 8);
+    float* o = v + ty * e.TW + tx0 - q0;
     for (int k = 0; k < 4; ++k) {
       store8(o + (0 * 4 + k) * xs, keep, _mm256_sub_ps(r[0][k], r[2][k]));
       store8(o + (1 * 4 + k) * xs, keep, _mm256_add_ps(r[1][k], r[2][k]));
@@ -237,11 +241,13 @@ WS_AVX2 void input_row_avx2(const float* xc, const Geo& e, int64_t ty, float* v,
   }
 }
 
-WS_AVX2 void output_row_avx2(const float* mc, int64_t xs, float bias, const Geo& e, int64_t ty, float* yc) {
+WS_AVX2 void output_row_avx2(const float* mc, int64_t xs, float bias, const Geo& e, int64_t ty, int64_t ta,
+                              int64_t tb, int64_t q0, float* yc) {
   const __m256 bv = _mm256_set1_ps(bias);
-  for (int64_t tx0 = 0; tx0 < e.TW; tx0 += 8) {
-    const __m256i keep = lanes8(inside(tx0, e.TW, 8));
-    const float* src = mc + ty * e.TW + tx0;
+  const int64_t cols = std::min(e.OW, 2 * tb);
+  for (int64_t tx0 = ta; tx0 < tb; tx0 += 8) {
+    const __m256i keep = lanes8(inside(tx0, tb, 8));
+    const float* src = mc + ty * e.TW + tx0 - q0;
     __m256 s[2][4];
     for (int k = 0; k < 4; ++k) {
       const __m256 a0 = _mm256_maskload_ps(src + (0 * 4 + k) * xs, keep);
@@ -258,8 +264,8 @@ WS_AVX2 void output_row_avx2(const float* mc, int64_t xs, float bias, const Geo&
       const __m256 y1 = _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(s[i][1], s[i][2]), s[i][3]), bv);
       const __m256 lo = _mm256_unpacklo_ps(y0, y1), hi = _mm256_unpackhi_ps(y0, y1);
       float* out = yc + oy * e.OW + 2 * tx0;
-      store8(out, inside(2 * tx0, e.OW, 8), _mm256_permute2f128_ps(lo, hi, 0x20));
-      store8(out + 8, inside(2 * tx0 + 8, e.OW, 8), _mm256_permute2f128_ps(lo, hi, 0x31));
+      store8(out, inside(2 * tx0, cols, 8), _mm256_permute2f128_ps(lo, hi, 0x20));
+      store8(out + 8, inside(2 * tx0 + 8, cols, 8), _mm256_permute2f128_ps(lo, hi, 0x31));
     }
   }
 }
@@ -288,38 +294,44 @@ at::Tensor winograd3x3_conv2d_f32(const at::Tensor& x, const at::Tensor& w, cons
   if (w.size(1) != e.C || e.ph < 0 || e.pw < 0) return at::Tensor();  // F.conv2d reports these
   e.OH = e.H + 2 * e.ph - 2, e.OW = e.W + 2 * e.pw - 2;
   if (e.OH <= 0 || e.OW <= 0 || N * e.C == 0 || e.OC == 0) return at::Tensor();
-  e.TH = (e.OH + 1) / 2, e.TW = (e.OW + 1) / 2, e.T = e.TH * e.TW, e.Tp = (e.T + 15) / 16 * 16;
+  e.TH = (e.OH + 1) / 2, e.TW = (e.OW + 1) / 2, e.T = e.TH * e.TW;
   // Where it pays: the transforms cost O(C + OC) per tile against the GEMM's O(C x OC), so very thin layers (the
-  // 3-channel stem) stay with the direct kernel. The transformed tiles (16 x (C + OC) x tiles floats, 6.4 MiB for
-  // the 64-channel 56x56 layer) live in per-thread buffers that are reused, not freed: capped at 16 MiB.
+  // 3-channel stem) stay with the direct kernel. The transformed weights (16 x OC x C floats) live in a reused
+  // per-thread buffer, not freed: capped at 16 MiB (a 512 x 512 layer's panels are 16 MiB).
   // The AVX2 form is opt-in (WS_CPU_CONV=winograd): against oneDNN capped to AVX2 on this project's AVX-512 VM
   // (ONEDNN_MAX_CPU_ISA=AVX2 WS_CPU_SIMD=avx2) it measured 1.14-1.34x in some processes and 0.7-0.97x in others
   // at 56x56 and 28x28, and 0.78x at 14x14; until it is measured on a real AVX2 CPU the default stays with the
   // direct kernel and oneDNN there.
-  if (choice == ConvKernels::Auto && (e.C < 16 || e.OC < 16 || simd != Simd::Avx512)) return at::Tensor();
-  if (16 * (e.C + e.OC) * e.Tp > (int64_t(1) << 22)) return at::Tensor();
+  // Small images (under 100 tiles, e.g. 14x14 outputs) pay the per-call weight transform (16 x OC x C values) and
+  // its traffic against too little GEMM: 256 channels at 14x14 measured 0.47-0.49x oneDNN, so they decline too.
+  if (choice == ConvKernels::Auto && (e.C < 16 || e.OC < 16 || simd != Simd::Avx512 || e.T < 100)) {
+    return at::Tensor();
+  }
+  if (16 * e.OC * e.C > (int64_t(1) << 22)) return at::Tensor();
 
   const bool v512 = simd == Simd::Avx512;
   const int MR = v512 ? kMr512 : kMr256;
   const int64_t V = v512 ? kV512 : kV256;
   const int64_t panels = (e.OC + MR - 1) / MR;
-  thread_local std::vector<float> u_buf, v_buf, m_buf;
+  thread_local std::vector<float> u_buf;
   float* U = reused(u_buf, static_cast<size_t>(16 * panels * e.C * MR));
-  float* Vt = reused(v_buf, static_cast<size_t>(16 * e.C * e.Tp));
-  float* M = reused(m_buf, static_cast<size_t>(16 * e.OC * e.Tp));
   transform_weights(w.data_ptr<float>(), e, MR, U);
 
-  // the GEMM's geometry: positions are tiles (all real), row c of B at c * Tp
+  // The image's tiles go in chunks of up to 48, each chunk through all three phases on one thread: its transformed
+  // input (16 x C x 48 floats) and products stay in that core's L2. (Whole-image phases kept 6.4 MiB of
+  // intermediates in the shared L3; with other tenants on it the 56x56 layer took 0.70 or 1.5 ms by the minute;
+  // chunked, 1.37-1.66x oneDNN in both states.) Few chunks (small images) would leave threads idle, so the output
+  // channels are then split into groups too: a work item is (image, chunk, channel group), and each item
+  // transforms its chunk's input itself (the transforms are the small part).
+  const int64_t nchunks0 = (e.T + 47) / 48;
+  const int64_t cs = ((e.T + nchunks0 - 1) / nchunks0 + V - 1) / V * V;  // chunk size: balanced, whole vectors
+  const int64_t chunks = (e.T + cs - 1) / cs;
+  const int64_t want = 4 * at::get_num_threads();
+  const int64_t groups_oc = std::clamp<int64_t>((want + N * chunks - 1) / (N * chunks), 1, panels);
+  const int64_t gpanels = (panels + groups_oc - 1) / groups_oc;  // panels per group
   std::vector<int64_t> koff(e.C);
-  for (int64_t c = 0; c < e.C; ++c) koff[c] = c * e.Tp;
-  const Plan p{e.C, e.OC, 1, e.Tp, e.Tp, e.Tp, e.C, e.Tp, e.Tp, (e.C - 1) * e.Tp, koff.data()};
-  // blocks of 3 vectors; the last 4 go as 2 + 2 and a lone 1-2 as such (a 1-vector block issues a broadcast per FMA)
-  std::vector<std::pair<int64_t, int>> tiles;  // (first position, vectors)
-  for (int64_t q = 0, left = e.Tp / V; left > 0;) {
-    const int nr = left == 4 ? 2 : static_cast<int>(std::min<int64_t>(3, left));
-    tiles.emplace_back(q, nr);
-    q += nr * V, left -= nr;
-  }
+  for (int64_t c = 0; c < e.C; ++c) koff[c] = c * cs;
+  const Plan p{e.C, e.OC, 1, cs, cs, cs, e.C, cs, cs, (e.C - 1) * cs, koff.data()};
   // lane facts relative to a block's start (the kernel gets pointers to it): the same for every block of a width
   Tile<3, kV512> a3;
   Tile<2, kV512> a2;
@@ -327,63 +339,81 @@ at::Tensor winograd3x3_conv2d_f32(const at::Tensor& x, const at::Tensor& w, cons
   Tile<3, kV256> b3;
   Tile<2, kV256> b2;
   Tile<1, kV256> b1;
-  a3.init(p, 0, e.C * e.Tp), a2.init(p, 0, e.C * e.Tp), a1.init(p, 0, e.C * e.Tp);
-  b3.init(p, 0, e.C * e.Tp), b2.init(p, 0, e.C * e.Tp), b1.init(p, 0, e.C * e.Tp);
+  a3.init(p, 0, e.C * cs), a2.init(p, 0, e.C * cs), a1.init(p, 0, e.C * cs);
+  b3.init(p, 0, e.C * cs), b2.init(p, 0, e.C * cs), b1.init(p, 0, e.C * cs);
   const float zeros[kMr512] = {};
 
   at::Tensor b32;
   if (bias.has_value() && bias->defined()) b32 = bias->to(at::kFloat).contiguous();
   const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
   at::Tensor y = at::empty({N, e.OC, e.OH, e.OW}, x.options());
-  const int64_t xs_v = e.C * e.Tp, xs_m = e.OC * e.Tp;
-  const int64_t nt = static_cast<int64_t>(tiles.size());
-  for (int64_t n = 0; n < N; ++n) {
-    const float* xn = x4.data_ptr<float>() + n * e.C * e.H * e.W;
-    float* yn = y.data_ptr<float>() + n * e.OC * e.OH * e.OW;
-    at::parallel_for(0, e.C * e.TH, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t c = i / e.TH, ty = i % e.TH;
-        if (v512) {
-          input_row(xn + c * e.H * e.W, e, ty, Vt + c * e.Tp, xs_v);
-        } else {
-          input_row_avx2(xn + c * e.H * e.W, e, ty, Vt + c * e.Tp, xs_v);
+  const float* xb = x4.data_ptr<float>();
+  float* yb = y.data_ptr<float>();
+  const int64_t xs_v = e.C * cs, xs_m = gpanels * MR * cs;  // M holds one group's channels
+  at::parallel_for(0, N * chunks * groups_oc, 1, [&](int64_t i0, int64_t i1) {
+    thread_local std::vector<float> v_buf, m_buf;
+    float* Vc = reused(v_buf, static_cast<size_t>(16 * xs_v));
+    float* Mc = reused(m_buf, static_cast<size_t>(16 * xs_m));
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t og = i % groups_oc, ci = (i / groups_oc) % chunks, n = i / (groups_oc * chunks);
+      const int64_t q0 = ci * cs, q1 = std::min(e.T, q0 + cs);
+      const int64_t P = q1 - q0, Pp = (P + V - 1) / V * V;  // positions, rounded up to whole vectors
+      const int64_t pb0 = og * gpanels, pb1 = std::min(panels, pb0 + gpanels);
+      if (pb0 >= pb1) continue;
+      const int64_t oc0 = pb0 * MR, oc1 = std::min(e.OC, pb1 * MR);
+      const float* xn = xb + n * e.C * e.H * e.W;
+      float* yn = yb + n * e.OC * e.OH * e.OW;
+      const int64_t ty0 = q0 / e.TW, ty1 = (q1 - 1) / e.TW;  // the tile rows the chunk touches
+      // phase 1: the chunk's tiles of every channel; positions past P zeroed (the GEMM reads whole vectors)
+      for (int64_t c = 0; c < e.C; ++c) {
+        for (int64_t ty = ty0; ty <= ty1; ++ty) {
+          const int64_t ta = std::max<int64_t>(0, q0 - ty * e.TW), tb = std::min(e.TW, q1 - ty * e.TW);
+          if (v512) {
+            input_row(xn + c * e.H * e.W, e, ty, ta, tb, q0, Vc + c * cs, xs_v);
+          } else {
+            input_row_avx2(xn + c * e.H * e.W, e, ty, ta, tb, q0, Vc + c * cs, xs_v);
+          }
         }
-        if (ty == e.TH - 1 && e.Tp > e.T) {  // zero the padding positions (read by the GEMM, never used)
-          for (int xi = 0; xi < 16; ++xi) std::memset(Vt + xi * xs_v + c * e.Tp + e.T, 0, 4 * (e.Tp - e.T));
-        }
-      }
-    });
-    // 16 GEMMs; the blocks of one (xi, tile) share its input rows in cache, so the output-channel panel is innermost
-    at::parallel_for(0, 16 * nt * panels, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t pb = i % panels, t = (i / panels) % nt, xi = i / (panels * nt);
-        const int64_t q0 = tiles[t].first;
-        const float* a = U + (xi * panels + pb) * e.C * MR;
-        const float* v = Vt + xi * xs_v + q0;
-        float* m = M + xi * xs_m + pb * MR * e.Tp + q0;
-        const int rows = static_cast<int>(std::min<int64_t>(MR, e.OC - pb * MR));
-        switch (tiles[t].second * (v512 ? 1 : -1)) {
-          case 3: block_avx512<3, false>(p, a, v, zeros, rows, a3, m); break;
-          case 2: block_avx512<2, false>(p, a, v, zeros, rows, a2, m); break;
-          case 1: block_avx512<1, false>(p, a, v, zeros, rows, a1, m); break;
-          case -3: block_avx2<3, false>(p, a, v, zeros, rows, b3, m); break;
-          case -2: block_avx2<2, false>(p, a, v, zeros, rows, b2, m); break;
-          default: block_avx2<1, false>(p, a, v, zeros, rows, b1, m); break;
+        if (Pp > P) {
+          for (int xi = 0; xi < 16; ++xi) std::memset(Vc + xi * xs_v + c * cs + P, 0, 4 * (Pp - P));
         }
       }
-    });
-    at::parallel_for(0, e.OC * e.TH, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t oc = i / e.TH, ty = i % e.TH;
+      // phase 2: 16 GEMMs of the group's channels over the chunk's positions, blocks of up to 3 vectors
+      for (int xi = 0; xi < 16; ++xi) {
+        for (int64_t q = 0; q < Pp;) {
+          const int64_t left = (Pp - q) / V, nr = left == 4 ? 2 : std::min<int64_t>(3, left);
+          const float* v = Vc + xi * xs_v + q;
+          for (int64_t pb = pb0; pb < pb1; ++pb) {
+            const float* a = U + (xi * panels + pb) * e.C * MR;
+            float* m = Mc + xi * xs_m + (pb - pb0) * MR * cs + q;
+            const int rows = static_cast<int>(std::min<int64_t>(MR, e.OC - pb * MR));
+            switch (nr * (v512 ? 1 : -1)) {
+              case 3: block_avx512<3, false>(p, a, v, zeros, rows, a3, m); break;
+              case 2: block_avx512<2, false>(p, a, v, zeros, rows, a2, m); break;
+              case 1: block_avx512<1, false>(p, a, v, zeros, rows, a1, m); break;
+              case -3: block_avx2<3, false>(p, a, v, zeros, rows, b3, m); break;
+              case -2: block_avx2<2, false>(p, a, v, zeros, rows, b2, m); break;
+              default: block_avx2<1, false>(p, a, v, zeros, rows, b1, m); break;
+            }
+          }
+          q += nr * V;
+        }
+      }
+      // phase 3: the chunk's output tiles of the group's output channels
+      for (int64_t oc = oc0; oc < oc1; ++oc) {
         const float bias_oc = bp ? bp[oc] : 0.0f;
-        if (v512) {
-          output_row(M + oc * e.Tp, xs_m, bias_oc, e, ty, yn + oc * e.OH * e.OW);
-        } else {
-          output_row_avx2(M + oc * e.Tp, xs_m, bias_oc, e, ty, yn + oc * e.OH * e.OW);
+        const float* mc = Mc + (oc - oc0) * cs;
+        for (int64_t ty = ty0; ty <= ty1; ++ty) {
+          const int64_t ta = std::max<int64_t>(0, q0 - ty * e.TW), tb = std::min(e.TW, q1 - ty * e.TW);
+          if (v512) {
+            output_row(mc, xs_m, bias_oc, e, ty, ta, tb, q0, yn + oc * e.OH * e.OW);
+          } else {
+            output_row_avx2(mc, xs_m, bias_oc, e, ty, ta, tb, q0, yn + oc * e.OH * e.OW);
+          }
         }
       }
-    });
-  }
+    }
+  });
   return batched ? y : y.squeeze(0);
 #else
   return at::Tensor();
