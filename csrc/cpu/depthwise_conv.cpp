@@ -147,11 +147,17 @@ WS_AVX2 inline void rows_avx2(const float* in, const float* w, float bias, float
         row[r] = in + (inside[r] ? iy : 0) * g.W + c0;
       }
       for (int64_t kx = 0; kx < g.KW; ++kx) {
+        const __m256 wv = _mm256_set1_ps(w[ky * g.KW + kx]);
+        const int64_t off = kx * g.dw - g.pw;
+        if (lanes[kx] == 0xffu) {  // all 8 columns inside: plain loads (vmaskmovps is microcoded on AMD Zen)
+#pragma GCC unroll 4
+          for (int r = 0; r < R; ++r)
+            if (inside[r]) acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row[r] + off), acc[r]);
+          continue;
+        }
         // lane j is loaded iff bit j of the table entry is set (maskload reads lanes whose sign bit is set)
         const __m256i m = _mm256_cmpeq_epi32(
             _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(lanes[kx])), lane_bit), lane_bit);
-        const __m256 wv = _mm256_set1_ps(w[ky * g.KW + kx]);
-        const int64_t off = kx * g.dw - g.pw;
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
           const __m256i mr = inside[r] ? m : _mm256_setzero_si256();

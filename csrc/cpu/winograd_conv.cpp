@@ -298,13 +298,11 @@ at::Tensor winograd3x3_conv2d_f32(const at::Tensor& x, const at::Tensor& w, cons
   // Where it pays: the transforms cost O(C + OC) per tile against the GEMM's O(C x OC), so very thin layers (the
   // 3-channel stem) stay with the direct kernel. The transformed weights (16 x OC x C floats) live in a reused
   // per-thread buffer, not freed: capped at 16 MiB (a 512 x 512 layer's panels are 16 MiB).
-  // The AVX2 form is opt-in (WS_CPU_CONV=winograd): against oneDNN capped to AVX2 on this project's AVX-512 VM
-  // (ONEDNN_MAX_CPU_ISA=AVX2 WS_CPU_SIMD=avx2) it measured 1.14-1.34x in some processes and 0.7-0.97x in others
-  // at 56x56 and 28x28, and 0.78x at 14x14; until it is measured on a real AVX2 CPU the default stays with the
-  // direct kernel and oneDNN there.
   // Small images (under 100 tiles, e.g. 14x14 outputs) pay the per-call weight transform (16 x OC x C values) and
-  // its traffic against too little GEMM: 256 channels at 14x14 measured 0.47-0.49x oneDNN, so they decline too.
-  if (choice == ConvKernels::Auto && (e.C < 16 || e.OC < 16 || simd != Simd::Avx512 || e.T < 100)) {
+  // its traffic against too little GEMM: 256 channels at 14x14 measured 0.47-0.67x oneDNN, so they decline. AVX2
+  // as AVX-512: against oneDNN capped to AVX2, 1.21-1.26x at 56x56 and 28x28 in three processes once the phases
+  // were chunked (the whole-image form had swung between 0.7x and 1.34x).
+  if (choice == ConvKernels::Auto && (e.C < 16 || e.OC < 16 || e.T < 100)) {
     return at::Tensor();
   }
   if (16 * e.OC * e.C > (int64_t(1) << 22)) return at::Tensor();
