@@ -81,6 +81,18 @@ struct Geometry {
 // The AVX-512 and AVX2 planes walk the same loops with different vector widths and mask forms. They are two
 // functions because GCC compiles a function for one target: a shared template body could not be inlined into both
 // (intrinsics need the caller's target), and compiling it for the union would put AVX-512 code in the AVX2 path.
+// For output rows oy0 .. oy0 + R - 1 and kernel row ky: each row's input row (at column c0) and whether it lies
+// inside the input (a row outside reads nothing and adds zero).
+template <int R>
+inline void tap_rows(const float* in, const Geometry& g, int64_t oy0, int64_t ky, int64_t c0, const float** row,
+                     bool* inside) {
+  for (int r = 0; r < R; ++r) {
+    const int64_t iy = (oy0 + r) * g.sh - g.ph + ky * g.dh;
+    inside[r] = iy >= 0 && iy < g.H;
+    row[r] = in + (inside[r] ? iy : 0) * g.W + c0;
+  }
+}
+
 // R output rows at a time, each with its own accumulator: with one row, every chunk was a single chain of
 // KH x KW dependent FMAs and the loop waited out the FMA latency on each (profile: 57 % of the call in this loop,
 // 0.122-0.129 ms against oneDNN's 0.114-0.118 ms). A row whose tap row falls outside the input loads with an empty
@@ -97,12 +109,7 @@ WS_AVX512 inline void rows_avx512(const float* in, const float* w, float bias, f
     for (int64_t ky = 0; ky < g.KH; ++ky) {
       const float* row[R];
       bool inside[R];
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) {
-        const int64_t iy = (oy0 + r) * g.sh - g.ph + ky * g.dh;
-        inside[r] = iy >= 0 && iy < g.H;
-        row[r] = in + (inside[r] ? iy : 0) * g.W + c0;
-      }
+      tap_rows<R>(in, g, oy0, ky, c0, row, inside);
       for (int64_t kx = 0; kx < g.KW; ++kx) {
         // lanes c0..c0+15 read row[ox + kx*dw - pw]; only the valid ones are loaded
         const __m512 wv = _mm512_set1_ps(w[ky * g.KW + kx]);
@@ -140,12 +147,7 @@ WS_AVX2 inline void rows_avx2(const float* in, const float* w, float bias, float
     for (int64_t ky = 0; ky < g.KH; ++ky) {
       const float* row[R];
       bool inside[R];
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) {
-        const int64_t iy = (oy0 + r) * g.sh - g.ph + ky * g.dh;
-        inside[r] = iy >= 0 && iy < g.H;
-        row[r] = in + (inside[r] ? iy : 0) * g.W + c0;
-      }
+      tap_rows<R>(in, g, oy0, ky, c0, row, inside);
       for (int64_t kx = 0; kx < g.KW; ++kx) {
         const __m256 wv = _mm256_set1_ps(w[ky * g.KW + kx]);
         const int64_t off = kx * g.dw - g.pw;
