@@ -130,12 +130,13 @@ at::Tensor direct_conv2d_f32(const at::Tensor& x, const at::Tensor& w, const std
   }
   const int64_t plane = Hp * Wp, image_floats = C * plane;
   const size_t panel_floats = static_cast<size_t>(ocb * K * MR), bias_floats = static_cast<size_t>(ocb * MR);
-  float* buf = reused_buffer(panel_floats + bias_floats + (pad ? static_cast<size_t>(N * image_floats) : 0) +
-                             static_cast<size_t>(K) * 2);  // + the offset table (int64 = 2 floats)
+  float* buf = reused_buffer(panel_floats + bias_floats + (pad ? static_cast<size_t>(N * image_floats) : 0));
   float* panels = buf;
   float* bvals = panels + panel_floats;
   float* xpad = bvals + bias_floats;
-  int64_t* koff = reinterpret_cast<int64_t*>(xpad + (pad ? N * image_floats : 0));
+  // the offset table in its own int64 storage (carved out of the float buffer it was misaligned: UBSan)
+  std::vector<int64_t> koff_buf(static_cast<size_t>(K));
+  int64_t* koff = koff_buf.data();
 
   // weights [OC][K] -> panels [ocb][K][MR] (rows past OC are zero), bias padded the same way
   const float* wp = w.data_ptr<float>();
