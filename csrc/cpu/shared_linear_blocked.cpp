@@ -139,6 +139,9 @@ bool linear_float_blocked(const PackedLinear& w, const float* x, int64_t M, floa
   const int64_t V = simd == Simd::Avx512 ? 16 : 8;
   const int64_t K = w.in_features, O = w.out_features;
   const int64_t blocks = (O + MR - 1) / MR;
+  // its work buffers are reused per thread, not freed: beyond 64 MiB of them (a layer wider than ~64K features)
+  // the decode + ATen path, which needs none, takes the call
+  if ((K + O) * kMc > (int64_t(1) << 24)) return false;
   // the batch in passes of kMc rows: the x^T and y^T buffers stay bounded (K x 256 and O x 256 floats) for any
   // batch, and each weight is decoded once per pass
   thread_local std::vector<float> xt_buf, yt_buf;
