@@ -45,7 +45,7 @@ struct Tile {
     for (int n = 0; n < NR; ++n) {
       const int64_t q = q0 + n * V;
       store[n] = real_lanes(p, q, V);
-      load[n] = whole ? (V == 32 ? ~0u : (1u << V) - 1) : store[n];
+      load[n] = whole ? (1u << V) - 1 : store[n];  // V = 8 or 16 lanes
       tail |= !whole;
       out[n] = outputs_before(p, q);
     }

@@ -3,9 +3,18 @@
 // CPU path (the conv then reads it) and shared_linear's batched path (the GEMM then reads it).
 #include <ATen/core/Tensor.h>
 
+#include <vector>
+
 #include "weightshare/checks.h"
 
 namespace weightshare::cpu {
+
+// `buf` grown to at least n floats (never shrunk) and its data: the CPU kernels' per-thread work buffers
+// (thread_local vectors), rewritten on every call, because fresh allocations of their size page-fault on every call.
+inline float* grown(std::vector<float>& buf, size_t n) {
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
 
 // This thread's reused float buffer, at least n floats (grown, never shrunk). Valid until this thread's next call of
 // any function here; the caller must not keep it.

@@ -26,13 +26,13 @@
 #include <vector>
 
 #include "conv_gemm.h"
+#include "decode_scratch.h"
 #include "weightshare/cpu_features.h"
 
 namespace weightshare::cpu {
 namespace {
 
 using namespace conv_gemm;
-
 
 #ifdef WS_X86
 // The whole call for one SIMD level: MR x (NR x V) blocks over (image, tile, output-channel block). The loop
@@ -74,14 +74,6 @@ void run(const Plan& p, int64_t N, const float* xb, int64_t image_floats, const 
   });
 }
 #endif
-
-// This thread's reused buffer (grown, never shrunk): the padded input and the weight panels are rewritten on every
-// call, and fresh allocations of this size page-fault on every call (decode_scratch.h measured that cost).
-float* reused_buffer(size_t floats) {
-  thread_local std::vector<float> buf;
-  if (buf.size() < floats) buf.resize(floats);
-  return buf.data();
-}
 
 }  // namespace
 
@@ -130,7 +122,9 @@ at::Tensor direct_conv2d_f32(const at::Tensor& x, const at::Tensor& w, const std
   }
   const int64_t plane = Hp * Wp, image_floats = C * plane;
   const size_t panel_floats = static_cast<size_t>(ocb * K * MR), bias_floats = static_cast<size_t>(ocb * MR);
-  float* buf = reused_buffer(panel_floats + bias_floats + (pad ? static_cast<size_t>(N * image_floats) : 0));
+  // the weight panels, bias and padded input in this thread's reused buffer (decode_scratch.h says why)
+  thread_local std::vector<float> work;
+  float* buf = grown(work, panel_floats + bias_floats + (pad ? static_cast<size_t>(N * image_floats) : 0));
   float* panels = buf;
   float* bvals = panels + panel_floats;
   float* xpad = bvals + bias_floats;

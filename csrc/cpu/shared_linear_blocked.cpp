@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "decode_scratch.h"
 #include "shared_linear.h"
 #include "weightshare/dispatch.h"
 
@@ -123,12 +124,6 @@ BlockFn pick(Simd simd, int64_t nr, bool accumulate) {
 }
 #endif
 
-// This thread's reused buffer (grown, never shrunk; fresh pages per call cost page faults, decode_scratch.h).
-float* reused(std::vector<float>& buf, size_t floats) {
-  if (buf.size() < floats) buf.resize(floats);
-  return buf.data();
-}
-
 }  // namespace
 
 bool linear_float_blocked(const PackedLinear& w, const float* x, int64_t M, float* y) {
@@ -145,8 +140,8 @@ bool linear_float_blocked(const PackedLinear& w, const float* x, int64_t M, floa
   // the batch in passes of kMc rows: the x^T and y^T buffers stay bounded (K x 256 and O x 256 floats) for any
   // batch, and each weight is decoded once per pass
   thread_local std::vector<float> xt_buf, yt_buf;
-  float* xt = reused(xt_buf, static_cast<size_t>(K * kMc));
-  float* yt = reused(yt_buf, static_cast<size_t>(O * kMc));
+  float* xt = grown(xt_buf, static_cast<size_t>(K * kMc));
+  float* yt = grown(yt_buf, static_cast<size_t>(O * kMc));
   for (int64_t m0 = 0; m0 < M; m0 += kMc) {
     const int64_t Mc = std::min(kMc, M - m0), Mp = (Mc + V - 1) / V * V;
     const float* xm = x + m0 * K;
@@ -161,7 +156,7 @@ bool linear_float_blocked(const PackedLinear& w, const float* x, int64_t M, floa
     WS_DISPATCH_BITS(w.bits, BITS, [&] {
       at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
         thread_local std::vector<float> panel_buf;
-        float* panel = reused(panel_buf, static_cast<size_t>(MR * kKc));
+        float* panel = grown(panel_buf, static_cast<size_t>(MR * kKc));
         GroupTable gt;
         for (int64_t k0 = 0; k0 < K; k0 += kKc) {
           const int64_t kc = std::min(kKc, K - k0);

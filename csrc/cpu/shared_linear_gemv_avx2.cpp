@@ -20,13 +20,14 @@
 namespace weightshare::cpu {
 namespace {
 
-constexpr bool byte_aligned(int bits) { return bits == 1 || bits == 2 || bits == 4; }
+// Widths whose codebook (at most 2**bits <= 16 entries) fits the byte planes and whose indices tile bytes.
+constexpr bool byte_planes(int bits) { return bits == 1 || bits == 2 || bits == 4; }
 
 #ifdef WS_X86
 // Weights per step: 32 packed bytes for the byte-plane path, 8 indices for the gather path.
 template <int BITS>
 constexpr int64_t step_weights() {
-  return byte_aligned(BITS) ? 32 * (8 / BITS) : 8;
+  return byte_planes(BITS) ? 32 * (8 / BITS) : 8;
 }
 
 // Byte-plane path: the weight that float lane l of output vector (s, k) holds, within a step: byte p of the step's
@@ -67,6 +68,18 @@ struct BytePlanes {
   }
 };
 
+// A row's dot product: the vector accumulator's lanes summed, plus the weights from `from` on (the row's tail,
+// fewer than one step) one by one in x's own order.
+template <int BITS>
+WS_AVX2 float row_total(__m256 acc, const uint8_t* row, const float* table, const float* xm, int64_t from,
+                        int64_t in) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  for (int64_t i = from; i < in; ++i) sum += table[unpack_one(row, i, BITS)] * xm[i];
+  return sum;
+}
+
 template <int BITS, int M>
 WS_AVX2 void rows_byte_planes(const PackedLinear& w, const float* x, const float* xp, int64_t steps, int64_t r0,
                               int64_t r1, float* y) {
@@ -104,17 +117,10 @@ WS_AVX2 void rows_byte_planes(const PackedLinear& w, const float* x, const float
           }
       }
     }
-    // the row's tail (fewer than one step of weights) in x's own order
-    const int64_t done = steps * S;
     for (int m = 0; m < M; ++m) {
       __m256 a = acc[m][0];
       for (int k = 1; k < NA; ++k) a = _mm256_add_ps(a, acc[m][k]);
-      alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, a);
-      float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-      const float* xm = x + m * w.in_features;
-      for (int64_t i = done; i < w.in_features; ++i) sum += dt.v[unpack_one(row, i, BITS)] * xm[i];
-      y[m * w.out_features + r] = sum;
+      y[m * w.out_features + r] = row_total<BITS>(a, row, dt.v, x + m * w.in_features, steps * S, w.in_features);
     }
   }
 }
@@ -147,12 +153,8 @@ WS_AVX2 void rows_gather(const PackedLinear& w, const float* x, int64_t r0, int6
         acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * w.in_features + st * 8), acc[m][0]);
     }
     for (int m = 0; m < M; ++m) {
-      alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, _mm256_add_ps(acc[m][0], acc[m][1]));
-      float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-      const float* xm = x + m * w.in_features;
-      for (int64_t i = steps * 8; i < w.in_features; ++i) sum += dt.v[unpack_one(row, i, BITS)] * xm[i];
-      y[m * w.out_features + r] = sum;
+      y[m * w.out_features + r] = row_total<BITS>(_mm256_add_ps(acc[m][0], acc[m][1]), row, dt.v,
+                                                  x + m * w.in_features, steps * 8, w.in_features);
     }
   }
 }
@@ -160,17 +162,16 @@ WS_AVX2 void rows_gather(const PackedLinear& w, const float* x, int64_t r0, int6
 template <int BITS, int M>
 void gemv_m(const PackedLinear& w, const float* x, float* y) {
   const int64_t grain = std::max<int64_t>(1, 65536 / w.in_features);
-  if constexpr (byte_aligned(BITS)) {
-    if (w.K <= 16) {
-      const int64_t steps = std::min(w.in_features / step_weights<BITS>(), w.row_bytes / 32);
-      const std::vector<float> xp = permute_x<BITS>(x, M, w.in_features, steps);
-      at::parallel_for(0, w.out_features, grain, [&](int64_t r0, int64_t r1) {
-        rows_byte_planes<BITS, M>(w, x, xp.data(), steps, r0, r1, y);
-      });
-      return;
-    }
+  if constexpr (byte_planes(BITS)) {
+    const int64_t steps = std::min(w.in_features / step_weights<BITS>(), w.row_bytes / 32);
+    const std::vector<float> xp = permute_x<BITS>(x, M, w.in_features, steps);
+    at::parallel_for(0, w.out_features, grain, [&](int64_t r0, int64_t r1) {
+      rows_byte_planes<BITS, M>(w, x, xp.data(), steps, r0, r1, y);
+    });
+  } else {
+    at::parallel_for(0, w.out_features, grain,
+                     [&](int64_t r0, int64_t r1) { rows_gather<BITS, M>(w, x, r0, r1, y); });
   }
-  at::parallel_for(0, w.out_features, grain, [&](int64_t r0, int64_t r1) { rows_gather<BITS, M>(w, x, r0, r1, y); });
 }
 #endif
 

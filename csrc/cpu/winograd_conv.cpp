@@ -1,21 +1,20 @@
 // Winograd F(2x2, 3x3) convolution of NCHW fp32 input (Lavin & Gray, "Fast Algorithms for Convolutional Neural
-// Networks", 2016): dense 3x3 layers with unit stride and dilation, any padding, AVX-512.
+// Networks", 2016): dense 3x3 layers with unit stride and dilation, any padding, AVX-512 or AVX2.
 //
-// Why: the direct kernel (direct_conv.cpp) runs at oneDNN's multiply-add rate within ~5 %, and oneDNN with its input
-// in a favourable place was 0.95-0.96x of ... itself: at each method's best input placement the ResNet 3x3 layer
-// (64 -> 64, 56x56) took 1.105-1.115 ms dense and 1.165-1.18 ms direct. F(2x2, 3x3) computes each 2x2 output tile
-// from a 4x4 input tile with 16 multiply-adds per (input channel, output channel) instead of 36, so the GEMM at its
-// heart does 2.25x less work than any direct convolution.
+// Why: the direct kernel (direct_conv.cpp) runs within ~5 % of oneDNN's multiply-add rate, and at each method's best
+// input placement the ResNet 3x3 layer (64 -> 64, 56x56) took 1.105-1.115 ms in oneDNN and 1.165-1.18 ms direct
+// (0.95x). F(2x2, 3x3) computes each 2x2 output tile from a 4x4 input tile with 16 multiply-adds per (input
+// channel, output channel) instead of 36, so the GEMM at its heart does 2.25x less work than any direct convolution.
 //
-// The three phases, each one parallel loop over the image:
+// Three phases, run per chunk of tiles on one thread (the driver below says why):
 //   1. input transform: V[xi][c][t] = (B^T d B)[xi] for every 4x4 input tile d (tiles t = 2x2 output tiles, row
-//      major; 16 tiles per vector, the strided columns gathered by two permutes per row);
+//      major; 16 (AVX2: 8) tiles per vector, the strided columns gathered by permutes);
 //   2. 16 GEMMs, M[xi] [OC x tiles] = U[xi] [OC x C] x V[xi] [C x tiles], on the direct conv's micro-kernel
-//      (conv_gemm.h), with U = G g G^T of the decoded weight repacked as [C][8] panels;
+//      (conv_gemm.h), with U = G g G^T of the decoded weight repacked as [C][MR] panels;
 //   3. output transform: y tile = A^T M A (+ bias), interleaved back into the NCHW rows.
 // Numerics: the transforms only add, subtract and halve (G's 1/2 is exact in binary), so results differ from a
-// direct convolution by the rounding of a different summation order: in the tests within 1e-5 relative of
-// F.conv2d, as the direct kernel is.
+// direct convolution by the rounding of a different summation order: in the tests as close to a float64
+// convolution as oneDNN's.
 #include "winograd_conv.h"
 
 #include <ATen/ATen.h>
@@ -26,6 +25,7 @@
 #include <vector>
 
 #include "conv_gemm.h"
+#include "decode_scratch.h"
 #include "weightshare/cpu_features.h"
 
 namespace weightshare::cpu {
@@ -37,11 +37,6 @@ using namespace conv_gemm;
 struct Geo {
   int64_t C, OC, H, W, OH, OW, ph, pw, TH, TW, T;  // T = TH * TW tiles (2x2 output tiles)
 };
-
-float* reused(std::vector<float>& buf, size_t n) {
-  if (buf.size() < n) buf.resize(n);
-  return buf.data();
-}
 
 // U[xi][panel][c][MR] = (G g G^T)[xi] of every (output, input) channel pair, rows past OC zero, for panels of MR = 8
 // (AVX-512 kernel) or 4 (AVX2) output channels. Eight output channels are the lanes of one vector, so a panel row
@@ -93,7 +88,8 @@ WS_AVX2 void transform_weight_groups(const float* g, const Geo& e, int MR, int64
 }
 
 void transform_weights(const float* g, const Geo& e, int MR, float* U) {
-  at::parallel_for(0, (e.OC + 7) / 8, 1, [&](int64_t g0, int64_t g1) { transform_weight_groups(g, e, MR, g0, g1, U); });
+  at::parallel_for(0, (e.OC + 7) / 8, 1,
+                   [&](int64_t g0, int64_t g1) { transform_weight_groups(g, e, MR, g0, g1, U); });
 }
 
 // Lanes j of a `lanes`-float load at column `start` that lie in [0, n).
@@ -312,7 +308,7 @@ at::Tensor winograd3x3_conv2d_f32(const at::Tensor& x, const at::Tensor& w, cons
   const int64_t V = v512 ? kV512 : kV256;
   const int64_t panels = (e.OC + MR - 1) / MR;
   thread_local std::vector<float> u_buf;
-  float* U = reused(u_buf, static_cast<size_t>(16 * panels * e.C * MR));
+  float* U = grown(u_buf, static_cast<size_t>(16 * panels * e.C * MR));
   transform_weights(w.data_ptr<float>(), e, MR, U);
 
   // The image's tiles go in chunks of up to 48, each chunk through all three phases on one thread: its transformed
@@ -350,8 +346,8 @@ at::Tensor winograd3x3_conv2d_f32(const at::Tensor& x, const at::Tensor& w, cons
   const int64_t xs_v = e.C * cs, xs_m = gpanels * MR * cs;  // M holds one group's channels
   at::parallel_for(0, N * chunks * groups_oc, 1, [&](int64_t i0, int64_t i1) {
     thread_local std::vector<float> v_buf, m_buf;
-    float* Vc = reused(v_buf, static_cast<size_t>(16 * xs_v));
-    float* Mc = reused(m_buf, static_cast<size_t>(16 * xs_m));
+    float* Vc = grown(v_buf, static_cast<size_t>(16 * xs_v));
+    float* Mc = grown(m_buf, static_cast<size_t>(16 * xs_m));
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t og = i % groups_oc, ci = (i / groups_oc) % chunks, n = i / (groups_oc * chunks);
       const int64_t q0 = ci * cs, q1 = std::min(e.T, q0 + cs);
