@@ -120,6 +120,27 @@ def test_int8_is_bit_exact_to_its_definition(bits, M, per_row, simd, gen):
     assert torch.equal(got, reference.shared_linear(x, packed, cb, bits, out_f, in_f, bias, "int8"))
 
 
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("M", [9, 37, 300])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_int8_blocked_kernel(bits, M, groups, simd, gen):
+    """The int8 path for batches (shared_linear_int8_blocked.cpp with AVX-512 VNNI) where its blocking shows: K
+    chunks of 1024 and a partial last one (2600 values: 3 x 1024 padded at 1 bit, 2 x 1024 + 576 at 3 bits), output
+    features not a multiple of its 8-row block with codebook groups straddling blocks, batches of 9 (padded to 16
+    lanes), 37 and 300 (two passes of 256); a row of zeros and a row with an Inf (NaN outputs, as defined).
+    Bit-exact against the definition."""
+    out_f, in_f = 21, 2600
+    packed, cb, _ = make_weight(out_f, in_f, bits, groups, gen)
+    x = torch.randn(M, in_f, generator=gen) * 3
+    x[1] = 0
+    x[M - 2, 5] = float("inf")
+    bias = torch.randn(out_f, generator=gen)
+    got = ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f, bias, "int8")
+    want = reference.shared_linear(x, packed, cb, bits, out_f, in_f, bias, "int8")
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert got[M - 2].isnan().all() and got[:M - 2].isfinite().all()
+
+
 def test_int8_error_is_small(gen):
     packed, cb, _ = make_weight(256, 1024, 4, 1, gen)
     x = torch.randn(3, 1024, generator=gen)

@@ -9,9 +9,10 @@
 
 namespace weightshare::cpu {
 
-// `buf` grown to at least n floats (never shrunk) and its data: the CPU kernels' per-thread work buffers
+// `buf` grown to at least n elements (never shrunk) and its data: the CPU kernels' per-thread work buffers
 // (thread_local vectors), rewritten on every call, because fresh allocations of their size page-fault on every call.
-inline float* grown(std::vector<float>& buf, size_t n) {
+template <class T>
+inline T* grown(std::vector<T>& buf, size_t n) {
   if (buf.size() < n) buf.resize(n);
   return buf.data();
 }

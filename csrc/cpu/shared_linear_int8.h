@@ -1,0 +1,115 @@
+#pragma once
+// Internal interface of the int8 shared_linear path (definition: reference.shared_linear, activation="int8"):
+// the quantized operands and the AVX-512 byte lookup shared by the row kernel (shared_linear_int8.cpp, small
+// batches) and the blocked kernel (shared_linear_int8_blocked.cpp, larger ones).
+//
+// x is quantized per row to symmetric int8, the codebook per group to symmetric int8, and the dot products are
+// exact integer sums. vpdpbusd multiplies unsigned by signed bytes, so the weight bytes carry +128 and the excess
+// 128 * sum(x_q) is subtracted per x row at the end. For bits 1, 2, 4, 8 a 64-byte load holds 8/bits indices per
+// byte; extracting "the s-th index of every byte" needs one shift and one AND, and x is stored permuted to match
+// that order (a dot product does not care about order). Other bit widths decode 64 indices at a time in order.
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "shared_linear.h"
+#include "weightshare/cpu_decode.h"
+
+namespace weightshare::cpu {
+
+constexpr bool byte_aligned(int bits) { return bits == 1 || bits == 2 || bits == 4 || bits == 8; }
+
+// Elements covered by one 64-byte step of the byte-aligned kernels (64 elements otherwise).
+constexpr int64_t step_elems(int bits) { return byte_aligned(bits) ? 512 / bits : 64; }
+
+struct QuantizedX {
+  std::vector<int8_t> q;      // [M, stride], zero padded; permuted for byte-aligned bits
+  std::vector<float> scale;   // [M]
+  std::vector<int64_t> sum;   // [M] sum of q
+  int64_t stride;             // a multiple of step_elems(bits)
+};
+
+QuantizedX quantize_x(const at::Tensor& x, int bits);
+
+// Per group: int8 codebook (entries >= K are 0), the same + 128 as unsigned bytes (vpdpbusd's unsigned operand),
+// and its scale, as the reference computes them.
+struct QuantizedCodebook {
+  std::vector<int8_t> q;        // [G, 256]
+  std::vector<uint8_t> biased;  // [G, 256], q + 128
+  std::vector<float> scale;     // [G]
+};
+
+QuantizedCodebook quantize_codebook(const PackedLinear& w);
+
+// The int8 path's output, exactly as the reference computes it: float(exact integer sum) * (scale_x * scale_w).
+inline float int8_output(int64_t acc, const QuantizedX& xq, const QuantizedCodebook& cq, int64_t m, int64_t group) {
+  return static_cast<float>(acc) * (xq.scale[m] * cq.scale[group]);
+}
+
+// y[M, out] = float(exact integer sum) * (scale_x * scale_w) by the blocked VNNI kernel; false (nothing written)
+// where it does not apply (no AVX-512 VNNI, or K so long an int32 accumulator could overflow).
+bool linear_int8_blocked(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq, int64_t M,
+                         float* y);
+
+#ifdef WS_X86
+// 64 weight bytes (+128) from 64 indices in [0, 2**BITS), the table in registers.
+template <int BITS>
+struct ByteLookup {
+  __m512i t[4];
+  WS_AVX512 explicit ByteLookup(const uint8_t* biased_table) {
+    for (int r = 0; r < 4; ++r) t[r] = _mm512_loadu_si512(biased_table + 64 * r);
+  }
+  WS_AVX512 inline __m512i operator()(__m512i idx) const {
+    if constexpr (BITS <= 6) {
+      return _mm512_permutexvar_epi8(idx, t[0]);
+    } else if constexpr (BITS == 7) {
+      return _mm512_permutex2var_epi8(t[0], idx, t[1]);
+    } else {
+      const __m512i lo = _mm512_permutex2var_epi8(t[0], idx, t[1]);
+      const __m512i hi = _mm512_permutex2var_epi8(t[2], idx, t[3]);
+      return _mm512_mask_blend_epi8(_mm512_movepi8_mask(idx), lo, hi);  // index bit 7 picks the upper half
+    }
+  }
+};
+
+// The 64 packed bytes of step `st` of a row (zero past the row end), and "the s-th index of every byte".
+struct ByteSteps {
+  int64_t row_bytes;
+  WS_AVX512 inline __m512i load(const uint8_t* row, int64_t st) const {
+    const int64_t off = st * 64;
+    if (off + 64 <= row_bytes) return _mm512_loadu_si512(row + off);  // a masked byte load is slower
+    const int64_t n = std::min<int64_t>(64, row_bytes - off);
+    const __mmask64 k = n >= 64 ? ~__mmask64(0) : ((__mmask64(1) << n) - 1);
+    return _mm512_maskz_loadu_epi8(k, row + off);
+  }
+  template <int BITS>
+  WS_AVX512 static inline __m512i extract(__m512i bytes, int s) {
+    if constexpr (BITS == 8) return bytes;
+    // a 16-bit shift drags bits of the upper byte into the lower one, but only above the BITS kept by the AND
+    return _mm512_and_si512(_mm512_srli_epi16(bytes, s * BITS), _mm512_set1_epi8((1 << BITS) - 1));
+  }
+};
+
+// Indices [64 st, 64 st + 64) of a row in order, one per byte (bit widths that are not byte aligned); indices past
+// the row end read as 0.
+template <int BITS>
+WS_AVX512 inline __m512i indices64(const Avx512Unpack16<BITS>& unpack16, const uint8_t* row, int64_t row_bytes,
+                                   int64_t st) {
+  __m128i part[4];
+  for (int u = 0; u < 4; ++u) {
+    const int64_t off = (st * 4 + u) * 2 * BITS;
+    const int64_t n = std::max<int64_t>(0, std::min<int64_t>(2 * BITS, row_bytes - off));
+    const __m128i raw = _mm_maskz_loadu_epi8((__mmask16)((1u << n) - 1u), row + std::min(off, row_bytes));
+    const __m512i v = _mm512_permutexvar_epi8(unpack16.pattern, _mm512_broadcast_i32x4(raw));
+    part[u] = _mm512_cvtepi32_epi8(_mm512_and_si512(_mm512_srlv_epi32(v, unpack16.shifts), unpack16.mask));
+  }
+  __m512i idx = _mm512_castsi128_si512(part[0]);
+  idx = _mm512_inserti32x4(idx, part[1], 1);
+  idx = _mm512_inserti32x4(idx, part[2], 2);
+  return _mm512_inserti32x4(idx, part[3], 3);
+}
+#endif
+
+}  // namespace weightshare::cpu
