@@ -82,6 +82,24 @@ def test_loss_aware_matches_reference(dtype, k, groups, simd, device, gen):
         assert torch.equal(got, reference.loss_aware_assign(*args)), (grad is None, penalty is None)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_weights_read_fp32_statistics_in_full(dtype, simd, device, gen):
+    """grad, hdiag and importance keep their own (fp32) precision when w is 16-bit, as the reference reads them:
+    curvatures above fp16's 65504 (a sharp minimum's Hessian diagonal) stay finite, and gradients that differ only
+    beyond 8-11 mantissa bits still change the choice."""
+    w = (torch.randn(8, 300, generator=gen) * 0.1).to(dtype)
+    g = torch.randn(8, 300, generator=gen) * 1e-3 + 1e-4 * torch.rand(8, 300, generator=gen)
+    h = torch.rand(8, 300, generator=gen) * 2e5 + 1.0  # up to 2e5: Inf in fp16
+    cb = torch.randn(2, 16, generator=gen) * 0.1
+    got = ws.ops.loss_aware_assign(w.to(device), g.to(device), h.to(device), cb.to(device)).cpu()
+    assert torch.equal(got, reference.loss_aware_assign(w, g, h, cb))
+    idx = torch.randint(0, 16, (8, 300), generator=gen, dtype=torch.uint8)
+    got = ws.ops.kmeans_step(w.to(device), idx.to(device), 16, h.to(device), 2)
+    for a, b in zip(got, reference.kmeans_step(w, idx, 16, h, 2)):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-12, atol=1e-9)
+
+
 def test_loss_aware_reduces_to_nearest_without_gradient(gen):
     w = torch.randn(4000, generator=gen)
     cb = torch.sort(torch.randn(1, 16, generator=gen)).values

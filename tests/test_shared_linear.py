@@ -297,6 +297,56 @@ def test_cuda_16bit_few_rows(gemv, dtype, bits, M, groups, monkeypatch, gen):
     torch.testing.assert_close(y.float(), want, rtol=TOL[dtype][0], atol=TOL[dtype][1])
 
 
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("path", ["default", "mma", "tiles"])
+def test_thin_long_layers_split_k(bits, path, device, monkeypatch, gen):
+    """Layers with few output rows and long rows, where the CUDA kernels split K over several blocks and sum the
+    partials in a finalize kernel (the shapes elsewhere, in_f <= 300 or thousands of rows, never split): the SIMT
+    GEMV (fp32 x, 1 and 5 rows; int8 1 and 11 rows), the tensor-core GEMV (fp16, 3 rows), the tile kernel (40 rows,
+    fp32, fp16 and int8). int8 is bit-exact; the float paths match the reference at their dtype's precision."""
+    if device == "cpu" and path != "default":
+        pytest.skip("WS_CUDA_GEMV / WS_CUDA_LINEAR choose CUDA kernels only")
+    if path == "mma":
+        monkeypatch.setenv("WS_CUDA_GEMV", "mma")
+    if path == "tiles":
+        monkeypatch.setenv("WS_CUDA_LINEAR", "tiles")
+    out_f, in_f = 40, 8192
+    packed, cb, _ = make_weight(out_f, in_f, bits, 1, gen)
+    bias = torch.randn(out_f, generator=gen)
+    cases = {"default": [(torch.float32, 1), (torch.float32, 5), (torch.float16, 3)],
+             "mma": [(torch.float16, 3), (torch.bfloat16, 5)],
+             "tiles": [(torch.float32, 40), (torch.float16, 40)]}[path]
+    for dtype, M in cases:
+        x = torch.randn(M, in_f, generator=gen).to(dtype)
+        y = ws.ops.shared_linear(x.to(device), packed.to(device), cb.to(device), bits, out_f, in_f,
+                                 bias.to(device)).cpu()
+        w = ws.ops.dequantize(packed, cb, bits, (out_f, in_f)).to(dtype).float()
+        tol = (1e-4, 1e-3) if dtype == torch.float32 else TOL[dtype]
+        torch.testing.assert_close(y.float(), F.linear(x.float(), w, bias), rtol=tol[0], atol=tol[1])
+    for M in {"default": [1, 11], "mma": [], "tiles": [40]}[path]:
+        x = torch.randn(M, in_f, generator=gen)
+        y = ws.ops.shared_linear(x.to(device), packed.to(device), cb.to(device), bits, out_f, in_f, bias.to(device),
+                                 "int8").cpu()
+        assert torch.equal(y, reference.shared_linear(x, packed, cb, bits, out_f, in_f, bias, "int8"))
+
+
+@pytest.mark.parametrize("shape", [(512, 64, 40), (24, 96, 600)])
+def test_backward_with_split_reductions(shape, device, gen):
+    """The backward where the CUDA tile kernels split their reduction: grad_x over 512 output rows, the codebook
+    gradient over 600 rows of x. Against autograd through the reference."""
+    out_f, in_f, M = shape
+    packed, cb, _ = make_weight(out_f, in_f, 4, 1, gen)
+    x = torch.randn(M, in_f, generator=gen)
+    xs, cs = x.clone().to(device).requires_grad_(), cb.clone().to(device).requires_grad_()
+    y = ws.ops.shared_linear(xs, packed.to(device), cs, 4, out_f, in_f)
+    g = torch.randn(y.shape, generator=gen)
+    y.backward(g.to(device))
+    xr, cr = x.clone().requires_grad_(), cb.clone().requires_grad_()
+    reference.shared_linear(xr, packed, cr, 4, out_f, in_f).backward(g)
+    torch.testing.assert_close(xs.grad.cpu(), xr.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cs.grad.cpu(), cr.grad, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
 @pytest.mark.parametrize("gemv", ["default", "mma"])
 def test_cuda_16bit_unaligned_x_and_bad_indices(gemv, monkeypatch, gen):

@@ -251,7 +251,7 @@ struct LossAwareTables {
 };
 
 template <typename T>
-bool loss_aware_span_scalar(const T* w, const T* g, const T* h, uint8_t* out, int64_t n, const float* c,
+bool loss_aware_span_scalar(const T* w, const float* g, const float* h, uint8_t* out, int64_t n, const float* c,
                             const float* p, int K) {
   bool bad = false;
   for (int64_t i = 0; i < n; ++i) {
@@ -276,7 +276,7 @@ bool loss_aware_span_scalar(const T* w, const T* g, const T* h, uint8_t* out, in
 
 #ifdef WS_X86
 template <typename T>
-WS_AVX2 bool loss_aware_span_avx2(const T* w, const T* g, const T* h, uint8_t* out, int64_t n, const float* c,
+WS_AVX2 bool loss_aware_span_avx2(const T* w, const float* g, const float* h, uint8_t* out, int64_t n, const float* c,
                                   const float* p, int K) {
   const __m256 half = _mm256_set1_ps(0.5f);
   const __m256 exp_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7f800000));
@@ -331,21 +331,22 @@ at::Tensor loss_aware_assign_cpu(const at::Tensor& w, const std::optional<at::Te
       fail_value("penalty contains NaN or -Inf; use +inf to forbid an entry");
   }
   const int K = static_cast<int>(c.size(1));
-  // grad/hdiag may have another float dtype than w: bring them to w's dtype (a no-op when they match)
-  const at::Tensor g = grad.has_value() ? grad->to(w.scalar_type()).contiguous() : at::Tensor();
-  const at::Tensor h = hdiag.to(w.scalar_type()).contiguous();
+  // grad/hdiag are read as fp32 whatever w's dtype, as the reference reads them: in w's dtype an fp16 w would
+  // round them to 11 bits and turn values above 65504 into Inf
+  const at::Tensor g = grad.has_value() ? grad->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor h = hdiag.to(at::kFloat).contiguous();
   at::Tensor out = at::empty(w.sizes(), w.options().dtype(at::kByte));
   uint8_t* o = out.data_ptr<uint8_t>();
   std::atomic<bool> bad{false};
   const bool simd = simd_level() >= Simd::Avx2;
   WS_DISPATCH_FLOAT(w.scalar_type(), "weightshare::loss_aware_assign", [&] {
     const scalar_t* x = w.data_ptr<scalar_t>();
-    const scalar_t* gx = g.defined() ? g.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* hx = h.data_ptr<scalar_t>();
+    const float* gx = g.defined() ? g.data_ptr<float>() : nullptr;
+    const float* hx = h.data_ptr<float>();
     for_each_group_range(gr, kGrain / 4, [&](int64_t grp, int64_t b, int64_t e) {
       const float* cg = cp + grp * K;
       const float* pg = pp + grp * K;
-      const scalar_t* gb = gx ? gx + b : nullptr;
+      const float* gb = gx ? gx + b : nullptr;
       bool found;
 #ifdef WS_X86
       if (simd)

@@ -467,7 +467,7 @@ at::Tensor depthwise_conv2d_f32(const at::Tensor& x, const at::Tensor& w, const 
   const float* wp = wc.data_ptr<float>();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  Geometry g{H, W, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw, {}};
+  Geometry g{H, W, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw, {}, {}};
   for (int64_t kx = 0; kx < KW; ++kx) {
     int64_t lo, hi;
     valid_columns(W, OW, sw, pw, kx * dw, &lo, &hi);

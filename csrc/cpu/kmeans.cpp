@@ -20,7 +20,7 @@ namespace {
 constexpr int64_t kChunk = 16384;
 
 template <typename T>
-bool accumulate_chunk(const T* w, const uint8_t* idx, const T* h, int64_t n, int k, double* out /* [3, k] */) {
+bool accumulate_chunk(const T* w, const uint8_t* idx, const float* h, int64_t n, int k, double* out /* [3, k] */) {
   // Two interleaved table sets break the store-to-load dependency when neighbouring weights share an entry.
   std::vector<double> acc(6 * static_cast<size_t>(k), 0.0);
   double* set[2] = {acc.data(), acc.data() + 3 * k};
@@ -30,7 +30,7 @@ bool accumulate_chunk(const T* w, const uint8_t* idx, const T* h, int64_t n, int
     bad |= j >= static_cast<unsigned>(k);
     const unsigned js = j < static_cast<unsigned>(k) ? j : 0;
     const double x = static_cast<double>(static_cast<float>(w[i]));
-    const double hi = h ? static_cast<double>(static_cast<float>(h[i])) : 1.0;
+    const double hi = h ? static_cast<double>(h[i]) : 1.0;
     double* s = set[i & 1];
     const double hx = hi * x;
     s[js] += hx;
@@ -49,13 +49,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kmeans_step_cpu(const at::Tensor&
   const int64_t G = gr.groups, S = gr.group_numel;
   const int64_t chunks = (S + kChunk - 1) / kChunk;  // per group
   at::Tensor stats = at::empty({G, chunks, 3, K}, w.options().dtype(at::kDouble));
-  at::Tensor h = importance.has_value() ? importance->to(w.scalar_type()).contiguous() : at::Tensor();
+  // importance is read as fp32 whatever w's dtype (as the reference reads it; fp16 would overflow above 65504)
+  at::Tensor h = importance.has_value() ? importance->to(at::kFloat).contiguous() : at::Tensor();
   double* st = stats.data_ptr<double>();
   const uint8_t* ix = idx.data_ptr<uint8_t>();
   std::atomic<bool> bad{false};
   WS_DISPATCH_FLOAT(w.scalar_type(), "weightshare::kmeans_step", [&] {
     const scalar_t* x = w.data_ptr<scalar_t>();
-    const scalar_t* hx = h.defined() ? h.data_ptr<scalar_t>() : nullptr;
+    const float* hx = h.defined() ? h.data_ptr<float>() : nullptr;
     at::parallel_for(0, G * chunks, 1, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
         const int64_t g = t / chunks, c = t % chunks;

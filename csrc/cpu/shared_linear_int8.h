@@ -37,7 +37,7 @@ QuantizedX quantize_x(const at::Tensor& x, int bits);
 // and its scale, as the reference computes them.
 struct QuantizedCodebook {
   std::vector<int8_t> q;        // [G, 256]
-  std::vector<uint8_t> biased;  // [G, 256], q + 128
+  std::vector<uint8_t> biased;  // [G, 256], entry e = q[e mod 2**bits] + 128
   std::vector<float> scale;     // [G]
 };
 
@@ -84,11 +84,14 @@ struct ByteSteps {
     const __mmask64 k = n >= 64 ? ~__mmask64(0) : ((__mmask64(1) << n) - 1);
     return _mm512_maskz_loadu_epi8(k, row + off);
   }
+  // The index sits in the low BITS of each byte; the bits above it are junk, which ByteLookup ignores: its byte
+  // permute reads 6 index bits, and the biased table repeats with period 2**BITS (saves an AND per 64 weights).
   template <int BITS>
   WS_AVX512 static inline __m512i extract(__m512i bytes, int s) {
+    static_assert(BITS == 1 || BITS == 2 || BITS == 4 || BITS == 8, "byte-aligned widths only");
     if constexpr (BITS == 8) return bytes;
-    // a 16-bit shift drags bits of the upper byte into the lower one, but only above the BITS kept by the AND
-    return _mm512_and_si512(_mm512_srli_epi16(bytes, s * BITS), _mm512_set1_epi8((1 << BITS) - 1));
+    // a 16-bit shift drags bits of the upper byte into the lower one, but only above its low BITS
+    return s == 0 ? bytes : _mm512_srli_epi16(bytes, s * BITS);
   }
 };
 

@@ -258,10 +258,11 @@ QuantizedCodebook quantize_codebook(const PackedLinear& w) {
     const float* c = w.codebook + g * w.K;
     const float scale = row_scale_scalar(c, w.K);
     out.scale[g] = scale;
-    for (int64_t j = 0; j < w.K && j < (int64_t(1) << w.bits); ++j) {
-      out.q[g * 256 + j] = quantize_one(c[j], scale);
-      out.biased[g * 256 + j] = static_cast<uint8_t>(out.q[g * 256 + j] + 128);
-    }
+    for (int64_t j = 0; j < w.K && j < (int64_t(1) << w.bits); ++j) out.q[g * 256 + j] = quantize_one(c[j], scale);
+    // repeated with period 2**bits: a byte permute then ignores index bits above `bits` (no mask needed)
+    const int64_t period = int64_t(1) << w.bits;
+    for (int64_t e = 0; e < 256; ++e)
+      out.biased[g * 256 + e] = static_cast<uint8_t>(out.q[g * 256 + e % period] + 128);
   }
   return out;
 }

@@ -87,7 +87,7 @@ __global__ void assign_kernel(const T* __restrict__ w, uint8_t* __restrict__ out
       const uint8_t* order = SHARED_TABLE ? s_order : order_all + g * P;
       float x[8];
       load8(w + base, x);
-      uint8_t idx[8];
+      alignas(8) uint8_t idx[8];  // read as uint2
       search8<P>(thr, order, x, idx, nan);
       *reinterpret_cast<uint2*>(out + base) = *reinterpret_cast<const uint2*>(idx);
     } else {
@@ -146,7 +146,8 @@ at::Tensor assign_cuda(const at::Tensor& w, const at::Tensor& codebook) {
 // ---------------------------------------------------------------------------------------------------------------
 
 template <typename T, bool SHARED_TABLE>
-__global__ void loss_aware_kernel(const T* __restrict__ w, const T* __restrict__ grad, const T* __restrict__ hdiag,
+__global__ void loss_aware_kernel(const T* __restrict__ w, const float* __restrict__ grad,
+                                  const float* __restrict__ hdiag,
                                   const float* __restrict__ c_all, const float* __restrict__ p_all, int K,
                                   int64_t numel, int64_t group_numel, uint8_t* __restrict__ out, int* error) {
   extern __shared__ float s_table[];  // [2K]: codebook then penalty, for a per-layer codebook
@@ -162,8 +163,8 @@ __global__ void loss_aware_kernel(const T* __restrict__ w, const T* __restrict__
     const float* c = SHARED_TABLE ? s_table : c_all + (i / group_numel) * K;
     const float* p = SHARED_TABLE ? s_table + K : p_all + (i / group_numel) * K;
     const float x = to_f(w[i]);
-    const float g = grad ? to_f(grad[i]) : 0.0f;
-    const float hh = __fmul_rn(0.5f, to_f(hdiag[i]));
+    const float g = grad ? grad[i] : 0.0f;
+    const float hh = __fmul_rn(0.5f, hdiag[i]);
     bad |= !(is_finite_f(x) && is_finite_f(g) && is_finite_f(hh));
     float best = 0.0f;
     int arg = 0;
@@ -194,8 +195,9 @@ at::Tensor loss_aware_assign_cuda(const at::Tensor& w, const std::optional<at::T
   const c10::cuda::CUDAGuard guard(w.device());
   const at::Tensor c = codebook.to(at::kFloat).contiguous();
   const at::Tensor p = penalty.has_value() ? penalty->to(at::kFloat).contiguous() : at::zeros_like(c);
-  const at::Tensor g = grad.has_value() ? grad->to(w.scalar_type()).contiguous() : at::Tensor();
-  const at::Tensor h = hdiag.to(w.scalar_type()).contiguous();
+  // fp32 whatever w's dtype, as the CPU path and the reference read them
+  const at::Tensor g = grad.has_value() ? grad->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor h = hdiag.to(at::kFloat).contiguous();
   const int K = static_cast<int>(c.size(1));
   cuda::ErrorFlag table_error(w), value_error(w);
   check_tables_kernel<<<cuda::blocks_for(c.numel()), cuda::kThreads, 0, cuda::stream()>>>(
@@ -203,15 +205,15 @@ at::Tensor loss_aware_assign_cuda(const at::Tensor& w, const std::optional<at::T
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   at::Tensor out = at::empty(w.sizes(), w.options().dtype(at::kByte));
   WS_DISPATCH_FLOAT(w.scalar_type(), "weightshare::loss_aware_assign_cuda", [&] {
-    const scalar_t* gp = g.defined() ? g.data_ptr<scalar_t>() : nullptr;
+    const float* gp = g.defined() ? g.data_ptr<float>() : nullptr;
     const int blocks = cuda::blocks_for(gr.numel);
     if (gr.groups == 1) {
       loss_aware_kernel<scalar_t, true><<<blocks, cuda::kThreads, 2 * K * sizeof(float), cuda::stream()>>>(
-          w.data_ptr<scalar_t>(), gp, h.data_ptr<scalar_t>(), c.data_ptr<float>(), p.data_ptr<float>(), K, gr.numel,
+          w.data_ptr<scalar_t>(), gp, h.data_ptr<float>(), c.data_ptr<float>(), p.data_ptr<float>(), K, gr.numel,
           gr.group_numel, out.data_ptr<uint8_t>(), value_error.ptr());
     } else {
       loss_aware_kernel<scalar_t, false><<<blocks, cuda::kThreads, 0, cuda::stream()>>>(
-          w.data_ptr<scalar_t>(), gp, h.data_ptr<scalar_t>(), c.data_ptr<float>(), p.data_ptr<float>(), K, gr.numel,
+          w.data_ptr<scalar_t>(), gp, h.data_ptr<float>(), c.data_ptr<float>(), p.data_ptr<float>(), K, gr.numel,
           gr.group_numel, out.data_ptr<uint8_t>(), value_error.ptr());
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();

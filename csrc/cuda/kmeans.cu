@@ -20,7 +20,8 @@ template <typename T>
 __device__ __forceinline__ double to_d(T x) { return static_cast<double>(static_cast<float>(x)); }
 
 template <typename T>
-__global__ void kmeans_step_kernel(const T* __restrict__ w, const uint8_t* __restrict__ idx, const T* __restrict__ h,
+__global__ void kmeans_step_kernel(const T* __restrict__ w, const uint8_t* __restrict__ idx,
+                                   const float* __restrict__ h,
                                    int K, int64_t group_numel, int64_t tiles_per_group, int64_t G,
                                    double* __restrict__ sums, double* __restrict__ weights,
                                    double* __restrict__ sqsums, int* error) {
@@ -38,7 +39,7 @@ __global__ void kmeans_step_kernel(const T* __restrict__ w, const uint8_t* __res
       continue;
     }
     const double x = to_d(w[i]);
-    const double hi = h ? to_d(h[i]) : 1.0;
+    const double hi = h ? static_cast<double>(h[i]) : 1.0;
     atomicAdd(&s_acc[j], hi * x);
     atomicAdd(&s_acc[K + j], hi);
     atomicAdd(&s_acc[2 * K + j], hi * x * x);
@@ -63,12 +64,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kmeans_step_cuda(const at::Tensor
   const auto opts = w.options().dtype(at::kDouble);  // three separate outputs: the schema promises no aliasing
   at::Tensor out[3] = {at::zeros({gr.groups, K}, opts), at::zeros({gr.groups, K}, opts),
                        at::zeros({gr.groups, K}, opts)};
-  const at::Tensor h = importance.has_value() ? importance->to(w.scalar_type()).contiguous() : at::Tensor();
+  // fp32 whatever w's dtype, as the CPU path and the reference read it
+  const at::Tensor h = importance.has_value() ? importance->to(at::kFloat).contiguous() : at::Tensor();
   cuda::ErrorFlag error(w);
   WS_DISPATCH_FLOAT(w.scalar_type(), "weightshare::kmeans_step_cuda", [&] {
     kmeans_step_kernel<scalar_t><<<static_cast<unsigned>(gr.groups * tiles), cuda::kThreads,
                                    3 * K * sizeof(double), cuda::stream()>>>(
-        w.data_ptr<scalar_t>(), idx.data_ptr<uint8_t>(), h.defined() ? h.data_ptr<scalar_t>() : nullptr, K,
+        w.data_ptr<scalar_t>(), idx.data_ptr<uint8_t>(), h.defined() ? h.data_ptr<float>() : nullptr, K,
         gr.group_numel, tiles, gr.groups, out[0].data_ptr<double>(), out[1].data_ptr<double>(),
         out[2].data_ptr<double>(), error.ptr());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -235,8 +235,9 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const GemvArgs a)
 
   const int64_t m0 = int64_t(blockIdx.z) * MT;
   const int mc = static_cast<int>(a.out.M - m0 < MT ? a.out.M - m0 : MT);
-  const T* x = static_cast<const T*>(a.x) + m0 * a.x_ld;
-  const int8_t* xq = static_cast<const int8_t*>(a.x) + m0 * a.x_ld;
+  // a.x is x (T) or, for int8, the quantized rows: only the matching pointer is formed
+  const T* x = INT8 ? nullptr : static_cast<const T*>(a.x) + m0 * a.x_ld;
+  const int8_t* xq = INT8 ? static_cast<const int8_t*>(a.x) + m0 * a.x_ld : nullptr;
   Acc acc[kGemvRows][MT] = {};
   const int64_t u_end = min(a.units, (blockIdx.y + 1) * a.units_per_split);
   for (int64_t u = blockIdx.y * a.units_per_split + lane; u < u_end; u += 32) {
@@ -426,7 +427,7 @@ void launch_gemv(GemvArgs a, int sms, const at::Tensor& like) {
   const auto [splits, per] = split_k(nblocks * mblocks, a.units, 16, sms);
   a.units_per_split = per;
   const at::Tensor ws = set_splits(a.out, splits, INT8, like);
-  check_grid(splits, mblocks);
+  check_grid(splits, mblocks, nblocks);
   auto* kernel = mt == 1 ? gemv_kernel<T, BITS, 1, INT8> : gemv_kernel<T, BITS, kGemvMaxMT, INT8>;
   kernel<<<dim3(static_cast<unsigned>(nblocks), splits, static_cast<unsigned>(mblocks)), kGemvWarps * 32, 0,
            cuda::stream()>>>(a);
@@ -442,7 +443,7 @@ void launch_tiles(void (*kernel)(TileArgs), TileArgs a, int64_t gx, int64_t gy, 
   const auto [splits, per] = split_k(gx * gy, steps, 4, sms);
   a.steps_per_split = per;
   const at::Tensor ws = partials ? set_splits(a.out, splits, int8, like) : at::Tensor();
-  check_grid(gy, splits);
+  check_grid(gy, splits, gx);
   kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), splits), kTileThreads, 0, cuda::stream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (partials) finalize(a.out, int8);

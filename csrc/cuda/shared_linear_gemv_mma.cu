@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_mma_kernel(const MmaGemvArgs
       load_words(rows[nb], (u * 4 + t) * BITS, a.w.row_words, a.w.row_align, w[nb]);
     }
   };
-  uint32_t cur[kRowBlocks][BITS], nxt[kRowBlocks][BITS];
+  uint32_t cur[kRowBlocks][BITS], nxt[kRowBlocks][BITS] = {};  // nxt: copied on the last pass too, unused
   int64_t u = u_begin + warp;
   if (u < u_end) load(u, cur);
   for (; u < u_end; u += kWarps) {

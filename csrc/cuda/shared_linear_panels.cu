@@ -7,7 +7,10 @@
 // L2 is written and read back from L2, so the decode is a small fraction of the GEMM once x has tens of rows. This
 // is the CPU batched path's design (csrc/cpu/shared_linear.cpp): only one panel of the dense weight ever exists.
 // Numerics as the tile kernels: codebook values are rounded to x's dtype; products accumulate in fp32 (cuBLAS;
-// fp32 x uses true fp32 unless the user allowed TF32 for matmuls); indices >= K decode to NaN.
+// fp32 x uses true fp32 unless the user allowed TF32 for matmuls, and 16-bit x follows torch's
+// allow_fp16/bf16_reduced_precision_reduction); indices >= K decode to NaN. One difference from the GEMV paths: a
+// bias of another dtype than x is rounded to x's dtype before cuBLAS adds it (the GEMVs add it in fp32), up to half
+// an ulp of the bias in 16-bit outputs.
 #include "shared_linear_panels.h"
 
 #include <ATen/ops/addmm.h>

@@ -283,7 +283,8 @@ struct ScalarMma {
     const int p = (threadIdx.x / 8) * 4, q = (threadIdx.x % 8) * 8;
 #pragma unroll 4
     for (int r = 0; r < kRows<E>; ++r) {
-      E av[4], bv[8];
+      alignas(16) E av[4];  // written as uint4: aligned even if they ever leave registers
+      alignas(16) E bv[8];
       *reinterpret_cast<uint4*>(av) = *reinterpret_cast<const uint4*>(a + r * kLd<E> + p);
       *reinterpret_cast<uint4*>(bv) = *reinterpret_cast<const uint4*>(b + r * kLd<E> + q);
       *reinterpret_cast<uint4*>(bv + 4) = *reinterpret_cast<const uint4*>(b + r * kLd<E> + q + 4);

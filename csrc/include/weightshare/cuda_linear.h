@@ -142,9 +142,9 @@ inline void finalize(const Epilogue& e, bool int8) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-inline void check_grid(int64_t y, int64_t z) {
-  TORCH_CHECK_VALUE(y <= 65535 && z <= 65535, "weightshare: shared_linear is too large for one launch (grid ", y,
-                    " x ", z, ")");
+inline void check_grid(int64_t y, int64_t z, int64_t x = 1) {
+  TORCH_CHECK_VALUE(x <= INT32_MAX && y <= 65535 && z <= 65535,
+                    "weightshare: shared_linear is too large for one launch (grid ", x, " x ", y, " x ", z, ")");
 }
 
 }  // namespace weightshare::cuda
