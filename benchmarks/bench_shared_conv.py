@@ -28,6 +28,7 @@ CONVS = {  # name: (out, in, k, groups, stride, padding, hw)
     # kernel declines (csrc/cpu/direct_conv.cpp) and the decode + oneDNN path runs
     "resnet3x3_128x128_28": (128, 128, 3, 1, 1, 1, 28),
     "resnet3x3_256x256_14": (256, 256, 3, 1, 1, 1, 14),
+    "resnet3x3_512x512_7": (512, 512, 3, 1, 1, 1, 7),
     "pointwise1x1_64x256_56": (256, 64, 1, 1, 1, 0, 56),
 }
 BITS = 4

@@ -121,6 +121,8 @@ WINOGRAD = [  # (out, in, padding, N, H, W): 3x3 stride-1 convs for the Winograd
     (40, 24, (2, 2), 3, 17, 2),    # padding wider than the image
     (8, 8, (0, 0), 2, 40, 37),     # more than 16 tiles per row: several vectors and a masked tail
     (70, 3, (1, 1), 1, 9, 9),      # output channels past the last full panel of 8
+    (96, 40, (1, 1), 1, 14, 14),   # one image of <= 64 tiles: fused per channel group (6 groups, AVX2: of 4 panels)
+    (20, 16, (1, 1), 1, 16, 16),   # exactly 64 tiles, fused, a partial last panel
 ]
 
 

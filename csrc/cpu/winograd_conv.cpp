@@ -42,45 +42,80 @@ struct Geo {
 // (AVX-512 kernel) or 4 (AVX2) output channels. Eight output channels are the lanes of one vector, so a panel row
 // is one contiguous store (a scalar version with a scattered store per value took 2.4 ms for a 256 x 256 layer,
 // more than the whole convolution).
-WS_AVX2 void transform_weight_groups(const float* g, const Geo& e, int MR, int64_t g0, int64_t g1, float* U) {
-  const int64_t panels = (e.OC + MR - 1) / MR, xs = panels * e.C * MR;  // xs: floats per xi
+// Rows r[0..8) of 8 floats -> r[j] = column j (lane m of r[j] = element j of input row m).
+WS_AVX2 inline void transpose8x8(__m256 (&r)[8]) {
+  __m256 t[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  __m256 q[8];
+  for (int h = 0; h < 2; ++h) {
+    q[4 * h + 0] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0x44);
+    q[4 * h + 1] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0xEE);
+    q[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0x44);
+    q[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0xEE);
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm256_permute2f128_ps(q[j], q[j + 4], 0x20);
+    r[j + 4] = _mm256_permute2f128_ps(q[j], q[j + 4], 0x31);
+  }
+}
+
+// Output channel groups [g0, g1) of 8 into U's panels [p0, p0 + np) (U[xi][p - p0][c][MR]); p0 is a multiple of 8 / MR.
+WS_AVX2 void transform_weight_groups(const float* g, const Geo& e, int MR, int64_t g0, int64_t g1, int64_t p0,
+                                     int64_t np, float* U) {
+  const int64_t panels = (e.OC + MR - 1) / MR, xs = np * e.C * MR;  // xs: floats per xi
+  const int64_t p_end = std::min(panels, p0 + np);
   const __m256 half = _mm256_set1_ps(0.5f);
+  const int64_t row_len = e.C * 9;
+  // 8 input channels' taps of the 8 output channels, transposed: kt[tap of (c - c0)][m] (output channel m as lane)
+  alignas(32) float kt[72 * 8];
   for (int64_t gi = g0; gi < g1; ++gi) {  // output channels gi * 8 .. gi * 8 + 7
     const int rows = static_cast<int>(std::min<int64_t>(8, e.OC - gi * 8));
-    // lane m reads output channel gi * 8 + m (lanes past OC read channel gi * 8 and are zeroed)
-    alignas(32) int32_t lane_off[8];
-    for (int m = 0; m < 8; ++m) lane_off[m] = static_cast<int32_t>((m < rows ? m : 0) * e.C * 9);
-    const __m256i off = _mm256_load_si256(reinterpret_cast<const __m256i*>(lane_off));
-    const __m256 live = _mm256_castsi256_ps(
-        _mm256_cmpgt_epi32(_mm256_set1_epi32(rows), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-    for (int64_t c = 0; c < e.C; ++c) {
-      const float* base = g + (gi * 8 * e.C + c) * 9;
-      __m256 k[9];
-      for (int j = 0; j < 9; ++j) k[j] = _mm256_and_ps(live, _mm256_i32gather_ps(base + j, off, 4));
-      __m256 t[4][3];  // G g: 4 x 3
-      for (int j = 0; j < 3; ++j) {
-        t[0][j] = k[j];
-        t[1][j] = _mm256_mul_ps(half, _mm256_add_ps(_mm256_add_ps(k[j], k[3 + j]), k[6 + j]));
-        t[2][j] = _mm256_mul_ps(half, _mm256_add_ps(_mm256_sub_ps(k[j], k[3 + j]), k[6 + j]));
-        t[3][j] = k[6 + j];
+    const float* row0 = g + gi * 8 * row_len;
+    for (int64_t c0 = 0; c0 < e.C; c0 += 8) {
+      const int64_t span = std::min<int64_t>(8, e.C - c0) * 9;  // floats of each row in this block
+      // 8 x 8 transposes of the rows' contiguous taps (they were 9 gathers per input channel, 41 % of a 14x14
+      // layer's time); rows past OC read as zero
+      int64_t j = 0;
+      for (; j + 8 <= span; j += 8) {
+        __m256 r[8];
+        for (int m = 0; m < 8; ++m)
+          r[m] = m < rows ? _mm256_loadu_ps(row0 + m * row_len + c0 * 9 + j) : _mm256_setzero_ps();
+        transpose8x8(r);
+        for (int q = 0; q < 8; ++q) _mm256_store_ps(kt + (j + q) * 8, r[q]);
       }
-      __m256 u[16];
-      for (int i = 0; i < 4; ++i) {  // (G g) G^T
-        u[i * 4 + 0] = t[i][0];
-        u[i * 4 + 1] = _mm256_mul_ps(half, _mm256_add_ps(_mm256_add_ps(t[i][0], t[i][1]), t[i][2]));
-        u[i * 4 + 2] = _mm256_mul_ps(half, _mm256_add_ps(_mm256_sub_ps(t[i][0], t[i][1]), t[i][2]));
-        u[i * 4 + 3] = t[i][2];
-      }
-      if (MR == 8) {
-        float* dst = U + (gi * e.C + c) * 8;
-        for (int xi = 0; xi < 16; ++xi) _mm256_storeu_ps(dst + xi * xs, u[xi]);
-      } else {  // two panels of 4: lanes 0-3 and 4-7
-        float* lo = U + (2 * gi * e.C + c) * 4;
-        float* hi = U + ((2 * gi + 1) * e.C + c) * 4;
-        const bool has_hi = 2 * gi + 1 < panels;
-        for (int xi = 0; xi < 16; ++xi) {
-          _mm_storeu_ps(lo + xi * xs, _mm256_castps256_ps128(u[xi]));
-          if (has_hi) _mm_storeu_ps(hi + xi * xs, _mm256_extractf128_ps(u[xi], 1));
+      for (; j < span; ++j)
+        for (int m = 0; m < 8; ++m) kt[j * 8 + m] = m < rows ? row0[m * row_len + c0 * 9 + j] : 0.0f;
+      for (int64_t c = c0; c < c0 + span / 9; ++c) {
+        __m256 k[9];
+        for (int t = 0; t < 9; ++t) k[t] = _mm256_load_ps(kt + ((c - c0) * 9 + t) * 8);
+        __m256 t[4][3];  // G g: 4 x 3
+        for (int i = 0; i < 3; ++i) {
+          t[0][i] = k[i];
+          t[1][i] = _mm256_mul_ps(half, _mm256_add_ps(_mm256_add_ps(k[i], k[3 + i]), k[6 + i]));
+          t[2][i] = _mm256_mul_ps(half, _mm256_add_ps(_mm256_sub_ps(k[i], k[3 + i]), k[6 + i]));
+          t[3][i] = k[6 + i];
+        }
+        __m256 u[16];
+        for (int i = 0; i < 4; ++i) {  // (G g) G^T
+          u[i * 4 + 0] = t[i][0];
+          u[i * 4 + 1] = _mm256_mul_ps(half, _mm256_add_ps(_mm256_add_ps(t[i][0], t[i][1]), t[i][2]));
+          u[i * 4 + 2] = _mm256_mul_ps(half, _mm256_add_ps(_mm256_sub_ps(t[i][0], t[i][1]), t[i][2]));
+          u[i * 4 + 3] = t[i][2];
+        }
+        if (MR == 8) {
+          float* dst = U + ((gi - p0) * e.C + c) * 8;
+          for (int xi = 0; xi < 16; ++xi) _mm256_storeu_ps(dst + xi * xs, u[xi]);
+        } else {  // two panels of 4: lanes 0-3 and 4-7
+          float* lo = U + ((2 * gi - p0) * e.C + c) * 4;
+          float* hi = U + ((2 * gi + 1 - p0) * e.C + c) * 4;
+          const bool has_hi = 2 * gi + 1 < p_end;
+          for (int xi = 0; xi < 16; ++xi) {
+            _mm_storeu_ps(lo + xi * xs, _mm256_castps256_ps128(u[xi]));
+            if (has_hi) _mm_storeu_ps(hi + xi * xs, _mm256_extractf128_ps(u[xi], 1));
+          }
         }
       }
     }
@@ -89,7 +124,7 @@ WS_AVX2 void transform_weight_groups(const float* g, const Geo& e, int MR, int64
 
 void transform_weights(const float* g, const Geo& e, int MR, float* U) {
   at::parallel_for(0, (e.OC + 7) / 8, 1,
-                   [&](int64_t g0, int64_t g1) { transform_weight_groups(g, e, MR, g0, g1, U); });
+                   [&](int64_t g0, int64_t g1) { transform_weight_groups(g, e, MR, g0, g1, 0, (e.OC + MR - 1) / MR, U); });
 }
 
 // Lanes j of a `lanes`-float load at column `start` that lie in [0, n).
@@ -266,6 +301,27 @@ WS_AVX2 void output_row_avx2(const float* mc, int64_t xs, float bias, const Geo&
   }
 }
 
+// Phase 1 for tiles [q0, q1) of every channel c in [c0, c1) of one image: V[xi][c][t - q0], positions past the chunk
+// zeroed up to whole vectors (the GEMM reads whole vectors).
+void input_chunk(const float* xn, const Geo& e, int64_t q0, int64_t q1, int64_t cs, bool v512, float* V, int64_t xs_v,
+                 int64_t c0 = 0, int64_t c1 = -1) {
+  const int64_t P = q1 - q0, Vw = v512 ? kV512 : kV256, Pp = (P + Vw - 1) / Vw * Vw;
+  const int64_t ty0 = q0 / e.TW, ty1 = (q1 - 1) / e.TW;  // the tile rows the chunk touches
+  for (int64_t c = c0; c < (c1 < 0 ? e.C : c1); ++c) {
+    for (int64_t ty = ty0; ty <= ty1; ++ty) {
+      const int64_t ta = std::max<int64_t>(0, q0 - ty * e.TW), tb = std::min(e.TW, q1 - ty * e.TW);
+      if (v512) {
+        input_row(xn + c * e.H * e.W, e, ty, ta, tb, q0, V + c * cs, xs_v);
+      } else {
+        input_row_avx2(xn + c * e.H * e.W, e, ty, ta, tb, q0, V + c * cs, xs_v);
+      }
+    }
+    if (Pp > P) {
+      for (int xi = 0; xi < 16; ++xi) std::memset(V + xi * xs_v + c * cs + P, 0, 4 * (Pp - P));
+    }
+  }
+}
+
 }  // namespace
 #endif
 
@@ -294,11 +350,15 @@ at::Tensor winograd3x3_conv2d_f32(const at::Tensor& x, const at::Tensor& w, cons
   // Where it pays: the transforms cost O(C + OC) per tile against the GEMM's O(C x OC), so very thin layers (the
   // 3-channel stem) stay with the direct kernel. The transformed weights (16 x OC x C floats) live in a reused
   // per-thread buffer, not freed: capped at 16 MiB (a 512 x 512 layer's panels are 16 MiB).
-  // Small images (under 100 tiles, e.g. 14x14 outputs) pay the per-call weight transform (16 x OC x C values) and
-  // its traffic against too little GEMM: 256 channels at 14x14 measured 0.47-0.67x oneDNN, so they decline. AVX2
-  // as AVX-512: against oneDNN capped to AVX2, 1.21-1.26x at 56x56 and 28x28 in three processes once the phases
-  // were chunked (the whole-image form had swung between 0.7x and 1.34x).
-  if (choice == ConvKernels::Auto && (e.C < 16 || e.OC < 16 || e.T < 100)) {
+  // Small images pay the per-call weight transform (16 x OC x C values) against little GEMM. One image of at most
+  // 64 tiles (14x14 outputs and below) runs fused (below): with AVX-512 1.05x oneDNN for 256 channels at 14x14,
+  // 1.08x at 7x7, 1.5x for 64 channels at 14x14, but 0.71x for 512 channels at 7x7 (an item's transformed weights,
+  // 2 MiB, left L2); with AVX2 (half the register tile) 0.82x at 14x14. So AVX2, more than 256 x 256 channels and
+  // images of 65-99 tiles (not fused) decline. Large images, AVX2 as AVX-512: against oneDNN capped to AVX2,
+  // 1.21-1.26x at 56x56 and 28x28 in three processes once the phases were chunked (the whole-image form had swung
+  // between 0.7x and 1.34x).
+  const bool small_fused = N == 1 && e.T <= 64 && e.C * e.OC <= 256 * 256 && simd == Simd::Avx512;
+  if (choice == ConvKernels::Auto && (e.C < 16 || e.OC < 16 || (e.T < 100 && !small_fused))) {
     return at::Tensor();
   }
   if (16 * e.OC * e.C > (int64_t(1) << 22)) return at::Tensor();
@@ -307,22 +367,35 @@ at::Tensor winograd3x3_conv2d_f32(const at::Tensor& x, const at::Tensor& w, cons
   const int MR = v512 ? kMr512 : kMr256;
   const int64_t V = v512 ? kV512 : kV256;
   const int64_t panels = (e.OC + MR - 1) / MR;
-  thread_local std::vector<float> u_buf;
-  float* U = grown(u_buf, static_cast<size_t>(16 * panels * e.C * MR));
-  transform_weights(w.data_ptr<float>(), e, MR, U);
 
   // The image's tiles go in chunks of up to 48, each chunk through all three phases on one thread: its transformed
   // input (16 x C x 48 floats) and products stay in that core's L2. (Whole-image phases kept 6.4 MiB of
   // intermediates in the shared L3; with other tenants on it the 56x56 layer took 0.70 or 1.5 ms by the minute;
   // chunked, 1.37-1.66x oneDNN in both states.) Few chunks (small images) would leave threads idle, so the output
   // channels are then split into groups too: a work item is (image, chunk, channel group), and each item
-  // transforms its chunk's input itself (the transforms are the small part).
-  const int64_t nchunks0 = (e.T + 47) / 48;
+  // transforms its chunk's input itself (the transforms are the small part), unless fused (below). One image of at
+  // most 64 tiles (14x14 outputs and below) goes as one chunk.
+  const int64_t nchunks0 = N == 1 && e.T <= 64 ? 1 : (e.T + 47) / 48;
   const int64_t cs = ((e.T + nchunks0 - 1) / nchunks0 + V - 1) / V * V;  // chunk size: balanced, whole vectors
   const int64_t chunks = (e.T + cs - 1) / cs;
   const int64_t want = 4 * at::get_num_threads();
-  const int64_t groups_oc = std::clamp<int64_t>((want + N * chunks - 1) / (N * chunks), 1, panels);
-  const int64_t gpanels = (panels + groups_oc - 1) / groups_oc;  // panels per group
+  const int64_t groups_oc0 = std::clamp<int64_t>((want + N * chunks - 1) / (N * chunks), 1, panels);
+  const int64_t ppg = 8 / MR;  // panels per transform group of 8 channels: group boundaries stay on them
+  int64_t gpanels = ((panels + groups_oc0 - 1) / groups_oc0 + ppg - 1) / ppg * ppg;  // panels per group
+  // The transformed weights (16 x OC x C floats, 4 MiB for 256 x 256) are written once and read by every work
+  // item. With one work item per channel group (one image of a few tiles), each item transforms its own channels
+  // into a per-thread buffer that stays in L2: the shared 4 MiB buffer's stores and reloads through L3 were 41 % of
+  // a 14x14 layer's time (the transform's arithmetic is small). Otherwise one shared transform, before the items.
+  const bool fused = N * chunks == 1;
+  if (fused) {  // an item's transformed weights stay within 512 KiB (half an L2): 512 x 512 at 7x7 had 2 MiB per item
+    const int64_t fit = std::max<int64_t>(ppg, (int64_t(512) << 10) / (16 * 4 * e.C * MR) / ppg * ppg);
+    gpanels = std::min(gpanels, fit);
+  }
+  const int64_t groups_oc = (panels + gpanels - 1) / gpanels;
+  const float* wp = w.data_ptr<float>();
+  thread_local std::vector<float> u_buf;
+  float* U = fused ? nullptr : grown(u_buf, static_cast<size_t>(16 * panels * e.C * MR));
+  if (!fused) transform_weights(wp, e, MR, U);
   std::vector<int64_t> koff(e.C);
   for (int64_t c = 0; c < e.C; ++c) koff[c] = c * cs;
   const Plan p{e.C, e.OC, 1, cs, cs, cs, e.C, cs, cs, (e.C - 1) * cs, koff.data()};
@@ -344,10 +417,18 @@ at::Tensor winograd3x3_conv2d_f32(const at::Tensor& x, const at::Tensor& w, cons
   const float* xb = x4.data_ptr<float>();
   float* yb = y.data_ptr<float>();
   const int64_t xs_v = e.C * cs, xs_m = gpanels * MR * cs;  // M holds one group's channels
+  // fused (one image chunk): its input transform once, shared by the channel groups' items (each item did it
+  // again before: 15 % of a 14x14 layer's time)
+  thread_local std::vector<float> vs_buf;
+  float* Vs = fused ? grown(vs_buf, static_cast<size_t>(16 * xs_v)) : nullptr;
+  if (fused) {
+    at::parallel_for(0, e.C, 16, [&](int64_t c0, int64_t c1) { input_chunk(xb, e, 0, e.T, cs, v512, Vs, xs_v, c0, c1); });
+  }
   at::parallel_for(0, N * chunks * groups_oc, 1, [&](int64_t i0, int64_t i1) {
-    thread_local std::vector<float> v_buf, m_buf;
+    thread_local std::vector<float> v_buf, m_buf, ug_buf;
     float* Vc = grown(v_buf, static_cast<size_t>(16 * xs_v));
     float* Mc = grown(m_buf, static_cast<size_t>(16 * xs_m));
+    float* Ug = fused ? grown(ug_buf, static_cast<size_t>(16 * gpanels * e.C * MR)) : nullptr;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t og = i % groups_oc, ci = (i / groups_oc) % chunks, n = i / (groups_oc * chunks);
       const int64_t q0 = ci * cs, q1 = std::min(e.T, q0 + cs);
@@ -355,30 +436,29 @@ at::Tensor winograd3x3_conv2d_f32(const at::Tensor& x, const at::Tensor& w, cons
       const int64_t pb0 = og * gpanels, pb1 = std::min(panels, pb0 + gpanels);
       if (pb0 >= pb1) continue;
       const int64_t oc0 = pb0 * MR, oc1 = std::min(e.OC, pb1 * MR);
+      // this item's weights: its own transform (fused) or its panels of the shared one
+      const float* Ui = U;
+      int64_t up0 = 0, unp = panels;
+      if (fused) {
+        transform_weight_groups(wp, e, MR, pb0 / ppg, (pb1 + ppg - 1) / ppg, pb0, gpanels, Ug);
+        Ui = Ug, up0 = pb0, unp = gpanels;
+      }
       const float* xn = xb + n * e.C * e.H * e.W;
       float* yn = yb + n * e.OC * e.OH * e.OW;
       const int64_t ty0 = q0 / e.TW, ty1 = (q1 - 1) / e.TW;  // the tile rows the chunk touches
-      // phase 1: the chunk's tiles of every channel; positions past P zeroed (the GEMM reads whole vectors)
-      for (int64_t c = 0; c < e.C; ++c) {
-        for (int64_t ty = ty0; ty <= ty1; ++ty) {
-          const int64_t ta = std::max<int64_t>(0, q0 - ty * e.TW), tb = std::min(e.TW, q1 - ty * e.TW);
-          if (v512) {
-            input_row(xn + c * e.H * e.W, e, ty, ta, tb, q0, Vc + c * cs, xs_v);
-          } else {
-            input_row_avx2(xn + c * e.H * e.W, e, ty, ta, tb, q0, Vc + c * cs, xs_v);
-          }
-        }
-        if (Pp > P) {
-          for (int xi = 0; xi < 16; ++xi) std::memset(Vc + xi * xs_v + c * cs + P, 0, 4 * (Pp - P));
-        }
+      // phase 1 (unless done once for all items, fused)
+      const float* Vi = Vs;
+      if (!fused) {
+        input_chunk(xn, e, q0, q1, cs, v512, Vc, xs_v);
+        Vi = Vc;
       }
       // phase 2: 16 GEMMs of the group's channels over the chunk's positions, blocks of up to 3 vectors
       for (int xi = 0; xi < 16; ++xi) {
         for (int64_t q = 0; q < Pp;) {
           const int64_t left = (Pp - q) / V, nr = left == 4 ? 2 : std::min<int64_t>(3, left);
-          const float* v = Vc + xi * xs_v + q;
+          const float* v = Vi + xi * xs_v + q;
           for (int64_t pb = pb0; pb < pb1; ++pb) {
-            const float* a = U + (xi * panels + pb) * e.C * MR;
+            const float* a = Ui + (xi * unp + pb - up0) * e.C * MR;
             float* m = Mc + xi * xs_m + (pb - pb0) * MR * cs + q;
             const int rows = static_cast<int>(std::min<int64_t>(MR, e.OC - pb * MR));
             switch (nr * (v512 ? 1 : -1)) {
