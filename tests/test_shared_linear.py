@@ -121,14 +121,15 @@ def test_int8_is_bit_exact_to_its_definition(bits, M, per_row, simd, gen):
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
-@pytest.mark.parametrize("M", [9, 37, 300])
+@pytest.mark.parametrize("M", [9, 16, 37, 44, 300])
 @pytest.mark.parametrize("groups", [1, 3])
-def test_int8_blocked_kernel(bits, M, groups, simd, gen):
-    """The int8 path for batches (shared_linear_int8_blocked.cpp with AVX-512 VNNI) where its blocking shows: K
-    chunks of 1024 and a partial last one (2600 values: 3 x 1024 padded at 1 bit, 2 x 1024 + 576 at 3 bits), output
-    features not a multiple of its 8-row block with codebook groups straddling blocks, batches of 9 (padded to 16
-    lanes), 37 and 300 (two passes of 256); a row of zeros and a row with an Inf (NaN outputs, as defined).
-    Bit-exact against the definition."""
+def test_int8_batched_kernels(bits, M, groups, simd, gen):
+    """The int8 path for batches where its blocking shows. The blocked kernel (shared_linear_int8_blocked.cpp,
+    AVX-512 VNNI; 16 rows, 44 rows = 48 lanes with 4 padded, 300 rows = passes of 256 and 44): K chunks of 1024 and
+    a partial last one (2600 values: 3 x 1024 padded at 1 bit, 2 x 1024 + 576 at 3 bits), output features not a
+    multiple of its 8-row block, codebook groups straddling blocks. The row kernels (9 and 37 rows: groups of 4 x
+    rows and a single one, weight rows two at a time and an odd one left). A row of zeros and a row with an Inf (NaN
+    outputs, as defined). Bit-exact against the definition."""
     out_f, in_f = 21, 2600
     packed, cb, _ = make_weight(out_f, in_f, bits, groups, gen)
     x = torch.randn(M, in_f, generator=gen) * 3

@@ -18,11 +18,15 @@
 namespace weightshare::cpu {
 namespace {
 
-// From this many x rows on, the blocked kernel (each weight decoded once into an L1 panel, then a register-tiled
-// VNNI GEMM) takes the call where it applies. It computes 16 x rows at a time, so at 9 rows it does the work of 16;
-// measured on a 4096x4096 4-bit layer, one thread: 9-16 rows 1.7 ms blocked, 10 rows 2.1 ms and 8 rows 1.0 ms by
-// the row kernel.
-constexpr int64_t kBlockedRows = 9;
+// Whether the blocked kernel (each weight decoded once into an L1 panel, then a register-tiled VNNI GEMM) takes a
+// batch of M x rows where it applies. It computes 16 x rows at a time, so M is padded to Mp, a multiple of 16; the
+// row kernels cost in proportion to M. Measured on a 4096x4096 4-bit layer, one thread: rows 0.107 ms per x row
+// (9 rows 1.08 ms, 24 rows 2.58 ms), blocked 1.65 ms per 16 lanes at 16 (1.43 at 64): blocked from 16 rows on where
+// padding adds at most 1/8 (24 rows -> 32 lanes: 3.05 ms, so the rows kernel keeps them).
+bool use_blocked(int64_t M) {
+  const int64_t Mp = (M + 15) / 16 * 16;
+  return M >= 16 && (Mp - M) * 8 <= Mp;
+}
 
 // Index i of the quantized-x layout (undoes the byte-aligned permutation).
 inline int64_t x_pos(int64_t i, int bits) {
@@ -40,7 +44,7 @@ void int8_rows_portable(const PackedLinear& w, const QuantizedX& xq, const Quant
     const uint8_t* row = w.packed + r * w.row_bytes;
     const int8_t* table = cq.q.data() + (r / w.rows_per_group) * 256;
     for (int64_t m = 0; m < M; ++m) {
-      const int8_t* q = xq.q.data() + m * xq.stride;
+      const int8_t* q = xq.q + m * xq.stride;
       int64_t s = 0;
       for (int64_t i = 0; i < w.in_features; ++i) s += int64_t(table[unpack_one(row, i, BITS)]) * q[pos[i]];
       y[m * w.out_features + r] = int8_output(s, xq, cq, m, r / w.rows_per_group);
@@ -55,97 +59,123 @@ WS_AVX512 inline int64_t reduce_epi32_as_64(__m512i v) {
   return _mm512_reduce_add_epi64(_mm512_add_epi64(lo, hi));
 }
 
-// The accumulator of step slot u, index s of a byte: u * E + s for one x row (8 chains), s & 1 for more (see
-// int8_rows_avx512).
+// The accumulator of step slot u, index s of a byte: u * E + s for one x row (8 chains), else one per (row, x row).
 template <int BITS, int M, int NA>
 constexpr int int8_slot(int u, int s) {
-  return M == 1 ? (u * (8 / BITS) + s) % NA : (s & 1);
+  return M == 1 ? (u * (8 / BITS) + s) % NA : 0;
 }
 
-// One byte-aligned step: 64 packed bytes -> 8/BITS lookups of 64 weights, each dotted with the M x rows.
+// One byte-aligned step of R weight rows: 64 packed bytes each -> 8/BITS lookups of 64 weights, each dotted with
+// the M x rows (each x vector loaded once for the R rows).
 // (Templates rather than lambdas: GCC does not give a lambda its enclosing function's target attribute.)
-template <int BITS, int M, int NA, int U_>
-WS_AVX512 inline __attribute__((always_inline)) void int8_step(const ByteLookup<BITS>& lookup, __m512i bytes,
-                                                                 int64_t st, const int8_t* x, int64_t stride,
-                                                                 __m512i (&acc)[M][NA]) {
+template <int BITS, int M, int R, int NA, int U_>
+WS_AVX512 inline __attribute__((always_inline)) void int8_step(const ByteLookup<BITS> (&lookup)[R],
+                                                                 const __m512i (&bytes)[R], int64_t st,
+                                                                 const int8_t* x, int64_t stride,
+                                                                 __m512i (&acc)[R][M][NA]) {
   constexpr int E = 8 / BITS;
 #pragma GCC unroll 8
   for (int s = 0; s < E; ++s) {
-    const __m512i wu = lookup(ByteSteps::extract<BITS>(bytes, s));
-#pragma GCC unroll 8
+    __m512i wu[R];
+#pragma GCC unroll 2
+    for (int i = 0; i < R; ++i) wu[i] = lookup[i](ByteSteps::extract<BITS>(bytes[i], s));
+#pragma GCC unroll 4
     for (int m = 0; m < M; ++m) {
       const __m512i xv = _mm512_loadu_si512(x + m * stride + st * 512 / BITS + s * 64);
-      acc[m][int8_slot<BITS, M, NA>(U_, s)] = _mm512_dpbusd_epi32(acc[m][int8_slot<BITS, M, NA>(U_, s)], wu, xv);
+#pragma GCC unroll 2
+      for (int i = 0; i < R; ++i) {
+        __m512i& a = acc[i][m][int8_slot<BITS, M, NA>(U_, s)];
+        a = _mm512_dpbusd_epi32(a, wu[i], xv);
+      }
     }
   }
 }
 
 // Steps st + U_ .. st + U - 1, unmasked, each into its own accumulator slots.
-template <int BITS, int M, int NA, int U_, int U>
-WS_AVX512 inline __attribute__((always_inline)) void int8_steps(const ByteLookup<BITS>& lookup, const uint8_t* row,
-                                                                  int64_t st, const int8_t* x, int64_t stride,
-                                                                  __m512i (&acc)[M][NA]) {
+template <int BITS, int M, int R, int NA, int U_, int U>
+WS_AVX512 inline __attribute__((always_inline)) void int8_steps(const ByteLookup<BITS> (&lookup)[R],
+                                                                  const uint8_t* const (&row)[R], int64_t st,
+                                                                  const int8_t* x, int64_t stride,
+                                                                  __m512i (&acc)[R][M][NA]) {
   if constexpr (U_ < U) {
-    int8_step<BITS, M, NA, U_>(lookup, _mm512_loadu_si512(row + (st + U_) * 64), st + U_, x, stride, acc);
-    int8_steps<BITS, M, NA, U_ + 1, U>(lookup, row, st, x, stride, acc);
+    __m512i bytes[R];
+    for (int i = 0; i < R; ++i) bytes[i] = _mm512_loadu_si512(row[i] + (st + U_) * 64);
+    int8_step<BITS, M, R, NA, U_>(lookup, bytes, st + U_, x, stride, acc);
+    int8_steps<BITS, M, R, NA, U_ + 1, U>(lookup, row, st, x, stride, acc);
   }
 }
 
-template <int BITS, int M>
+// Rows [r0, r1) of W, R at a time, against x rows [m0, m0 + M): y[m][r] by the int8 definition.
+// One x row (the GEMV, R = 1) has only its own chain of vpdpbusd, whose latency (4-5 cycles) then paces the loop
+// (the profile showed it waiting with two chains), so U steps are unrolled into 8 chains (slot = u * E + s).
+// With 2-4 x rows (R = 2), two weight rows share each x vector load: with one x load per vpdpbusd (R = 1) the loop
+// took 22 cycles per 16 vpdpbusd even with x in L1 (a microbenchmark of that loop on this Zen 4 VM; 16 without the
+// loads), and 8 x rows ran at 0.72x of torch's int8 Linear.
+template <int BITS, int M, int R>
 WS_AVX512 void int8_rows_avx512(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq,
                                 int64_t m0, int64_t r0, int64_t r1, float* y) {
   constexpr int E = byte_aligned(BITS) ? 8 / BITS : 1;
-  // Independent accumulator chains per x row. One x row (the GEMV) has only its own chain of vpdpbusd, whose
-  // latency (4-5 cycles) then paces the whole loop: the profile showed the loop waiting on it with two chains.
-  // So for M = 1, U steps are unrolled into 8 chains (slot = u * E + s); with more x rows, the rows give the
-  // parallelism and two chains each keep the 32 registers enough.
   constexpr int U = M == 1 ? (E < 8 ? 8 / E : 1) : 1;
-  constexpr int NA = M == 1 ? U * E : 2;
+  constexpr int NA = M == 1 ? U * E : 1;
   const ByteSteps steps{w.row_bytes};
   const Avx512Unpack16<BITS> unpack16;  // generic widths
   const int64_t nsteps = xq.stride / step_elems(BITS);
-  int64_t group = -1;
-  ByteLookup<BITS> lookup(cq.biased.data());
-  for (int64_t r = r0; r < r1; ++r) {
-    if (r / w.rows_per_group != group) {
-      group = r / w.rows_per_group;
-      lookup = ByteLookup<BITS>(cq.biased.data() + group * 256);
+  const int8_t* xrow = xq.q + m0 * xq.stride;
+  int64_t r = r0;
+  for (; r + R <= r1; r += R) {
+    ByteLookup<BITS> lookup[R];
+    const uint8_t* row[R];
+    for (int i = 0; i < R; ++i) {
+      lookup[i] = ByteLookup<BITS>(cq.biased.data() + ((r + i) / w.rows_per_group) * 256);
+      row[i] = w.packed + (r + i) * w.row_bytes;
     }
-    const uint8_t* row = w.packed + r * w.row_bytes;
-    __m512i acc[M][NA];
-    for (int m = 0; m < M; ++m)
-      for (int a = 0; a < NA; ++a) acc[m][a] = _mm512_setzero_si512();
+    __m512i acc[R][M][NA];
+    for (int i = 0; i < R; ++i)
+      for (int m = 0; m < M; ++m)
+        for (int a = 0; a < NA; ++a) acc[i][m][a] = _mm512_setzero_si512();
     if constexpr (byte_aligned(BITS)) {
       // whole 64-byte steps U at a time (unmasked loads), then the rest masked (zero past the row end)
       const int64_t whole = std::min(nsteps, w.row_bytes / 64);
-      const int8_t* xrow = xq.q.data() + m0 * xq.stride;
       int64_t st = 0;
       for (; st + U <= whole; st += U) {
         // two rows ahead: the hardware prefetcher alone left the stream at half the bandwidth dense GEMV reaches
-        for (int u = 0; u < U; ++u)
-          _mm_prefetch(reinterpret_cast<const char*>(row + 2 * w.row_bytes + (st + u) * 64), _MM_HINT_T0);
-        int8_steps<BITS, M, NA, 0, U>(lookup, row, st, xrow, xq.stride, acc);
+        for (int i = 0; i < R; ++i)
+          for (int u = 0; u < U; ++u)
+            _mm_prefetch(reinterpret_cast<const char*>(row[i] + 2 * R * w.row_bytes + (st + u) * 64), _MM_HINT_T0);
+        int8_steps<BITS, M, R, NA, 0, U>(lookup, row, st, xrow, xq.stride, acc);
       }
-      for (; st < nsteps; ++st) int8_step<BITS, M, NA, 0>(lookup, steps.load(row, st), st, xrow, xq.stride, acc);
+      for (; st < nsteps; ++st) {
+        __m512i bytes[R];
+        for (int i = 0; i < R; ++i) bytes[i] = steps.load(row[i], st);
+        int8_step<BITS, M, R, NA, 0>(lookup, bytes, st, xrow, xq.stride, acc);
+      }
     } else {
       for (int64_t st = 0; st < nsteps; ++st) {
-        _mm_prefetch(reinterpret_cast<const char*>(row + 2 * w.row_bytes + st * 64), _MM_HINT_T0);
-        const __m512i idx = indices64<BITS>(unpack16, row, w.row_bytes, st);
-        const __m512i wu = lookup(idx);
+        __m512i wu[R];
+        for (int i = 0; i < R; ++i) {
+          _mm_prefetch(reinterpret_cast<const char*>(row[i] + 2 * R * w.row_bytes + st * 64), _MM_HINT_T0);
+          wu[i] = lookup[i](indices64<BITS>(unpack16, row[i], w.row_bytes, st));
+        }
         for (int m = 0; m < M; ++m) {
-          const __m512i xv = _mm512_loadu_si512(xq.q.data() + (m0 + m) * xq.stride + st * 64);
-          acc[m][st & 1] = _mm512_dpbusd_epi32(acc[m][st & 1], wu, xv);
+          const __m512i xv = _mm512_loadu_si512(xrow + m * xq.stride + st * 64);
+          for (int i = 0; i < R; ++i) {
+            __m512i& a = acc[i][m][M == 1 ? (st & (NA - 1)) : 0];
+            a = _mm512_dpbusd_epi32(a, wu[i], xv);
+          }
         }
       }
     }
-    __m512i total[M];
-    for (int m = 0; m < M; ++m) {
-      total[m] = acc[m][0];
-      for (int a = 1; a < NA; ++a) total[m] = _mm512_add_epi32(total[m], acc[m][a]);
+    for (int i = 0; i < R; ++i) {
+      for (int m = 0; m < M; ++m) {
+        __m512i total = acc[i][m][0];
+        for (int a = 1; a < NA; ++a) total = _mm512_add_epi32(total, acc[i][m][a]);
+        y[(m0 + m) * w.out_features + r + i] = int8_output(reduce_epi32_as_64(total) - 128 * xq.sum[m0 + m], xq, cq,
+                                                           m0 + m, (r + i) / w.rows_per_group);
+      }
     }
-    for (int m = 0; m < M; ++m)
-      y[(m0 + m) * w.out_features + r] =
-          int8_output(reduce_epi32_as_64(total[m]) - 128 * xq.sum[m0 + m], xq, cq, m0 + m, group);
+  }
+  if constexpr (R > 1) {
+    if (r < r1) int8_rows_avx512<BITS, M, 1>(w, xq, cq, m0, r, r1, y);
   }
 }
 
@@ -194,7 +224,7 @@ WS_AVX2 void int8_rows_avx2(const PackedLinear& w, const QuantizedX& xq, const Q
 #pragma GCC unroll 4
             for (int m = 0; m < M; ++m) {
               const __m256i xv = _mm256_loadu_si256(
-                  reinterpret_cast<const __m256i*>(xq.q.data() + (m0 + m) * xq.stride + st * S + s * 64 + 32 * h));
+                  reinterpret_cast<const __m256i*>(xq.q + (m0 + m) * xq.stride + st * S + s * 64 + 32 * h));
               const __m256i prod = _mm256_maddubs_epi16(_mm256_abs_epi8(xv), _mm256_sign_epi8(wq, xv));
               acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(prod, ones));
             }
@@ -218,23 +248,23 @@ void linear_int8(const PackedLinear& w, const at::Tensor& x_f32, float* y) {
   const int64_t M = x_f32.size(0);
   const QuantizedX xq = quantize_x(x_f32, w.bits);
   const QuantizedCodebook cq = quantize_codebook(w);
-  if (M >= kBlockedRows && linear_int8_blocked(w, xq, cq, M, y)) return;
+  if (use_blocked(M) && linear_int8_blocked(w, xq, cq, M, y)) return;
   const Simd simd = simd_level();
   WS_DISPATCH_BITS(w.bits, BITS, [&] {
     at::parallel_for(0, w.out_features, std::max<int64_t>(1, 65536 / w.in_features), [&](int64_t r0, int64_t r1) {
 #ifdef WS_X86
       if (simd == Simd::Avx512) {
-        // up to 8 x rows share each decoded weight vector (16 accumulators + table fit the 32 registers)
-        for (int64_t m0 = 0; m0 < M; m0 += 8) {
-          switch (std::min<int64_t>(8, M - m0)) {
-            case 1: int8_rows_avx512<BITS, 1>(w, xq, cq, m0, r0, r1, y); break;
-            case 2: int8_rows_avx512<BITS, 2>(w, xq, cq, m0, r0, r1, y); break;
-            case 3: int8_rows_avx512<BITS, 3>(w, xq, cq, m0, r0, r1, y); break;
-            case 4: int8_rows_avx512<BITS, 4>(w, xq, cq, m0, r0, r1, y); break;
-            case 5: int8_rows_avx512<BITS, 5>(w, xq, cq, m0, r0, r1, y); break;
-            case 6: int8_rows_avx512<BITS, 6>(w, xq, cq, m0, r0, r1, y); break;
-            case 7: int8_rows_avx512<BITS, 7>(w, xq, cq, m0, r0, r1, y); break;
-            default: int8_rows_avx512<BITS, 8>(w, xq, cq, m0, r0, r1, y); break;
+        // one x row: the 8-chain GEMV; more: groups of up to 4 x rows, two weight rows at a time
+        if (M == 1) {
+          int8_rows_avx512<BITS, 1, 1>(w, xq, cq, 0, r0, r1, y);
+          return;
+        }
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+          switch (std::min<int64_t>(4, M - m0)) {
+            case 1: int8_rows_avx512<BITS, 1, 2>(w, xq, cq, m0, r0, r1, y); break;
+            case 2: int8_rows_avx512<BITS, 2, 2>(w, xq, cq, m0, r0, r1, y); break;
+            case 3: int8_rows_avx512<BITS, 3, 2>(w, xq, cq, m0, r0, r1, y); break;
+            default: int8_rows_avx512<BITS, 4, 2>(w, xq, cq, m0, r0, r1, y); break;
           }
         }
         return;

@@ -25,10 +25,14 @@ constexpr bool byte_aligned(int bits) { return bits == 1 || bits == 2 || bits ==
 constexpr int64_t step_elems(int bits) { return byte_aligned(bits) ? 512 / bits : 64; }
 
 struct QuantizedX {
-  std::vector<int8_t> q;      // [M, stride], zero padded; permuted for byte-aligned bits
+  std::vector<int8_t> buffer;  // q's storage (64 bytes spare)
+  int8_t* q = nullptr;         // [M, stride], zero padded; permuted for byte-aligned bits; 64-byte aligned rows
   std::vector<float> scale;   // [M]
   std::vector<int64_t> sum;   // [M] sum of q
-  int64_t stride;             // a multiple of step_elems(bits)
+  int64_t stride;             // a multiple of step_elems(bits) (so of 64: every row starts 64-byte aligned)
+  QuantizedX() = default;
+  QuantizedX(QuantizedX&&) = default;  // moving keeps buffer's heap block, so q stays valid; a copy would not
+  QuantizedX(const QuantizedX&) = delete;
 };
 
 QuantizedX quantize_x(const at::Tensor& x, int bits);
@@ -58,6 +62,7 @@ bool linear_int8_blocked(const PackedLinear& w, const QuantizedX& xq, const Quan
 template <int BITS>
 struct ByteLookup {
   __m512i t[4];
+  ByteLookup() = default;
   WS_AVX512 explicit ByteLookup(const uint8_t* biased_table) {
     for (int r = 0; r < 4; ++r) t[r] = _mm512_loadu_si512(biased_table + 64 * r);
   }

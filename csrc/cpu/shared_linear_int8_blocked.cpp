@@ -183,7 +183,7 @@ bool linear_int8_blocked(const PackedLinear& w, const QuantizedX& xq, const Quan
   // the reused per-thread buffers stay below 64 MiB (K x 256 bytes of x^T, O x 256 int32 of y^T)
   if ((K + 4 * O) * kMc > (int64_t(1) << 26)) return false;
   thread_local std::vector<int32_t> xt_buf, yt_buf;
-  int32_t* xt = grown(xt_buf, static_cast<size_t>(K / 4 * kMc));
+  int32_t* xt = aligned64(grown(xt_buf, static_cast<size_t>(K / 4 * kMc + 16)));
   // y^T holds the int32 sums between K chunks; a layer of one chunk writes y straight from the registers
   int32_t* yt = K > kKc ? grown(yt_buf, static_cast<size_t>(O * kMc)) : nullptr;
   const int64_t blocks = (O + kMR - 1) / kMR;
@@ -206,7 +206,7 @@ bool linear_int8_blocked(const PackedLinear& w, const QuantizedX& xq, const Quan
             for (int64_t j = j0; j < j1; ++j) xt[j * Mp + m] = 0;
             continue;
           }
-          const int8_t* xm = xq.q.data() + (m0 + m) * K;
+          const int8_t* xm = xq.q + (m0 + m) * K;
           for (int64_t j = j0; j < j1; ++j) xt[j * Mp + m] = load_i32(xm + 4 * j);
         }
       }

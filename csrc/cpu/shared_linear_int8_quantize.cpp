@@ -12,6 +12,7 @@
 #include <limits>
 #include <vector>
 
+#include "decode_scratch.h"
 #include "shared_linear_int8.h"
 
 namespace weightshare::cpu {
@@ -203,7 +204,8 @@ QuantizedX quantize_x(const at::Tensor& x, int bits) {
   const int E = byte_aligned(bits) ? 8 / bits : 1;
   QuantizedX out;
   out.stride = (in + S - 1) / S * S;
-  out.q.resize(M * out.stride);
+  out.buffer.resize(M * out.stride + 64);
+  out.q = aligned64(out.buffer.data());
   out.scale.resize(M);
   out.sum.resize(M);
   const float* xp = x.data_ptr<float>();
@@ -212,7 +214,7 @@ QuantizedX quantize_x(const at::Tensor& x, int bits) {
     std::vector<int8_t> natural;
     for (int64_t m = b; m < e; ++m) {
       const float* row = xp + m * in;
-      int8_t* q = out.q.data() + m * out.stride;
+      int8_t* q = out.q + m * out.stride;
 #ifdef WS_X86
       if (simd == Simd::Avx512) {
         const float scale = row_scale_avx512(row, in);
