@@ -83,15 +83,15 @@ def small_model(seed: int = 0) -> nn.Module:
 
 
 def test_eight_threads_give_the_single_threaded_results():
-    """8 Python threads x 50 iterations of shared_linear (float GEMV and panel, int8), assign, shared_conv2d (each of
+    """8 Python threads x 50 iterations of shared_linear (float GEMV and panel, int8 row and blocked kernels), assign, shared_conv2d (each of
     its CPU kernels) and a compressed model's forward, all on the same input tensors and the same module, must reproduce the single-threaded
     results bit for bit (no shared scratch state, no races in lazily built tables)."""
     idx, packed, codebook = packed_problem(64, 96, 4, 16)
     gen = torch.Generator().manual_seed(1)
-    x1, x64 = torch.randn(1, 96, generator=gen), torch.randn(64, 96, generator=gen)
+    x1, x8, x64 = (torch.randn(m, 96, generator=gen) for m in (1, 8, 64))
     w = torch.randn(64, 96, generator=gen)
     model = small_model()
-    xc = torch.randn(1, 16, 20, 20, generator=gen)
+    xc, xs = torch.randn(1, 16, 20, 20, generator=gen), torch.randn(1, 16, 8, 8, generator=gen)
     ccb = torch.randn(1, 16, generator=gen)
     cpacked = ws.ops.pack(torch.randint(0, 16, (16, 144), generator=gen, dtype=torch.uint8), 4)
     ppacked = ws.ops.pack(torch.randint(0, 16, (16, 16), generator=gen, dtype=torch.uint8), 4)
@@ -99,12 +99,16 @@ def test_eight_threads_give_the_single_threaded_results():
     calls = {
         "linear_float_b1": lambda: W.shared_linear(x1, packed, codebook, 4, 64, 96, None, "float"),
         "linear_float_b64": lambda: W.shared_linear(x64, packed, codebook, 4, 64, 96, None, "float"),
-        "linear_int8": lambda: W.shared_linear(x64, packed, codebook, 4, 64, 96, None, "int8"),
+        "linear_int8": lambda: W.shared_linear(x64, packed, codebook, 4, 64, 96, None, "int8"),  # blocked
+        "linear_int8_b8": lambda: W.shared_linear(x8, packed, codebook, 4, 64, 96, None, "int8"),  # row kernel
         "assign": lambda: W.assign(w, codebook),
         "model": lambda: model(x64),
         # the conv kernels' reused per-thread buffers: Winograd (3x3, 100 tiles), direct (1x1), depthwise
         "conv_winograd": lambda: W.shared_conv2d(xc, cpacked, ccb, 4, [16, 16, 3, 3], None, [1, 1], [1, 1], [1, 1],
                                                  1),
+        # one small image (16 tiles): the fused Winograd form, its per-thread transformed weights
+        "conv_winograd_fused": lambda: W.shared_conv2d(xs, cpacked, ccb, 4, [16, 16, 3, 3], None, [1, 1], [1, 1],
+                                                       [1, 1], 1),
         "conv_direct_1x1": lambda: W.shared_conv2d(xc, ppacked, ccb, 4, [16, 16, 1, 1], None, [1, 1], [0, 0],
                                                    [1, 1], 1),
         "conv_depthwise": lambda: W.shared_conv2d(xc, dpacked, ccb, 4, [16, 1, 3, 3], None, [1, 1], [1, 1], [1, 1],

@@ -23,6 +23,11 @@
 #include "shared_linear_int8.h"
 #include "weightshare/dispatch.h"
 
+// GCC 12 reports its own _mm512_undefined_ps()/_pd() (the pass-through of unmasked cvtepi32_ps and extract
+// intrinsics) as "used uninitialized" once they are inlined into the epilogue; a false positive.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 namespace weightshare::cpu {
 namespace {
 
