@@ -38,6 +38,9 @@ i = ws.ops.assign(w, cb); p = ws.ops.pack(i, 4); ws.ops.unpack(p, 4, 77); ws.ops
 ws.ops.loss_aware_assign(w, w, w.abs(), cb)
 x = torch.randn(3, 77, device='cuda', dtype=torch.float16)
 ws.ops.shared_linear(x, p, cb, 4, 1000, 77); ws.ops.shared_linear(x, p, cb, 4, 1000, 77, None, 'int8')
+wt = torch.randn(40, 8192, device='cuda'); pt = ws.ops.pack(ws.ops.assign(wt, cb), 4)  # thin rows: split-K + finalize
+xt = torch.randn(11, 8192, device='cuda'); ws.ops.shared_linear(xt[:1], pt, cb, 4, 40, 8192)
+ws.ops.shared_linear(xt, pt, cb, 4, 40, 8192, None, 'int8')
 import os; os.environ['WS_CUDA_GEMV'] = 'mma'  # the tensor-core GEMV: pair tables (4-bit) and per-row tables (3-bit)
 ws.ops.shared_linear(x, p, cb, 4, 1000, 77); cr = torch.randn(1000, 8, device='cuda')
 ws.ops.shared_linear(x[:, 1:].contiguous(), ws.ops.pack(ws.ops.assign(w[:, :76].contiguous(), cr), 3), cr, 3, 1000, 76)
