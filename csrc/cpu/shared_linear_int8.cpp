@@ -42,7 +42,7 @@ void int8_rows_portable(const PackedLinear& w, const QuantizedX& xq, const Quant
   for (int64_t i = 0; i < w.in_features; ++i) pos[i] = x_pos(i, BITS);
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = w.packed + r * w.row_bytes;
-    const int8_t* table = cq.q.data() + (r / w.rows_per_group) * 256;
+    const int8_t* table = cq.table(r / w.rows_per_group);
     for (int64_t m = 0; m < M; ++m) {
       const int8_t* q = xq.q + m * xq.stride;
       int64_t s = 0;
@@ -126,7 +126,7 @@ WS_AVX512 void int8_rows_avx512(const PackedLinear& w, const QuantizedX& xq, con
     ByteLookup<BITS> lookup[R];
     const uint8_t* row[R];
     for (int i = 0; i < R; ++i) {
-      lookup[i] = ByteLookup<BITS>(cq.biased.data() + ((r + i) / w.rows_per_group) * 256);
+      lookup[i] = ByteLookup<BITS>(cq.biased_table((r + i) / w.rows_per_group));
       row[i] = w.packed + (r + i) * w.row_bytes;
     }
     __m512i acc[R][M][NA];
@@ -199,7 +199,7 @@ WS_AVX2 void int8_rows_avx2(const PackedLinear& w, const QuantizedX& xq, const Q
   for (int64_t r = r0; r < r1; ++r) {
     if (r / w.rows_per_group != group) {
       group = r / w.rows_per_group;
-      table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cq.q.data() + group * 256)));
+      table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cq.table(group))));
     }
     const uint8_t* row = w.packed + r * w.row_bytes;
     int64_t total[M] = {};

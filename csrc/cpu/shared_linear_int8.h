@@ -38,11 +38,16 @@ struct QuantizedX {
 QuantizedX quantize_x(const at::Tensor& x, int bits);
 
 // Per group: int8 codebook (entries >= K are 0), the same + 128 as unsigned bytes (vpdpbusd's unsigned operand),
-// and its scale, as the reference computes them.
+// and its scale, as the reference computes them. Tables are as long as their readers need (a layer with a codebook
+// per output row has thousands of groups, quantized on every call): q max(16, 2**bits) entries (AVX2 reads 16), the
+// biased table 64 (a byte permute's reach), 128 or 256 entries.
 struct QuantizedCodebook {
-  std::vector<int8_t> q;        // [G, 256]
-  std::vector<uint8_t> biased;  // [G, 256], entry e = q[e mod 2**bits] + 128
+  std::vector<int8_t> q;        // [G, q_stride]
+  std::vector<uint8_t> biased;  // [G, biased_stride], entry e = q[e mod 2**bits] + 128
   std::vector<float> scale;     // [G]
+  int64_t q_stride = 0, biased_stride = 0;
+  const int8_t* table(int64_t group) const { return q.data() + group * q_stride; }
+  const uint8_t* biased_table(int64_t group) const { return biased.data() + group * biased_stride; }
 };
 
 QuantizedCodebook quantize_codebook(const PackedLinear& w);
@@ -61,10 +66,11 @@ bool linear_int8_blocked(const PackedLinear& w, const QuantizedX& xq, const Quan
 // 64 weight bytes (+128) from 64 indices in [0, 2**BITS), the table in registers.
 template <int BITS>
 struct ByteLookup {
+  static constexpr int kRegs = BITS <= 6 ? 1 : BITS == 7 ? 2 : 4;
   __m512i t[4];
   ByteLookup() = default;
   WS_AVX512 explicit ByteLookup(const uint8_t* biased_table) {
-    for (int r = 0; r < 4; ++r) t[r] = _mm512_loadu_si512(biased_table + 64 * r);
+    for (int r = 0; r < kRegs; ++r) t[r] = _mm512_loadu_si512(biased_table + 64 * r);
   }
   WS_AVX512 inline __m512i operator()(__m512i idx) const {
     if constexpr (BITS <= 6) {

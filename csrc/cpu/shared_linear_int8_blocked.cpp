@@ -57,7 +57,7 @@ WS_AVX512 void decode_panel_u8(const PackedLinear& w, const QuantizedCodebook& c
       continue;
     }
     const int64_t r = r0 + m;
-    const ByteLookup<BITS> lookup(cq.biased.data() + (r / w.rows_per_group) * 256);
+    const ByteLookup<BITS> lookup(cq.biased_table(r / w.rows_per_group));
     const uint8_t* row = w.packed + r * w.row_bytes;
     // the same chunk of the next panel's row, while the micro-kernel runs on this one: the rows are read in
     // pieces at a stride, which the hardware prefetcher missed (the profile had 83 % of the decode on this load)

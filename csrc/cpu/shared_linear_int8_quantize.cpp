@@ -144,6 +144,26 @@ WS_AVX512 int64_t quantize_row_avx512(const float* row, int64_t n, int64_t padde
   return sum;
 }
 
+// One group of K <= 16 entries (a codebook per output row is usually that): scale, q (zero past K) and the biased
+// table, as the scalar form computes them, in a few vector instructions instead of ~50 ns of scalar work per group.
+WS_AVX512 float quantize_group16_avx512(const float* c, int64_t K, int bits, int8_t* q, int64_t q_stride, uint8_t* b,
+                                        int64_t b_stride) {
+  const __mmask16 k = static_cast<__mmask16>((1u << K) - 1u);
+  const __m512 a = _mm512_and_ps(_mm512_maskz_loadu_ps(k, c), _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff)));
+  const __mmask16 finite = _mm512_mask_cmp_ps_mask(k, a, _mm512_set1_ps(FLT_MAX), _CMP_LE_OQ);
+  const float scale = int8_scale(_mm512_reduce_max_ps(a), finite == k);
+  const __m128i q16 = _mm512_cvtepi32_epi8(quantize16_avx512(c, k, _mm512_set1_ps(scale)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), q16);
+  for (int64_t j = 16; j < q_stride; ++j) q[j] = 0;
+  // biased entry e = q[e mod 2**bits] + 128 for e < 64: a byte permute of q (zero past 16) by e & (2**bits - 1)
+  alignas(64) uint8_t idx[64];
+  for (int e = 0; e < 64; ++e) idx[e] = static_cast<uint8_t>(e & ((1 << bits) - 1));
+  const __m512i t = _mm512_permutexvar_epi8(_mm512_load_si512(idx), _mm512_zextsi128_si512(q16));
+  _mm512_storeu_si512(b, _mm512_xor_si512(t, _mm512_set1_epi8(static_cast<char>(0x80))));
+  for (int64_t e = 64; e < b_stride; ++e) b[e] = 128;  // 7 and 8 bits: entries past 16 are 0
+  return scale;
+}
+
 WS_AVX2 float row_scale_avx2(const float* row, int64_t n) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256 big = _mm256_set1_ps(FLT_MAX);
@@ -253,19 +273,35 @@ QuantizedX quantize_x(const at::Tensor& x, int bits) {
 
 QuantizedCodebook quantize_codebook(const PackedLinear& w) {
   QuantizedCodebook out;
-  out.q.assign(w.groups * 256, 0);
-  out.biased.assign(w.groups * 256, 128);
+  const int64_t period = int64_t(1) << w.bits, entries = std::min<int64_t>(w.K, period);
+  out.q_stride = std::max<int64_t>(16, period);
+  out.biased_stride = std::max<int64_t>(64, period);
+  out.q.resize(w.groups * out.q_stride);
+  out.biased.resize(w.groups * out.biased_stride);
   out.scale.resize(w.groups);
-  for (int64_t g = 0; g < w.groups; ++g) {
-    const float* c = w.codebook + g * w.K;
-    const float scale = row_scale_scalar(c, w.K);
-    out.scale[g] = scale;
-    for (int64_t j = 0; j < w.K && j < (int64_t(1) << w.bits); ++j) out.q[g * 256 + j] = quantize_one(c[j], scale);
-    // repeated with period 2**bits: a byte permute then ignores index bits above `bits` (no mask needed)
-    const int64_t period = int64_t(1) << w.bits;
-    for (int64_t e = 0; e < 256; ++e)
-      out.biased[g * 256 + e] = static_cast<uint8_t>(out.q[g * 256 + e % period] + 128);
-  }
+  // groups in parallel: with a codebook per output row there are thousands, and this runs on every call (the serial
+  // form, 256-entry tables with a modulo each, took 3.6 ms of a 3.8 ms batch-1 call on a 4096x4096 layer)
+  const Simd simd = simd_level();
+  at::parallel_for(0, w.groups, 256, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const float* c = w.codebook + g * w.K;
+#ifdef WS_X86
+      if (simd == Simd::Avx512 && w.K <= 16) {
+        out.scale[g] = quantize_group16_avx512(c, w.K, w.bits, out.q.data() + g * out.q_stride, out.q_stride,
+                                               out.biased.data() + g * out.biased_stride, out.biased_stride);
+        continue;
+      }
+#endif
+      const float scale = row_scale_scalar(c, w.K);
+      out.scale[g] = scale;
+      int8_t* q = out.q.data() + g * out.q_stride;
+      for (int64_t j = 0; j < entries; ++j) q[j] = quantize_one(c[j], scale);
+      std::fill(q + entries, q + out.q_stride, int8_t(0));
+      // repeated with period 2**bits: a byte permute then ignores index bits above `bits` (no mask needed)
+      uint8_t* b = out.biased.data() + g * out.biased_stride;
+      for (int64_t e = 0; e < out.biased_stride; ++e) b[e] = static_cast<uint8_t>(q[e & (period - 1)] + 128);
+    }
+  });
   return out;
 }
 
