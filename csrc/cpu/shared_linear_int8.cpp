@@ -118,7 +118,7 @@ WS_AVX512 void int8_rows_avx512(const PackedLinear& w, const QuantizedX& xq, con
   constexpr int U = M == 1 ? (E < 8 ? 8 / E : 1) : 1;
   constexpr int NA = M == 1 ? U * E : 1;
   const ByteSteps steps{w.row_bytes};
-  const Avx512Unpack16<BITS> unpack16;  // generic widths
+  const Unpack64<BITS> unpack64;  // widths that are not byte aligned
   const int64_t nsteps = xq.stride / step_elems(BITS);
   const int8_t* xrow = xq.q + m0 * xq.stride;
   int64_t r = r0;
@@ -154,7 +154,7 @@ WS_AVX512 void int8_rows_avx512(const PackedLinear& w, const QuantizedX& xq, con
         __m512i wu[R];
         for (int i = 0; i < R; ++i) {
           _mm_prefetch(reinterpret_cast<const char*>(row[i] + 2 * R * w.row_bytes + st * 64), _MM_HINT_T0);
-          wu[i] = lookup[i](indices64<BITS>(unpack16, row[i], w.row_bytes, st));
+          wu[i] = lookup[i](unpack64(row[i], w.row_bytes, st));
         }
         for (int m = 0; m < M; ++m) {
           const __m512i xv = _mm512_loadu_si512(xrow + m * xq.stride + st * 64);

@@ -46,7 +46,7 @@ inline int32_t load_i32(const void* p) {
 // hold 128 (weight 0; the kernel computes but never stores them).
 template <int BITS>
 WS_AVX512 void decode_panel_u8(const PackedLinear& w, const QuantizedCodebook& cq,
-                               const Avx512Unpack16<BITS>& unpack16, int64_t r0, int rows, int64_t k0, int64_t kc,
+                               const Unpack64<BITS>& unpack64, int64_t r0, int rows, int64_t k0, int64_t kc,
                                uint8_t* panel) {
   constexpr int64_t S = step_elems(BITS);
   const ByteSteps steps{w.row_bytes};
@@ -74,7 +74,7 @@ WS_AVX512 void decode_panel_u8(const PackedLinear& w, const QuantizedCodebook& c
         for (int s = 0; s < 8 / BITS; ++s)
           _mm512_storeu_si512(out + 64 * s, lookup(ByteSteps::extract<BITS>(bytes, s)));
       } else {
-        _mm512_storeu_si512(out, lookup(indices64<BITS>(unpack16, row, w.row_bytes, st)));
+        _mm512_storeu_si512(out, lookup(unpack64(row, w.row_bytes, st)));
       }
     }
   }
@@ -220,13 +220,13 @@ bool linear_int8_blocked(const PackedLinear& w, const QuantizedX& xq, const Quan
       at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
         thread_local std::vector<uint8_t> panel_buf;
         uint8_t* panel = grown(panel_buf, static_cast<size_t>(kMR * kKc));
-        const Avx512Unpack16<BITS> unpack16;  // bit widths that are not byte aligned
+        const Unpack64<BITS> unpack64;  // bit widths that are not byte aligned
         for (int64_t k0 = 0; k0 < K; k0 += kKc) {
           const int64_t kc = std::min(kKc, K - k0);
           const bool final = k0 + kc == K;
           for (int64_t b = b0; b < b1; ++b) {
             const int rows = static_cast<int>(std::min<int64_t>(kMR, O - b * kMR));
-            decode_panel_u8<BITS>(w, cq, unpack16, b * kMR, rows, k0, kc, panel);
+            decode_panel_u8<BITS>(w, cq, unpack64, b * kMR, rows, k0, kc, panel);
             for (int64_t q = 0; q < Mp;) {
               // tiles of 3 vectors, but 4 left go as 2 + 2 (a 1-vector tile issues a broadcast per vpdpbusd)
               const int64_t left = (Mp - q) / 16, nr = left == 4 ? 2 : std::min<int64_t>(3, left);

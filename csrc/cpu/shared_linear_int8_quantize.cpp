@@ -285,18 +285,26 @@ QuantizedCodebook quantize_codebook(const PackedLinear& w) {
   at::parallel_for(0, w.groups, 256, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const float* c = w.codebook + g * w.K;
+      int8_t* q = out.q.data() + g * out.q_stride;
 #ifdef WS_X86
       if (simd == Simd::Avx512 && w.K <= 16) {
-        out.scale[g] = quantize_group16_avx512(c, w.K, w.bits, out.q.data() + g * out.q_stride, out.q_stride,
+        out.scale[g] = quantize_group16_avx512(c, w.K, w.bits, q, out.q_stride,
                                                out.biased.data() + g * out.biased_stride, out.biased_stride);
         continue;
       }
+      if (simd == Simd::Avx512) {  // longer codebooks: the x row quantizer, natural order (E = 1)
+        out.scale[g] = row_scale_avx512(c, w.K);
+        alignas(64) int8_t whole[256];  // the quantizer writes whole 64-byte blocks
+        quantize_row_avx512<1>(c, entries, (entries + 63) / 64 * 64, out.scale[g], whole);
+        std::copy(whole, whole + entries, q);
+        std::fill(q + entries, q + out.q_stride, int8_t(0));
+      } else
 #endif
-      const float scale = row_scale_scalar(c, w.K);
-      out.scale[g] = scale;
-      int8_t* q = out.q.data() + g * out.q_stride;
-      for (int64_t j = 0; j < entries; ++j) q[j] = quantize_one(c[j], scale);
-      std::fill(q + entries, q + out.q_stride, int8_t(0));
+      {
+        out.scale[g] = row_scale_scalar(c, w.K);
+        for (int64_t j = 0; j < entries; ++j) q[j] = quantize_one(c[j], out.scale[g]);
+        std::fill(q + entries, q + out.q_stride, int8_t(0));
+      }
       // repeated with period 2**bits: a byte permute then ignores index bits above `bits` (no mask needed)
       uint8_t* b = out.biased.data() + g * out.biased_stride;
       for (int64_t e = 0; e < out.biased_stride; ++e) b[e] = static_cast<uint8_t>(q[e & (period - 1)] + 128);
