@@ -67,6 +67,25 @@ def linear_table(r):
     return "\n".join(out)
 
 
+def widths_table(r):
+    """One row per width: batch 1 and 64, per-layer and per-row codebooks, float (vs dense) and int8 (vs torch)."""
+    base = r["baselines"]
+    out = [f"Shared Linear {r['shape'][0]}x{r['shape'][1]} at every index width ({_machine(r['machine'])}{_caps(r)}; "
+           f"dense fp32 {base['1']['dense_fp32_ms']:.3f} / {base['64']['dense_fp32_ms']:.3f} ms and torch int8 "
+           f"dynamic {base['1']['torch_int8_dynamic_ms']:.3f} / {base['64']['torch_int8_dynamic_ms']:.3f} ms at batch "
+           "1 / 64; cells: time (ratio))", "",
+           "| bits | codebooks | float, batch 1 (x dense) | float, batch 64 | int8, batch 1 (x torch int8) | "
+           "int8, batch 64 |", "|---|---|---|---|---|---|"]
+    cells = {}
+    for x in r["rows"]:
+        cells.setdefault((x["bits"], x["codebooks"]), {})[x["batch"]] = x
+    for (bits, cbs), c in cells.items():
+        f = " | ".join(f"{c[M]['ws_float_ms']:.3f} ms ({c[M]['float_speedup_vs_dense']:.2f}x)" for M in (1, 64))
+        i = " | ".join(f"{c[M]['ws_int8_ms']:.3f} ms ({c[M]['int8_speedup_vs_torch_int8']:.2f}x)" for M in (1, 64))
+        out.append(f"| {bits} | {cbs} | {f} | {i} |")
+    return "\n".join(out)
+
+
 def conv_table(r):
     offsets = r.get("offsets")
     head = f"Shared Conv2d, {r['bits']}-bit, batch 1, fp32 ({_machine(r['machine'])}{_caps(r)})"
@@ -259,6 +278,7 @@ def main():
     args = ap.parse_args()
     for name, fn in (("assign_cpu.json", assign_table), ("kmeans_cpu.json", kmeans_table),
                      ("shared_linear_cpu.json", linear_table), ("shared_linear_cpu_avx2.json", linear_table),
+                     ("linear_widths_cpu.json", widths_table), ("linear_widths_cpu_avx2.json", widths_table),
                      ("shared_conv_cpu.json", conv_table), ("shared_conv_cpu_avx2.json", conv_table),
                      ("ops_cpu.json", ops_table), ("prune_curve_lenet300100.json", prune_curve_table),
                      ("prune_curve_lenet5.json", prune_curve_table),

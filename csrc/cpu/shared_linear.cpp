@@ -238,7 +238,7 @@ void linear_float(const PackedLinear& w, const float* x, int64_t M, float* y) {
   if (M <= kGemvRows) {
     // AVX-512 CPUs take the AVX-512 GEMV below; AVX2 ones theirs (shared_linear_gemv_avx2.cpp)
     if (simd_level() == Simd::Avx2 && gemv_avx2(w, x, M, y)) return;
-    if (gemv_avx512_bytes(w, x, M, y)) return;  // 8-bit indices
+    if (gemv_avx512_bytes(w, x, M, y)) return;  // 6- to 8-bit indices
     WS_DISPATCH_BITS(w.bits, BITS, [&] { gemv<BITS>(w, x, M, y); });
     return;
   }

@@ -46,8 +46,8 @@ bool linear_float_blocked(const PackedLinear& w, const float* x, int64_t M, floa
 // without AVX2 or for other M.
 bool gemv_avx2(const PackedLinear& w, const float* x, int64_t M, float* y);
 
-// y[M, out] = x[M, in] @ W^T for M <= 4 and 8-bit indices on an AVX-512 CPU (shared_linear_gemv_bytes.cpp: the
-// codebook as four byte planes); false (nothing written) otherwise.
+// y[M, out] = x[M, in] @ W^T for M <= 4 and 6- to 8-bit indices on an AVX-512 CPU (shared_linear_gemv_bytes.cpp:
+// the codebook as four byte planes); false (nothing written) otherwise.
 bool gemv_avx512_bytes(const PackedLinear& w, const float* x, int64_t M, float* y);
 
 // Decodes rows [r0, r1) of W into dst [r1 - r0, in] fp32 (panel of the batched and backward paths).

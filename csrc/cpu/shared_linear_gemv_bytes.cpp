@@ -1,5 +1,5 @@
-// CPU shared_linear, float path, batch 1-4, 8-bit indices on AVX-512 (VBMI): the 256-entry codebook looked up as
-// four byte planes.
+// CPU shared_linear, float path, batch 1-4, 6- to 8-bit indices on AVX-512 (VBMI): the codebook looked up as four
+// byte planes.
 //
 // Why: the general AVX-512 GEMV (shared_linear.cpp) looks a 256-entry fp32 table up 16 indices at a time with a
 // chain of two-register permutes selected by compares (one permute + seven compare/permute/blend rounds per 16
@@ -7,12 +7,17 @@
 // the fp32 entries is its own 256-byte table (four registers): per 64 indices (one load) two vpermi2b and a blend by
 // index bit 7 give one byte plane, four planes and two rounds of unpacks give 64 floats. The unpacks interleave
 // within 128-bit lanes, so x is stored once per call in that order. Exact: the floats are the table's bits.
+// 6 and 7 bits (1.0 and 1.7 ms with the compare chain, 1.8-3.1x dense): indices unpacked to bytes by a byte permute
+// and vpmultishiftqb (Unpack64, shared_linear_int8.h), one vpermi2b per plane over a 128-entry table (6 bits: the
+// table repeated, so the junk seventh index bit is harmless).
 #include <ATen/Parallel.h>
 
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "shared_linear.h"
+#include "shared_linear_int8.h"
 
 namespace weightshare::cpu {
 namespace {
@@ -23,13 +28,15 @@ constexpr int64_t kBlock = 64;  // indices per step (one 64-byte load of 8-bit i
 inline int64_t unpack_pos(int64_t i) { return 16 * ((i % 16) / 4) + 4 * (i / 16) + i % 4; }
 
 #ifdef WS_X86
+template <int BITS>
 struct BytePlanes {
-  __m512i p[4][4];  // p[b][q]: byte b of entries 64q .. 64q + 63
+  static constexpr int kRegs = BITS == 8 ? 4 : 2;  // 64-entry registers per plane: 256 or 128 entries
+  __m512i p[4][4];  // p[b][q]: byte b of entries 64q .. 64q + 63 (entry e = table[e mod 2**BITS])
   WS_AVX512 explicit BytePlanes(const DecodeTable& t) {
-    for (int q = 0; q < 4; ++q) {
+    for (int q = 0; q < kRegs; ++q) {
       __m128i part[4][4];  // [byte][16 entries]
       for (int c = 0; c < 4; ++c) {
-        const __m512i v = _mm512_load_si512(t.v + 64 * q + 16 * c);
+        const __m512i v = _mm512_load_si512(t.v + ((64 * q + 16 * c) & ((1 << BITS) - 1)));
         for (int b = 0; b < 4; ++b) part[b][c] = _mm512_cvtepi32_epi8(_mm512_srli_epi32(v, 8 * b));
       }
       for (int b = 0; b < 4; ++b) {
@@ -42,11 +49,15 @@ struct BytePlanes {
   }
   // 64 weights from 64 byte indices, as w[j] lane l = weight 16 (l / 4) + 4 j + l % 4.
   WS_AVX512 inline void lookup(__m512i idx, __m512 (&w)[4]) const {
-    const __mmask64 upper = _mm512_movepi8_mask(idx);  // index bit 7: entries 128-255
     __m512i b[4];
-    for (int k = 0; k < 4; ++k)
-      b[k] = _mm512_mask_blend_epi8(upper, _mm512_permutex2var_epi8(p[k][0], idx, p[k][1]),
-                                    _mm512_permutex2var_epi8(p[k][2], idx, p[k][3]));
+    if constexpr (BITS == 8) {
+      const __mmask64 upper = _mm512_movepi8_mask(idx);  // index bit 7: entries 128-255
+      for (int k = 0; k < 4; ++k)
+        b[k] = _mm512_mask_blend_epi8(upper, _mm512_permutex2var_epi8(p[k][0], idx, p[k][1]),
+                                      _mm512_permutex2var_epi8(p[k][2], idx, p[k][3]));
+    } else {  // vpermi2b reads index bits 0-6
+      for (int k = 0; k < 4; ++k) b[k] = _mm512_permutex2var_epi8(p[k][0], idx, p[k][1]);
+    }
     const __m512i lo01 = _mm512_unpacklo_epi8(b[0], b[1]), hi01 = _mm512_unpackhi_epi8(b[0], b[1]);
     const __m512i lo23 = _mm512_unpacklo_epi8(b[2], b[3]), hi23 = _mm512_unpackhi_epi8(b[2], b[3]);
     w[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(lo01, lo23));
@@ -56,26 +67,31 @@ struct BytePlanes {
   }
 };
 
-template <int M>
+template <int BITS, int M>
 WS_AVX512 void gemv_rows_bytes(const PackedLinear& w, const float* x, const float* xp, int64_t r0, int64_t r1,
                                float* y) {
   const int64_t in = w.in_features, blocks = in / kBlock;
+  const Unpack64<BITS> unpack64;  // 6 and 7 bits
   GroupTable gt;
   int64_t planes_group = r0 / w.rows_per_group;
-  BytePlanes planes(gt.get(w, r0));
+  BytePlanes<BITS> planes(gt.get(w, r0));
   for (int64_t r = r0; r < r1; ++r) {
     const DecodeTable& dt = gt.get(w, r);
     if (r / w.rows_per_group != planes_group) {
       planes_group = r / w.rows_per_group;
-      planes = BytePlanes(dt);
+      planes = BytePlanes<BITS>(dt);
     }
     const uint8_t* row = w.packed + r * w.row_bytes;
     __m512 acc[M][2];
     for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
     for (int64_t blk = 0; blk < blocks; ++blk) {
-      _mm_prefetch(reinterpret_cast<const char*>(row + 2 * w.row_bytes + blk * kBlock), _MM_HINT_T0);  // 2 rows on
+      _mm_prefetch(reinterpret_cast<const char*>(row + 2 * w.row_bytes + blk * 8 * BITS), _MM_HINT_T0);  // 2 rows on
       __m512 wv[4];
-      planes.lookup(_mm512_loadu_si512(row + blk * kBlock), wv);
+      if constexpr (BITS == 8) {
+        planes.lookup(_mm512_loadu_si512(row + blk * kBlock), wv);
+      } else {
+        planes.lookup(unpack64(row, w.row_bytes, blk), wv);
+      }
       for (int j = 0; j < 4; ++j)
         for (int m = 0; m < M; ++m)
           acc[m][j & 1] = _mm512_fmadd_ps(wv[j], _mm512_loadu_ps(xp + (m * blocks + blk) * kBlock + 16 * j),
@@ -83,7 +99,7 @@ WS_AVX512 void gemv_rows_bytes(const PackedLinear& w, const float* x, const floa
     }
     for (int m = 0; m < M; ++m) {
       float s = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
-      for (int64_t i = blocks * kBlock; i < in; ++i) s += dt.v[row[i]] * x[m * in + i];  // the tail, scalar
+      for (int64_t i = blocks * kBlock; i < in; ++i) s += dt.v[unpack_one(row, i, BITS)] * x[m * in + i];  // tail
       y[m * w.out_features + r] = s;
     }
   }
@@ -94,21 +110,27 @@ WS_AVX512 void gemv_rows_bytes(const PackedLinear& w, const float* x, const floa
 
 bool gemv_avx512_bytes(const PackedLinear& w, const float* x, int64_t M, float* y) {
 #ifdef WS_X86
-  if (w.bits != 8 || M < 1 || M > 4 || simd_level() != Simd::Avx512 || w.in_features < kBlock) return false;
+  if (w.bits < 6 || M < 1 || M > 4 || simd_level() != Simd::Avx512 || w.in_features < kBlock) return false;
   const int64_t in = w.in_features, blocks = in / kBlock;
   std::vector<float> xp(M * blocks * kBlock);  // x's whole blocks in the unpacks' order
   for (int64_t m = 0; m < M; ++m)
     for (int64_t blk = 0; blk < blocks; ++blk)
       for (int64_t i = 0; i < kBlock; ++i)
         xp[(m * blocks + blk) * kBlock + unpack_pos(i)] = x[m * in + blk * kBlock + i];
-  at::parallel_for(0, w.out_features, std::max<int64_t>(1, 65536 / in), [&](int64_t r0, int64_t r1) {
-    switch (M) {
-      case 1: return gemv_rows_bytes<1>(w, x, xp.data(), r0, r1, y);
-      case 2: return gemv_rows_bytes<2>(w, x, xp.data(), r0, r1, y);
-      case 3: return gemv_rows_bytes<3>(w, x, xp.data(), r0, r1, y);
-      default: return gemv_rows_bytes<4>(w, x, xp.data(), r0, r1, y);
-    }
-  });
+  auto rows = [&](auto bits_tag) {
+    constexpr int BITS = decltype(bits_tag)::value;
+    at::parallel_for(0, w.out_features, std::max<int64_t>(1, 65536 / in), [&](int64_t r0, int64_t r1) {
+      switch (M) {
+        case 1: return gemv_rows_bytes<BITS, 1>(w, x, xp.data(), r0, r1, y);
+        case 2: return gemv_rows_bytes<BITS, 2>(w, x, xp.data(), r0, r1, y);
+        case 3: return gemv_rows_bytes<BITS, 3>(w, x, xp.data(), r0, r1, y);
+        default: return gemv_rows_bytes<BITS, 4>(w, x, xp.data(), r0, r1, y);
+      }
+    });
+  };
+  if (w.bits == 6) rows(std::integral_constant<int, 6>());
+  if (w.bits == 7) rows(std::integral_constant<int, 7>());
+  if (w.bits == 8) rows(std::integral_constant<int, 8>());
   return true;
 #else
   (void)w, (void)x, (void)M, (void)y;

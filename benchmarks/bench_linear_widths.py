@@ -1,0 +1,62 @@
+"""Shared Linear at every index width: bits 1-8, one codebook per layer or one per output row, batch 1 and 64,
+float and int8 activations, against dense fp32 F.linear and torch's int8 dynamic Linear on the same weight.
+
+    python benchmarks/bench_linear_widths.py        # writes benchmarks/results/linear_widths_cpu.json
+    WS_CPU_SIMD=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python benchmarks/bench_linear_widths.py
+
+Why: the main benchmark (bench_shared_linear.py) times 4-bit layers; a probe over the other widths found paths
+that ran at dense speed or slower (8-bit float GEMV, 3/5-bit int8, every non-1/2/4-bit width on AVX2, codebooks
+per row). This keeps them all in view. One 4096x4096 layer, weights repeated from cache; every codebook has 2**bits
+entries; the indices are uniform random (the kernels' speed does not depend on their values).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+import weightshare as ws  # noqa: E402
+from _common import cpu_results_name, machine, simd_env, time_cpu, write_json  # noqa: E402
+from bench_shared_linear import int8_dynamic  # noqa: E402
+
+SHAPE = (4096, 4096)
+BATCHES = [1, 64]
+
+
+def run() -> dict:
+    out_f, in_f = SHAPE
+    g = torch.Generator().manual_seed(0)
+    out = {"machine": machine(), "simd_caps": simd_env(), "shape": list(SHAPE), "rows": []}
+    xs = {M: torch.randn(M, in_f, generator=g) for M in BATCHES}
+    with torch.no_grad():
+        dense_w = torch.randn(out_f, in_f, generator=g) * 0.02
+        qlin = int8_dynamic(dense_w)
+        base = {M: {"dense_fp32_ms": time_cpu(lambda: F.linear(xs[M], dense_w)) * 1e3,
+                    "torch_int8_dynamic_ms": time_cpu(lambda: qlin(xs[M])) * 1e3} for M in BATCHES}
+        out["baselines"] = {str(M): v for M, v in base.items()}
+        for bits in range(1, 9):
+            idx = torch.randint(0, 1 << bits, SHAPE, generator=g, dtype=torch.uint8)
+            packed = ws.ops.pack(idx, bits)
+            for groups in (1, out_f):
+                cb = torch.randn(groups, 1 << bits, generator=g) * 0.02
+                for M in BATCHES:
+                    x = xs[M]
+                    t_f = time_cpu(lambda: ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f)) * 1e3
+                    t_8 = time_cpu(lambda: ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f, None, "int8")) * 1e3
+                    row = {"bits": bits, "codebooks": "per layer" if groups == 1 else "per row", "batch": M,
+                           "ws_float_ms": t_f, "ws_int8_ms": t_8,
+                           "float_speedup_vs_dense": base[M]["dense_fp32_ms"] / t_f,
+                           "int8_speedup_vs_torch_int8": base[M]["torch_int8_dynamic_ms"] / t_8}
+                    out["rows"].append(row)
+                    print(f"bits={bits} {row['codebooks']:9s} M={M:3d}: float {t_f:7.3f} ms "
+                          f"({row['float_speedup_vs_dense']:5.2f}x dense) | int8 {t_8:7.3f} ms "
+                          f"({row['int8_speedup_vs_torch_int8']:5.2f}x torch int8)", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    print(write_json(cpu_results_name("linear_widths_cpu"), run()))
