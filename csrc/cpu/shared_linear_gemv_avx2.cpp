@@ -89,7 +89,7 @@ struct BytePlanes {
   }
 };
 
-// Four bytes planes -> 32 floats in the unpacks' order (float lane l of vector k: weight 16 (l / 4) + 4 k + l % 4).
+// Four byte planes -> 32 floats in the unpacks' order (float lane l of vector k: weight 16 (l / 4) + 4 k + l % 4).
 WS_AVX2 inline void interleave_planes(const __m256i (&p)[4], __m256 (&f)[4]) {
   const __m256i lo01 = _mm256_unpacklo_epi8(p[0], p[1]), hi01 = _mm256_unpackhi_epi8(p[0], p[1]);
   const __m256i lo23 = _mm256_unpacklo_epi8(p[2], p[3]), hi23 = _mm256_unpackhi_epi8(p[2], p[3]);
@@ -97,6 +97,22 @@ WS_AVX2 inline void interleave_planes(const __m256i (&p)[4], __m256 (&f)[4]) {
   f[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23));
   f[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23));
   f[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23));
+}
+
+// 32 weights from byte indices (four plane lookups, interleaved), multiply-added with each x row's 32 values in the
+// same order: row m's at xv + m * x_stride, into its NA chains.
+template <int H, int M, int NA>
+WS_AVX2 inline __attribute__((always_inline)) void planes_fma(const BytePlanes<H>& t, __m256i idx, const float* xv,
+                                                              int64_t x_stride, __m256 (&acc)[M][NA]) {
+  __m256i p[4];
+  t.lookup(idx, p);
+  __m256 f[4];
+  interleave_planes(p, f);
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k)
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m)
+      acc[m][k % NA] = _mm256_fmadd_ps(f[k], _mm256_loadu_ps(xv + m * x_stride + 8 * k), acc[m][k % NA]);
 }
 
 // A row's dot product: the vector accumulator's lanes summed, plus the weights from `from` on (the row's tail,
@@ -131,17 +147,7 @@ WS_AVX2 void rows_byte_planes(const PackedLinear& w, const float* x, const float
 #pragma GCC unroll 8
       for (int s = 0; s < E; ++s) {
         const __m256i idx = _mm256_and_si256(_mm256_srli_epi16(bytes, s * BITS), low);
-        __m256i p[4];
-        t.lookup(idx, p);
-        __m256 f[4];
-        interleave_planes(p, f);
-#pragma GCC unroll 4
-        for (int k = 0; k < 4; ++k)
-#pragma GCC unroll 4
-          for (int m = 0; m < M; ++m) {
-            const float* xv = xp + (m * steps + st) * S + (s * 4 + k) * 8;
-            acc[m][k % NA] = _mm256_fmadd_ps(f[k], _mm256_loadu_ps(xv), acc[m][k % NA]);
-          }
+        planes_fma<1, M, NA>(t, idx, xp + st * S + s * 32, steps * S, acc);
       }
     }
     for (int m = 0; m < M; ++m) {
@@ -173,15 +179,7 @@ WS_AVX2 void rows_unpacked_planes(const PackedLinear& w, const float* x, const f
       const __m256i c = unpack.indices(src + 2 * BITS), d = unpack.indices(src + 3 * BITS);
       const __m256i idx = _mm256_permutevar8x32_epi32(
           _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d)), order);
-      __m256i p[4];
-      t.lookup(idx, p);
-      __m256 f[4];
-      interleave_planes(p, f);
-#pragma GCC unroll 4
-      for (int k = 0; k < 4; ++k)
-#pragma GCC unroll 4
-        for (int m = 0; m < M; ++m)
-          acc[m][k % NA] = _mm256_fmadd_ps(f[k], _mm256_loadu_ps(xp + (m * steps + st) * 32 + 8 * k), acc[m][k % NA]);
+      planes_fma<(BITS > 4 ? 2 : 1), M, NA>(t, idx, xp + st * 32, steps * 32, acc);
     }
     for (int m = 0; m < M; ++m) {
       __m256 a = acc[m][0];
