@@ -135,7 +135,9 @@ class SharedLinear(SharedLayer):
         self.in_features, self.out_features = int(in_features), int(out_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        bias = self.bias
+        if bias is not None and bias.dtype != x.dtype:  # .to() on a matching dtype still costs a dispatch
+            bias = bias.to(x.dtype)
         return ops.shared_linear(x.contiguous(), self.packed, self.codebook, self.bits, self.out_features,
                                  self.in_features, bias, self.activation)
 
@@ -246,7 +248,9 @@ class SharedConv2d(_SharedConv):
     spatial_dims = 2
 
     def forward(self, x: Tensor) -> Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        bias = self.bias
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
         return ops.shared_conv2d(x, self.packed, self.codebook, self.bits, self.weight_shape, bias,
                                  self.stride, self.padding, self.dilation, self.conv_groups)
 
@@ -259,7 +263,9 @@ class SharedConv1d(_SharedConv):
     spatial_dims = 1
 
     def forward(self, x: Tensor) -> Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        bias = self.bias
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
         out, cin, width = self.weight_shape
         y = ops.shared_conv2d(x.unsqueeze(-2), self.packed, self.codebook, self.bits, (out, cin, 1, width), bias,
                               (1, self.stride[0]), (0, self.padding[0]), (1, self.dilation[0]), self.conv_groups)

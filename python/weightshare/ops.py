@@ -22,7 +22,8 @@ __all__ = ["pack", "unpack", "assign", "kmeans_step", "loss_aware_assign", "kmea
 
 
 def _native(op: str, *tensors: Tensor) -> bool:
-    return has_kernel(op, tensors[0].device.type)
+    t = tensors[0]
+    return has_kernel(op, "cpu" if t.is_cpu else t.device.type)  # is_cpu: no device object per call
 
 
 def _no_autograd_needed(*tensors: Optional[Tensor]) -> bool:
