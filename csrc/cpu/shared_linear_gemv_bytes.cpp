@@ -19,6 +19,11 @@
 #include "shared_linear.h"
 #include "shared_linear_int8.h"
 
+// GCC 12 reports its own _mm512_undefined_*() (the pass-through operand of unmasked AVX-512 intrinsics) as "used
+// uninitialized" once they are inlined here; a false positive.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 namespace weightshare::cpu {
 namespace {
 
