@@ -7,11 +7,12 @@
 // 5.3x for the byte planes. The unpacks work within 128-bit lanes, so the floats come out in a fixed permuted order
 // and x is permuted to match once per call (x_order below). The indices of a byte are split off with a shift and
 // an AND, "the s-th index of every byte" per vector, which is again a fixed order.
-// Bits 3 and 5: the same byte planes (5 bits: two 16-entry halves per plane, blended by index bit 4) on indices
-// unpacked to bytes, 8 at a time (pshufb brings each index's two bytes into a 32-bit lane, a variable shift and an
-// AND isolate it), packed to 32 bytes in order. Against the gathers they replace (dense fp32's speed), 4096x4096 at
-// batch 1, AVX2 emulated on the Zen 4 VM: 3 bits 3.2-3.9 -> 1.04 ms, 5 bits 3.2 -> 1.47 ms. Other widths (6-8 bits):
-// those 8 lanes looked up with a gather from the table in L1 (on AVX2 no byte permute reaches 64+ entries).
+// Bits 3, 5 and 6: the same byte planes (5 and 6 bits: two or four 16-entry chunks per plane, picked by the index's
+// bits 4+) on indices unpacked to bytes, 8 at a time (pshufb brings each index's two bytes into a 32-bit lane, a
+// variable shift and an AND isolate it), packed to 32 bytes in order. Against the gathers they replace (dense fp32's
+// speed), 4096x4096 at batch 1, AVX2 emulated on the Zen 4 VM: 3 bits 3.2-3.9 -> 1.03 ms, 5 bits 3.2 -> 1.47 ms,
+// 6 bits 3.27 -> 2.26 ms. 7 and 8 bits: those 8 lanes looked up with a gather from the table in L1 (eight chunks per
+// plane measured 3.84 ms at 7 bits, the gathers 3.19).
 #include <ATen/Parallel.h>
 
 #include <cstring>
@@ -27,7 +28,10 @@ namespace {
 constexpr bool byte_planes(int bits) { return bits == 1 || bits == 2 || bits == 4; }
 
 // Widths whose indices are unpacked to bytes for the byte planes (one or two 16-entry halves).
-constexpr bool unpacked_planes(int bits) { return bits == 3 || bits == 5; }
+constexpr bool unpacked_planes(int bits) { return bits == 3 || bits == 5 || bits == 6; }
+
+// 16-entry halves of a width's table.
+constexpr int plane_chunks(int bits) { return bits <= 4 ? 1 : (1 << bits) / 16; }
 
 #ifdef WS_X86
 // Weights per step: 32 packed bytes for the byte-plane path, 8 indices for the gather path.
@@ -80,11 +84,21 @@ struct BytePlanes {
   WS_AVX2 inline void lookup(__m256i idx, __m256i (&p)[4]) const {
     if constexpr (H == 1) {
       for (int q = 0; q < 4; ++q) p[q] = _mm256_shuffle_epi8(plane[0][q], idx);
-    } else {
+    } else if constexpr (H == 2) {
       const __m256i lo = _mm256_and_si256(idx, _mm256_set1_epi8(0x0f));
       const __m256i upper = _mm256_slli_epi16(idx, 3);  // bit 4 -> bit 7 of each byte: blendv's selector
       for (int q = 0; q < 4; ++q)
         p[q] = _mm256_blendv_epi8(_mm256_shuffle_epi8(plane[0][q], lo), _mm256_shuffle_epi8(plane[1][q], lo), upper);
+    } else {  // 4 or 8 chunks (6, 7 bits): the chunk picked by index bits 4+, one mask per chunk for all planes
+      const __m256i lo = _mm256_and_si256(idx, _mm256_set1_epi8(0x0f));
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(idx, 4), _mm256_set1_epi8(0x0f));
+      __m256i mask[H];
+      for (int h = 1; h < H; ++h) mask[h] = _mm256_cmpeq_epi8(hi, _mm256_set1_epi8(static_cast<char>(h)));
+      for (int q = 0; q < 4; ++q) {
+        __m256i v = _mm256_shuffle_epi8(plane[0][q], lo);
+        for (int h = 1; h < H; ++h) v = _mm256_blendv_epi8(v, _mm256_shuffle_epi8(plane[h][q], lo), mask[h]);
+        p[q] = v;
+      }
     }
   }
 };
@@ -169,7 +183,7 @@ WS_AVX2 void rows_unpacked_planes(const PackedLinear& w, const float* x, const f
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = w.packed + r * w.row_bytes;
     const DecodeTable& dt = gt.get(w, r);
-    const BytePlanes<(BITS > 4 ? 2 : 1)> t(dt);
+    const BytePlanes<plane_chunks(BITS)> t(dt);
     __m256 acc[M][NA];
     for (int m = 0; m < M; ++m)
       for (int a = 0; a < NA; ++a) acc[m][a] = _mm256_setzero_ps();
@@ -179,7 +193,7 @@ WS_AVX2 void rows_unpacked_planes(const PackedLinear& w, const float* x, const f
       const __m256i c = unpack.indices(src + 2 * BITS), d = unpack.indices(src + 3 * BITS);
       const __m256i idx = _mm256_permutevar8x32_epi32(
           _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d)), order);
-      planes_fma<(BITS > 4 ? 2 : 1), M, NA>(t, idx, xp + st * 32, steps * 32, acc);
+      planes_fma<plane_chunks(BITS), M, NA>(t, idx, xp + st * 32, steps * 32, acc);
     }
     for (int m = 0; m < M; ++m) {
       __m256 a = acc[m][0];
