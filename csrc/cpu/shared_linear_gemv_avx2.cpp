@@ -178,7 +178,6 @@ WS_AVX2 void rows_unpacked_planes(const PackedLinear& w, const float* x, const f
                                   int64_t r1, float* y) {
   constexpr int NA = M == 1 ? 4 : M == 2 ? 2 : 1;  // independent FMA chains per x row
   const Avx2Unpack8<BITS> unpack;
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // the two packs' dword order -> natural
   GroupTable gt;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = w.packed + r * w.row_bytes;
@@ -188,11 +187,7 @@ WS_AVX2 void rows_unpacked_planes(const PackedLinear& w, const float* x, const f
     for (int m = 0; m < M; ++m)
       for (int a = 0; a < NA; ++a) acc[m][a] = _mm256_setzero_ps();
     for (int64_t st = 0; st < steps; ++st) {
-      const uint8_t* src = row + st * 4 * BITS;
-      const __m256i a = unpack.indices(src), b = unpack.indices(src + BITS);
-      const __m256i c = unpack.indices(src + 2 * BITS), d = unpack.indices(src + 3 * BITS);
-      const __m256i idx = _mm256_permutevar8x32_epi32(
-          _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d)), order);
+      const __m256i idx = unpack.bytes32(row + st * 4 * BITS);
       planes_fma<plane_chunks(BITS), M, NA>(t, idx, xp + st * 32, steps * 32, acc);
     }
     for (int m = 0; m < M; ++m) {

@@ -1,6 +1,6 @@
-// CPU shared_linear, int8 path (definition: reference.shared_linear, activation="int8"): the row kernels (each
-// decoded weight vector dotted with up to 8 x rows; batch-1 inference) and the dispatch to the blocked kernel
-// (shared_linear_int8_blocked.cpp) for larger batches. The operands are quantized by shared_linear_int8_quantize.cpp;
+// CPU shared_linear, int8 path (definition: reference.shared_linear, activation="int8"): the row kernels (batch 1
+// and small batches: each decoded weight vector dotted with the x rows, up to 4 at a time) and the dispatch to the
+// blocked kernel (shared_linear_int8_blocked.cpp) for larger batches. The operands are quantized by shared_linear_int8_quantize.cpp;
 // the layout and the +128 bias are described in shared_linear_int8.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -254,7 +254,6 @@ WS_AVX2 void int8_rows_avx2_generic(const PackedLinear& w, const QuantizedX& xq,
   const int64_t n = xq.stride;     // a multiple of 64 >= in_features; x is zero past in_features
   const Avx2Unpack8<(BITS < 8 ? BITS : 1)> unpack;
   const __m256i nibble = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // the two packs' dword order -> natural
   thread_local std::vector<uint8_t> row_buf;
   thread_local std::vector<int8_t> w_buf;
   // the row, zero padded: the unpack's 16-byte loads and whole 32-index steps may pass its end (index 0, x 0 there)
@@ -275,11 +274,7 @@ WS_AVX2 void int8_rows_avx2_generic(const PackedLinear& w, const QuantizedX& xq,
       if constexpr (BITS == 8) {
         idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rowp + i0));
       } else {
-        const uint8_t* src = rowp + i0 / 8 * BITS;
-        const __m256i a = unpack.indices(src), b = unpack.indices(src + BITS);
-        const __m256i c = unpack.indices(src + 2 * BITS), d = unpack.indices(src + 3 * BITS);
-        idx = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d)),
-                                          order);
+        idx = unpack.bytes32(rowp + i0 / 8 * BITS);
       }
       __m256i v;
       if constexpr (kChunks == 1) {

@@ -21,6 +21,7 @@
 
 #include "decode_scratch.h"
 #include "shared_linear_int8.h"
+#include "simd_transpose.h"
 #include "weightshare/dispatch.h"
 
 // GCC 12 reports its own _mm512_undefined_ps()/_pd() (the pass-through of unmasked cvtepi32_ps and extract
@@ -91,23 +92,9 @@ struct Epilogue {
 };
 
 // Rows r[0..8) of 8 values transposed: y row l (l < lanes) gets r[0][l] .. r[7][l], the columns in `cols`.
-WS_AVX512 inline void transpose8_store(const __m256 (&r)[8], float* y, int64_t ldy, int lanes, __mmask8 cols) {
-  __m256 t[8], s[8];
-  for (int i = 0; i < 4; ++i) {
-    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int h = 0; h < 2; ++h) {  // rows 0-3 (h = 0) and 4-7 (h = 1)
-    s[4 * h + 0] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0x44);
-    s[4 * h + 1] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0xEE);
-    s[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0x44);
-    s[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0xEE);
-  }
-  for (int l = 0; l < 8 && l < lanes; ++l) {
-    const __m256 col = (l < 4) ? _mm256_permute2f128_ps(s[l], s[l + 4], 0x20)
-                               : _mm256_permute2f128_ps(s[l - 4], s[l], 0x31);
-    _mm256_mask_storeu_ps(y + l * ldy, cols, col);
-  }
+WS_AVX512 inline void transpose8_store(__m256 (&r)[8], float* y, int64_t ldy, int lanes, __mmask8 cols) {
+  transpose8x8(r);
+  for (int l = 0; l < 8 && l < lanes; ++l) _mm256_mask_storeu_ps(y + l * ldy, cols, r[l]);
 }
 
 // The block [kMR][NR x 16] (+)= panel [kMR][4 kc4] x x^T words b + k4 * ldb; first chunk: from zero. kFinal:

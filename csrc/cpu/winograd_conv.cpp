@@ -26,6 +26,7 @@
 
 #include "conv_gemm.h"
 #include "decode_scratch.h"
+#include "simd_transpose.h"
 #include "weightshare/cpu_features.h"
 
 namespace weightshare::cpu {
@@ -41,28 +42,8 @@ struct Geo {
 // U[xi][panel][c][MR] = (G g G^T)[xi] of every (output, input) channel pair, rows past OC zero, for panels of MR = 8
 // (AVX-512 kernel) or 4 (AVX2) output channels. Eight output channels are the lanes of one vector, so a panel row
 // is one contiguous store (a scalar version with a scattered store per value took 2.4 ms for a 256 x 256 layer,
-// more than the whole convolution).
-// Rows r[0..8) of 8 floats -> r[j] = column j (lane m of r[j] = element j of input row m).
-WS_AVX2 inline void transpose8x8(__m256 (&r)[8]) {
-  __m256 t[8];
-  for (int i = 0; i < 4; ++i) {
-    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  __m256 q[8];
-  for (int h = 0; h < 2; ++h) {
-    q[4 * h + 0] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0x44);
-    q[4 * h + 1] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0xEE);
-    q[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0x44);
-    q[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0xEE);
-  }
-  for (int j = 0; j < 4; ++j) {
-    r[j] = _mm256_permute2f128_ps(q[j], q[j + 4], 0x20);
-    r[j + 4] = _mm256_permute2f128_ps(q[j], q[j + 4], 0x31);
-  }
-}
-
-// Output channel groups [g0, g1) of 8 into U's panels [p0, p0 + np) (U[xi][p - p0][c][MR]); p0 is a multiple of 8 / MR.
+// more than the whole convolution). This function: output channel groups [g0, g1) of 8 into U's panels
+// [p0, p0 + np) (U[xi][p - p0][c][MR]); p0 is a multiple of 8 / MR.
 WS_AVX2 void transform_weight_groups(const float* g, const Geo& e, int MR, int64_t g0, int64_t g1, int64_t p0,
                                      int64_t np, float* U) {
   const int64_t panels = (e.OC + MR - 1) / MR, xs = np * e.C * MR;  // xs: floats per xi

@@ -106,6 +106,13 @@ struct Avx2Unpack8 {
     const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
     return _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(v, pattern), shifts), mask);
   }
+  // Indices 0..31 from `src` (4 * BITS bytes; the last load reads 16 bytes at src + 3 * BITS) as bytes, in order:
+  // four 8-index steps, packed to bytes (the two packs interleave 128-bit lanes; a dword permute undoes it).
+  WS_AVX2 inline __m256i bytes32(const uint8_t* src) const {
+    const __m256i a = indices(src), b = indices(src + BITS), c = indices(src + 2 * BITS), d = indices(src + 3 * BITS);
+    const __m256i packed = _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d));
+    return _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  }
 };
 
 // Columns [begin, begin + count) of a row of row_bytes bytes (begin a multiple of 8) decoded 8 at a time with
