@@ -57,7 +57,7 @@ def test_float_matches_reference(bits, M, per_row, simd, device, gen):
 @pytest.mark.parametrize("groups", [1, 6])
 def test_gemv_wide_rows(bits, M, groups, simd, gen):
     """The GEMV paths over rows wide enough for several SIMD steps of every width and a tail (1100 = 4 x 256 + 76
-    at 1 bit, 17 x 64 + 12 at 4 bits; the AVX2 gather path's 16-byte loads stop short of the row end), one or
+    at 1 bit, 17 x 64 + 12 at 4 bits; the AVX2 6-8-bit path's 8-byte loads stop short of the row end), one or
     several codebooks, one codebook with fewer entries than 2**bits; the int8 path bit-exact on the same rows."""
     out_f, in_f = 18, 1100
     k = max(2, (1 << bits) - 1) if groups == 1 else None

@@ -7,12 +7,14 @@
 // 5.3x for the byte planes. The unpacks work within 128-bit lanes, so the floats come out in a fixed permuted order
 // and x is permuted to match once per call (x_order below). The indices of a byte are split off with a shift and
 // an AND, "the s-th index of every byte" per vector, which is again a fixed order.
-// Bits 3, 5 and 6: the same byte planes (5 and 6 bits: two or four 16-entry chunks per plane, picked by the index's
-// bits 4+) on indices unpacked to bytes, 8 at a time (pshufb brings each index's two bytes into a 32-bit lane, a
-// variable shift and an AND isolate it), packed to 32 bytes in order. Against the gathers they replace (dense fp32's
-// speed), 4096x4096 at batch 1, AVX2 emulated on the Zen 4 VM: 3 bits 3.2-3.9 -> 1.03 ms, 5 bits 3.2 -> 1.47 ms,
-// 6 bits 3.27 -> 2.26 ms. 7 and 8 bits: those 8 lanes looked up with a gather from the table in L1 (eight chunks per
-// plane measured 3.84 ms at 7 bits, the gathers 3.19).
+// Bits 3 and 5: the same byte planes (5 bits: two 16-entry halves per plane, picked by the index's bit 4) on
+// indices unpacked to bytes, 8 at a time (pshufb brings each index's two bytes into a 32-bit lane, a variable shift
+// and an AND isolate it), packed to 32 bytes in order.
+// Bits 6, 7, 8: each weight's table entry loaded by a scalar index (lookup8_scalar): a cost per weight that does
+// not grow with the table, where the planes need a pshufb and a blend per 16 entries. 4096x4096 at batch 1, AVX2
+// emulated on the Zen 4 VM (dense fp32 3.2 ms): the gathers this replaced ran 3.1-3.3 ms at 6-8 bits (dense
+// speed), four-chunk byte planes 2.26-2.4 ms at 6 bits; the scalar lookups 1.7-2.0 ms. At 5 bits the planes stay
+// ahead (1.47 vs 1.95 ms), at 3 bits far ahead (1.03 ms).
 #include <ATen/Parallel.h>
 
 #include <cstring>
@@ -27,17 +29,18 @@ namespace {
 // Widths whose codebook (at most 2**bits <= 16 entries) fits the byte planes and whose indices tile bytes.
 constexpr bool byte_planes(int bits) { return bits == 1 || bits == 2 || bits == 4; }
 
-// Widths whose indices are unpacked to bytes for the byte planes (one or two 16-entry halves).
-constexpr bool unpacked_planes(int bits) { return bits == 3 || bits == 5 || bits == 6; }
+// Widths whose indices are unpacked to bytes for the byte planes (one or two 16-entry halves). 6 to 8 bits: scalar
+// lookups (lookup8_scalar).
+constexpr bool unpacked_planes(int bits) { return bits == 3 || bits == 5; }
 
 // 16-entry halves of a width's table.
 constexpr int plane_chunks(int bits) { return bits <= 4 ? 1 : (1 << bits) / 16; }
 
 #ifdef WS_X86
-// Weights per step: 32 packed bytes for the byte-plane path, 8 indices for the gather path.
+// Weights per step of the byte-plane path: 32 packed bytes.
 template <int BITS>
 constexpr int64_t step_weights() {
-  return byte_planes(BITS) ? 32 * (8 / BITS) : 8;
+  return 32 * (8 / BITS);
 }
 
 // Byte-plane path: the weight that float lane l of output vector (s, k) holds, within a step: byte p of the step's
@@ -84,21 +87,12 @@ struct BytePlanes {
   WS_AVX2 inline void lookup(__m256i idx, __m256i (&p)[4]) const {
     if constexpr (H == 1) {
       for (int q = 0; q < 4; ++q) p[q] = _mm256_shuffle_epi8(plane[0][q], idx);
-    } else if constexpr (H == 2) {
+    } else {
+      static_assert(H == 2, "one or two 16-entry halves");
       const __m256i lo = _mm256_and_si256(idx, _mm256_set1_epi8(0x0f));
       const __m256i upper = _mm256_slli_epi16(idx, 3);  // bit 4 -> bit 7 of each byte: blendv's selector
       for (int q = 0; q < 4; ++q)
         p[q] = _mm256_blendv_epi8(_mm256_shuffle_epi8(plane[0][q], lo), _mm256_shuffle_epi8(plane[1][q], lo), upper);
-    } else {  // 4 or 8 chunks (6, 7 bits): the chunk picked by index bits 4+, one mask per chunk for all planes
-      const __m256i lo = _mm256_and_si256(idx, _mm256_set1_epi8(0x0f));
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(idx, 4), _mm256_set1_epi8(0x0f));
-      __m256i mask[H];
-      for (int h = 1; h < H; ++h) mask[h] = _mm256_cmpeq_epi8(hi, _mm256_set1_epi8(static_cast<char>(h)));
-      for (int q = 0; q < 4; ++q) {
-        __m256i v = _mm256_shuffle_epi8(plane[0][q], lo);
-        for (int h = 1; h < H; ++h) v = _mm256_blendv_epi8(v, _mm256_shuffle_epi8(plane[h][q], lo), mask[h]);
-        p[q] = v;
-      }
     }
   }
 };
@@ -199,10 +193,8 @@ WS_AVX2 void rows_unpacked_planes(const PackedLinear& w, const float* x, const f
 }
 
 template <int BITS, int M>
-WS_AVX2 void rows_gather(const PackedLinear& w, const float* x, int64_t r0, int64_t r1, float* y) {
-  const Avx2Unpack8<BITS> unpack;
-  // whole 8-index steps whose 16-byte load stays inside the row
-  const int64_t steps = w.row_bytes >= 16 ? std::min(w.in_features / 8, (w.row_bytes - 16) / BITS + 1) : 0;
+WS_AVX2 void rows_lookup(const PackedLinear& w, const float* x, int64_t r0, int64_t r1, float* y) {
+  const int64_t steps = steps8_in_row(w.row_bytes, BITS, w.in_features / 8);
   GroupTable gt;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = w.packed + r * w.row_bytes;
@@ -211,8 +203,8 @@ WS_AVX2 void rows_gather(const PackedLinear& w, const float* x, int64_t r0, int6
     for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
     int64_t st = 0;
     for (; st + 2 <= steps; st += 2) {  // two steps, two chains
-      const __m256 w0 = _mm256_i32gather_ps(dt.v, unpack.indices(row + st * BITS), 4);
-      const __m256 w1 = _mm256_i32gather_ps(dt.v, unpack.indices(row + (st + 1) * BITS), 4);
+      const __m256 w0 = lookup8_scalar<BITS>(load_step8(row, st, BITS), dt.v);
+      const __m256 w1 = lookup8_scalar<BITS>(load_step8(row, st + 1, BITS), dt.v);
 #pragma GCC unroll 4
       for (int m = 0; m < M; ++m) {
         const float* xm = x + m * w.in_features + st * 8;
@@ -221,7 +213,7 @@ WS_AVX2 void rows_gather(const PackedLinear& w, const float* x, int64_t r0, int6
       }
     }
     if (st < steps) {
-      const __m256 w0 = _mm256_i32gather_ps(dt.v, unpack.indices(row + st * BITS), 4);
+      const __m256 w0 = lookup8_scalar<BITS>(load_step8(row, st, BITS), dt.v);
       for (int m = 0; m < M; ++m)
         acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * w.in_features + st * 8), acc[m][0]);
     }
@@ -257,7 +249,7 @@ void gemv_m(const PackedLinear& w, const float* x, float* y) {
     });
   } else {
     at::parallel_for(0, w.out_features, grain,
-                     [&](int64_t r0, int64_t r1) { rows_gather<BITS, M>(w, x, r0, r1, y); });
+                     [&](int64_t r0, int64_t r1) { rows_lookup<BITS, M>(w, x, r0, r1, y); });
   }
 }
 #endif
