@@ -141,12 +141,9 @@ def shared_linear(x: Tensor, packed: Tensor, codebook: Tensor, bits: int, out_fe
     (reference.shared_linear defines it to the bit). Differentiable in x, codebook and bias (float formula; the
     int8 path's gradient is the float path's: straight-through)."""
     codebook = _as_2d(codebook)
-    if _native("shared_linear", x):
-        args = (x, packed, codebook, bits, out_features, in_features, bias, activation)
-        if _no_autograd_needed(x, codebook, bias):
-            with torch._C._AutoDispatchBelowAutograd():
-                return torch.ops.weightshare.shared_linear(*args)
-        return torch.ops.weightshare.shared_linear(*args)
+    if _native("shared_linear", x):  # autograd in C++: no Python layer to skip
+        return torch.ops.weightshare.shared_linear.default(x, packed, codebook, bits, out_features, in_features,
+                                                           bias, activation)
     return _SharedLinearReference.apply(x, packed, codebook, bits, out_features, in_features, bias, activation)
 
 
@@ -340,27 +337,7 @@ if NATIVE:
             codebook.new_empty(0, dtype=torch.float32)
         return gx, gc
 
-    def _shared_linear_setup(ctx, inputs, output):
-        x, packed, codebook, bits, out_features, in_features, bias, activation = inputs
-        ctx.save_for_backward(x, packed, codebook)
-        ctx.meta = (bits, out_features, in_features, bias is not None)
-
-    def _shared_linear_backward(ctx, grad):
-        x, packed, codebook = ctx.saved_tensors
-        bits, out_f, in_f, has_bias = ctx.meta
-        need_x, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        gx = gc = gb = None
-        if need_x or need_c:
-            gx, gc = torch.ops.weightshare.shared_linear_backward(grad.contiguous(), x, packed, codebook, bits, out_f,
-                                                                  in_f, need_x, need_c)
-            gx = gx if need_x else None
-            gc = gc.to(codebook.dtype) if need_c else None
-        if has_bias and ctx.needs_input_grad[6]:
-            gb = grad.reshape(-1, out_f).sum(0)
-        return gx, None, gc, None, None, None, gb, None
-
-    torch.library.register_autograd("weightshare::shared_linear", _shared_linear_backward,
-                                    setup_context=_shared_linear_setup)
+    # shared_linear's autograd is C++ (csrc/shared_linear_autograd.cpp): the Python layer cost ~4 us per call.
 
     # The backward op is itself differentiable (double backward through a shared layer: Hessian-vector products of
     # a compressed model, gradient penalties). With W decoded from (packed, codebook):

@@ -59,6 +59,14 @@ struct Avx512Unpack16 {
     const __m512i v = _mm512_permutexvar_epi8(pattern, _mm512_broadcast_i32x4(bytes));
     return _mm512_and_si512(_mm512_srlv_epi32(v, shifts), mask);
   }
+  // The first `count` (1..15) indices of block blk, a row's last partial block: only their bytes are read (the
+  // lanes past `count` hold index bits of zero bytes; the caller masks them).
+  WS_AVX512 inline __m512i partial_indices(const uint8_t* row, int64_t blk, int count) const {
+    const int nbytes = (count * BITS + 7) / 8;
+    const __m128i bytes = _mm_maskz_loadu_epi8((__mmask16)((1u << nbytes) - 1u), row + blk * 2 * BITS);
+    const __m512i v = _mm512_permutexvar_epi8(pattern, _mm512_broadcast_i32x4(bytes));
+    return _mm512_and_si512(_mm512_srlv_epi32(v, shifts), mask);
+  }
 };
 
 // The codebook table in registers: 16 entries in one register (bits <= 4), 32 in two (5), up to 256 in 16 (6-8).
