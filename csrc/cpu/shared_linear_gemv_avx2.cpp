@@ -123,15 +123,23 @@ WS_AVX2 inline __attribute__((always_inline)) void planes_fma(const BytePlanes<H
       acc[m][k % NA] = _mm256_fmadd_ps(f[k], _mm256_loadu_ps(xv + m * x_stride + 8 * k), acc[m][k % NA]);
 }
 
-// A row's dot product: the vector accumulator's lanes summed, plus the weights from `from` on (the row's tail,
-// fewer than one step) one by one in x's own order.
+// A row's dot product: the vector accumulator's lanes summed, after the weights from `from` on (the row's tail,
+// fewer than one step; `from` a multiple of 8) are added in x's own order: whole 8-index groups by scalar table
+// loads (the group's BITS bytes read exactly), then one by one (a 4-bit row of 300 had 44 single weights: 100x300
+// at batch 1 8.7 -> 6.5 us).
 template <int BITS>
 WS_AVX2 float row_total(__m256 acc, const uint8_t* row, const float* table, const float* xm, int64_t from,
                         int64_t in) {
+  int64_t i = from;
+  for (; i + 8 <= in; i += 8) {
+    uint64_t v = 0;
+    std::memcpy(&v, row + i / 8 * BITS, BITS);
+    acc = _mm256_fmadd_ps(lookup8_scalar<BITS>(v, table), _mm256_loadu_ps(xm + i), acc);
+  }
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, acc);
   float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-  for (int64_t i = from; i < in; ++i) sum += table[unpack_one(row, i, BITS)] * xm[i];
+  for (; i < in; ++i) sum += table[unpack_one(row, i, BITS)] * xm[i];
   return sum;
 }
 
