@@ -218,7 +218,7 @@ at::Tensor loss_aware_assign_cuda(const at::Tensor& w, const std::optional<at::T
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  const int te = table_error.flag.item<int>();
+  const int te = table_error.value();
   if (te & 1) fail_value("codebook contains NaN or Inf; codebook entries must be finite");
   if (te & 2) fail_value("penalty contains NaN or -Inf; use +inf to forbid an entry");
   value_error.check("w, grad or hdiag contains NaN or Inf; the loss-change model needs finite values");

@@ -24,14 +24,25 @@ inline int blocks_for(int64_t work, int threads = kThreads) {
 
 inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 
-// One int32 on the device; kernels atomicOr bits into it. check() copies it back (one synchronising 4-byte
-// read; these ops validate data they cannot check without reading it) and raises `message` if it is set.
+// Whether the current stream is being captured into a CUDA graph.
+inline bool capturing() {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream(), &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// One int32 on the device; kernels atomicOr bits into it. value() copies it back (one synchronising 4-byte read;
+// these ops validate data they cannot check without reading it) and check() raises `message` if it is set.
+// Inside CUDA graph capture a device-to-host read is not allowed (and a replay could not raise): there the flag
+// reads 0, so the op captures, and bad data in a replay gives unchecked results (the same call run eagerly, e.g.
+// the warm-up before capture, validates).
 struct ErrorFlag {
   at::Tensor flag;
   explicit ErrorFlag(const at::Tensor& like) : flag(at::zeros({1}, like.options().dtype(at::kInt))) {}
   int* ptr() { return flag.data_ptr<int>(); }
+  int value() const { return capturing() ? 0 : flag.item<int>(); }
   void check(const std::string& message) const {
-    if (flag.item<int>() != 0) fail_value(message);
+    if (value() != 0) fail_value(message);
   }
 };
 

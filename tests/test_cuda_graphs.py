@@ -1,0 +1,102 @@
+"""Every CUDA op captured in a CUDA graph (the issue: "work under CUDA graphs"): captured once, replayed on new
+input written into the captured buffers, and compared with the same calls run eagerly. Skips without a GPU.
+
+What could break capture: a host synchronisation inside an op (the data checks' 4-byte error-flag read, which is
+skipped while capturing: cuda_utils.h ErrorFlag), work on a stream other than the current one, or an allocation
+the graph pool cannot serve."""
+import pytest
+import torch
+
+import weightshare as ws
+
+from conftest import DEVICES
+
+pytestmark = pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
+
+
+def capture(fn):
+    """fn captured in a CUDA graph after a warm-up on a side stream (as torch.cuda.graphs' documentation asks);
+    returns (graph, the captured output)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def replay_matches(fn, inputs, fresh):
+    """Capture fn over `inputs` (a list of CUDA tensors), then copy `fresh` into them, replay, and compare with fn
+    run eagerly on the fresh values (equal up to float summation order: some kernels accumulate with atomics)."""
+    graph, out = capture(fn)
+    for dst, src in zip(inputs, fresh):
+        dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = fn()
+    outs, wants = (out, want) if isinstance(out, tuple) else ((out,), (want,))
+    for got, ref in zip(outs, wants):
+        torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("M", [1, 8, 40, 300])  # the GEMV, its split-K form's sizes, panels + cuBLAS above
+@pytest.mark.parametrize("activation", ["float", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_graph_shared_linear(M, activation, dtype):
+    g = torch.Generator().manual_seed(0)
+    out_f, in_f, bits = 96, 520, 4
+    idx = torch.randint(0, 16, (out_f, in_f), generator=g, dtype=torch.uint8)
+    packed = ws.ops.pack(idx, bits).cuda()
+    cb = (torch.randn(1, 16, generator=g) * 0.1).cuda()
+    bias = torch.randn(out_f, generator=g).cuda().to(dtype)
+    x = torch.randn(M, in_f, generator=g).cuda().to(dtype)
+    fresh = torch.randn(M, in_f, generator=g).cuda().to(dtype)
+    replay_matches(lambda: ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f, bias, activation), [x], [fresh])
+
+
+def test_cuda_graph_shared_linear_backward():
+    g = torch.Generator().manual_seed(1)
+    out_f, in_f, bits = 64, 200, 3
+    packed = ws.ops.pack(torch.randint(0, 8, (out_f, in_f), generator=g, dtype=torch.uint8), bits).cuda()
+    cb = torch.randn(4, 8, generator=g).cuda()
+    x, grad = torch.randn(24, in_f, generator=g).cuda(), torch.randn(24, out_f, generator=g).cuda()
+    fresh = [torch.randn(24, in_f, generator=g).cuda(), torch.randn(24, out_f, generator=g).cuda()]
+    replay_matches(lambda: torch.ops.weightshare.shared_linear_backward(grad, x, packed, cb, bits, out_f, in_f,
+                                                                         True, True), [x, grad], fresh)
+
+
+def test_cuda_graph_dequantize_and_conv():
+    g = torch.Generator().manual_seed(2)
+    shape, bits = (16, 8, 3, 3), 4
+    packed = ws.ops.pack(torch.randint(0, 16, (16, 72), generator=g, dtype=torch.uint8), bits).cuda()
+    cb = torch.randn(1, 16, generator=g).cuda()
+    replay_matches(lambda: ws.ops.dequantize(packed, cb, bits, list(shape)), [cb],
+                   [torch.randn(1, 16, generator=g).cuda()])
+    x = torch.randn(2, 8, 12, 12, generator=g).cuda()
+    replay_matches(lambda: ws.ops.shared_conv2d(x, packed, cb, bits, shape, None, 1, 1), [x],
+                   [torch.randn(2, 8, 12, 12, generator=g).cuda()])
+
+
+def test_cuda_graph_assign_pack_and_statistics():
+    """The ops whose data checks read an error flag back (NaN weights, indices out of range): they capture, the
+    replay computes on new data, and the same calls run eagerly still raise on bad data."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 100, generator=g).cuda()
+    cb = torch.sort(torch.randn(1, 16, generator=g)).values.cuda()
+    grad, hdiag = torch.randn(64, 100, generator=g).cuda(), torch.rand(64, 100, generator=g).cuda()
+    fresh_w = torch.randn(64, 100, generator=g).cuda()
+    replay_matches(lambda: ws.ops.assign(w, cb), [w], [fresh_w])
+    replay_matches(lambda: ws.ops.loss_aware_assign(w, grad, hdiag, cb), [w], [fresh_w * 2])
+    idx = torch.randint(0, 16, (64, 100), generator=g, dtype=torch.uint8).cuda()
+    fresh_idx = torch.randint(0, 16, (64, 100), generator=g, dtype=torch.uint8).cuda()
+    replay_matches(lambda: ws.ops.pack(idx, 4), [idx], [fresh_idx])
+    replay_matches(lambda: ws.ops.kmeans_step(w, idx, 16), [w, idx], [fresh_w, fresh_idx])
+    # outside capture the checks run as before
+    with pytest.raises(ValueError, match="NaN"):
+        ws.ops.assign(torch.full((4, 4), float("nan"), device="cuda"), cb)
+    with pytest.raises(ValueError, match="cannot be packed"):
+        ws.ops.pack(torch.full((4, 8), 200, dtype=torch.uint8, device="cuda"), 4)
