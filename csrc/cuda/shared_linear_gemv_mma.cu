@@ -219,13 +219,28 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_mma_kernel(const MmaGemvArgs
   }
 }
 
+// Whether the kernel's loaded device code has the mma instructions: mma16816 compiles them only for sm_80+ and
+// traps otherwise, so a build from PTX for an older arch (TORCH_CUDA_ARCH_LIST="7.5+PTX"), JIT-compiled for an
+// H200, must not take this path (a trap would poison the CUDA context). Found by review, session 9.
+bool mma_compiled() {
+  static const bool ok = [] {
+    cudaFuncAttributes attr{};
+    if (cudaFuncGetAttributes(&attr, gemv_mma_kernel<__half, 4, false>) != cudaSuccess) {
+      (void)cudaGetLastError();  // clear the (non-sticky) error: the next launch check must not see it
+      return false;
+    }
+    return attr.ptxVersion >= 80 && attr.binaryVersion >= 80;
+  }();
+  return ok;
+}
+
 }  // namespace
 
 bool gemv_mma_takes(at::ScalarType x_dtype, int64_t M, int device) {
   const char* sw = std::getenv("WS_CUDA_GEMV");
   if (sw == nullptr || std::string_view(sw) != "mma") return false;
   return (x_dtype == at::kHalf || x_dtype == at::kBFloat16) && M >= 1 && M <= kGemvMmaMaxM &&
-         device_attribute<cudaDevAttrComputeCapabilityMajor>(device) >= 8;
+         device_attribute<cudaDevAttrComputeCapabilityMajor>(device) >= 8 && mma_compiled();
 }
 
 void launch_gemv_mma(const PackedRows& w, const at::Tensor& x, int64_t x_ld, int bits, Epilogue out, int sms) {
