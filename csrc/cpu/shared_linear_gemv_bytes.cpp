@@ -72,9 +72,21 @@ struct BytePlanes {
   }
 };
 
+// The row's last, partial block (when in % 64 != 0): which lanes of the lookup's four output vectors hold weights
+// before the row end (the lanes are in unpack_pos order).
+struct TailMasks {
+  int64_t count = 0;  // weights in the partial block (0: none)
+  __mmask16 lanes[4] = {0, 0, 0, 0};
+  explicit TailMasks(int64_t in) : count(in % kBlock) {
+    for (int64_t i = 0; i < count; ++i) lanes[unpack_pos(i) / 16] |= static_cast<__mmask16>(1u << (unpack_pos(i) % 16));
+  }
+};
+
+// xp: x rows in the unpacks' order, xblocks blocks of 64 per row (the last one zero padded when the row has a
+// partial block).
 template <int BITS, int M>
-WS_AVX512 void gemv_rows_bytes(const PackedLinear& w, const float* x, const float* xp, int64_t r0, int64_t r1,
-                               float* y) {
+WS_AVX512 void gemv_rows_bytes(const PackedLinear& w, const float* xp, int64_t xblocks, const TailMasks& tail,
+                               int64_t r0, int64_t r1, float* y) {
   const int64_t in = w.in_features, blocks = in / kBlock;
   const Unpack64<BITS> unpack64;  // 6 and 7 bits
   GroupTable gt;
@@ -99,14 +111,23 @@ WS_AVX512 void gemv_rows_bytes(const PackedLinear& w, const float* x, const floa
       }
       for (int j = 0; j < 4; ++j)
         for (int m = 0; m < M; ++m)
-          acc[m][j & 1] = _mm512_fmadd_ps(wv[j], _mm512_loadu_ps(xp + (m * blocks + blk) * kBlock + 16 * j),
+          acc[m][j & 1] = _mm512_fmadd_ps(wv[j], _mm512_loadu_ps(xp + (m * xblocks + blk) * kBlock + 16 * j),
                                           acc[m][j & 1]);
     }
-    for (int m = 0; m < M; ++m) {
-      float s = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
-      for (int64_t i = blocks * kBlock; i < in; ++i) s += dt.v[unpack_one(row, i, BITS)] * x[m * in + i];  // tail
-      y[m * w.out_features + r] = s;
+    if (tail.count > 0) {  // one more lookup with the lanes past the row end masked out (their index reads 0)
+      __m512 wv[4];
+      if constexpr (BITS == 8) {
+        const __mmask64 bytes = (__mmask64(1) << tail.count) - 1;  // count < 64
+        planes.lookup(_mm512_maskz_loadu_epi8(bytes, row + blocks * kBlock), wv);
+      } else {
+        planes.lookup(unpack64(row, w.row_bytes, blocks), wv);
+      }
+      for (int j = 0; j < 4; ++j)
+        for (int m = 0; m < M; ++m)
+          acc[m][j & 1] = _mm512_mask3_fmadd_ps(
+              wv[j], _mm512_loadu_ps(xp + (m * xblocks + blocks) * kBlock + 16 * j), acc[m][j & 1], tail.lanes[j]);
     }
+    for (int m = 0; m < M; ++m) y[m * w.out_features + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
   }
 }
 #endif
@@ -116,20 +137,23 @@ WS_AVX512 void gemv_rows_bytes(const PackedLinear& w, const float* x, const floa
 bool gemv_avx512_bytes(const PackedLinear& w, const float* x, int64_t M, float* y) {
 #ifdef WS_X86
   if (w.bits < 6 || M < 1 || M > 4 || simd_level() != Simd::Avx512 || w.in_features < kBlock) return false;
-  const int64_t in = w.in_features, blocks = in / kBlock;
-  std::vector<float> xp(M * blocks * kBlock);  // x's whole blocks in the unpacks' order
+  const int64_t in = w.in_features;
+  const TailMasks tail(in);
+  // x in the unpacks' order, the partial last block zero padded (a scalar tail loop over up to 63 weights a row
+  // cost more than the lookups on small layers: LeNet-300-100's 300-wide rows have 44)
+  const int64_t xblocks = (in + kBlock - 1) / kBlock;
+  std::vector<float> xp(M * xblocks * kBlock, 0.0f);
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t blk = 0; blk < blocks; ++blk)
-      for (int64_t i = 0; i < kBlock; ++i)
-        xp[(m * blocks + blk) * kBlock + unpack_pos(i)] = x[m * in + blk * kBlock + i];
+    for (int64_t i = 0; i < in; ++i)
+      xp[(m * xblocks + i / kBlock) * kBlock + unpack_pos(i % kBlock)] = x[m * in + i];
   auto rows = [&](auto bits_tag) {
     constexpr int BITS = decltype(bits_tag)::value;
     at::parallel_for(0, w.out_features, std::max<int64_t>(1, 65536 / in), [&](int64_t r0, int64_t r1) {
       switch (M) {
-        case 1: return gemv_rows_bytes<BITS, 1>(w, x, xp.data(), r0, r1, y);
-        case 2: return gemv_rows_bytes<BITS, 2>(w, x, xp.data(), r0, r1, y);
-        case 3: return gemv_rows_bytes<BITS, 3>(w, x, xp.data(), r0, r1, y);
-        default: return gemv_rows_bytes<BITS, 4>(w, x, xp.data(), r0, r1, y);
+        case 1: return gemv_rows_bytes<BITS, 1>(w, xp.data(), xblocks, tail, r0, r1, y);
+        case 2: return gemv_rows_bytes<BITS, 2>(w, xp.data(), xblocks, tail, r0, r1, y);
+        case 3: return gemv_rows_bytes<BITS, 3>(w, xp.data(), xblocks, tail, r0, r1, y);
+        default: return gemv_rows_bytes<BITS, 4>(w, xp.data(), xblocks, tail, r0, r1, y);
       }
     });
   };
