@@ -86,6 +86,24 @@ def widths_table(r):
     return "\n".join(out)
 
 
+def small_layers_table(r):
+    """Per-call microseconds of small layers at batch 1, the whole LeNet-300-100, and one training step."""
+    out = [f"Small layers, per call ({_machine(r['machine'])}{_caps(r)}; microseconds, median of rounds)", "",
+           "| layer | bits | F.linear | nn.Linear | ws.ops.shared_linear | SharedLinear | nn.Linear / SharedLinear |",
+           "|---|---|---|---|---|---|---|"]
+    for x in r["layers"]:
+        out.append(f"| {x['shape'][0]}x{x['shape'][1]}, batch 1 | {x['bits']} | {x['F.linear_us']:.2f} | "
+                   f"{x['nn.Linear_us']:.2f} | {x['ws.ops.shared_linear_us']:.2f} | {x['SharedLinear_us']:.2f} | "
+                   f"{x['module_ratio']:.2f}x |")
+    for x in r["model"]:
+        out.append(f"| {x['model']}, batch {x['batch']} | {x['bits']} |  | {x['dense_us']:.2f} |  | "
+                   f"{x['shared_us']:.2f} | {x['ratio']:.2f}x |")
+    for x in r["training"]:
+        out.append(f"| {x['shape'][0]}x{x['shape'][1]}, forward + backward, batch {x['batch']} | {x['bits']} |  | "
+                   f"{x['dense_us']:.1f} |  | {x['shared_us']:.1f} | {x['ratio']:.2f}x |")
+    return "\n".join(out)
+
+
 def conv_table(r):
     offsets = r.get("offsets")
     head = f"Shared Conv2d, {r['bits']}-bit, batch 1, fp32 ({_machine(r['machine'])}{_caps(r)})"
@@ -279,6 +297,7 @@ def main():
     for name, fn in (("assign_cpu.json", assign_table), ("kmeans_cpu.json", kmeans_table),
                      ("shared_linear_cpu.json", linear_table), ("shared_linear_cpu_avx2.json", linear_table),
                      ("linear_widths_cpu.json", widths_table), ("linear_widths_cpu_avx2.json", widths_table),
+                     ("small_layers_cpu.json", small_layers_table),
                      ("shared_conv_cpu.json", conv_table), ("shared_conv_cpu_avx2.json", conv_table),
                      ("ops_cpu.json", ops_table), ("prune_curve_lenet300100.json", prune_curve_table),
                      ("prune_curve_lenet5.json", prune_curve_table),

@@ -25,8 +25,12 @@ import torch
 from torch import Tensor, nn
 
 from weightshare import ops
+from weightshare._native import has_kernel
 from weightshare.formats import MAX_BITS, MIN_BITS, bits_for, packed_row_bytes
 from weightshare.models import BinaryLinear
+
+# shared_linear's op overload, resolved once (None without the native library: forward then takes ws.ops' path)
+_SHARED_LINEAR = torch.ops.weightshare.shared_linear.default if has_kernel("shared_linear", "cpu") else None
 
 __all__ = ["SharedLinear", "SharedConv1d", "SharedConv2d", "SharedLayer", "binary_assignment", "is_binary_linear"]
 
@@ -138,8 +142,14 @@ class SharedLinear(SharedLayer):
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:  # .to() on a matching dtype still costs a dispatch
             bias = bias.to(x.dtype)
-        return ops.shared_linear(x.contiguous(), self.packed, self.codebook, self.bits, self.out_features,
-                                 self.in_features, bias, self.activation)
+        x = x if x.is_contiguous() else x.contiguous()
+        packed = self.packed
+        if _SHARED_LINEAR is not None and has_kernel("shared_linear", "cpu" if packed.is_cpu else packed.device.type):
+            # the op itself (codebook already [G, K]): ws.ops' wrapper would only add a Python frame (~0.5 us)
+            return _SHARED_LINEAR(x, packed, self.codebook, self.bits, self.out_features, self.in_features, bias,
+                                  self.activation)
+        return ops.shared_linear(x, packed, self.codebook, self.bits, self.out_features, self.in_features, bias,
+                                 self.activation)
 
     @classmethod
     def from_weight(cls, weight: Tensor, bias: Optional[Tensor], codebook: Tensor, idx: Tensor,
