@@ -104,6 +104,23 @@ def small_layers_table(r):
     return "\n".join(out)
 
 
+def transformer_table(r):
+    """The GPT-2-small-shaped stack: dense, shared (float / int8 activations), torch int8, per token count."""
+    sh, sz = r["shape"], r["sizes"]
+    out = [f"Transformer, {sh['blocks']} GPT-2-small blocks ({sh['dim']} wide, MLP {4 * sh['dim']}), every Linear "
+           f"shared at {sh['bits']} bits ({_machine(r['machine'])}{_caps(r)}; weights {sz['dense_fp32_mb']:.0f} MB "
+           f"fp32, file {sz['shared_file_mb']:.1f} MB)", "",
+           "| tokens | dense fp32 | shared, float | shared, int8 activations | torch int8 dynamic | "
+           "rel. error (float / int8 / torch int8) |", "|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        d, e = x["dense_ms"], x["rel_error"]
+        out.append(f"| {x['tokens']} | {d:.2f} ms | {x['shared_ms']:.2f} ms ({d / x['shared_ms']:.2f}x) | "
+                   f"{x['shared_int8_ms']:.2f} ms ({d / x['shared_int8_ms']:.2f}x) | {x['torch_int8_ms']:.2f} ms "
+                   f"({d / x['torch_int8_ms']:.2f}x) | {e['shared']:.1e} / {e['shared_int8']:.1e} / "
+                   f"{e['torch_int8']:.1e} |")
+    return "\n".join(out)
+
+
 def conv_table(r):
     offsets = r.get("offsets")
     head = f"Shared Conv2d, {r['bits']}-bit, batch 1, fp32 ({_machine(r['machine'])}{_caps(r)})"
@@ -297,7 +314,8 @@ def main():
     for name, fn in (("assign_cpu.json", assign_table), ("kmeans_cpu.json", kmeans_table),
                      ("shared_linear_cpu.json", linear_table), ("shared_linear_cpu_avx2.json", linear_table),
                      ("linear_widths_cpu.json", widths_table), ("linear_widths_cpu_avx2.json", widths_table),
-                     ("small_layers_cpu.json", small_layers_table),
+                     ("small_layers_cpu.json", small_layers_table), ("transformer_cpu.json", transformer_table),
+                     ("transformer_cpu_avx2.json", transformer_table),
                      ("shared_conv_cpu.json", conv_table), ("shared_conv_cpu_avx2.json", conv_table),
                      ("ops_cpu.json", ops_table), ("prune_curve_lenet300100.json", prune_curve_table),
                      ("prune_curve_lenet5.json", prune_curve_table),
