@@ -75,14 +75,18 @@ def widths_table(r):
            f"dynamic {base['1']['torch_int8_dynamic_ms']:.3f} / {base['64']['torch_int8_dynamic_ms']:.3f} ms at batch "
            "1 / 64; cells: time (ratio))", "",
            "| bits | codebooks | float, batch 1 (x dense) | float, batch 64 | int8, batch 1 (x torch int8) | "
-           "int8, batch 64 |", "|---|---|---|---|---|---|"]
+           "int8, batch 64 | int8, batch 1, weights from DRAM |", "|---|---|---|---|---|---|---|"]
+    if "torch_int8_dynamic_dram_ms" in base["1"]:
+        out[0] = out[0][:-1] + f"; from DRAM torch int8 {base['1']['torch_int8_dynamic_dram_ms']:.3f} ms)"
     cells = {}
     for x in r["rows"]:
         cells.setdefault((x["bits"], x["codebooks"]), {})[x["batch"]] = x
     for (bits, cbs), c in cells.items():
         f = " | ".join(f"{c[M]['ws_float_ms']:.3f} ms ({c[M]['float_speedup_vs_dense']:.2f}x)" for M in (1, 64))
         i = " | ".join(f"{c[M]['ws_int8_ms']:.3f} ms ({c[M]['int8_speedup_vs_torch_int8']:.2f}x)" for M in (1, 64))
-        out.append(f"| {bits} | {cbs} | {f} | {i} |")
+        d = (f"{c[1]['ws_int8_dram_ms']:.3f} ms ({c[1]['int8_dram_speedup_vs_torch_int8']:.2f}x)"
+             if "ws_int8_dram_ms" in c[1] else "")
+        out.append(f"| {bits} | {cbs} | {f} | {i} | {d} |")
     return "\n".join(out)
 
 
