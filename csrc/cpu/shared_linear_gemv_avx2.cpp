@@ -8,8 +8,7 @@
 // and x is permuted to match once per call (x_order below). The indices of a byte are split off with a shift and
 // an AND, "the s-th index of every byte" per vector, which is again a fixed order.
 // Bits 3 and 5: the same byte planes (5 bits: two 16-entry halves per plane, picked by the index's bit 4) on
-// indices unpacked to bytes, 8 at a time (pshufb brings each index's two bytes into a 32-bit lane, a variable shift
-// and an AND isolate it), packed to 32 bytes in order.
+// indices unpacked to bytes, 32 at a time (Avx2Unpack32 in cpu_decode.h).
 // Bits 6, 7, 8: each weight's table entry loaded by a scalar index (lookup8_scalar): a cost per weight that does
 // not grow with the table, where the planes need a pshufb and a blend per 16 entries. 4096x4096 at batch 1, AVX2
 // emulated on the Zen 4 VM (dense fp32 3.2 ms): the gathers this replaced ran 3.1-3.3 ms at 6-8 bits (dense
@@ -179,7 +178,7 @@ template <int BITS, int M>
 WS_AVX2 void rows_unpacked_planes(const PackedLinear& w, const float* x, const float* xp, int64_t steps, int64_t r0,
                                   int64_t r1, float* y) {
   constexpr int NA = M == 1 ? 4 : M == 2 ? 2 : 1;  // independent FMA chains per x row
-  const Avx2Unpack8<BITS> unpack;
+  const Avx2Unpack32<BITS> unpack;
   GroupTable gt;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = w.packed + r * w.row_bytes;
@@ -242,8 +241,8 @@ void gemv_m(const PackedLinear& w, const float* x, float* y) {
       rows_byte_planes<BITS, M>(w, x, xp.data(), steps, r0, r1, y);
     });
   } else if constexpr (unpacked_planes(BITS)) {
-    // whole 32-index steps whose last 16-byte load (at 3 BITS bytes into the step) stays inside the row
-    const int64_t fit = w.row_bytes >= 16 + 3 * BITS ? (w.row_bytes - 16 - 3 * BITS) / (4 * BITS) + 1 : 0;
+    // whole 32-index steps whose second 16-byte load (at 2 BITS bytes into the step) stays inside the row
+    const int64_t fit = w.row_bytes >= 16 + 2 * BITS ? (w.row_bytes - 16 - 2 * BITS) / (4 * BITS) + 1 : 0;
     const int64_t steps = std::min(w.in_features / 32, fit);
     // x per 32-weight step in interleave_planes' order
     std::vector<float> xp(static_cast<size_t>(M * steps * 32));

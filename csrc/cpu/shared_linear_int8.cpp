@@ -243,8 +243,8 @@ WS_AVX2 void int8_rows_avx2(const PackedLinear& w, const QuantizedX& xq, const Q
 }
 
 // AVX2, the other widths (3, 5, 6, 7, 8 bits; before this they ran the scalar kernel: 10 ms at batch 1 and 640 ms at
-// batch 64 on a 4096x4096 layer): each weight row is decoded once into int8 (eight indices per pshufb + variable
-// shift, packed to bytes; 16 table entries per pshufb, the chunk chosen by the index's high bits) in an L1 buffer,
+// batch 64 on a 4096x4096 layer): each weight row is decoded once into int8 (32 indices unpacked to bytes by
+// Avx2Unpack32; 16 table entries per pshufb, the chunk chosen by the index's high bits) in an L1 buffer,
 // then dotted with every x row (vpmaddubsw as |x| x (w * sign(x)), exact as above). x is in natural order here.
 template <int BITS>
 WS_AVX2 void int8_rows_avx2_generic(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq,
@@ -252,7 +252,7 @@ WS_AVX2 void int8_rows_avx2_generic(const PackedLinear& w, const QuantizedX& xq,
   constexpr int kChunks = (1 << BITS) <= 16 ? 1 : (1 << BITS) / 16;
   constexpr int64_t kFold = 4096;  // 32-byte steps between int32 -> int64 folds (8 products of 127 x 127 a lane)
   const int64_t n = xq.stride;     // a multiple of 64 >= in_features; x is zero past in_features
-  const Avx2Unpack8<(BITS < 8 ? BITS : 1)> unpack;
+  const Avx2Unpack32<(BITS < 8 ? BITS : 1)> unpack;
   const __m256i nibble = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
   thread_local std::vector<uint8_t> row_buf;
   thread_local std::vector<int8_t> w_buf;
