@@ -40,7 +40,7 @@ QuantizedX quantize_x(const at::Tensor& x, int bits);
 // Per group: int8 codebook (entries >= K are 0), the same + 128 as unsigned bytes (vpdpbusd's unsigned operand),
 // and its scale, as the reference computes them. Tables are as long as their readers need (a layer with a codebook
 // per output row has thousands of groups, quantized on every call): q max(16, 2**bits) entries (AVX2 reads 16), the
-// biased table 64 (a byte permute's reach), 128 or 256 entries.
+// biased table 64 (a byte permute's reach), 128 or 256 entries, built only for the AVX-512 kernels that read it.
 struct QuantizedCodebook {
   std::vector<int8_t> q;        // [G, q_stride]
   std::vector<uint8_t> biased;  // [G, biased_stride], entry e = q[e mod 2**bits] + 128

@@ -279,14 +279,17 @@ QuantizedX quantize_x(const at::Tensor& x, int bits) {
 QuantizedCodebook quantize_codebook(const PackedLinear& w) {
   QuantizedCodebook out;
   const int64_t period = int64_t(1) << w.bits, entries = std::min<int64_t>(w.K, period);
+  const Simd simd = simd_level();
+  // the biased tables feed only the AVX-512 kernels' vpdpbusd; elsewhere they are not built (AVX2, 4096 per-row
+  // codebooks of 2 entries: their period-2 copies cost about half as much as the kernel)
+  const bool biased = simd == Simd::Avx512;
   out.q_stride = std::max<int64_t>(16, period);
-  out.biased_stride = std::max<int64_t>(64, period);
+  out.biased_stride = biased ? std::max<int64_t>(64, period) : 0;
   out.q.resize(w.groups * out.q_stride);
   out.biased.resize(w.groups * out.biased_stride);
   out.scale.resize(w.groups);
   // groups in parallel: with a codebook per output row there are thousands, and this runs on every call (the serial
   // form, 256-entry tables with a modulo each, took 3.6 ms of a 3.8 ms batch-1 call on a 4096x4096 layer)
-  const Simd simd = simd_level();
   at::parallel_for(0, w.groups, 256, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const float* c = w.codebook + g * w.K;
@@ -315,6 +318,7 @@ QuantizedCodebook quantize_codebook(const PackedLinear& w) {
       }
       // repeated with period 2**bits: a byte permute then ignores index bits above `bits` (no mask needed); copies
       // of the period, so the compiler vectorises them (an index mask per entry did not: 0.5 ms at 4096 groups, 8 bits)
+      if (!biased) continue;
       uint8_t* b = out.biased.data() + g * out.biased_stride;
       const int64_t p = std::min(period, out.biased_stride);
       for (int64_t base = 0; base < out.biased_stride; base += p)
