@@ -144,7 +144,7 @@ class SharedLinear(SharedLayer):
             bias = bias.to(x.dtype)
         x = x if x.is_contiguous() else x.contiguous()
         packed = self.packed
-        if _SHARED_LINEAR is not None and has_kernel("shared_linear", "cpu" if packed.is_cpu else packed.device.type):
+        if _SHARED_LINEAR is not None and ops._native("shared_linear", packed):
             # the op itself (codebook already [G, K]): ws.ops' wrapper would only add a Python frame (~0.5 us)
             return _SHARED_LINEAR(x, packed, self.codebook, self.bits, self.out_features, self.in_features, bias,
                                   self.activation)
