@@ -170,8 +170,9 @@ def machine() -> dict:
 
 
 def simd_env() -> dict:
-    """The SIMD caps in force (our kernels', oneDNN's, MKL's): set together they emulate an AVX2-only CPU."""
-    keys = ("WS_CPU_SIMD", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+    """The SIMD caps in force (our kernels', oneDNN's, MKL's, FBGEMM's): set together (benchmarks/avx2_only.sh)
+    they emulate an AVX2-only CPU."""
+    keys = ("WS_CPU_SIMD", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "FBGEMM_ENABLE_INSTRUCTIONS")
     return {k: os.environ[k] for k in keys if k in os.environ}
 
 

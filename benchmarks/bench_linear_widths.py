@@ -2,7 +2,7 @@
 float and int8 activations, against dense fp32 F.linear and torch's int8 dynamic Linear on the same weight.
 
     python benchmarks/bench_linear_widths.py        # writes benchmarks/results/linear_widths_cpu.json
-    WS_CPU_SIMD=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python benchmarks/bench_linear_widths.py
+    bash benchmarks/avx2_only.sh python benchmarks/bench_linear_widths.py   # an AVX2-only CPU, emulated
 
 Why: the main benchmark (bench_shared_linear.py) times 4-bit layers; a probe over the other widths found paths
 that ran at dense speed or slower (8-bit float GEMV, 3/5-bit int8, every non-1/2/4-bit width on AVX2, codebooks

@@ -2,8 +2,8 @@
 
     python benchmarks/bench_shared_conv.py          # writes benchmarks/results/shared_conv_cpu.json
     python benchmarks/bench_shared_conv.py --cuda   # fp16 against cuDNN (CUDA graphs), shared_conv_cuda.json
-    # an AVX2-only CPU, emulated on an AVX-512 one (our kernels, oneDNN and MKL capped): shared_conv_cpu_avx2.json
-    WS_CPU_SIMD=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python benchmarks/bench_shared_conv.py
+    # an AVX2-only CPU, emulated on an AVX-512 one (benchmarks/avx2_only.sh): shared_conv_cpu_avx2.json
+    bash benchmarks/avx2_only.sh python benchmarks/bench_shared_conv.py
     pytest benchmarks/bench_shared_conv.py --benchmark-enable
 """
 from __future__ import annotations

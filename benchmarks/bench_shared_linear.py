@@ -2,9 +2,8 @@
 quantized Linear on the same (dequantised) weight, all in one run.
 
     python benchmarks/bench_shared_linear.py        # writes benchmarks/results/shared_linear_cpu.json
-    # an AVX2-only CPU, emulated (our kernels, oneDNN and MKL capped; torch's int8 Linear (FBGEMM) is not: it keeps
-    # AVX-512 VNNI here, so its int8 ratios are against a faster baseline than an AVX2 CPU has): *_avx2.json
-    WS_CPU_SIMD=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python benchmarks/bench_shared_linear.py
+    # an AVX2-only CPU, emulated (our kernels, oneDNN, MKL and FBGEMM capped): *_avx2.json
+    bash benchmarks/avx2_only.sh python benchmarks/bench_shared_linear.py
     pytest benchmarks/bench_shared_linear.py --benchmark-enable
 
 Layers 4096x4096 and 11008x4096 (out x in), 4-bit indices, per-layer codebook of 16 trained-looking values,

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "decode_scratch.h"
+#include "int8_decode_avx2.h"
 #include "shared_linear_int8.h"
 #include "weightshare/cpu_decode.h"
 #include "weightshare/dispatch.h"
@@ -28,6 +29,12 @@ bool use_blocked(int64_t M) {
   const int64_t Mp = (M + 15) / 16 * 16;
   return M >= 16 && (Mp - M) * 8 <= Mp;
 }
+
+// From how many x rows the AVX2 blocked kernel beats the AVX2 row kernels. 4096x4096 layer, two threads (blocked vs
+// rows, ms): 4 bits 4 rows 0.80 vs 0.68, 6 rows 0.98 vs 1.02, 16 rows 1.93 vs 2.72, 64 rows 6.5 vs 10.5; 3 bits 4
+// rows 1.00 vs 0.98, 6 rows 1.21 vs 1.29; 8 bits 3 rows 2.05 vs 2.09, 4 rows 2.16 vs 2.31. The fused row kernel of
+// 1, 2 and 4 bits holds out longer than the decode-then-dot one of the other widths.
+int64_t avx2_blocked_min_rows(int bits) { return bits == 1 || bits == 2 || bits == 4 ? 6 : 4; }
 
 // Index i of the quantized-x layout (undoes the byte-aligned permutation).
 inline int64_t x_pos(int64_t i, int bits) {
@@ -195,6 +202,13 @@ WS_AVX2 void int8_rows_avx2(const PackedLinear& w, const QuantizedX& xq, const Q
   const __m256i ones = _mm256_set1_epi16(1);
   // int32 lanes gain at most 8E products of 127 x 127 per step: fold them into int64 every 4096 steps
   constexpr int64_t kFold = 4096;
+  // |x| of the M rows, taken once here rather than per weight row
+  thread_local std::vector<int8_t> abs_buf;
+  int8_t* ax = aligned64(grown(abs_buf, static_cast<size_t>(M * xq.stride + 64)));
+  for (int m = 0; m < M; ++m)
+    for (int64_t i = 0; i < xq.stride; i += 32)
+      _mm256_store_si256(reinterpret_cast<__m256i*>(ax + m * xq.stride + i),
+                         _mm256_abs_epi8(_mm256_load_si256(reinterpret_cast<const __m256i*>(xq.q + (m0 + m) * xq.stride + i))));
   int64_t group = -1;
   __m256i table = _mm256_setzero_si256();
   for (int64_t r = r0; r < r1; ++r) {
@@ -226,7 +240,9 @@ WS_AVX2 void int8_rows_avx2(const PackedLinear& w, const QuantizedX& xq, const Q
             for (int m = 0; m < M; ++m) {
               const __m256i xv = _mm256_loadu_si256(
                   reinterpret_cast<const __m256i*>(xq.q + (m0 + m) * xq.stride + st * S + s * 64 + 32 * h));
-              const __m256i prod = _mm256_maddubs_epi16(_mm256_abs_epi8(xv), _mm256_sign_epi8(wq, xv));
+              const __m256i av = _mm256_load_si256(
+                  reinterpret_cast<const __m256i*>(ax + m * xq.stride + st * S + s * 64 + 32 * h));
+              const __m256i prod = _mm256_maddubs_epi16(av, _mm256_sign_epi8(wq, xv));
               acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(prod, ones));
             }
           }
@@ -243,51 +259,30 @@ WS_AVX2 void int8_rows_avx2(const PackedLinear& w, const QuantizedX& xq, const Q
 }
 
 // AVX2, the other widths (3, 5, 6, 7, 8 bits; before this they ran the scalar kernel: 10 ms at batch 1 and 640 ms at
-// batch 64 on a 4096x4096 layer): each weight row is decoded once into int8 (32 indices unpacked to bytes by
-// Avx2Unpack32; 16 table entries per pshufb, the chunk chosen by the index's high bits) in an L1 buffer,
-// then dotted with every x row (vpmaddubsw as |x| x (w * sign(x)), exact as above). x is in natural order here.
+// batch 64 on a 4096x4096 layer): each weight row is decoded once into int8 (Avx2Int8Decoder) in an L1 buffer,
+// then dotted with every x row (vpmaddubsw as |x| x (w * sign(x)), exact as above).
 template <int BITS>
 WS_AVX2 void int8_rows_avx2_generic(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq,
                                     int64_t M, int64_t r0, int64_t r1, float* y) {
-  constexpr int kChunks = (1 << BITS) <= 16 ? 1 : (1 << BITS) / 16;
   constexpr int64_t kFold = 4096;  // 32-byte steps between int32 -> int64 folds (8 products of 127 x 127 a lane)
   const int64_t n = xq.stride;     // a multiple of 64 >= in_features; x is zero past in_features
-  const Avx2Unpack32<(BITS < 8 ? BITS : 1)> unpack;
-  const __m256i nibble = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  const __m256i ones = _mm256_set1_epi16(1);
+  Avx2Int8Decoder<BITS> decoder;
   thread_local std::vector<uint8_t> row_buf;
   thread_local std::vector<int8_t> w_buf;
-  // the row, zero padded: the unpack's 16-byte loads and whole 32-index steps may pass its end (index 0, x 0 there)
-  uint8_t* rowp = grown(row_buf, static_cast<size_t>(n * BITS / 8 + 64));
+  // the row, zero padded: the decode reads whole steps and may read past them (index 0, x 0 there)
+  const int64_t padded = n * BITS / 8 + Avx2Int8Decoder<BITS>::kOverread;
+  uint8_t* rowp = grown(row_buf, static_cast<size_t>(padded));
   int8_t* wq = aligned64(grown(w_buf, static_cast<size_t>(n + 64)));
-  std::memset(rowp + w.row_bytes, 0, static_cast<size_t>(n * BITS / 8 + 64 - w.row_bytes));
+  std::memset(rowp + w.row_bytes, 0, static_cast<size_t>(padded - w.row_bytes));
   int64_t group = -1;
-  __m256i tab[kChunks];
   for (int64_t r = r0; r < r1; ++r) {
     if (r / w.rows_per_group != group) {
       group = r / w.rows_per_group;
-      for (int c = 0; c < kChunks; ++c)
-        tab[c] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cq.table(group) + 16 * c)));
+      decoder.set_table(cq.table(group));
     }
     std::memcpy(rowp, w.packed + r * w.row_bytes, static_cast<size_t>(w.row_bytes));
-    for (int64_t i0 = 0; i0 < n; i0 += 32) {
-      __m256i idx;
-      if constexpr (BITS == 8) {
-        idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rowp + i0));
-      } else {
-        idx = unpack.bytes32(rowp + i0 / 8 * BITS);
-      }
-      __m256i v;
-      if constexpr (kChunks == 1) {
-        v = _mm256_shuffle_epi8(tab[0], idx);  // idx < 16: bit 7 clear
-      } else {
-        const __m256i lo = _mm256_and_si256(idx, nibble);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(idx, 4), nibble);
-        v = _mm256_shuffle_epi8(tab[0], lo);
-        for (int c = 1; c < kChunks; ++c)
-          v = _mm256_blendv_epi8(v, _mm256_shuffle_epi8(tab[c], lo), _mm256_cmpeq_epi8(hi, _mm256_set1_epi8(c)));
-      }
-      _mm256_store_si256(reinterpret_cast<__m256i*>(wq + i0), v);
-    }
+    decoder.decode(rowp, n, wq);
     for (int64_t m = 0; m < M; ++m) {
       const int8_t* xm = xq.q + m * xq.stride;
       int64_t total = 0;
@@ -317,6 +312,7 @@ void linear_int8(const PackedLinear& w, const at::Tensor& x_f32, float* y) {
   const QuantizedX xq = quantize_x(x_f32, w.bits);
   const QuantizedCodebook cq = quantize_codebook(w);
   if (use_blocked(M) && linear_int8_blocked(w, xq, cq, M, y)) return;
+  if (M >= avx2_blocked_min_rows(w.bits) && linear_int8_blocked_avx2(w, xq, cq, M, y)) return;
   const Simd simd = simd_level();
   WS_DISPATCH_BITS(w.bits, BITS, [&] {
     at::parallel_for(0, w.out_features, std::max<int64_t>(1, 65536 / w.in_features), [&](int64_t r0, int64_t r1) {

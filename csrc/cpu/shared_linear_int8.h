@@ -62,6 +62,11 @@ inline float int8_output(int64_t acc, const QuantizedX& xq, const QuantizedCodeb
 bool linear_int8_blocked(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq, int64_t M,
                          float* y);
 
+// The same by the AVX2 blocked kernel (int16 products, shared_linear_int8_blocked_avx2.cpp); false where it does not
+// apply (not the AVX2 path, or K above 65536).
+bool linear_int8_blocked_avx2(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq, int64_t M,
+                              float* y);
+
 #ifdef WS_X86
 // 64 weight bytes (+128) from 64 indices in [0, 2**BITS), the table in registers.
 template <int BITS>

@@ -1,0 +1,73 @@
+#pragma once
+// AVX2: a packed weight row (or a K chunk of it) decoded into its int8 codebook values, in the k order of the
+// quantized-x layout (shared_linear_int8.h), so a decoded weight and the x value it multiplies sit at the same
+// position. Shared by the AVX2 row kernel for the widths without a fused lookup (shared_linear_int8.cpp) and the
+// AVX2 blocked kernel (shared_linear_int8_blocked_avx2.cpp).
+//
+// Byte-aligned widths (1, 2, 4, 8): a 64-byte step holds S = 512 / BITS positions; 32-byte half h gives, for each
+// s < 8 / BITS, "the s-th index of every byte" (one shift and one AND) = positions s * 64 + 32 h + [0, 32) of the
+// step. Other widths (3, 5, 6, 7) are in natural order, 32 indices at a time by Avx2Unpack32. The int8 table is
+// 16 entries per pshufb; wider codebooks pick their 16-entry chunk with the index's high nibble.
+#include <cstdint>
+
+#include "shared_linear_int8.h"
+#include "weightshare/cpu_decode.h"
+
+namespace weightshare::cpu {
+
+#ifdef WS_X86
+template <int BITS>
+struct Avx2Int8Decoder {
+  static constexpr int kChunks = (1 << BITS) <= 16 ? 1 : (1 << BITS) / 16;
+  // Bytes the decode of n positions may read past the chunk's n * BITS / 8: Avx2Unpack32's second 16-byte load
+  // starts 2 * BITS bytes into a 4 * BITS-byte group.
+  static constexpr int64_t kOverread = byte_aligned(BITS) ? 0 : 16;
+  __m256i tab[kChunks];
+  Avx2Unpack32<(BITS < 8 ? BITS : 1)> unpack;
+
+  // A group's int8 table (QuantizedCodebook::table: max(16, 2**BITS) entries).
+  WS_AVX2 void set_table(const int8_t* table) {
+    for (int c = 0; c < kChunks; ++c)
+      tab[c] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(table + 16 * c)));
+  }
+
+  WS_AVX2 inline __m256i lookup(__m256i idx) const {
+    if constexpr (kChunks == 1) {
+      return _mm256_shuffle_epi8(tab[0], idx);  // idx < 16: bit 7 clear
+    } else {
+      const __m256i nibble = _mm256_set1_epi8(0x0f);
+      const __m256i lo = _mm256_and_si256(idx, nibble);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(idx, 4), nibble);
+      __m256i v = _mm256_shuffle_epi8(tab[0], lo);
+      for (int c = 1; c < kChunks; ++c)
+        v = _mm256_blendv_epi8(v, _mm256_shuffle_epi8(tab[c], lo), _mm256_cmpeq_epi8(hi, _mm256_set1_epi8(c)));
+      return v;
+    }
+  }
+
+  // Positions [0, n) of the layout from the packed bytes at src (n a multiple of step_elems(BITS); src readable for
+  // n * BITS / 8 + kOverread bytes, zero where past the row) into out (32-byte aligned).
+  WS_AVX2 void decode(const uint8_t* src, int64_t n, int8_t* out) const {
+    if constexpr (byte_aligned(BITS)) {
+      constexpr int E = 8 / BITS;
+      constexpr int64_t S = step_elems(BITS);
+      const __m256i low = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1));
+      for (int64_t st = 0; st < n / S; ++st)
+        for (int h = 0; h < 2; ++h) {
+          const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 64 * st + 32 * h));
+#pragma GCC unroll 8
+          for (int s = 0; s < E; ++s) {
+            // a 16-bit shift drags the upper byte's bits into the lower one, above its low BITS (masked off)
+            const __m256i idx = BITS == 8 ? bytes : _mm256_and_si256(_mm256_srli_epi16(bytes, s * BITS), low);
+            _mm256_store_si256(reinterpret_cast<__m256i*>(out + S * st + 64 * s + 32 * h), lookup(idx));
+          }
+        }
+    } else {
+      for (int64_t i0 = 0; i0 < n; i0 += 32)
+        _mm256_store_si256(reinterpret_cast<__m256i*>(out + i0), lookup(unpack.bytes32(src + i0 / 8 * BITS)));
+    }
+  }
+};
+#endif
+
+}  // namespace weightshare::cpu
