@@ -179,6 +179,26 @@ def test_int8_per_row_codebooks_of_few_entries(bits, k, M, simd, gen):
     assert torch.equal(got, reference.shared_linear(x, packed, cb, bits, out_f, in_f, None, "int8"))
 
 
+@pytest.mark.parametrize("in_f", [65536, 66000])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_int8_longest_rows_stay_exact(in_f, bits, simd, gen):
+    """The blocked int8 kernels sum in int32 lanes, exact while K <= 65536 (127 x 127 x 65536 < 2**31); longer rows go
+    to the row kernels, which fold into int64. Every product at its largest (x and the codebook constant, so every
+    quantized value is 127) puts the sums at that bound. Bit-exact against the definition, at a batch the blocked
+    kernels take."""
+    out_f, M = 3, 16
+    idx = torch.randint(0, 1 << bits, (out_f, in_f), generator=gen, dtype=torch.uint8)
+    packed = ws.ops.pack(idx, bits)
+    cb = torch.full((1, 1 << bits), -0.75)
+    x = torch.full((M, in_f), 2.5)
+    x[1] = -x[1]
+    x[2] = torch.randn(in_f, generator=gen)
+    got = ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f, None, "int8")
+    want = reference.shared_linear(x, packed, cb, bits, out_f, in_f, None, "int8")
+    assert torch.equal(got, want)
+    assert got[0, 0].item() == pytest.approx(-0.75 * 2.5 * in_f, rel=1e-6)
+
+
 def test_int8_error_is_small(gen):
     packed, cb, _ = make_weight(256, 1024, 4, 1, gen)
     x = torch.randn(3, 1024, generator=gen)
