@@ -54,6 +54,10 @@ DEPTHWISE = [  # (channels, multiplier, kh, kw, stride, padding, dilation, H, W)
     (37, 1, 3, 3, (1, 2), (2, 2), (2, 1), 10, 17),
     (16, 1, 3, 3, (1, 1), (0, 0), (1, 1), 6, 9),     # no padding: every pixel interior
     (24, 1, 3, 3, (1, 1), (1, 1), (3, 3), 5, 6),     # dilation reaching past the input: no interior pixel
+    # 3x3 stride 1 (the AVX2 zero-bordered kernel): row tails of 4, 3 and 2 columns, padding on one axis only
+    (4, 1, 3, 3, (1, 1), (1, 1), (1, 1), 5, 12),
+    (4, 1, 3, 3, (1, 1), (1, 0), (1, 1), 6, 13),
+    (4, 1, 3, 3, (1, 1), (0, 1), (1, 1), 7, 10),
 ]
 
 

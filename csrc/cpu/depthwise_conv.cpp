@@ -18,6 +18,7 @@
 #include <cmath>
 #include <vector>
 
+#include "decode_scratch.h"
 #include "weightshare/cpu_features.h"
 
 namespace weightshare::cpu {
@@ -76,6 +77,28 @@ struct Geometry {
       }
   }
 };
+
+// The 3x3, stride-1, undilated plane with padding 0 or 1 (the usual depthwise layer). The general loops above
+// spend their time on per-tap branches, geometry reloads and, at the two border chunks of every row, masked loads
+// (AVX2's vmaskmovps is microcoded on AMD Zen). Here the plane is first copied into a buffer whose border is zero
+// (`pad`: Hp x Wp, zeroed by the caller once per thread and call; only the interior is written), so every tap is a
+// plain load; the nine weights stay in registers and R output rows share each input row's three shifted loads.
+// 256 channels of 28 x 28, two threads: AVX2 0.113 -> 0.053 ms, and on the AVX-512 machine (Zen 4) the same AVX2
+// code beats the AVX-512 loop (0.092 ms) and an AVX-512 form of this kernel (0.066 ms: 16-wide chunks at 28
+// columns waste more lanes, and every shifted 64-byte load splits a cache line), so both ISAs run it.
+struct Pad3x3 {
+  int64_t Hp, Wp;  // rows H + 2 ph; columns: the output's V-wide chunks plus the two taps beyond (>= W + 2 pw)
+  static Pad3x3 of(const Geometry& g, int64_t V) { return {g.H + 2 * g.ph, (g.OW + V - 1) / V * V + 2}; }
+};
+
+inline bool zero_bordered_3x3(const Geometry& g) {
+  return g.KH == 3 && g.KW == 3 && g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1 && g.ph <= 1 && g.pw <= 1;
+}
+
+// The plane's rows into the zero-bordered buffer's interior.
+inline void copy_interior(const float* in, const Geometry& g, const Pad3x3& P, float* pad) {
+  for (int64_t iy = 0; iy < g.H; ++iy) std::copy(in + iy * g.W, in + (iy + 1) * g.W, pad + (iy + g.ph) * P.Wp + g.pw);
+}
 
 #ifdef WS_X86
 // The AVX-512 and AVX2 planes walk the same loops with different vector widths and mask forms. They are two
@@ -179,6 +202,67 @@ WS_AVX2 inline void rows_avx2(const float* in, const float* w, float bias, float
       }
     }
   }
+}
+
+// The first n (1..7) lanes of v stored at dst.
+WS_AVX2 inline void store_first(float* dst, __m256 v, int64_t n) {
+  __m128 h = _mm256_castps256_ps128(v);
+  if (n >= 4) {
+    _mm_storeu_ps(dst, h);
+    h = _mm256_extractf128_ps(v, 1);
+    dst += 4;
+    n -= 4;
+  }
+  if (n >= 2) {
+    _mm_storel_pi(reinterpret_cast<__m64*>(dst), h);
+    h = _mm_movehl_ps(h, h);
+    dst += 2;
+    n -= 2;
+  }
+  if (n == 1) _mm_store_ss(dst, h);
+}
+
+template <int R>
+WS_AVX2 inline void rows3x3_avx2(const float* pad, int64_t Wp, const __m256 (&w)[9], __m256 b, float* out,
+                                 int64_t OW, int64_t oy0) {
+  for (int64_t c0 = 0; c0 < OW; c0 += 8) {
+    __m256 acc[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) acc[r] = b;
+    // input row oy0 + i feeds output rows oy0 + i - ky for ky = 0..2
+#pragma GCC unroll 6
+    for (int i = 0; i < R + 2; ++i) {
+      const float* row = pad + (oy0 + i) * Wp + c0;
+      const __m256 v[3] = {_mm256_loadu_ps(row), _mm256_loadu_ps(row + 1), _mm256_loadu_ps(row + 2)};
+#pragma GCC unroll 3
+      for (int ky = 0; ky < 3; ++ky) {
+        const int r = i - ky;
+        if (r < 0 || r >= R) continue;
+#pragma GCC unroll 3
+        for (int kx = 0; kx < 3; ++kx) acc[r] = _mm256_fmadd_ps(w[3 * ky + kx], v[kx], acc[r]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      float* o = out + (oy0 + r) * OW + c0;
+      if (OW - c0 >= 8) {
+        _mm256_storeu_ps(o, acc[r]);
+      } else {
+        store_first(o, acc[r], OW - c0);
+      }
+    }
+  }
+}
+
+WS_AVX2 void plane3x3_avx2(const float* in, const float* wk, float bias, float* out, const Geometry& g, float* pad) {
+  const Pad3x3 P = Pad3x3::of(g, 8);
+  copy_interior(in, g, P, pad);
+  __m256 w[9];
+  for (int t = 0; t < 9; ++t) w[t] = _mm256_set1_ps(wk[t]);
+  const __m256 b = _mm256_set1_ps(bias);
+  int64_t oy = 0;
+  for (; oy + 4 <= g.OH; oy += 4) rows3x3_avx2<4>(pad, P.Wp, w, b, out, g.OW, oy);
+  for (; oy < g.OH; ++oy) rows3x3_avx2<1>(pad, P.Wp, w, b, out, g.OW, oy);
 }
 
 WS_AVX2 void plane_avx2(const float* in, const float* w, float bias, float* out, const Geometry& g) {
@@ -314,6 +398,25 @@ WS_AVX512 void nhwc_interior3x3_avx512(const float* in, const float* wt, const f
     for (int t = 0; t < 9; ++t) w[t] = _mm512_maskz_loadu_ps(m, wt + t * g.C + c0);
     const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + c0) : _mm512_setzero_ps();
     int64_t ox = ox0;
+    if (g.sw == 1 && g.dw == 1) {  // shared input columns, as in the AVX2 form below
+      for (; ox + 4 <= ox1; ox += 4) {
+        __m512 a[4] = {b, b, b, b};
+#pragma GCC unroll 3
+        for (int ky = 0; ky < 3; ++ky) {
+          const float* p = in + (ox + toff[3 * ky]) * g.C + c0;
+#pragma GCC unroll 6
+          for (int j = 0; j < 6; ++j) {
+            const __m512 v = _mm512_maskz_loadu_ps(m, p + j * g.C);
+#pragma GCC unroll 4
+            for (int q = 0; q < 4; ++q)
+              if (j - q >= 0 && j - q < 3) a[q] = _mm512_fmadd_ps(w[3 * ky + j - q], v, a[q]);
+          }
+        }
+        float* o = out + ox * g.C + c0;
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q) _mm512_mask_storeu_ps(o + q * g.C, m, a[q]);
+      }
+    }
     for (; ox + 4 <= ox1; ox += 4) {
       __m512 a0 = b, a1 = b, a2 = b, a3 = b;
 #pragma GCC unroll 9
@@ -352,6 +455,27 @@ WS_AVX2 void nhwc_interior3x3_avx2(const float* in, const float* wt, const float
     for (int t = 0; t < 9; ++t) w[t] = _mm256_loadu_ps(wt + t * g.C + c0);
     const __m256 b = bias ? _mm256_loadu_ps(bias + c0) : _mm256_setzero_ps();
     int64_t ox = ox0;
+    if (g.sw == 1 && g.dw == 1) {
+      // neighbouring pixels share input columns: 4 pixels read 6 columns per tap row, each loaded once and used by
+      // every pixel it reaches (18 loads for 36 FMAs instead of 36)
+      for (; ox + 4 <= ox1; ox += 4) {
+        __m256 a[4] = {b, b, b, b};
+#pragma GCC unroll 3
+        for (int ky = 0; ky < 3; ++ky) {
+          const float* p = in + (ox + toff[3 * ky]) * g.C + c0;
+#pragma GCC unroll 6
+          for (int j = 0; j < 6; ++j) {
+            const __m256 v = _mm256_loadu_ps(p + j * g.C);
+#pragma GCC unroll 4
+            for (int q = 0; q < 4; ++q)
+              if (j - q >= 0 && j - q < 3) a[q] = _mm256_fmadd_ps(w[3 * ky + j - q], v, a[q]);
+          }
+        }
+        float* o = out + ox * g.C + c0;
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q) _mm256_storeu_ps(o + q * g.C, a[q]);
+      }
+    }
     for (; ox + 4 <= ox1; ox += 4) {
       __m256 a0 = b, a1 = b, a2 = b, a3 = b;
 #pragma GCC unroll 9
@@ -475,9 +599,17 @@ at::Tensor depthwise_conv2d_f32(const at::Tensor& x, const at::Tensor& w, const 
   }
   const Simd simd = sw == 1 ? simd_level() : Simd::Scalar;  // the vector paths load unit-stride rows
   if (simd != Simd::Scalar) g.build_lanes(simd == Simd::Avx512 ? 16 : 8);
+  const bool bordered = simd != Simd::Scalar && zero_bordered_3x3(g);
   // one task per (sample, output channel) plane; grain so a task is at least ~16K multiply-adds
   const int64_t work = std::max<int64_t>(1, OH * OW * KH * KW);
   at::parallel_for(0, N * OC, std::max<int64_t>(1, 16384 / work), [&](int64_t p0, int64_t p1) {
+    float* pad = nullptr;
+    if (bordered) {
+      thread_local std::vector<float> pad_buf;
+      const Pad3x3 P = Pad3x3::of(g, 8);
+      pad = grown(pad_buf, static_cast<size_t>(P.Hp * P.Wp));
+      std::fill(pad, pad + P.Hp * P.Wp, 0.0f);  // the border; each plane then writes only the interior
+    }
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n = p / OC, oc = p % OC, c = oc / mult;
       const float* in = xp + (n * C + c) * H * W;
@@ -485,6 +617,10 @@ at::Tensor depthwise_conv2d_f32(const at::Tensor& x, const at::Tensor& w, const 
       const float bv = bp ? bp[oc] : 0.0f;
       float* out = yp + p * OH * OW;
 #ifdef WS_X86
+      if (bordered) {
+        plane3x3_avx2(in, wk, bv, out, g, pad);
+        continue;
+      }
       if (simd == Simd::Avx512) {
         plane_avx512(in, wk, bv, out, g);
         continue;
