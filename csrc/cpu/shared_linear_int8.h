@@ -52,6 +52,14 @@ struct QuantizedCodebook {
 
 QuantizedCodebook quantize_codebook(const PackedLinear& w);
 
+// Per output row, its group's codebook scale, zero past the last row up to `padded` rows (the blocked kernels scale
+// whole blocks of rows and store the valid ones).
+inline std::vector<float> row_scales(const PackedLinear& w, const QuantizedCodebook& cq, int64_t padded) {
+  std::vector<float> s(static_cast<size_t>(padded), 0.0f);
+  for (int64_t o = 0; o < w.out_features; ++o) s[o] = cq.scale[o / w.rows_per_group];
+  return s;
+}
+
 // The int8 path's output, exactly as the reference computes it: float(exact integer sum) * (scale_x * scale_w).
 inline float int8_output(int64_t acc, const QuantizedX& xq, const QuantizedCodebook& cq, int64_t m, int64_t group) {
   return static_cast<float>(acc) * (xq.scale[m] * cq.scale[group]);

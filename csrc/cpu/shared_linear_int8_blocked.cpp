@@ -179,10 +179,9 @@ bool linear_int8_blocked(const PackedLinear& w, const QuantizedX& xq, const Quan
   // y^T holds the int32 sums between K chunks; a layer of one chunk writes y straight from the registers
   int32_t* yt = K > kKc ? grown(yt_buf, static_cast<size_t>(O * kMc)) : nullptr;
   const int64_t blocks = (O + kMR - 1) / kMR;
-  // per output row, padded to whole blocks (the kernel scales all 8 rows of a block, stores the valid ones)
-  std::vector<float> wscale(blocks * kMR, 0.0f), xscale(kMc);
+  const std::vector<float> wscale = row_scales(w, cq, blocks * kMR);
+  std::vector<float> xscale(kMc);
   std::vector<int32_t> xbias(kMc);
-  for (int64_t o = 0; o < O; ++o) wscale[o] = cq.scale[o / w.rows_per_group];
   for (int64_t m0 = 0; m0 < M; m0 += kMc) {
     const int64_t Mc = std::min(kMc, M - m0), Mp = (Mc + 15) / 16 * 16;
     for (int64_t m = 0; m < Mp; ++m) {

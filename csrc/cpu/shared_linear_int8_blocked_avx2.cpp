@@ -199,8 +199,8 @@ bool linear_int8_blocked_avx2(const PackedLinear& w, const QuantizedX& xq, const
   thread_local std::vector<int16_t> x_buf;
   int16_t* x16 = aligned64(grown(x_buf, static_cast<size_t>(kMc * K + 32)));
   const int64_t blocks = (O + kNR - 1) / kNR;
-  std::vector<float> wscale(blocks * kNR, 0.0f), xscale(kMc);
-  for (int64_t o = 0; o < O; ++o) wscale[o] = cq.scale[o / w.rows_per_group];
+  const std::vector<float> wscale = row_scales(w, cq, blocks * kNR);
+  std::vector<float> xscale(kMc);
   for (int64_t m0 = 0; m0 < M; m0 += kMc) {
     const int64_t Mc = std::min(kMc, M - m0);
     for (int64_t m = 0; m < Mc; ++m) xscale[m] = xq.scale[m0 + m];
