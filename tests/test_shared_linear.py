@@ -236,6 +236,24 @@ def test_autograd_matches_dense(M, per_row, device, gen):
     torch.testing.assert_close(bs.grad.cpu(), br.grad)
 
 
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("in_f", [37, 300])
+@pytest.mark.parametrize("groups,fewer", [(1, False), (24, False), (1, True)])
+def test_codebook_gradient_every_width(bits, in_f, groups, fewer, simd, gen):
+    """dL/dcodebook on every CPU path (the AVX-512 per-entry masked sums of widths up to 4 bits, the scalar loop):
+    rows with a partial last 16-block, a codebook per row, and codebooks of fewer than 2**bits entries whose unused
+    indices (present in the weight) credit nothing. Against the reference's index_add."""
+    out_f, M = 24, 5
+    k = max(1, (1 << bits) - 1) if fewer else 1 << bits
+    idx = torch.randint(0, 1 << bits, (out_f, in_f), generator=gen, dtype=torch.uint8)
+    packed, cb = ws.ops.pack(idx, bits), torch.randn(groups, k, generator=gen)
+    x, g = torch.randn(M, in_f, generator=gen), torch.randn(M, out_f, generator=gen)
+    gx, gc = torch.ops.weightshare.shared_linear_backward(g, x, packed, cb, bits, out_f, in_f, False, True)
+    _, want = reference.shared_linear_backward(g, x, packed, cb, bits, out_f, in_f, False, True)
+    torch.testing.assert_close(gc, want, rtol=1e-5, atol=1e-5)
+    assert gx.numel() == 0
+
+
 @pytest.mark.filterwarnings("ignore:Input #.* requires gradient and is not a double precision")  # fp32 on purpose
 def test_gradcheck_float64_reference_agrees(gen):
     # the backward op against finite differences of the forward (fp32: loose, but catches wrong formulas)

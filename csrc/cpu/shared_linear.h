@@ -57,4 +57,10 @@ void decode_panel(const PackedLinear& w, int64_t r0, int64_t r1, float* dst);
 // panels ran at 0.71-0.84x of dense F.linear, 8 MiB panels at 0.85-0.95x: MKL wants wide panels).
 int64_t panel_rows(const PackedLinear& w);
 
+// dL/dcodebook (codebook_grad.cpp), summed in double into gc [groups, K] (zeroed by the caller). Fused: from g
+// [M, out] and x [M, in] (fp32 contiguous), dL/dW computed tile by tile and never stored whole; false (nothing
+// added) on the scalar path. add_codebook_grad: from given dL/dW rows [r0, r1) (gw, [r1 - r0, in]).
+bool codebook_grad_fused(const PackedLinear& w, const float* g, const float* x, int64_t M, double* gc);
+void add_codebook_grad(const PackedLinear& w, const float* gw, int64_t r0, int64_t r1, double* gc);
+
 }  // namespace weightshare::cpu
