@@ -63,8 +63,8 @@ WS_AVX512 void row_sums_onehot_avx512(const uint8_t* row, const float* src, int6
   for (int j = 0; j < kEntries && j < K; ++j) dst[j] += _mm512_reduce_add_ps(acc[j]);  // j >= K: no entry
 }
 
-// dL/dW rows [r, r + R) x columns [i0, i0 + 16 NV) = sum_m g[m, r + q] x[m, i0 ...] into buf rows (stride ldb).
-// x is zero-padded to whole tiles; R x NV accumulators, per m NV loads of x and R broadcasts of g.
+// dL/dW rows [r, r + R) x columns [i0, i0 + 16 NV) = sum_m g[m, r + q] x[m, i0 ...] into buf rows (stride ldb),
+// from x at its tile (stride ldx); R x NV accumulators, per m NV loads of x and R broadcasts of g.
 template <int R, int NV>
 WS_AVX512 void tile_avx512(const float* g, int64_t ldg, const float* x, int64_t ldx, int64_t M, float* buf,
                            int64_t ldb) {
@@ -151,12 +151,11 @@ bool codebook_grad_fused(const PackedLinear& w, const float* g, const float* x, 
   if (simd == Simd::Scalar) return false;
   const int64_t in = w.in_features, out = w.out_features, K = w.K;
   const int64_t TW = simd == Simd::Avx512 ? 64 : 24;  // columns per tile
-  const int64_t inp = (in + TW - 1) / TW * TW;
-  // x zero-padded to whole tiles: no masked loads (the padded columns' dL/dW are computed, never summed)
-  std::vector<float> xp(static_cast<size_t>(M * inp), 0.0f);
-  at::parallel_for(0, M, 16, [&](int64_t a, int64_t b) {
-    for (int64_t m = a; m < b; ++m) std::copy(x + m * in, x + (m + 1) * in, xp.data() + m * inp);
-  });
+  const int64_t inp = (in + TW - 1) / TW * TW, whole = in / TW * TW;
+  // the columns past the last whole tile, zero-padded to one (its padded columns' dL/dW are computed, never summed):
+  // no masked loads, and no padded copy of all of x
+  std::vector<float> xtail(static_cast<size_t>(whole < in ? M * TW : 0), 0.0f);
+  for (int64_t m = 0; m < M && whole < in; ++m) std::copy(x + m * in + whole, x + (m + 1) * in, xtail.data() + m * TW);
   const Chunks ch{0, out, w.rows_per_group, K};
   std::vector<std::vector<double>> parts(ch.count());
   WS_DISPATCH_BITS(w.bits, BITS, [&] {
@@ -169,7 +168,9 @@ bool codebook_grad_fused(const PackedLinear& w, const float* g, const float* x, 
         for (int64_t i0 = 0; i0 < inp; i0 += TW)
           for (int64_t r = a; r < b; r += kRB) {
             const int64_t R = std::min<int64_t>(kRB, b - r);
-            pick_tile(simd, R)(g + r, out, xp.data() + i0, inp, M, buf + (r - a) * inp + i0, inp);
+            const bool tail = i0 == whole;
+            pick_tile(simd, R)(g + r, out, tail ? xtail.data() : x + i0, tail ? TW : in, M, buf + (r - a) * inp + i0,
+                               inp);
           }
         std::vector<double>& part = parts[c];
         part.assign(static_cast<size_t>((g1 - g0 + 1) * K), 0.0);
