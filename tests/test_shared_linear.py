@@ -237,21 +237,31 @@ def test_autograd_matches_dense(M, per_row, device, gen):
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
-@pytest.mark.parametrize("in_f", [37, 300])
-@pytest.mark.parametrize("groups,fewer", [(1, False), (24, False), (1, True)])
-def test_codebook_gradient_every_width(bits, in_f, groups, fewer, simd, gen):
-    """dL/dcodebook on every CPU path (the AVX-512 per-entry masked sums of widths up to 4 bits, the scalar loop):
-    rows with a partial last 16-block, a codebook per row, and codebooks of fewer than 2**bits entries whose unused
-    indices (present in the weight) credit nothing. Against the reference's index_add."""
-    out_f, M = 24, 5
+@pytest.mark.parametrize("out_f,in_f", [(24, 37), (24, 300), (70, 130)])
+@pytest.mark.parametrize("groups,fewer", [(1, False), (2, False), (1, True)])
+def test_backward_every_width(bits, out_f, in_f, groups, fewer, simd, gen):
+    """Both gradients on every CPU path. grad_x (shared_linear_grad_x.cpp): column blocks of 64 (AVX-512) or 24
+    (AVX2) with a partial last one, 70 rows = a 64-row tile and a 6-row one, 5 rows of x = a 4-row register tile and a
+    1-row one. dL/dcodebook (codebook_grad.cpp): the AVX-512 per-entry masked sums up to 4 bits and the scalar loop,
+    rows with a partial last 16-block, a codebook per half of the rows, and codebooks of fewer than 2**bits entries
+    whose unused indices (present in the weight) credit nothing. Against the reference (dequantised W, index_add)."""
+    M = 5
     k = max(1, (1 << bits) - 1) if fewer else 1 << bits
     idx = torch.randint(0, 1 << bits, (out_f, in_f), generator=gen, dtype=torch.uint8)
     packed, cb = ws.ops.pack(idx, bits), torch.randn(groups, k, generator=gen)
+    if fewer:
+        idx = idx.clamp(max=k - 1)  # grad_x needs valid entries (an index >= K decodes to NaN)
+        packed_x = ws.ops.pack(idx, bits)
+    else:
+        packed_x = packed
     x, g = torch.randn(M, in_f, generator=gen), torch.randn(M, out_f, generator=gen)
-    gx, gc = torch.ops.weightshare.shared_linear_backward(g, x, packed, cb, bits, out_f, in_f, False, True)
-    _, want = reference.shared_linear_backward(g, x, packed, cb, bits, out_f, in_f, False, True)
-    torch.testing.assert_close(gc, want, rtol=1e-5, atol=1e-5)
-    assert gx.numel() == 0
+    _, gc = torch.ops.weightshare.shared_linear_backward(g, x, packed, cb, bits, out_f, in_f, False, True)
+    _, want_c = reference.shared_linear_backward(g, x, packed, cb, bits, out_f, in_f, False, True)
+    torch.testing.assert_close(gc, want_c, rtol=1e-4, atol=1e-4)  # the reference sums in fp32
+    gx, gc2 = torch.ops.weightshare.shared_linear_backward(g, x, packed_x, cb, bits, out_f, in_f, True, True)
+    want_x, want_c2 = reference.shared_linear_backward(g, x, packed_x, cb, bits, out_f, in_f, True, True)
+    torch.testing.assert_close(gx, want_x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gc2, want_c2, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.filterwarnings("ignore:Input #.* requires gradient and is not a double precision")  # fp32 on purpose

@@ -26,28 +26,6 @@ namespace {
 constexpr int64_t kKc = 256;     // k per panel (the panel row stride; a compile-time displacement in the kernel)
 constexpr int64_t kMc = 256;     // batch rows per pass: the x^T chunk of a panel (256 x 256 floats) stays in L2
 
-// Rows [r0, r0 + rows) of W, columns [k0, k0 + kc), decoded into panel[m * kKc + k]; rows past the weight are zero.
-template <int BITS>
-void decode_panel_chunk(const PackedLinear& w, int64_t r0, int rows, int MR, int64_t k0, int64_t kc, Simd simd,
-                        GroupTable& gt, float* panel) {
-  for (int m = 0; m < MR; ++m) {
-    float* dst = panel + m * kKc;
-    if (m >= rows) {
-      std::fill(dst, dst + kc, 0.0f);
-      continue;
-    }
-    const int64_t r = r0 + m;
-    const uint8_t* row = w.packed + r * w.row_bytes;
-    const DecodeTable& dt = gt.get(w, r);
-    int64_t done = 0;
-#ifdef WS_X86
-    if (simd == Simd::Avx512) done = decode_blocks_avx512<BITS>(row, dt, k0, kc, dst);
-    if (simd == Simd::Avx2) done = decode_blocks_avx2<BITS>(row, w.row_bytes, dt, k0, kc, dst);
-#endif
-    decode_scalar<BITS>(row, k0 + done, kc - done, dt.v, dst + done);
-  }
-}
-
 #ifdef WS_X86
 // y^T block [MR][NR x 16] (+)= panel [MR][kc] x x^T rows b + k * ldb. First chunk: the block starts at zero.
 template <int NR, bool kAccumulate>
@@ -162,7 +140,7 @@ bool linear_float_blocked(const PackedLinear& w, const float* x, int64_t M, floa
           const int64_t kc = std::min(kKc, K - k0);
           for (int64_t b = b0; b < b1; ++b) {
             const int rows = static_cast<int>(std::min<int64_t>(MR, O - b * MR));
-            decode_panel_chunk<BITS>(w, b * MR, rows, MR, k0, kc, simd, gt, panel);
+            decode_block<BITS>(w, b * MR, rows, MR, k0, kc, simd, gt, panel, kKc);
             for (int64_t q = 0; q < Mp;) {
               // tiles of 3 vectors, but 4 left go as 2 + 2: a 1-vector tile issues a broadcast per FMA
               const int64_t left = (Mp - q) / V, nr = left == 4 ? 2 : std::min<int64_t>(3, left);
