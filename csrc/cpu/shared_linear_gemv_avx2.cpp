@@ -1,19 +1,22 @@
 // CPU shared_linear, float path, up to kGemvRows rows of x on an AVX2 CPU (no AVX-512): the GEMV.
 //
-// Bits 1, 2, 4 (codebooks of at most 16 entries): the fp32 table is split into four byte planes (byte b of every
-// entry), each a 16-entry pshufb table. 32 indices, one per byte, look up their four bytes with four pshufb, and
-// two rounds of unpacks interleave the bytes back into 32 floats. AVX2 has no 16-entry float permute; the other
-// lookup that needs none, two vpermps and a blend per 8 weights, measured 2.7x dense in the sketch against
-// 5.3x for the byte planes. The unpacks work within 128-bit lanes, so the floats come out in a fixed permuted order
-// and x is permuted to match once per call (x_order below). The indices of a byte are split off with a shift and
-// an AND, "the s-th index of every byte" per vector, which is again a fixed order.
-// Bits 3 and 5: the same byte planes (5 bits: two 16-entry halves per plane, picked by the index's bit 4) on
-// indices unpacked to bytes, 32 at a time (Avx2Unpack32 in cpu_decode.h).
+// Bits 1 to 3 (codebooks of at most 8 entries): one vpermps per 8 weights on a register table (rows_permute).
+// 4096x4096 at batch 1, AVX2 emulated, same run (session 10): 1 and 2 bits 0.455 -> 0.350 ms against the byte
+// planes below, 3 bits 0.864 -> 0.423 ms against the planes on unpacked indices.
+// Bit 4 (16 entries): the fp32 table is split into four byte planes (byte b of every entry), each a 16-entry pshufb
+// table. 32 indices, one per byte, look up their four bytes with four pshufb, and two rounds of unpacks interleave
+// the bytes back into 32 floats. AVX2 has no 16-entry float permute; two vpermps and a blend per 8 weights measured
+// 2.7x dense in the sketch against 5.3x for the byte planes (and 0.58 vs 0.44 ms here). The unpacks work
+// within 128-bit lanes, so the floats come out in a fixed permuted order and x is permuted to match once per call
+// (x_order below). The indices of a byte are split off with a shift and an AND, "the s-th index of every byte" per
+// vector, which is again a fixed order.
+// Bit 5: the same byte planes (two 16-entry halves per plane, picked by the index's bit 4) on indices unpacked to
+// bytes, 32 at a time (Avx2Unpack32 in cpu_decode.h).
 // Bits 6, 7, 8: each weight's table entry loaded by a scalar index (lookup8_scalar): a cost per weight that does
 // not grow with the table, where the planes need a pshufb and a blend per 16 entries. 4096x4096 at batch 1, AVX2
 // emulated on the Zen 4 VM (dense fp32 3.2 ms): the gathers this replaced ran 3.1-3.3 ms at 6-8 bits (dense
 // speed), four-chunk byte planes 2.26-2.4 ms at 6 bits; the scalar lookups 1.7-2.0 ms. At 5 bits the planes stay
-// ahead (1.47 vs 1.95 ms), at 3 bits far ahead (1.03 ms).
+// ahead (1.47 vs 1.95 ms).
 #include <ATen/Parallel.h>
 
 #include <cstring>
@@ -25,12 +28,15 @@
 namespace weightshare::cpu {
 namespace {
 
-// Widths whose codebook (at most 2**bits <= 16 entries) fits the byte planes and whose indices tile bytes.
-constexpr bool byte_planes(int bits) { return bits == 1 || bits == 2 || bits == 4; }
+// Widths whose codebook (at most 8 entries) is one vpermps table.
+constexpr bool permute_table(int bits) { return bits <= 3; }
 
-// Widths whose indices are unpacked to bytes for the byte planes (one or two 16-entry halves). 6 to 8 bits: scalar
-// lookups (lookup8_scalar).
-constexpr bool unpacked_planes(int bits) { return bits == 3 || bits == 5; }
+// Widths whose codebook (16 entries) is looked up in byte planes on indices that tile bytes.
+constexpr bool byte_planes(int bits) { return bits == 4; }
+
+// Widths whose indices are unpacked to bytes for the byte planes (two 16-entry halves). 6 to 8 bits: scalar lookups
+// (lookup8_scalar).
+constexpr bool unpacked_planes(int bits) { return bits == 5; }
 
 // 16-entry halves of a width's table.
 constexpr int plane_chunks(int bits) { return bits <= 4 ? 1 : (1 << bits) / 16; }
@@ -199,6 +205,48 @@ WS_AVX2 void rows_unpacked_planes(const PackedLinear& w, const float* x, const f
   }
 }
 
+// Bits 1 to 3 (at most 8 entries): one vpermps looks up 8 weights in a register table. The 8 indices (BITS bytes)
+// come from a 4-byte load broadcast to the 8 lanes and shifted right by BITS x lane (vpsrlvd); vpermps reads only
+// each lane's low 3 bits, and the table repeats with period 2**BITS, so the next indices' bits above need no mask.
+// 3 vector uops per 8 weights (shift, permute, FMA; the broadcast is a load), x in its own order.
+template <int BITS, int M>
+WS_AVX2 void rows_permute(const PackedLinear& w, const float* x, int64_t r0, int64_t r1, float* y) {
+  static_assert(BITS <= 3, "an 8-entry table");
+  constexpr int NA = M == 1 ? 4 : M == 2 ? 2 : 1;  // independent FMA chains per x row
+  // 8-index steps whose 4-byte load stays inside the row
+  const int64_t steps =
+      std::min(w.in_features / 8, w.row_bytes >= 4 ? (w.row_bytes - 4) / BITS + 1 : int64_t(0));
+  const __m256i shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS);
+  GroupTable gt;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = w.packed + r * w.row_bytes;
+    const DecodeTable& dt = gt.get(w, r);
+    alignas(32) float rep[8];
+    for (int j = 0; j < 8; ++j) rep[j] = dt.v[j % (1 << BITS)];
+    const __m256 table = _mm256_load_ps(rep);
+    __m256 acc[M][NA];
+    for (int m = 0; m < M; ++m)
+      for (int a = 0; a < NA; ++a) acc[m][a] = _mm256_setzero_ps();
+    int64_t st = 0;
+    for (; st + NA <= steps; st += NA) {
+#pragma GCC unroll 4
+      for (int a = 0; a < NA; ++a) {
+        int32_t bits;
+        std::memcpy(&bits, row + (st + a) * BITS, 4);
+        const __m256 wv = _mm256_permutevar8x32_ps(table, _mm256_srlv_epi32(_mm256_set1_epi32(bits), shifts));
+#pragma GCC unroll 4
+        for (int m = 0; m < M; ++m)
+          acc[m][a] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * w.in_features + (st + a) * 8), acc[m][a]);
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      __m256 a = acc[m][0];
+      for (int k = 1; k < NA; ++k) a = _mm256_add_ps(a, acc[m][k]);
+      y[m * w.out_features + r] = row_total<BITS>(a, row, dt.v, x + m * w.in_features, st * 8, w.in_features);
+    }
+  }
+}
+
 template <int BITS, int M>
 WS_AVX2 void rows_lookup(const PackedLinear& w, const float* x, int64_t r0, int64_t r1, float* y) {
   const int64_t steps = steps8_in_row(w.row_bytes, BITS, w.in_features / 8);
@@ -234,7 +282,12 @@ WS_AVX2 void rows_lookup(const PackedLinear& w, const float* x, int64_t r0, int6
 template <int BITS, int M>
 void gemv_m(const PackedLinear& w, const float* x, float* y) {
   const int64_t grain = std::max<int64_t>(1, 65536 / w.in_features);
-  if constexpr (byte_planes(BITS)) {
+  if constexpr (permute_table(BITS)) {
+    at::parallel_for(0, w.out_features, grain,
+                     [&](int64_t r0, int64_t r1) { rows_permute<BITS, M>(w, x, r0, r1, y); });
+    return;
+  }
+  if constexpr (byte_planes(BITS)) {  // 4 bits
     const int64_t steps = std::min(w.in_features / step_weights<BITS>(), w.row_bytes / 32);
     const std::vector<float> xp = permute_x<BITS>(x, M, w.in_features, steps);
     at::parallel_for(0, w.out_features, grain, [&](int64_t r0, int64_t r1) {
