@@ -172,6 +172,97 @@ WS_AVX512 void decode_rows_avx512(const PackedLinear& w, int64_t r0, int64_t r1,
 }
 #endif
 
+#ifdef WS_X86
+// Bits 3 and 5: 16 indices per step straight into 32-bit lanes by vpmultishiftqb (VBMI), which copies for every
+// output byte the 8 bits at any bit offset of its qword: the step's bytes broadcast to every qword (3 bits: 6 bytes,
+// one 8-byte load; 5 bits: 10 bytes, the first 8 to the low half and the 8 from byte 5 to the high half), and each
+// lane's low byte taken from its index's offset. The lookup reads only a lane's low 4 (vpermps) or 5 (vpermt2ps)
+// bits, with the 3-bit table repeated with period 8, so the bits above need no mask. Per 16 weights: a multishift,
+// a permute and an FMA (the generic path: a byte permute, a variable shift, an AND, a permute and an FMA).
+template <int BITS>
+constexpr bool multishift_bits() { return BITS == 3 || BITS == 5; }
+
+template <int BITS>
+struct Multishift16 {
+  static constexpr int64_t kStepBytes = 2 * BITS;  // 16 indices
+  __m512i control;
+  WS_AVX512 Multishift16() {
+    alignas(64) uint8_t c[64];
+    for (int l = 0; l < 16; ++l) {
+      const int bit = BITS * (BITS == 5 ? l % 8 : l);  // 5 bits: lanes 8-15 read the second load, from byte 5
+      for (int b = 0; b < 4; ++b) c[4 * l + b] = static_cast<uint8_t>(bit);
+    }
+    control = _mm512_load_si512(c);
+  }
+  // Indices [16 st, 16 st + 16) as the low bits of 32-bit lanes (junk above); reads bytes [2 BITS st, 2 BITS st + 8)
+  // (3 bits) or [.., 2 BITS st + 13) (5 bits): the caller keeps them inside the row.
+  WS_AVX512 inline __m512i operator()(const uint8_t* row, int64_t st) const {
+    const uint8_t* p = row + st * kStepBytes;
+    int64_t lo;
+    std::memcpy(&lo, p, 8);
+    __m512i v;
+    if constexpr (BITS == 3) {
+      v = _mm512_set1_epi64(lo);
+    } else {
+      int64_t hi;
+      std::memcpy(&hi, p + 5, 8);
+      v = _mm512_inserti64x4(_mm512_set1_epi64(lo), _mm256_set1_epi64x(hi), 1);
+    }
+    return _mm512_multishift_epi64_epi8(control, v);
+  }
+  // Whole steps of a row whose loads stay inside it.
+  static int64_t steps(int64_t row_bytes, int64_t in) {
+    const int64_t reach = BITS == 3 ? 8 : 13;
+    return std::min(in / 16, row_bytes >= reach ? (row_bytes - reach) / kStepBytes + 1 : int64_t(0));
+  }
+};
+
+template <int BITS, int M>
+WS_AVX512 void gemv_rows_avx512_multishift(const PackedLinear& w, const float* x, int64_t r0, int64_t r1, float* y) {
+  const Multishift16<BITS> ms;
+  const Avx512Unpack16<BITS> unpack;  // the row's remaining blocks
+  GroupTable gt;
+  const int64_t in = w.in_features, steps = Multishift16<BITS>::steps(w.row_bytes, in), blocks = in / 16;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = w.packed + r * w.row_bytes;
+    const DecodeTable& dt = gt.get(w, r);
+    const Avx512Lookup<BITS> lookup(dt);
+    __m512 t0, t1;
+    if constexpr (BITS == 3) {
+      alignas(64) float rep[16];
+      for (int t = 0; t < 16; ++t) rep[t] = dt.v[t & 7];
+      t0 = t1 = _mm512_load_ps(rep);
+    } else {
+      t0 = _mm512_load_ps(dt.v);
+      t1 = _mm512_load_ps(dt.v + 16);
+    }
+    __m512 acc[M][4];
+    for (int m = 0; m < M; ++m)
+      for (int u = 0; u < 4; ++u) acc[m][u] = _mm512_setzero_ps();
+    int64_t st = 0;
+    for (; st + 4 <= steps; st += 4) {
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) {
+        const __m512i idx = ms(row, st + u);
+        const __m512 wv = BITS == 3 ? _mm512_permutexvar_ps(idx, t0) : _mm512_permutex2var_ps(t0, idx, t1);
+#pragma GCC unroll 4
+        for (int m = 0; m < M; ++m)
+          acc[m][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * in + 16 * (st + u)), acc[m][u]);
+      }
+    }
+    for (int64_t blk = st; blk < blocks; ++blk) {  // the row's last whole blocks, by the generic decoder
+      const __m512 wv = lookup(unpack.indices(row, blk));
+      for (int m = 0; m < M; ++m) acc[m][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * in + 16 * blk), acc[m][0]);
+    }
+    if (blocks * 16 < in) partial_block_fma<BITS, M>(unpack, lookup, row, x, in, blocks, acc);
+    for (int m = 0; m < M; ++m) {
+      y[m * w.out_features + r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
+                                                                     _mm512_add_ps(acc[m][2], acc[m][3])));
+    }
+  }
+}
+#endif
+
 template <int BITS>
 void gemv(const PackedLinear& w, const float* x, int64_t M, float* y) {
   const int64_t grain = std::max<int64_t>(1, 65536 / w.in_features);
@@ -194,6 +285,16 @@ void gemv(const PackedLinear& w, const float* x, int64_t M, float* y) {
 #endif
   at::parallel_for(0, w.out_features, grain, [&](int64_t r0, int64_t r1) {
 #ifdef WS_X86
+    if constexpr (multishift_bits<BITS>()) {
+      if (simd == Simd::Avx512) {
+        switch (M) {
+          case 1: return gemv_rows_avx512_multishift<BITS, 1>(w, x, r0, r1, y);
+          case 2: return gemv_rows_avx512_multishift<BITS, 2>(w, x, r0, r1, y);
+          case 3: return gemv_rows_avx512_multishift<BITS, 3>(w, x, r0, r1, y);
+          default: return gemv_rows_avx512_multishift<BITS, 4>(w, x, r0, r1, y);
+        }
+      }
+    }
     if (simd == Simd::Avx512) {
       switch (M) {
         case 1: return gemv_rows_avx512<BITS, 1>(w, x, r0, r1, y);
