@@ -139,10 +139,17 @@ WS_AVX512 void gemv_rows_avx512_fast(const PackedLinear& w, const float* x, cons
     for (int64_t blk = 0; blk < blocks; ++blk) {
       _mm_prefetch(reinterpret_cast<const char*>(row + 2 * w.row_bytes + blk * 64), _MM_HINT_T0);  // 2 rows ahead
       const __m512i v = _mm512_loadu_si512(row + blk * 64);
-      for (int s = 0; s < E; ++s) {
-        const __m512 wv = _mm512_permutexvar_ps(_mm512_srli_epi32(v, BITS * s), table);
-        for (int m = 0; m < M; ++m)
-          acc[m][s & 3] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xp + (m * blocks + blk) * B + 16 * s), acc[m][s & 3]);
+      // in fours with constant accumulator indices: with a loop of 32 (1 bit) GCC kept acc[m][s & 3] on the stack
+      // (1 bit ran at 0.62 ms, 2 bits at 0.33)
+      for (int s0 = 0; s0 < E; s0 += 4) {
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u) {
+          const int s = s0 + u;
+          const __m512 wv = _mm512_permutexvar_ps(_mm512_srli_epi32(v, BITS * s), table);
+#pragma GCC unroll 4
+          for (int m = 0; m < M; ++m)
+            acc[m][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xp + (m * blocks + blk) * B + 16 * s), acc[m][u]);
+        }
       }
     }
     // tail: whole 16-blocks through the generic decoder, then single indices
