@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "decode_scratch.h"
+#include "fma_tile.h"
 #include "shared_linear.h"
 #include "weightshare/cpu_decode.h"
 #include "weightshare/dispatch.h"
@@ -28,7 +29,6 @@ namespace weightshare::cpu {
 namespace {
 
 constexpr int64_t kChunk = 16;  // rows per partial (fixed: the result does not depend on the thread count)
-constexpr int kRB = 4;          // rows per register tile
 
 // Row r's per-entry sums of its dL/dW row src[0, in) into dst[0, K), one weight at a time.
 template <int BITS>
@@ -63,66 +63,6 @@ WS_AVX512 void row_sums_onehot_avx512(const uint8_t* row, const float* src, int6
   for (int j = 0; j < kEntries && j < K; ++j) dst[j] += _mm512_reduce_add_ps(acc[j]);  // j >= K: no entry
 }
 
-// dL/dW rows [r, r + R) x columns [i0, i0 + 16 NV) = sum_m g[m, r + q] x[m, i0 ...] into buf rows (stride ldb),
-// from x at its tile (stride ldx); R x NV accumulators, per m NV loads of x and R broadcasts of g.
-template <int R, int NV>
-WS_AVX512 void tile_avx512(const float* g, int64_t ldg, const float* x, int64_t ldx, int64_t M, float* buf,
-                           int64_t ldb) {
-  __m512 acc[R][NV];
-#pragma GCC unroll 4
-  for (int q = 0; q < R; ++q)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[q][v] = _mm512_setzero_ps();
-  for (int64_t m = 0; m < M; ++m) {
-    __m512 xv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) xv[v] = _mm512_loadu_ps(x + m * ldx + 16 * v);
-#pragma GCC unroll 4
-    for (int q = 0; q < R; ++q) {
-      const __m512 gb = _mm512_set1_ps(g[m * ldg + q]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[q][v] = _mm512_fmadd_ps(gb, xv[v], acc[q][v]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int q = 0; q < R; ++q)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(buf + q * ldb + 16 * v, acc[q][v]);
-}
-
-template <int R, int NV>
-WS_AVX2 void tile_avx2(const float* g, int64_t ldg, const float* x, int64_t ldx, int64_t M, float* buf,
-                       int64_t ldb) {
-  __m256 acc[R][NV];
-#pragma GCC unroll 4
-  for (int q = 0; q < R; ++q)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[q][v] = _mm256_setzero_ps();
-  for (int64_t m = 0; m < M; ++m) {
-    __m256 xv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) xv[v] = _mm256_loadu_ps(x + m * ldx + 8 * v);
-#pragma GCC unroll 4
-    for (int q = 0; q < R; ++q) {
-      const __m256 gb = _mm256_broadcast_ss(g + m * ldg + q);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[q][v] = _mm256_fmadd_ps(gb, xv[v], acc[q][v]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int q = 0; q < R; ++q)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(buf + q * ldb + 8 * v, acc[q][v]);
-}
-
-using TileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t);
-
-// The tile kernel for R rows (1..4): AVX-512 64 columns (4 x 4 accumulators), AVX2 24 (4 x 3 of 16 registers).
-TileFn pick_tile(Simd simd, int64_t R) {
-  static constexpr TileFn avx512[kRB] = {tile_avx512<1, 4>, tile_avx512<2, 4>, tile_avx512<3, 4>, tile_avx512<4, 4>};
-  static constexpr TileFn avx2[kRB] = {tile_avx2<1, 3>, tile_avx2<2, 3>, tile_avx2<3, 3>, tile_avx2<4, 3>};
-  return (simd == Simd::Avx512 ? avx512 : avx2)[R - 1];
-}
 #endif
 
 // Rows [r0, r1) in fixed chunks of kChunk rows; chunk c covers rows [a, b) and groups [g0, g1], and its partial
@@ -150,7 +90,7 @@ bool codebook_grad_fused(const PackedLinear& w, const float* g, const float* x, 
   const Simd simd = simd_level();
   if (simd == Simd::Scalar) return false;
   const int64_t in = w.in_features, out = w.out_features, K = w.K;
-  const int64_t TW = simd == Simd::Avx512 ? 64 : 24;  // columns per tile
+  const int64_t TW = tile_cols(simd);
   const int64_t inp = (in + TW - 1) / TW * TW, whole = in / TW * TW;
   // the columns past the last whole tile, zero-padded to one (its padded columns' dL/dW are computed, never summed):
   // no masked loads, and no padded copy of all of x
@@ -166,11 +106,12 @@ bool codebook_grad_fused(const PackedLinear& w, const float* g, const float* x, 
         const auto [a, b, g0, g1] = ch.span(c);
         // the chunk's dL/dW rows: column tiles outer, so each x tile serves the chunk's row blocks from L1
         for (int64_t i0 = 0; i0 < inp; i0 += TW)
-          for (int64_t r = a; r < b; r += kRB) {
-            const int64_t R = std::min<int64_t>(kRB, b - r);
+          for (int64_t r = a; r < b; r += kTileRows) {
+            // dL/dW [r + q][i0 + ...] = sum_m g[m][r + q] x[m][i0 + ...]: A = g transposed (stride 1 per row q)
+            const int64_t R = std::min<int64_t>(kTileRows, b - r);
             const bool tail = i0 == whole;
-            pick_tile(simd, R)(g + r, out, tail ? xtail.data() : x + i0, tail ? TW : in, M, buf + (r - a) * inp + i0,
-                               inp);
+            fma_tile<true>(simd, R)(g + r, 1, out, tail ? xtail.data() : x + i0, tail ? TW : in, M,
+                                    buf + (r - a) * inp + i0, inp, TW);
           }
         std::vector<double>& part = parts[c];
         part.assign(static_cast<size_t>((g1 - g0 + 1) * K), 0.0);
