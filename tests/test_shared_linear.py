@@ -264,6 +264,19 @@ def test_backward_every_width(bits, out_f, in_f, groups, fewer, simd, gen):
     torch.testing.assert_close(gc2, want_c2, rtol=1e-4, atol=1e-4)
 
 
+def test_codebook_gradient_of_rows_past_the_tile_buffer(gen):
+    """Rows of over 2**20 features: the fused codebook gradient's per-thread buffer would pass 64 MiB, so the
+    decoded-panel path takes the call. Against the reference."""
+    out_f, in_f, M = 2, (1 << 20) + 3, 2
+    idx = torch.randint(0, 16, (out_f, in_f), generator=gen, dtype=torch.uint8)
+    packed, cb = ws.ops.pack(idx, 4), torch.randn(1, 16, generator=gen)
+    x, g = torch.randn(M, in_f, generator=gen), torch.randn(M, out_f, generator=gen)
+    gx, gc = torch.ops.weightshare.shared_linear_backward(g, x, packed, cb, 4, out_f, in_f, True, True)
+    want_x, want_c = reference.shared_linear_backward(g, x, packed, cb, 4, out_f, in_f, True, True)
+    torch.testing.assert_close(gx, want_x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gc, want_c, rtol=1e-3, atol=1e-2)  # the reference sums 2**20 terms in fp32
+
+
 @pytest.mark.filterwarnings("ignore:Input #.* requires gradient and is not a double precision")  # fp32 on purpose
 def test_gradcheck_float64_reference_agrees(gen):
     # the backward op against finite differences of the forward (fp32: loose, but catches wrong formulas)

@@ -92,6 +92,9 @@ bool codebook_grad_fused(const PackedLinear& w, const float* g, const float* x, 
   const int64_t in = w.in_features, out = w.out_features, K = w.K;
   const int64_t TW = tile_cols(simd);
   const int64_t inp = (in + TW - 1) / TW * TW, whole = in / TW * TW;
+  // the per-thread buffer (kChunk rows of dL/dW) is reused, not freed: past 64 MiB (rows of over a million
+  // features) the panel path, which needs none, takes the call
+  if (kChunk * inp > (int64_t(1) << 24)) return false;
   // the columns past the last whole tile, zero-padded to one (its padded columns' dL/dW are computed, never summed):
   // no masked loads, and no padded copy of all of x
   std::vector<float> xtail(static_cast<size_t>(whole < in ? M * TW : 0), 0.0f);
