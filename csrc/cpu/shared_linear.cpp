@@ -56,13 +56,30 @@ WS_AVX512 inline void partial_block_fma(const Avx512Unpack16<BITS>& unpack, cons
     acc[m][1] = _mm512_mask3_fmadd_ps(wv, _mm512_maskz_loadu_ps(k, x + m * in + 16 * blk), acc[m][1], k);
 }
 
+// The end of a row shared by the AVX-512 GEMVs: its whole 16-blocks from `blk` on by the generic decoder, its
+// partial last block, then each x row's four chains summed into y's column r.
+template <int BITS, int M>
+WS_AVX512 inline void finish_row(const Avx512Unpack16<BITS>& unpack, const Avx512Lookup<BITS>& lookup,
+                                 const uint8_t* row, const float* x, int64_t in, int64_t blk, __m512 (&acc)[M][4],
+                                 float* y, int64_t ldy, int64_t r) {
+  const int64_t blocks = in / 16;
+  for (; blk < blocks; ++blk) {
+    const __m512 wv = lookup(unpack.indices(row, blk));
+    for (int m = 0; m < M; ++m) acc[m][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * in + 16 * blk), acc[m][0]);
+  }
+  if (blocks * 16 < in) partial_block_fma<BITS, M>(unpack, lookup, row, x, in, blocks, acc);
+  for (int m = 0; m < M; ++m) {
+    y[m * ldy + r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
+                                                        _mm512_add_ps(acc[m][2], acc[m][3])));
+  }
+}
+
 template <int BITS, int M>
 WS_AVX512 void gemv_rows_avx512(const PackedLinear& w, const float* x, int64_t r0, int64_t r1, float* y) {
   const Avx512Unpack16<BITS> unpack;
   GroupTable gt;
   const int64_t in = w.in_features;
   const int64_t blocks = in / 16;
-  const int64_t tail = blocks * 16;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = w.packed + r * w.row_bytes;
     const DecodeTable& dt = gt.get(w, r);
@@ -78,15 +95,7 @@ WS_AVX512 void gemv_rows_avx512(const PackedLinear& w, const float* x, int64_t r
           acc[m][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * in + 16 * (blk + u)), acc[m][u]);
       }
     }
-    for (; blk < blocks; ++blk) {
-      const __m512 wv = lookup(unpack.indices(row, blk));
-      for (int m = 0; m < M; ++m) acc[m][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * in + 16 * blk), acc[m][0]);
-    }
-    if (tail < in) partial_block_fma<BITS, M>(unpack, lookup, row, x, in, blocks, acc);
-    for (int m = 0; m < M; ++m) {
-      y[m * w.out_features + r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
-                                                                     _mm512_add_ps(acc[m][2], acc[m][3])));
-    }
+    finish_row<BITS, M>(unpack, lookup, row, x, in, blk, acc, y, w.out_features, r);
   }
 }
 #endif
@@ -152,17 +161,8 @@ WS_AVX512 void gemv_rows_avx512_fast(const PackedLinear& w, const float* x, cons
         }
       }
     }
-    // tail: whole 16-blocks through the generic decoder, then single indices
-    const int64_t tail16 = in / 16;
-    for (int64_t b16 = blocks * B / 16; b16 < tail16; ++b16) {
-      const __m512 wv = lookup(unpack.indices(row, b16));
-      for (int m = 0; m < M; ++m) acc[m][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * in + 16 * b16), acc[m][0]);
-    }
-    if (tail16 * 16 < in) partial_block_fma<BITS, M>(unpack, lookup, row, x, in, tail16, acc);
-    for (int m = 0; m < M; ++m) {
-      y[m * w.out_features + r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
-                                                                     _mm512_add_ps(acc[m][2], acc[m][3])));
-    }
+    // the row's tail (less than a 64-byte block) by the generic decoder
+    finish_row<BITS, M>(unpack, lookup, row, x, in, blocks * B / 16, acc, y, w.out_features, r);
   }
 }
 
@@ -227,9 +227,9 @@ struct Multishift16 {
 template <int BITS, int M>
 WS_AVX512 void gemv_rows_avx512_multishift(const PackedLinear& w, const float* x, int64_t r0, int64_t r1, float* y) {
   const Multishift16<BITS> ms;
-  const Avx512Unpack16<BITS> unpack;  // the row's remaining blocks
+  const Avx512Unpack16<BITS> unpack;  // the blocks the steps leave
   GroupTable gt;
-  const int64_t in = w.in_features, steps = Multishift16<BITS>::steps(w.row_bytes, in), blocks = in / 16;
+  const int64_t in = w.in_features, steps = Multishift16<BITS>::steps(w.row_bytes, in);
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = w.packed + r * w.row_bytes;
     const DecodeTable& dt = gt.get(w, r);
@@ -257,15 +257,7 @@ WS_AVX512 void gemv_rows_avx512_multishift(const PackedLinear& w, const float* x
           acc[m][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * in + 16 * (st + u)), acc[m][u]);
       }
     }
-    for (int64_t blk = st; blk < blocks; ++blk) {  // the row's last whole blocks, by the generic decoder
-      const __m512 wv = lookup(unpack.indices(row, blk));
-      for (int m = 0; m < M; ++m) acc[m][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * in + 16 * blk), acc[m][0]);
-    }
-    if (blocks * 16 < in) partial_block_fma<BITS, M>(unpack, lookup, row, x, in, blocks, acc);
-    for (int m = 0; m < M; ++m) {
-      y[m * w.out_features + r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
-                                                                     _mm512_add_ps(acc[m][2], acc[m][3])));
-    }
+    finish_row<BITS, M>(unpack, lookup, row, x, in, st, acc, y, w.out_features, r);  // the steps left by the loop
   }
 }
 #endif

@@ -4,8 +4,6 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <ATen/Parallel.h>
-
 #include <vector>
 
 #include "shared_linear.h"

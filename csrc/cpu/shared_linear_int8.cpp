@@ -206,9 +206,10 @@ WS_AVX2 void int8_rows_avx2(const PackedLinear& w, const QuantizedX& xq, const Q
   thread_local std::vector<int8_t> abs_buf;
   int8_t* ax = aligned64(grown(abs_buf, static_cast<size_t>(M * xq.stride + 64)));
   for (int m = 0; m < M; ++m)
-    for (int64_t i = 0; i < xq.stride; i += 32)
-      _mm256_store_si256(reinterpret_cast<__m256i*>(ax + m * xq.stride + i),
-                         _mm256_abs_epi8(_mm256_load_si256(reinterpret_cast<const __m256i*>(xq.q + (m0 + m) * xq.stride + i))));
+    for (int64_t i = 0; i < xq.stride; i += 32) {
+      const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(xq.q + (m0 + m) * xq.stride + i));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(ax + m * xq.stride + i), _mm256_abs_epi8(v));
+    }
   int64_t group = -1;
   __m256i table = _mm256_setzero_si256();
   for (int64_t r = r0; r < r1; ++r) {

@@ -91,8 +91,8 @@ struct Avx512Lookup {
   }
 };
 
-// 32 indices of BITS bits (4 * BITS bytes from a byte boundary) unpacked to 32 bytes in order (the AVX2 int8 row
-// decode and the 3/5-bit byte planes use it). Each 128-bit lane takes 16 indices from its own 16-byte load (lane 1
+// 32 indices of BITS bits (4 * BITS bytes from a byte boundary) unpacked to 32 bytes in order (the AVX2 int8
+// decode, int8_decode_avx2.h, and the AVX2 float GEMV's 5-bit byte planes use it). Each 128-bit lane takes 16 indices from its own 16-byte load (lane 1
 // from src + 2 * BITS): two pshufb put each index's two bytes in a 16-bit slot (indices 0-7 and 8-15 of the lane),
 // a vpmullw by 2^(8 - shift) moves its bits to the slot's high byte (AVX2 has no per-16-bit variable shift), and
 // one pack of the high bytes gives the 32 bytes in order. 10 instructions per 32 indices; the form before (four
