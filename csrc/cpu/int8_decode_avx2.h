@@ -69,7 +69,10 @@ struct Avx2Int8Decoder {
         }
     } else {
       for (int64_t i0 = 0; i0 < n; i0 += 32)
-        _mm256_store_si256(reinterpret_cast<__m256i*>(out + i0), lookup(unpack.bytes32(src + i0 / 8 * BITS)));
+        // the lookup of more than 16 entries reads only the index's bits (junk above is fine); 16 entries: pshufb
+        // reads bit 7 too
+        _mm256_store_si256(reinterpret_cast<__m256i*>(out + i0),
+                           lookup(kChunks > 1 ? unpack.raw32(src + i0 / 8 * BITS) : unpack.bytes32(src + i0 / 8 * BITS)));
     }
   }
 };

@@ -194,7 +194,7 @@ WS_AVX2 void rows_unpacked_planes(const PackedLinear& w, const float* x, const f
     for (int m = 0; m < M; ++m)
       for (int a = 0; a < NA; ++a) acc[m][a] = _mm256_setzero_ps();
     for (int64_t st = 0; st < steps; ++st) {
-      const __m256i idx = unpack.bytes32(row + st * 4 * BITS);
+      const __m256i idx = unpack.raw32(row + st * 4 * BITS);  // the planes read bits 0-4 only
       planes_fma<plane_chunks(BITS), M, NA>(t, idx, xp + st * 32, steps * 32, acc);
     }
     for (int m = 0; m < M; ++m) {

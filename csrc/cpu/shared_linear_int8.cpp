@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -34,7 +35,7 @@ bool use_blocked(int64_t M) {
 // rows, ms): 4 bits 4 rows 0.80 vs 0.68, 6 rows 0.98 vs 1.02, 16 rows 1.93 vs 2.72, 64 rows 6.5 vs 10.5; 3 bits 4
 // rows 1.00 vs 0.98, 6 rows 1.21 vs 1.29; 8 bits 3 rows 2.05 vs 2.09, 4 rows 2.16 vs 2.31. The fused row kernel of
 // 1, 2 and 4 bits holds out longer than the decode-then-dot one of the other widths.
-int64_t avx2_blocked_min_rows(int bits) { return bits == 1 || bits == 2 || bits == 4 ? 6 : 4; }
+int64_t avx2_blocked_min_rows(int bits) { return bits == 1 || bits == 2 || bits == 4 ? 6 : 5; }
 
 // Index i of the quantized-x layout (undoes the byte-aligned permutation).
 inline int64_t x_pos(int64_t i, int bits) {
@@ -113,6 +114,30 @@ WS_AVX512 inline __attribute__((always_inline)) void int8_steps(const ByteLookup
   }
 }
 
+// Steps st + U_ .. st + U - 1 of the widths that are not byte aligned (one 64-index unpack each), step u into
+// accumulator slot u (M == 1) so that the slots are compile-time: a slot picked at run time (st & (NA - 1)) kept
+// the accumulators in memory, a load and a store per vpdpbusd.
+template <int BITS, int M, int R, int NA, int U_, int U>
+WS_AVX512 inline __attribute__((always_inline)) void int8_unpacked_steps(const ByteLookup<BITS> (&lookup)[R],
+                                                                           const Unpack64<BITS>& unpack64,
+                                                                           const uint8_t* const (&row)[R],
+                                                                           int64_t row_bytes, int64_t st,
+                                                                           const int8_t* x, int64_t stride,
+                                                                           __m512i (&acc)[R][M][NA]) {
+  if constexpr (U_ < U) {
+    __m512i wu[R];
+    for (int i = 0; i < R; ++i) wu[i] = lookup[i](unpack64(row[i], row_bytes, st + U_));
+    for (int m = 0; m < M; ++m) {
+      const __m512i xv = _mm512_loadu_si512(x + m * stride + (st + U_) * 64);
+      for (int i = 0; i < R; ++i) {
+        __m512i& a = acc[i][m][M == 1 ? U_ % NA : 0];
+        a = _mm512_dpbusd_epi32(a, wu[i], xv);
+      }
+    }
+    int8_unpacked_steps<BITS, M, R, NA, U_ + 1, U>(lookup, unpack64, row, row_bytes, st, x, stride, acc);
+  }
+}
+
 // Rows [r0, r1) of W, R at a time, against x rows [m0, m0 + M): y[m][r] by the int8 definition.
 // One x row (the GEMV, R = 1) has only its own chain of vpdpbusd, whose latency (4-5 cycles) then paces the loop
 // (the profile showed it waiting with two chains), so U steps are unrolled into 8 chains (slot = u * E + s).
@@ -158,20 +183,15 @@ WS_AVX512 void int8_rows_avx512(const PackedLinear& w, const QuantizedX& xq, con
         int8_step<BITS, M, R, NA, 0>(lookup, bytes, st, xrow, xq.stride, acc);
       }
     } else {
-      for (int64_t st = 0; st < nsteps; ++st) {
-        __m512i wu[R];
-        for (int i = 0; i < R; ++i) {
-          _mm_prefetch(reinterpret_cast<const char*>(row[i] + 2 * R * w.row_bytes + st * 64), _MM_HINT_T0);
-          wu[i] = lookup[i](unpack64(row[i], w.row_bytes, st));
-        }
-        for (int m = 0; m < M; ++m) {
-          const __m512i xv = _mm512_loadu_si512(xrow + m * xq.stride + st * 64);
-          for (int i = 0; i < R; ++i) {
-            __m512i& a = acc[i][m][M == 1 ? (st & (NA - 1)) : 0];
-            a = _mm512_dpbusd_epi32(a, wu[i], xv);
-          }
-        }
+      // U steps (U x 8 BITS bytes, at least one cache line) per prefetch of the row two rows ahead
+      int64_t st = 0;
+      for (; st + U <= nsteps; st += U) {
+        for (int i = 0; i < R; ++i)
+          _mm_prefetch(reinterpret_cast<const char*>(row[i] + 2 * R * w.row_bytes + st * 8 * BITS), _MM_HINT_T0);
+        int8_unpacked_steps<BITS, M, R, NA, 0, U>(lookup, unpack64, row, w.row_bytes, st, xrow, xq.stride, acc);
       }
+      for (; st < nsteps; ++st)
+        int8_unpacked_steps<BITS, M, R, NA, 0, 1>(lookup, unpack64, row, w.row_bytes, st, xrow, xq.stride, acc);
     }
     for (int i = 0; i < R; ++i) {
       for (int m = 0; m < M; ++m) {
@@ -187,21 +207,31 @@ WS_AVX512 void int8_rows_avx512(const PackedLinear& w, const QuantizedX& xq, con
   }
 }
 
-// AVX2 (no VNNI): bits 1, 2, 4, whose codebook (at most 16 int8 entries) is one pshufb table. The weights stay
-// signed and products go through vpmaddubsw (u8 x s8 pairs into s16) as |x| x (w * sign(x)): each pair is at most
-// 2 x 127 x 127 = 32258, so the s16 never saturates and the sums are exact. The x layout is the AVX-512 kernel's
-// (a 64-byte step is two 32-byte halves here).
+// AVX2 (no VNNI), every width. The weights stay signed and products go through vpmaddubsw (u8 x s8 pairs into s16)
+// as |x| x (w * sign(x)): each pair is at most 2 x 127 x 127 = 32258, so the s16 never saturates and the sums are
+// exact. Each 32 weights are decoded once (Avx2Int8Decoder's lookup) and multiplied with the M x rows straight from
+// registers. The x layout is the AVX-512 kernel's: byte-aligned widths in 64-byte steps (two 32-byte halves here,
+// "the s-th index of every byte" by a shift and a mask), the others in natural order (64-index steps of 8 BITS
+// bytes, two halves of 32 unpacked by Avx2Unpack32). Before, 3 and 5-8 bits decoded each row into an L1 buffer and
+// then dotted it: 4096x4096 at batch 1 3 bits 0.46 -> ? ms, 8 bits ? -> ? ms.
 template <int BITS, int M>
 WS_AVX2 void int8_rows_avx2(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq, int64_t m0,
                             int64_t r0, int64_t r1, float* y) {
-  constexpr int E = 8 / BITS;
-  constexpr int64_t S = step_elems(BITS);
+  constexpr bool kAligned = byte_aligned(BITS);
+  constexpr int E = kAligned ? 8 / BITS : 1;         // indices per byte, each a 32-index vector per half
+  constexpr int64_t S = step_elems(BITS);            // indices per step
+  constexpr int64_t kStepBytes = S * BITS / 8;       // packed bytes per step (64, or 8 BITS)
+  constexpr int64_t kHalfBytes = kStepBytes / 2;
+  // the last byte a step reads: the second half's second 16-byte load (Avx2Unpack32) ends 6 BITS + 16 bytes in
+  constexpr int64_t kStepReach = kAligned ? kStepBytes : 6 * BITS + 16;
   const int64_t nsteps = xq.stride / S;
-  const int64_t whole = std::min(nsteps, w.row_bytes / 64);
+  const int64_t whole = w.row_bytes >= kStepReach ? std::min(nsteps, (w.row_bytes - kStepReach) / kStepBytes + 1) : 0;
   const __m256i low = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1));
   const __m256i ones = _mm256_set1_epi16(1);
-  // int32 lanes gain at most 8E products of 127 x 127 per step: fold them into int64 every 4096 steps
-  constexpr int64_t kFold = 4096;
+  // an int32 lane gains 4 products (<= 127 x 127 each) per vector of 32, 2E vectors per step: fold into int64
+  // before 2^31
+  constexpr int64_t kFold = (int64_t{1} << 31) / (127 * 127 * 4 * 2 * E);
+  Avx2Int8Decoder<BITS> decoder;
   // |x| of the M rows, taken once here rather than per weight row
   thread_local std::vector<int8_t> abs_buf;
   int8_t* ax = aligned64(grown(abs_buf, static_cast<size_t>(M * xq.stride + 64)));
@@ -211,11 +241,10 @@ WS_AVX2 void int8_rows_avx2(const PackedLinear& w, const QuantizedX& xq, const Q
       _mm256_store_si256(reinterpret_cast<__m256i*>(ax + m * xq.stride + i), _mm256_abs_epi8(v));
     }
   int64_t group = -1;
-  __m256i table = _mm256_setzero_si256();
   for (int64_t r = r0; r < r1; ++r) {
     if (r / w.rows_per_group != group) {
       group = r / w.rows_per_group;
-      table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cq.table(group))));
+      decoder.set_table(cq.table(group));
     }
     const uint8_t* row = w.packed + r * w.row_bytes;
     int64_t total[M] = {};
@@ -223,26 +252,36 @@ WS_AVX2 void int8_rows_avx2(const PackedLinear& w, const QuantizedX& xq, const Q
       __m256i acc[M];
       for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_si256();
       for (int64_t st = f0; st < std::min(nsteps, f0 + kFold); ++st) {
-        const uint8_t* src = row + st * 64;
-        alignas(32) uint8_t tail[64];
-        if (st >= whole) {  // the row's last, partial step: zero bytes (index 0) past its end; x is zero there
+        const uint8_t* src = row + st * kStepBytes;
+        alignas(32) uint8_t tail[128];
+        if (st >= whole) {  // the row's last steps: zero bytes (index 0) past its end; x is zero there
           std::memset(tail, 0, sizeof(tail));
-          std::memcpy(tail, src, static_cast<size_t>(std::max<int64_t>(0, w.row_bytes - st * 64)));
+          std::memcpy(tail, src, static_cast<size_t>(std::clamp<int64_t>(w.row_bytes - st * kStepBytes, 0, 128)));
           src = tail;
         }
 #pragma GCC unroll 2
         for (int h = 0; h < 2; ++h) {
-          const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 * h));
+          [[maybe_unused]] __m256i bytes;
+          if constexpr (kAligned) bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 * h));
 #pragma GCC unroll 8
           for (int s = 0; s < E; ++s) {
-            const __m256i idx = _mm256_and_si256(_mm256_srli_epi16(bytes, s * BITS), low);
-            const __m256i wq = _mm256_shuffle_epi8(table, idx);
+            __m256i idx;
+            if constexpr (BITS == 8) {
+              idx = bytes;
+            } else if constexpr (kAligned) {
+              // a 16-bit shift drags the upper byte's bits into the lower one, above its low BITS (masked off)
+              idx = _mm256_and_si256(_mm256_srli_epi16(bytes, s * BITS), low);
+            } else if constexpr (Avx2Int8Decoder<BITS>::kChunks > 1) {
+              idx = decoder.unpack.raw32(src + kHalfBytes * h);  // the chunked lookup reads the index bits only
+            } else {
+              idx = decoder.unpack.bytes32(src + kHalfBytes * h);
+            }
+            const __m256i wq = decoder.lookup(idx);
+            const int64_t at = st * S + s * 64 + 32 * h;  // the layout's position of these 32 weights
 #pragma GCC unroll 4
             for (int m = 0; m < M; ++m) {
-              const __m256i xv = _mm256_loadu_si256(
-                  reinterpret_cast<const __m256i*>(xq.q + (m0 + m) * xq.stride + st * S + s * 64 + 32 * h));
-              const __m256i av = _mm256_load_si256(
-                  reinterpret_cast<const __m256i*>(ax + m * xq.stride + st * S + s * 64 + 32 * h));
+              const __m256i xv = _mm256_load_si256(reinterpret_cast<const __m256i*>(xq.q + (m0 + m) * xq.stride + at));
+              const __m256i av = _mm256_load_si256(reinterpret_cast<const __m256i*>(ax + m * xq.stride + at));
               const __m256i prod = _mm256_maddubs_epi16(av, _mm256_sign_epi8(wq, xv));
               acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(prod, ones));
             }
@@ -256,51 +295,6 @@ WS_AVX2 void int8_rows_avx2(const PackedLinear& w, const QuantizedX& xq, const Q
       }
     }
     for (int m = 0; m < M; ++m) y[(m0 + m) * w.out_features + r] = int8_output(total[m], xq, cq, m0 + m, group);
-  }
-}
-
-// AVX2, the other widths (3, 5, 6, 7, 8 bits; before this they ran the scalar kernel: 10 ms at batch 1 and 640 ms at
-// batch 64 on a 4096x4096 layer): each weight row is decoded once into int8 (Avx2Int8Decoder) in an L1 buffer,
-// then dotted with every x row (vpmaddubsw as |x| x (w * sign(x)), exact as above).
-template <int BITS>
-WS_AVX2 void int8_rows_avx2_generic(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq,
-                                    int64_t M, int64_t r0, int64_t r1, float* y) {
-  constexpr int64_t kFold = 4096;  // 32-byte steps between int32 -> int64 folds (8 products of 127 x 127 a lane)
-  const int64_t n = xq.stride;     // a multiple of 64 >= in_features; x is zero past in_features
-  const __m256i ones = _mm256_set1_epi16(1);
-  Avx2Int8Decoder<BITS> decoder;
-  thread_local std::vector<uint8_t> row_buf;
-  thread_local std::vector<int8_t> w_buf;
-  // the row, zero padded: the decode reads whole steps and may read past them (index 0, x 0 there)
-  const int64_t padded = n * BITS / 8 + Avx2Int8Decoder<BITS>::kOverread;
-  uint8_t* rowp = grown(row_buf, static_cast<size_t>(padded));
-  int8_t* wq = aligned64(grown(w_buf, static_cast<size_t>(n + 64)));
-  std::memset(rowp + w.row_bytes, 0, static_cast<size_t>(padded - w.row_bytes));
-  int64_t group = -1;
-  for (int64_t r = r0; r < r1; ++r) {
-    if (r / w.rows_per_group != group) {
-      group = r / w.rows_per_group;
-      decoder.set_table(cq.table(group));
-    }
-    std::memcpy(rowp, w.packed + r * w.row_bytes, static_cast<size_t>(w.row_bytes));
-    decoder.decode(rowp, n, wq);
-    for (int64_t m = 0; m < M; ++m) {
-      const int8_t* xm = xq.q + m * xq.stride;
-      int64_t total = 0;
-      for (int64_t f0 = 0; f0 < n; f0 += 32 * kFold) {
-        __m256i acc = _mm256_setzero_si256();
-        for (int64_t i0 = f0; i0 < std::min(n, f0 + 32 * kFold); i0 += 32) {
-          const __m256i xv = _mm256_load_si256(reinterpret_cast<const __m256i*>(xm + i0));
-          const __m256i wv = _mm256_load_si256(reinterpret_cast<const __m256i*>(wq + i0));
-          acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(xv),
-                                                                             _mm256_sign_epi8(wv, xv)), ones));
-        }
-        alignas(32) int32_t lanes[8];
-        _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
-        for (int j = 0; j < 8; ++j) total += lanes[j];
-      }
-      y[m * w.out_features + r] = int8_output(total, xq, cq, m, group);
-    }
   }
 }
 
@@ -334,24 +328,16 @@ void linear_int8(const PackedLinear& w, const at::Tensor& x_f32, float* y) {
         }
         return;
       }
-      if constexpr (BITS != 1 && BITS != 2 && BITS != 4) {
-        if (simd == Simd::Avx2) {
-          int8_rows_avx2_generic<BITS>(w, xq, cq, M, r0, r1, y);
-          return;
-        }
-      }
-      if constexpr (BITS == 1 || BITS == 2 || BITS == 4) {
-        if (simd == Simd::Avx2) {
-          for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            switch (std::min<int64_t>(4, M - m0)) {
-              case 1: int8_rows_avx2<BITS, 1>(w, xq, cq, m0, r0, r1, y); break;
-              case 2: int8_rows_avx2<BITS, 2>(w, xq, cq, m0, r0, r1, y); break;
-              case 3: int8_rows_avx2<BITS, 3>(w, xq, cq, m0, r0, r1, y); break;
-              default: int8_rows_avx2<BITS, 4>(w, xq, cq, m0, r0, r1, y); break;
-            }
+      if (simd == Simd::Avx2) {
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+          switch (std::min<int64_t>(4, M - m0)) {
+            case 1: int8_rows_avx2<BITS, 1>(w, xq, cq, m0, r0, r1, y); break;
+            case 2: int8_rows_avx2<BITS, 2>(w, xq, cq, m0, r0, r1, y); break;
+            case 3: int8_rows_avx2<BITS, 3>(w, xq, cq, m0, r0, r1, y); break;
+            default: int8_rows_avx2<BITS, 4>(w, xq, cq, m0, r0, r1, y); break;
           }
-          return;
         }
+        return;
       }
 #endif
       int8_rows_portable<BITS>(w, xq, cq, M, r0, r1, y);
