@@ -69,8 +69,7 @@ struct Avx2Int8Decoder {
         }
     } else {
       for (int64_t i0 = 0; i0 < n; i0 += 32)
-        // the lookup of more than 16 entries reads only the index's bits (junk above is fine); 16 entries: pshufb
-        // reads bit 7 too
+        // more than 16 entries: the lookup reads the index's bits only; 16: pshufb reads bit 7 too
         _mm256_store_si256(reinterpret_cast<__m256i*>(out + i0),
                            lookup(kChunks > 1 ? unpack.raw32(src + i0 / 8 * BITS) : unpack.bytes32(src + i0 / 8 * BITS)));
     }

@@ -272,7 +272,7 @@ WS_AVX2 void int8_rows_avx2(const PackedLinear& w, const QuantizedX& xq, const Q
               // a 16-bit shift drags the upper byte's bits into the lower one, above its low BITS (masked off)
               idx = _mm256_and_si256(_mm256_srli_epi16(bytes, s * BITS), low);
             } else if constexpr (Avx2Int8Decoder<BITS>::kChunks > 1) {
-              idx = decoder.unpack.raw32(src + kHalfBytes * h);  // the chunked lookup reads the index bits only
+              idx = decoder.unpack.raw32(src + kHalfBytes * h);  // the chunked lookup reads the index's bits only
             } else {
               idx = decoder.unpack.bytes32(src + kHalfBytes * h);
             }

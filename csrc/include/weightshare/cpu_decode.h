@@ -92,33 +92,37 @@ struct Avx512Lookup {
 };
 
 // 32 indices of BITS bits (4 * BITS bytes from a byte boundary) unpacked to 32 bytes in order (the AVX2 int8
-// decode, int8_decode_avx2.h, and the AVX2 float GEMV's 5-bit byte planes use it). Each 128-bit lane takes 16
-// indices from its own 16-byte load (lane 1 from src + 2 * BITS). AVX2 has no per-16-bit variable shift, so shifts
-// are multiplies, which run on other pipes than the shuffles (on Zen 4 shifts and shuffles share two pipes, the
-// multiplies have two of their own): one pshufb puts each even index's two-byte window in a 16-bit slot and a
-// vpmulhuw by 2^(16 - shift) shifts it down to the slot's low byte; another pshufb and a vpmullw by 2^(8 - shift)
-// lift each odd index to the slot's high byte; one byte blend joins them. 6 vector uops per 32 indices (+1 for the
-// mask); the form before (vpmullw, a shift and one pack per half) took 10, of which 7 on the shuffle/shift pipes.
+// decode, int8_decode_avx2.h, and the AVX2 float GEMV's 5-bit byte planes use it). 128-bit lane l takes indices
+// 16 l .. 16 l + 15: up to 3 bits all 32 come from one 16-byte load broadcast to both lanes, wider ones from a
+// 16-byte load per lane (lane 1's at src + 2 * BITS). AVX2 has no per-16-bit variable shift, so the shifts are
+// multiplies: one pshufb puts each even index's two-byte window in a 16-bit slot and a vpmulhuw by 2^(16 - shift)
+// moves it to the slot's low byte; another pshufb and a vpmullw by 2^(8 - shift) lift each odd index to the slot's
+// high byte; two ANDs and an OR keep the indices and join them. On the Zen 4 VM (a loop of decode, pshufb lookup
+// and vpmaddubsw dot, L1) 3 bits take 4.1 cycles per 32 weights, 4.8 with a byte blend and separate lane loads,
+// and the form before (vpmullw, a shift and one pack per half: 7 uops on the shuffle/shift pipes) more: shuffles,
+// blends and lane inserts share two pipes there, the multiplies two others, ANDs and ORs any of four.
 template <int BITS>
 struct Avx2Unpack32 {
   static_assert(BITS >= 1 && BITS <= 7, "two-byte windows");
-  __m256i pick_even, pick_odd, mul_even, mul_odd, odd_bytes, mask;
+  static constexpr bool kOneLoad = BITS <= 3;  // 32 indices (+ the last window's next byte) within 16 bytes
+  __m256i pick_even, pick_odd, mul_even, mul_odd, keep_even, keep_odd, odd_bytes;
   WS_AVX2 Avx2Unpack32() {
     alignas(32) uint8_t pe[32], po[32];
     alignas(32) uint16_t me[16], mo[16];
     for (int lane = 0; lane < 2; ++lane)
       for (int s = 0; s < 8; ++s) {
         const int w = 8 * lane + s;  // 16-bit slot of the vector, bytes 2s and 2s + 1 of the lane
+        const int first = kOneLoad ? 16 * lane * BITS : 0;  // the lane's first bit in its load
         // even index 2s: if it lies in byte b alone, the window is bytes (b - 1, b) (byte -1 reads as zero: pshufb
         // index 0x80) and the shift 8 + offset; else (b, b + 1) and the offset, >= 1 then. Either way 1..15, so
         // the multiplier 2^(16 - shift) fits 16 bits.
-        const int be = 2 * s * BITS, b = be / 8, o = be % 8;
+        const int be = first + 2 * s * BITS, b = be / 8, o = be % 8;
         const bool alone = o + BITS <= 8;
         pe[16 * lane + 2 * s] = alone ? (b == 0 ? 0x80 : static_cast<uint8_t>(b - 1)) : static_cast<uint8_t>(b);
         pe[16 * lane + 2 * s + 1] = static_cast<uint8_t>(alone ? b : b + 1);
         me[w] = static_cast<uint16_t>(1u << (16 - (alone ? 8 + o : o)));
-        // odd index 2s + 1: window (b, b + 1) (b + 1 <= 14 at 7 bits), shifted up by 8 - offset
-        const int bo = (2 * s + 1) * BITS;
+        // odd index 2s + 1: window (b, b + 1) (b + 1 <= 14 at 7 bits, 12 at 3), shifted up by 8 - offset
+        const int bo = first + (2 * s + 1) * BITS;
         po[16 * lane + 2 * s] = static_cast<uint8_t>(bo / 8);
         po[16 * lane + 2 * s + 1] = static_cast<uint8_t>(bo / 8 + 1);
         mo[w] = static_cast<uint16_t>(1u << (8 - bo % 8));
@@ -127,21 +131,35 @@ struct Avx2Unpack32 {
     pick_odd = _mm256_load_si256(reinterpret_cast<const __m256i*>(po));
     mul_even = _mm256_load_si256(reinterpret_cast<const __m256i*>(me));
     mul_odd = _mm256_load_si256(reinterpret_cast<const __m256i*>(mo));
+    keep_even = _mm256_set1_epi16(static_cast<short>((1 << BITS) - 1));
+    keep_odd = _mm256_set1_epi16(static_cast<short>(((1 << BITS) - 1) << 8));
     odd_bytes = _mm256_set1_epi16(static_cast<short>(0xff00));
-    mask = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1));
   }
-  // Index j in the low BITS bits of byte j, the packed bits that followed it above (any of them may be set, bit 7
-  // too). Reads 16 bytes at src and 16 at src + 2 * BITS.
+  // Byte j = index j. Reads 16 bytes at src (and, above 3 bits, 16 at src + 2 * BITS).
+  WS_AVX2 inline __m256i bytes32(const uint8_t* src) const {
+    __m256i even, odd;
+    windows(src, even, odd);
+    return _mm256_or_si256(_mm256_and_si256(even, keep_even), _mm256_and_si256(odd, keep_odd));
+  }
+  // Index j in the low BITS bits of byte j, the packed bits that followed it above (any may be set, bit 7 too), for
+  // lookups that read only the index's bits: one byte blend (a shuffle-pipe uop) instead of three any-pipe ones;
+  // at 5-7 bits the int8 row kernel ran 0.49 ms this way against 0.53 with the masks (4096x4096, batch 1).
   WS_AVX2 inline __m256i raw32(const uint8_t* src) const {
-    const __m256i v = _mm256_inserti128_si256(
-        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))),
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * BITS)), 1);
-    const __m256i even = _mm256_mulhi_epu16(_mm256_shuffle_epi8(v, pick_even), mul_even);
-    const __m256i odd = _mm256_mullo_epi16(_mm256_shuffle_epi8(v, pick_odd), mul_odd);
+    __m256i even, odd;
+    windows(src, even, odd);
     return _mm256_blendv_epi8(even, odd, odd_bytes);
   }
-  // The same, each byte exactly its index.
-  WS_AVX2 inline __m256i bytes32(const uint8_t* src) const { return _mm256_and_si256(raw32(src), mask); }
+
+ private:
+  // even: each even index at the bottom of its slot's low byte; odd: each odd index at the bottom of the high byte
+  WS_AVX2 inline void windows(const uint8_t* src, __m256i& even, __m256i& odd) const {
+    const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+    const __m256i v = kOneLoad ? _mm256_broadcastsi128_si256(lo)
+                               : _mm256_inserti128_si256(_mm256_castsi128_si256(lo),
+                                                         _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * BITS)), 1);
+    even = _mm256_mulhi_epu16(_mm256_shuffle_epi8(v, pick_even), mul_even);
+    odd = _mm256_mullo_epi16(_mm256_shuffle_epi8(v, pick_odd), mul_odd);
+  }
 };
 
 // The table entries of 8 indices without a gather: the indices (BITS bits each, packed from bit 0 of `v`, as 8
