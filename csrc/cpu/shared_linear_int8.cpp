@@ -225,7 +225,14 @@ WS_AVX2 void int8_rows_avx2(const PackedLinear& w, const QuantizedX& xq, const Q
   // the last byte a step reads: the second half's second 16-byte load (Avx2Unpack32) ends 6 BITS + 16 bytes in
   constexpr int64_t kStepReach = kAligned ? kStepBytes : 6 * BITS + 16;
   const int64_t nsteps = xq.stride / S;
-  const int64_t whole = w.row_bytes >= kStepReach ? std::min(nsteps, (w.row_bytes - kStepReach) / kStepBytes + 1) : 0;
+  // Steps read whole from the packed tensor: indices read past a row's end (the next row's bytes) meet x's zero
+  // padding and add nothing, so only the reads past the tensor's end go through a zeroed copy (before, every row's
+  // last step did: a 4096x64 4-bit layer at batch 1 took 52 us, 24 us now).
+  const int64_t packed_bytes = w.out_features * w.row_bytes;
+  const auto whole_steps = [&](int64_t r) {
+    const int64_t avail = packed_bytes - r * w.row_bytes;  // bytes from row r's start to the tensor's end
+    return avail >= kStepReach ? std::min(nsteps, (avail - kStepReach) / kStepBytes + 1) : int64_t{0};
+  };
   const __m256i low = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1));
   const __m256i ones = _mm256_set1_epi16(1);
   // an int32 lane gains 4 products (<= 127 x 127 each) per vector of 32, 2E vectors per step: fold into int64
@@ -247,6 +254,7 @@ WS_AVX2 void int8_rows_avx2(const PackedLinear& w, const QuantizedX& xq, const Q
       decoder.set_table(cq.table(group));
     }
     const uint8_t* row = w.packed + r * w.row_bytes;
+    const int64_t whole = whole_steps(r);
     int64_t total[M] = {};
     for (int64_t f0 = 0; f0 < nsteps; f0 += kFold) {
       __m256i acc[M];
@@ -254,9 +262,10 @@ WS_AVX2 void int8_rows_avx2(const PackedLinear& w, const QuantizedX& xq, const Q
       for (int64_t st = f0; st < std::min(nsteps, f0 + kFold); ++st) {
         const uint8_t* src = row + st * kStepBytes;
         alignas(32) uint8_t tail[128];
-        if (st >= whole) {  // the row's last steps: zero bytes (index 0) past its end; x is zero there
+        if (st >= whole) {  // the last rows' last steps: zero bytes past the tensor's end
           std::memset(tail, 0, sizeof(tail));
-          std::memcpy(tail, src, static_cast<size_t>(std::clamp<int64_t>(w.row_bytes - st * kStepBytes, 0, 128)));
+          std::memcpy(tail, src,
+                      static_cast<size_t>(std::clamp<int64_t>(packed_bytes - (src - w.packed), 0, 128)));
           src = tail;
         }
 #pragma GCC unroll 2

@@ -24,15 +24,15 @@ constexpr bool byte_aligned(int bits) { return bits == 1 || bits == 2 || bits ==
 // Elements covered by one 64-byte step of the byte-aligned kernels (64 elements otherwise).
 constexpr int64_t step_elems(int bits) { return byte_aligned(bits) ? 512 / bits : 64; }
 
+// The quantized operands live in the calling thread's reused buffers (grown, never shrunk; decode_scratch.h): a
+// codebook per output row of 8 bits is 2 MiB of tables, and fresh vectors of that size were mapped, zero-filled and
+// unmapped on every call (4096x64 layer, batch 1: 1.2 ms a call, most of it page faults). Valid until this thread's
+// next quantize_x / quantize_codebook; the kernels' worker threads only read them while the caller waits.
 struct QuantizedX {
-  std::vector<int8_t> buffer;  // q's storage (64 bytes spare)
-  int8_t* q = nullptr;         // [M, stride], zero padded; permuted for byte-aligned bits; 64-byte aligned rows
-  std::vector<float> scale;   // [M]
-  std::vector<int64_t> sum;   // [M] sum of q
-  int64_t stride;             // a multiple of step_elems(bits) (so of 64: every row starts 64-byte aligned)
-  QuantizedX() = default;
-  QuantizedX(QuantizedX&&) = default;  // moving keeps buffer's heap block, so q stays valid; a copy would not
-  QuantizedX(const QuantizedX&) = delete;
+  int8_t* q = nullptr;      // [M, stride], zero padded; permuted for byte-aligned bits; 64-byte aligned rows
+  float* scale = nullptr;   // [M]
+  int64_t* sum = nullptr;   // [M] sum of q
+  int64_t stride = 0;       // a multiple of step_elems(bits) (so of 64: every row starts 64-byte aligned)
 };
 
 QuantizedX quantize_x(const at::Tensor& x, int bits);
@@ -42,12 +42,12 @@ QuantizedX quantize_x(const at::Tensor& x, int bits);
 // per output row has thousands of groups, quantized on every call): q max(16, 2**bits) entries (AVX2 reads 16), the
 // biased table 64 (a byte permute's reach), 128 or 256 entries, built only for the AVX-512 kernels that read it.
 struct QuantizedCodebook {
-  std::vector<int8_t> q;        // [G, q_stride]
-  std::vector<uint8_t> biased;  // [G, biased_stride], entry e = q[e mod 2**bits] + 128
-  std::vector<float> scale;     // [G]
+  int8_t* q = nullptr;        // [G, q_stride]
+  uint8_t* biased = nullptr;  // [G, biased_stride], entry e = q[e mod 2**bits] + 128
+  float* scale = nullptr;     // [G]
   int64_t q_stride = 0, biased_stride = 0;
-  const int8_t* table(int64_t group) const { return q.data() + group * q_stride; }
-  const uint8_t* biased_table(int64_t group) const { return biased.data() + group * biased_stride; }
+  const int8_t* table(int64_t group) const { return q + group * q_stride; }
+  const uint8_t* biased_table(int64_t group) const { return biased + group * biased_stride; }
 };
 
 QuantizedCodebook quantize_codebook(const PackedLinear& w);

@@ -227,12 +227,14 @@ QuantizedX quantize_x(const at::Tensor& x, int bits) {
   const int64_t M = x.size(0), in = x.size(1);
   const int64_t S = step_elems(bits);
   const int E = byte_aligned(bits) ? 8 / bits : 1;
+  thread_local std::vector<int8_t> q_buf;
+  thread_local std::vector<float> scale_buf;
+  thread_local std::vector<int64_t> sum_buf;
   QuantizedX out;
   out.stride = (in + S - 1) / S * S;
-  out.buffer.resize(M * out.stride + 64);
-  out.q = aligned64(out.buffer.data());
-  out.scale.resize(M);
-  out.sum.resize(M);
+  out.q = aligned64(grown(q_buf, static_cast<size_t>(M * out.stride + 64)));
+  out.scale = grown(scale_buf, static_cast<size_t>(M));
+  out.sum = grown(sum_buf, static_cast<size_t>(M));
   const float* xp = x.data_ptr<float>();
   const Simd simd = simd_level();
   at::parallel_for(0, M, 1, [&](int64_t b, int64_t e) {
@@ -285,19 +287,22 @@ QuantizedCodebook quantize_codebook(const PackedLinear& w) {
   const bool biased = simd == Simd::Avx512;
   out.q_stride = std::max<int64_t>(16, period);
   out.biased_stride = biased ? std::max<int64_t>(64, period) : 0;
-  out.q.resize(w.groups * out.q_stride);
-  out.biased.resize(w.groups * out.biased_stride);
-  out.scale.resize(w.groups);
+  thread_local std::vector<int8_t> q_buf;
+  thread_local std::vector<uint8_t> biased_buf;
+  thread_local std::vector<float> scale_buf;
+  out.q = grown(q_buf, static_cast<size_t>(w.groups * out.q_stride));
+  out.biased = grown(biased_buf, static_cast<size_t>(w.groups * out.biased_stride + 1));  // + 1: never null
+  out.scale = grown(scale_buf, static_cast<size_t>(w.groups));
   // groups in parallel: with a codebook per output row there are thousands, and this runs on every call (the serial
   // form, 256-entry tables with a modulo each, took 3.6 ms of a 3.8 ms batch-1 call on a 4096x4096 layer)
   at::parallel_for(0, w.groups, 256, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const float* c = w.codebook + g * w.K;
-      int8_t* q = out.q.data() + g * out.q_stride;
+      int8_t* q = out.q + g * out.q_stride;
 #ifdef WS_X86
       if (simd == Simd::Avx512 && w.K <= 16) {
         out.scale[g] = quantize_group16_avx512(c, w.K, w.bits, q, out.q_stride,
-                                               out.biased.data() + g * out.biased_stride, out.biased_stride);
+                                               out.biased + g * out.biased_stride, out.biased_stride);
         continue;
       }
       if (simd == Simd::Avx512) {  // longer codebooks: the x row quantizer, natural order (E = 1)
@@ -319,7 +324,7 @@ QuantizedCodebook quantize_codebook(const PackedLinear& w) {
       // repeated with period 2**bits: a byte permute then ignores index bits above `bits` (no mask needed); copies
       // of the period, so the compiler vectorises them (an index mask per entry did not: 0.5 ms at 4096 groups, 8 bits)
       if (!biased) continue;
-      uint8_t* b = out.biased.data() + g * out.biased_stride;
+      uint8_t* b = out.biased + g * out.biased_stride;
       const int64_t p = std::min(period, out.biased_stride);
       for (int64_t base = 0; base < out.biased_stride; base += p)
         for (int64_t j = 0; j < p; ++j) b[base + j] = static_cast<uint8_t>(q[j] ^ 0x80);  // + 128 mod 256
