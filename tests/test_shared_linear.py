@@ -39,6 +39,21 @@ def test_dequantize_conv_shape_and_nan_for_unused_entries(device, gen):
     assert torch.equal(torch.isnan(w).reshape(8, -1), idx >= 5)
 
 
+@pytest.mark.parametrize("bits", [6, 7, 8])
+@pytest.mark.parametrize("groups", [1, 9])
+def test_dequantize_wide_rows_nan_for_unused_entries(bits, groups, device, gen):
+    """6-8-bit rows wide enough for the byte-plane decode (64 columns a block: 200 = 3 x 64 + 8), codebooks shorter
+    than 2**bits: every index past K decodes to NaN, the others to their entry, bit for bit."""
+    k = (1 << bits) - 3
+    idx = torch.randint(0, 1 << bits, (9, 200), generator=gen, dtype=torch.uint8)
+    cb = torch.randn(groups, k, generator=gen)
+    w = ws.ops.dequantize(ws.ops.pack(idx, bits).to(device), cb.to(device), bits, (9, 200)).cpu()
+    assert torch.equal(torch.isnan(w), idx >= k)
+    rows = torch.arange(9)[:, None] // (9 // groups)
+    valid = idx < k
+    assert torch.equal(w[valid], cb[rows.expand(9, 200)[valid], idx.long()[valid]])
+
+
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("M", [1, 3, 4, 5, 9, 64])
 @pytest.mark.parametrize("per_row", [False, True])

@@ -169,11 +169,19 @@ WS_AVX512 void gemv_rows_avx512_fast(const PackedLinear& w, const float* x, cons
 template <int BITS>
 WS_AVX512 void decode_rows_avx512(const PackedLinear& w, int64_t r0, int64_t r1, int64_t dst_row0, float* dst) {
   GroupTable gt;
+  // 6-8 bits: whole 64-column blocks by the byte planes (decode_block says why), the rest 16 at a time
+  const int64_t planes_cols = BITS >= 6 && r1 > r0 ? w.in_features / 64 * 64 : 0;
+  if constexpr (BITS >= 6) {
+    if (planes_cols > 0)
+      decode_rows_planes_avx512<BITS>(w, r0, r1 - r0, 0, planes_cols / 64, gt, dst + (r0 - dst_row0) * w.in_features,
+                                      w.in_features);
+  }
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = w.packed + r * w.row_bytes;
     const DecodeTable& dt = gt.get(w, r);
     float* out = dst + (r - dst_row0) * w.in_features;
-    const int64_t done = decode_blocks_avx512<BITS>(row, dt, 0, w.in_features, out);
+    const int64_t done = planes_cols + decode_blocks_avx512<BITS>(row, dt, planes_cols, w.in_features - planes_cols,
+                                                                  out + planes_cols);
     decode_scalar<BITS>(row, done, w.in_features - done, dt.v, out + done);
   }
 }

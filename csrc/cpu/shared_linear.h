@@ -4,6 +4,7 @@
 
 #include <algorithm>
 
+#include "avx512_bytes.h"
 #include "weightshare/checks.h"
 #include "weightshare/cpu_decode.h"
 
@@ -52,26 +53,60 @@ bool gemv_avx2(const PackedLinear& w, const float* x, int64_t M, float* y);
 // the codebook as four byte planes); false (nothing written) otherwise.
 bool gemv_avx512_bytes(const PackedLinear& w, const float* x, int64_t M, float* y);
 
+#ifdef WS_X86
+// Rows [r0, r0 + rows) of a 6- to 8-bit W, blocks [b0, b0 + n) of 64 columns, decoded by the byte planes
+// (avx512_bytes.h) into out[m * ld + ...]. The planes are rebuilt when the codebook group changes.
+template <int BITS>
+WS_AVX512 void decode_rows_planes_avx512(const PackedLinear& w, int64_t r0, int64_t rows, int64_t b0, int64_t n,
+                                         GroupTable& gt, float* out, int64_t ld) {
+  const Unpack64<BITS> unpack;
+  int64_t group = r0 / w.rows_per_group;
+  BytePlanes<BITS> planes(gt.get(w, r0));
+  for (int64_t m = 0; m < rows; ++m) {
+    const int64_t r = r0 + m;
+    if (r / w.rows_per_group != group) {
+      group = r / w.rows_per_group;
+      planes = BytePlanes<BITS>(gt.get(w, r));
+    }
+    decode_blocks_planes<BITS>(unpack, planes, w.packed + r * w.row_bytes, w.row_bytes, b0, n, out + m * ld);
+  }
+}
+#endif
+
 // Rows [r0, r0 + rows) of W, columns [k0, k0 + kc) (k0 a multiple of 16), decoded fp32 into out[m * ld + k] for
 // m < padded; rows past `rows` are zero. The blocked forward kernel's and the grad_x kernel's panels.
+// On AVX-512, 6- to 8-bit rows go 64 columns at a time through the byte planes where k0 allows (a multiple of 64):
+// the 16-wide compare chain of decode_blocks_avx512 took one permute and up to seven compare/permute/blend rounds
+// per 16 weights.
 template <int BITS>
 void decode_block(const PackedLinear& w, int64_t r0, int rows, int padded, int64_t k0, int64_t kc, Simd simd,
                   GroupTable& gt, float* out, int64_t ld) {
+  int64_t planes_cols = 0;  // columns [k0, k0 + planes_cols) of every row done by the byte planes
+#ifdef WS_X86
+  if constexpr (BITS >= 6) {
+    if (simd == Simd::Avx512 && k0 % 64 == 0 && kc >= 64 && rows > 0) {
+      planes_cols = kc / 64 * 64;
+      decode_rows_planes_avx512<BITS>(w, r0, rows, k0 / 64, kc / 64, gt, out, ld);
+    }
+  }
+#endif
   for (int m = 0; m < padded; ++m) {
     float* dst = out + m * ld;
     if (m >= rows) {
       std::fill(dst, dst + kc, 0.0f);
       continue;
     }
+    if (planes_cols == kc) continue;
     const int64_t r = r0 + m;
     const uint8_t* row = w.packed + r * w.row_bytes;
     const DecodeTable& dt = gt.get(w, r);
+    const int64_t k1 = k0 + planes_cols, kc1 = kc - planes_cols;
     int64_t done = 0;
 #ifdef WS_X86
-    if (simd == Simd::Avx512) done = decode_blocks_avx512<BITS>(row, dt, k0, kc, dst);
-    if (simd == Simd::Avx2) done = decode_blocks_avx2<BITS>(row, w.row_bytes, dt, k0, kc, dst);
+    if (simd == Simd::Avx512) done = decode_blocks_avx512<BITS>(row, dt, k1, kc1, dst + planes_cols);
+    if (simd == Simd::Avx2) done = decode_blocks_avx2<BITS>(row, w.row_bytes, dt, k1, kc1, dst + planes_cols);
 #endif
-    decode_scalar<BITS>(row, k0 + done, kc - done, dt.v, dst + done);
+    decode_scalar<BITS>(row, k1 + done, kc1 - done, dt.v, dst + planes_cols + done);
   }
 }
 

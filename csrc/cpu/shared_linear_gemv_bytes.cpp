@@ -3,21 +3,21 @@
 //
 // Why: the general AVX-512 GEMV (shared_linear.cpp) looks a 256-entry fp32 table up 16 indices at a time with a
 // chain of two-register permutes selected by compares (one permute + seven compare/permute/blend rounds per 16
-// weights): 4096x4096 at batch 1 took 2.75 ms, 1.25x dense fp32, where 4-bit indices take 0.34 ms. Here each byte of
-// the fp32 entries is its own 256-byte table (four registers): per 64 indices (one load) two vpermi2b and a blend by
-// index bit 7 give one byte plane, four planes and two rounds of unpacks give 64 floats. The unpacks interleave
-// within 128-bit lanes, so x is stored once per call in that order. Exact: the floats are the table's bits.
-// 6 and 7 bits (1.0 and 1.7 ms with the compare chain, 1.8-3.1x dense): indices unpacked to bytes by a byte permute
-// and vpmultishiftqb (Unpack64, shared_linear_int8.h), one vpermi2b per plane over a 128-entry table (6 bits: the
-// table repeated, so the junk seventh index bit is harmless).
+// weights): 4096x4096 at batch 1 took 2.75 ms, 1.25x dense fp32, where 4-bit indices take 0.34 ms. Here each byte
+// of the fp32 entries is its own 256-byte table (four registers; BytePlanes, avx512_bytes.h): per 64 indices (one
+// load) two vpermi2b and a blend by index bit 7 give one byte plane, four planes and two rounds of unpacks give 64
+// floats. The unpacks interleave within 128-bit lanes, so x is stored once per call in that order. Exact: the
+// floats are the table's bits. 6 and 7 bits (1.0 and 1.7 ms with the compare chain, 1.8-3.1x dense): indices
+// unpacked to bytes by a byte permute and vpmultishiftqb (Unpack64, avx512_bytes.h), one vpermi2b per plane over a
+// 128-entry table (6 bits: the table repeated, so the junk seventh index bit is harmless).
 #include <ATen/Parallel.h>
 
 #include <cstring>
 #include <type_traits>
 #include <vector>
 
+#include "avx512_bytes.h"
 #include "shared_linear.h"
-#include "shared_linear_int8.h"
 
 // GCC 12 reports its own _mm512_undefined_*() (the pass-through operand of unmasked AVX-512 intrinsics) as "used
 // uninitialized" once they are inlined here; a false positive.
@@ -33,45 +33,6 @@ constexpr int64_t kBlock = 64;  // indices per step (one 64-byte load of 8-bit i
 inline int64_t unpack_pos(int64_t i) { return 16 * ((i % 16) / 4) + 4 * (i / 16) + i % 4; }
 
 #ifdef WS_X86
-template <int BITS>
-struct BytePlanes {
-  static constexpr int kRegs = BITS == 8 ? 4 : 2;  // 64-entry registers per plane: 256 or 128 entries
-  __m512i p[4][4];  // p[b][q]: byte b of entries 64q .. 64q + 63 (entry e = table[e mod 2**BITS])
-  WS_AVX512 explicit BytePlanes(const DecodeTable& t) {
-    for (int q = 0; q < kRegs; ++q) {
-      __m128i part[4][4];  // [byte][16 entries]
-      for (int c = 0; c < 4; ++c) {
-        const __m512i v = _mm512_load_si512(t.v + ((64 * q + 16 * c) & ((1 << BITS) - 1)));
-        for (int b = 0; b < 4; ++b) part[b][c] = _mm512_cvtepi32_epi8(_mm512_srli_epi32(v, 8 * b));
-      }
-      for (int b = 0; b < 4; ++b) {
-        __m512i r = _mm512_castsi128_si512(part[b][0]);
-        r = _mm512_inserti32x4(r, part[b][1], 1);
-        r = _mm512_inserti32x4(r, part[b][2], 2);
-        p[b][q] = _mm512_inserti32x4(r, part[b][3], 3);
-      }
-    }
-  }
-  // 64 weights from 64 byte indices, as w[j] lane l = weight 16 (l / 4) + 4 j + l % 4.
-  WS_AVX512 inline void lookup(__m512i idx, __m512 (&w)[4]) const {
-    __m512i b[4];
-    if constexpr (BITS == 8) {
-      const __mmask64 upper = _mm512_movepi8_mask(idx);  // index bit 7: entries 128-255
-      for (int k = 0; k < 4; ++k)
-        b[k] = _mm512_mask_blend_epi8(upper, _mm512_permutex2var_epi8(p[k][0], idx, p[k][1]),
-                                      _mm512_permutex2var_epi8(p[k][2], idx, p[k][3]));
-    } else {  // vpermi2b reads index bits 0-6
-      for (int k = 0; k < 4; ++k) b[k] = _mm512_permutex2var_epi8(p[k][0], idx, p[k][1]);
-    }
-    const __m512i lo01 = _mm512_unpacklo_epi8(b[0], b[1]), hi01 = _mm512_unpackhi_epi8(b[0], b[1]);
-    const __m512i lo23 = _mm512_unpacklo_epi8(b[2], b[3]), hi23 = _mm512_unpackhi_epi8(b[2], b[3]);
-    w[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(lo01, lo23));
-    w[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(lo01, lo23));
-    w[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(hi01, hi23));
-    w[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(hi01, hi23));
-  }
-};
-
 // The row's last, partial block (when in % 64 != 0): which lanes of the lookup's four output vectors hold weights
 // before the row end (the lanes are in unpack_pos order).
 struct TailMasks {

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "avx512_bytes.h"
 #include "shared_linear.h"
 #include "weightshare/cpu_decode.h"
 
@@ -119,33 +120,6 @@ struct ByteSteps {
   }
 };
 
-// Indices [64 st, 64 st + 64) of a row in order, one per byte, for bit widths that are not byte aligned (3, 5, 6,
-// 7): eight indices fill BITS whole bytes, so one byte permute gives each output qword the BITS bytes of its eight
-// indices, and vpmultishiftqb pulls index b of a qword from bit b x BITS. The bits above BITS in each byte are the
-// next index's (junk): ByteLookup ignores them (its table repeats with period 2**BITS). (The former form, four
-// 16-index unpacks of a permute, variable shift, mask and narrowing each, made 3- and 5-bit int8 slower than float.)
-template <int BITS>
-struct Unpack64 {
-  __m512i gather, shifts;
-  WS_AVX512 Unpack64() {
-    alignas(64) uint8_t g[64], sh[64];
-    for (int q = 0; q < 8; ++q)
-      for (int b = 0; b < 8; ++b) {
-        g[8 * q + b] = static_cast<uint8_t>(q * BITS + b);  // <= 7 x 7 + 7 = 56
-        sh[8 * q + b] = static_cast<uint8_t>(b * BITS);
-      }
-    gather = _mm512_load_si512(g);
-    shifts = _mm512_load_si512(sh);
-  }
-  // Step st of a row of row_bytes bytes (8 x BITS bytes per step; bytes past the row end read as zero).
-  WS_AVX512 inline __m512i operator()(const uint8_t* row, int64_t row_bytes, int64_t st) const {
-    const int64_t off = st * 8 * BITS;
-    const int64_t n = row_bytes - off;
-    const __m512i bytes = n >= 64 ? _mm512_loadu_si512(row + off)
-                                  : _mm512_maskz_loadu_epi8((__mmask64(1) << std::max<int64_t>(n, 0)) - 1, row + off);
-    return _mm512_multishift_epi64_epi8(shifts, _mm512_permutexvar_epi8(gather, bytes));
-  }
-};
 #endif
 
 }  // namespace weightshare::cpu
