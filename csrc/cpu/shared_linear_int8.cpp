@@ -31,10 +31,11 @@ bool use_blocked(int64_t M) {
   return M >= 16 && (Mp - M) * 8 <= Mp;
 }
 
-// From how many x rows the AVX2 blocked kernel beats the AVX2 row kernels. 4096x4096 layer, two threads (blocked vs
-// rows, ms): 4 bits 4 rows 0.80 vs 0.68, 6 rows 0.98 vs 1.02, 16 rows 1.93 vs 2.72, 64 rows 6.5 vs 10.5; 3 bits 4
-// rows 1.00 vs 0.98, 6 rows 1.21 vs 1.29; 8 bits 3 rows 2.05 vs 2.09, 4 rows 2.16 vs 2.31. The fused row kernel of
-// 1, 2 and 4 bits holds out longer than the decode-then-dot one of the other widths.
+// From how many x rows the AVX2 blocked kernel beats the AVX2 row kernel (which takes x rows 4 at a time).
+// 4096x4096 layer, two threads (blocked vs rows, ms): 4 bits 4 rows 0.80 vs 0.68, 6 rows 0.98 vs 1.02, 16 rows 1.93
+// vs 2.72, 64 rows 6.5 vs 10.5; 3 bits 4 rows 0.93 vs 0.83, 5 rows 0.99 vs 1.23; 5 bits 4 rows 1.03 vs 0.97, 5 rows
+// 1.14 vs 1.43; 6/7/8 bits at 4 rows 1.23 vs 1.26, 1.65 vs 1.59, 2.05 vs 1.92. The 1/2/4-bit decode (a shift and a
+// mask) is cheaper, so their rows kernel holds out one row longer.
 int64_t avx2_blocked_min_rows(int bits) { return bits == 1 || bits == 2 || bits == 4 ? 6 : 5; }
 
 // Index i of the quantized-x layout (undoes the byte-aligned permutation).
@@ -213,7 +214,8 @@ WS_AVX512 void int8_rows_avx512(const PackedLinear& w, const QuantizedX& xq, con
 // registers. The x layout is the AVX-512 kernel's: byte-aligned widths in 64-byte steps (two 32-byte halves here,
 // "the s-th index of every byte" by a shift and a mask), the others in natural order (64-index steps of 8 BITS
 // bytes, two halves of 32 unpacked by Avx2Unpack32). Before, 3 and 5-8 bits decoded each row into an L1 buffer and
-// then dotted it: 4096x4096 at batch 1 3 bits 0.52 -> 0.40 ms, 5 bits 0.63 -> 0.49, 8 bits 1.48 -> 1.37.
+// then dotted it: 4096x4096 at batch 1 3 bits 0.52 -> 0.37 ms (with Avx2Unpack32's one-load form), 5 bits
+// 0.63 -> 0.49, 8 bits 1.48 -> 1.37.
 template <int BITS, int M>
 WS_AVX2 void int8_rows_avx2(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq, int64_t m0,
                             int64_t r0, int64_t r1, float* y) {
