@@ -180,18 +180,23 @@ def test_int8_batched_kernels(bits, M, groups, simd, gen):
     assert got[M - 2].isnan().all() and got[:M - 2].isfinite().all()
 
 
-@pytest.mark.parametrize("bits,k", [(1, 2), (2, 3), (3, 8), (4, 11), (4, 16), (5, 12), (6, 17), (7, 10), (8, 16),
-                                    (8, 200)])
+@pytest.mark.parametrize("bits,k", [(1, 2), (2, 3), (3, 8), (4, 11), (4, 16), (5, 12), (5, 32), (6, 17), (7, 10),
+                                    (7, 128), (8, 16), (8, 200)])
 @pytest.mark.parametrize("M", [1, 5, 16])
 def test_int8_per_row_codebooks_of_few_entries(bits, k, M, simd, gen):
     """A codebook per output row, each with k <= 2**bits entries (the int8 tables are built per group on every call:
-    the vector form for k <= 16, the scalar one above; tables shorter than 2**bits). Bit-exact to the definition."""
+    one form for k <= 16, one for longer codebooks; tables shorter than 2**bits; at 5 bits the 64-entry biased table
+    is the 32 entries twice). An all-zero codebook (scale 1) and one with a NaN (its row's outputs NaN). Bit-exact to
+    the definition."""
     out_f, in_f = 40, 700
     packed, cb, _ = make_weight(out_f, in_f, bits, out_f, gen, k=k)
     cb[3] = 0.0  # an all-zero codebook: scale 1
+    cb[5, k - 1] = float("nan")
     x = torch.randn(M, in_f, generator=gen)
     got = ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f, None, "int8")
-    assert torch.equal(got, reference.shared_linear(x, packed, cb, bits, out_f, in_f, None, "int8"))
+    want = reference.shared_linear(x, packed, cb, bits, out_f, in_f, None, "int8")
+    assert got[:, 5].isnan().all()
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("in_f", [65536, 66000])
