@@ -1,6 +1,7 @@
 """Shared helpers for the benchmark scripts: robust timing, the machine description, atomic JSON results."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -15,6 +16,16 @@ import torch
 
 # benchmarks/results, or $WS_RESULTS_DIR (gpu_check.sh points it at the device tool's $OUT)
 RESULTS = Path(os.environ.get("WS_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
+
+
+def parse_cli(doc: str | None, cuda: bool = False, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The benchmark scripts' command line: --help prints the script's docstring, an unknown argument is an error
+    (before, `--help` ran the whole benchmark and overwrote its results), and --cuda where the script has a GPU
+    form."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if cuda:
+        parser.add_argument("--cuda", action="store_true", help="time the CUDA kernels (writes *_cuda.json)")
+    return parser.parse_args(argv)
 
 
 def time_cpu(fn: Callable[[], object], repeat: int = 15, warmup: int = 2, min_time: float = 0.0) -> float:

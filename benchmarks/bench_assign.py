@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import weightshare as ws  # noqa: E402
-from _common import machine, time_cpu, time_cuda, write_json  # noqa: E402
+from _common import parse_cli, machine, time_cpu, time_cuda, write_json  # noqa: E402
 
 N_CPU = 1 << 24
 N_GPU = 1 << 30
@@ -110,7 +110,7 @@ def test_copy(benchmark, data):
 
 
 if __name__ == "__main__":
-    if "--cuda" in sys.argv:
+    if parse_cli(__doc__, cuda=True).cuda:
         res = cuda_results()
         print(write_json("assign_cuda.json", res))
         for row in res["results"]:

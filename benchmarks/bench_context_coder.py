@@ -20,7 +20,7 @@ from weightshare import entropy  # noqa: E402
 from weightshare.compress.layers import compressible_layers  # noqa: E402
 from weightshare.formats import packed_row_bytes  # noqa: E402
 from weightshare.train import load_checkpoint  # noqa: E402
-from _common import machine, time_cpu, write_json  # noqa: E402
+from _common import parse_cli, machine, time_cpu, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 K = 16
@@ -91,4 +91,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    parse_cli(__doc__)
     main()

@@ -15,10 +15,10 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -162,8 +162,9 @@ def measure(rounds: int = 15, warmup: int = 2) -> tuple[dict[str, dict[str, floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    rounds = int(args[0]) if args else 15  # optional argument: rounds per operation
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("rounds", nargs="?", type=int, default=15, help="timed rounds per operation (default 15)")
+    rounds = parser.parse_args(argv).rounds
     load_before = os.getloadavg()[0]  # other processes on the machine skew every number: record how busy it was
     medians, minima = measure(rounds)
 

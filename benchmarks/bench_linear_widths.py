@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 import weightshare as ws  # noqa: E402
-from _common import cpu_results_name, machine, rotating, simd_env, time_cpu, write_json  # noqa: E402
+from _common import parse_cli, cpu_results_name, machine, rotating, simd_env, time_cpu, write_json  # noqa: E402
 from bench_shared_linear import dram_copies, int8_dynamic  # noqa: E402
 
 SHAPE = (4096, 4096)
@@ -71,5 +71,6 @@ def run() -> dict:
 
 
 if __name__ == "__main__":
+    parse_cli(__doc__)
     torch.manual_seed(0)
     print(write_json(cpu_results_name("linear_widths_cpu"), run()))

@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import weightshare as ws  # noqa: E402
 from weightshare import reference  # noqa: E402
-from _common import machine, time_cpu, write_json  # noqa: E402
+from _common import parse_cli, machine, time_cpu, write_json  # noqa: E402
 
 ROWS, COLS, BITS, K = 4096, 4096, 4, 16
 
@@ -74,4 +74,5 @@ def test_op(benchmark, name, path):
 
 
 if __name__ == "__main__":
+    parse_cli(__doc__)
     print(write_json("ops_cpu.json", run()))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 import weightshare as ws  # noqa: E402
-from _common import cpu_results_name, machine, simd_env, time_interleaved, write_json  # noqa: E402
+from _common import parse_cli, cpu_results_name, machine, simd_env, time_interleaved, write_json  # noqa: E402
 
 CONVS = {  # name: (out, in, k, groups, stride, padding, hw)
     "resnet3x3_64x64_56": (64, 64, 3, 1, 1, 1, 56),
@@ -139,7 +139,7 @@ def test_conv(benchmark, name, path):
 
 
 if __name__ == "__main__":
-    if "--cuda" in sys.argv:
+    if parse_cli(__doc__, cuda=True).cuda:
         print(write_json("shared_conv_cuda.json", run_cuda()))
     else:
         print(write_json(cpu_results_name("shared_conv_cpu"), run()))

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 import weightshare as ws  # noqa: E402
-from _common import (cpu_results_name, last_level_cache_bytes, machine, rotating, simd_env, time_cpu,  # noqa: E402
+from _common import (parse_cli, cpu_results_name, last_level_cache_bytes, machine, rotating, simd_env, time_cpu,  # noqa: E402
                      write_json)
 
 SHAPES = [(4096, 4096), (11008, 4096)]
@@ -199,7 +199,7 @@ def test_linear(benchmark, layer, M, path):
 
 
 if __name__ == "__main__":
-    if "--cuda" in sys.argv:
+    if parse_cli(__doc__, cuda=True).cuda:
         print(write_json("shared_linear_cuda.json", run_cuda()))
     else:
         print(write_json(cpu_results_name("shared_linear_cpu"), run()))

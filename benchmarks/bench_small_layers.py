@@ -22,7 +22,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 import weightshare as ws  # noqa: E402
-from _common import cpu_results_name, machine, simd_env, write_json  # noqa: E402
+from _common import parse_cli, cpu_results_name, machine, simd_env, write_json  # noqa: E402
 
 LAYERS = [(300, 784), (100, 300), (10, 100)]  # LeNet-300-100, [out, in]
 BITS = [4, 8]
@@ -99,5 +99,6 @@ def run() -> dict:
 
 
 if __name__ == "__main__":
+    parse_cli(__doc__)
     torch.manual_seed(0)
     print(write_json(cpu_results_name("small_layers_cpu"), run()))

@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import weightshare as ws  # noqa: E402
-from _common import machine, time_cpu, write_json  # noqa: E402
+from _common import parse_cli, machine, time_cpu, write_json  # noqa: E402
 
 CASES = {"lenet5_fc1_b128": (128, None, 800, 500), "mlp_128x512_b16x32": (16, 32, 128, 512)}
 
@@ -59,4 +59,5 @@ def test_fisher(benchmark, case, path):
 
 
 if __name__ == "__main__":
+    parse_cli(__doc__)
     print(write_json("sq_grad_accum_cpu.json", run()))

@@ -22,7 +22,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 import weightshare as ws  # noqa: E402
-from _common import cpu_results_name, machine, simd_env, time_interleaved, write_json  # noqa: E402
+from _common import parse_cli, cpu_results_name, machine, simd_env, time_interleaved, write_json  # noqa: E402
 
 DIM, HEADS, BLOCKS, BITS = 768, 12, 12, 4
 TOKENS = [1, 128]
@@ -96,4 +96,5 @@ def run() -> dict:
 
 
 if __name__ == "__main__":
+    parse_cli(__doc__)
     print(write_json(cpu_results_name("transformer_cpu"), run()))
