@@ -169,9 +169,9 @@ WS_AVX512 void gemv_rows_avx512_fast(const PackedLinear& w, const float* x, cons
 template <int BITS>
 WS_AVX512 void decode_rows_avx512(const PackedLinear& w, int64_t r0, int64_t r1, int64_t dst_row0, float* dst) {
   GroupTable gt;
-  // 6-8 bits: whole 64-column blocks by the byte planes (decode_block says why), the rest 16 at a time
-  const int64_t planes_cols = BITS >= 6 && r1 > r0 ? w.in_features / 64 * 64 : 0;
-  if constexpr (BITS >= 6) {
+  // 7-8 bits: whole 64-column blocks by the byte planes where they pay (decode_block says why), the rest 16 at a time
+  const int64_t planes_cols = planes_pay<BITS>(w, r1 - r0, w.in_features / 64) ? w.in_features / 64 * 64 : 0;
+  if constexpr (BITS >= 7) {
     if (planes_cols > 0)
       decode_rows_planes_avx512<BITS>(w, r0, r1 - r0, 0, planes_cols / 64, gt, dst + (r0 - dst_row0) * w.in_features,
                                       w.in_features);

@@ -73,18 +73,30 @@ WS_AVX512 void decode_rows_planes_avx512(const PackedLinear& w, int64_t r0, int6
 }
 #endif
 
+// Whether the byte planes (decode_rows_planes_avx512) pay for themselves on `rows` rows of `blocks` 64-column
+// blocks each: building them (once per codebook group met) costs about four blocks' decode, and at 6 bits the
+// compare chain of decode_blocks_avx512 is nearly as short as the planes (one round of compares); measured on
+// forward + grad_x at batch 16-64 (300x784, 1024x1024): 8 bits 484 -> 427 us and 760 -> 524 us with one codebook,
+// but per-row codebooks on 64-column grad_x tiles 6 bits 431 -> 463 us, 577 -> 661 us.
+template <int BITS>
+inline bool planes_pay(const PackedLinear& w, int64_t rows, int64_t blocks) {
+  if (BITS < 7 || rows <= 0 || blocks <= 0) return false;
+  const int64_t builds = std::min(rows, (rows - 1) / w.rows_per_group + 2);  // groups met (at most one per row)
+  return rows * blocks >= 4 * builds;
+}
+
 // Rows [r0, r0 + rows) of W, columns [k0, k0 + kc) (k0 a multiple of 16), decoded fp32 into out[m * ld + k] for
 // m < padded; rows past `rows` are zero. The blocked forward kernel's and the grad_x kernel's panels.
-// On AVX-512, 6- to 8-bit rows go 64 columns at a time through the byte planes where k0 allows (a multiple of 64):
-// the 16-wide compare chain of decode_blocks_avx512 took one permute and up to seven compare/permute/blend rounds
-// per 16 weights.
+// On AVX-512, 7- and 8-bit rows go 64 columns at a time through the byte planes where k0 allows (a multiple of 64)
+// and planes_pay: the 16-wide compare chain of decode_blocks_avx512 takes one permute and up to seven
+// compare/permute/blend rounds per 16 weights.
 template <int BITS>
 void decode_block(const PackedLinear& w, int64_t r0, int rows, int padded, int64_t k0, int64_t kc, Simd simd,
                   GroupTable& gt, float* out, int64_t ld) {
   int64_t planes_cols = 0;  // columns [k0, k0 + planes_cols) of every row done by the byte planes
 #ifdef WS_X86
-  if constexpr (BITS >= 6) {
-    if (simd == Simd::Avx512 && k0 % 64 == 0 && kc >= 64 && rows > 0) {
+  if constexpr (BITS >= 7) {
+    if (simd == Simd::Avx512 && k0 % 64 == 0 && planes_pay<BITS>(w, rows, kc / 64)) {
       planes_cols = kc / 64 * 64;
       decode_rows_planes_avx512<BITS>(w, r0, rows, k0 / 64, kc / 64, gt, out, ld);
     }
