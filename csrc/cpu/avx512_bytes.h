@@ -1,5 +1,5 @@
 #pragma once
-// AVX-512 (VBMI) byte-granular index decoding shared by the int8 kernels, the 6-8-bit float GEMV and the 6-8-bit
+// AVX-512 (VBMI) byte-granular index decoding shared by the int8 kernels, the 6-8-bit float GEMV and the 7-8-bit
 // panel decode: 64 indices unpacked to bytes (Unpack64) and an fp32 codebook looked up as four byte planes
 // (BytePlanes), in the unpacks' lane order or, by a 4x4 transpose of 128-bit blocks, in natural order.
 #include <algorithm>
