@@ -48,21 +48,23 @@ struct BytePlanes {
   static_assert(BITS >= 6 && BITS <= 8, "128- or 256-entry tables");
   static constexpr int kRegs = BITS == 8 ? 4 : 2;  // 64-entry registers per plane: 256 or 128 entries
   __m512i p[4][4];  // p[b][q]: byte b of entries 64q .. 64q + 63 (entry e = table[e mod 2**BITS])
+  // Plane b of register q takes byte b of each of the 64 entries (four 16-float loads): two byte permutes, each
+  // over 32 entries (128 bytes), and a blend of their halves; 12 uops per register where a convert and a shift per
+  // entry group, and inserts, took 48 (a codebook per output row builds the planes for every row).
   WS_AVX512 explicit BytePlanes(const DecodeTable& t) {
+    alignas(64) static constexpr uint8_t kEvery4th[64] = {
+        0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60, 64, 68, 72, 76, 80, 84, 88, 92, 96, 100, 104,
+        108, 112, 116, 120, 124, 0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60, 64, 68, 72, 76, 80, 84,
+        88, 92, 96, 100, 104, 108, 112, 116, 120, 124};  // byte 0 of entry k % 32 of a pair of registers
+    const __m512i every4th = _mm512_load_si512(kEvery4th);
     for (int q = 0; q < kRegs; ++q) {
-      __m128i part[4][4];  // [byte][16 entries]
-      for (int c = 0; c < 4; ++c) {
-        const __m512i v = _mm512_load_si512(t.v + ((64 * q + 16 * c) & ((1 << BITS) - 1)));
-        // the zero-masked forms: the plain ones pass GCC 12's _mm*_undefined_*() through, which it reports as
-        // uninitialized once inlined into a file that does not silence that false positive
-        for (int b = 0; b < 4; ++b)
-          part[b][c] = _mm512_maskz_cvtepi32_epi8(0xffff, _mm512_maskz_srli_epi32(0xffff, v, 8 * b));
-      }
+      const float* e = t.v + ((64 * q) & ((1 << BITS) - 1));  // entry e = table[e mod 2**BITS]
+      const __m512i z0 = _mm512_load_si512(e), z1 = _mm512_load_si512(e + 16);
+      const __m512i z2 = _mm512_load_si512(e + 32), z3 = _mm512_load_si512(e + 48);
       for (int b = 0; b < 4; ++b) {
-        __m512i r = _mm512_zextsi128_si512(part[b][0]);
-        r = _mm512_inserti32x4(r, part[b][1], 1);
-        r = _mm512_inserti32x4(r, part[b][2], 2);
-        p[b][q] = _mm512_inserti32x4(r, part[b][3], 3);
+        const __m512i idx = _mm512_add_epi8(every4th, _mm512_set1_epi8(static_cast<char>(b)));
+        p[b][q] = _mm512_mask_blend_epi8(0xffffffff00000000ull, _mm512_permutex2var_epi8(z0, idx, z1),
+                                         _mm512_permutex2var_epi8(z2, idx, z3));
       }
     }
   }
