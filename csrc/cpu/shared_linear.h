@@ -75,10 +75,9 @@ WS_AVX512 void decode_rows_planes_avx512(const PackedLinear& w, int64_t r0, int6
 
 // Whether the byte planes (decode_rows_planes_avx512) pay for themselves on `rows` rows of `blocks` 64-column
 // blocks each: building them (once per codebook group met) costs a few blocks' decode (taken: at least four blocks
-// per build), and at 6 bits the
-// compare chain of decode_blocks_avx512 is nearly as short as the planes (one round of compares); measured on
-// forward + grad_x at batch 16-64 (300x784, 1024x1024): 8 bits 484 -> 427 us and 760 -> 524 us with one codebook,
-// but per-row codebooks on 64-column grad_x tiles 6 bits 431 -> 463 us, 577 -> 661 us.
+// per build), and at 6 bits the compare chain of decode_blocks_avx512 is nearly as short as the planes (one round
+// of compares). Measured on forward + grad_x at batch 16-64 (300x784, 1024x1024): 8 bits 484 -> 427 us and 760 ->
+// 524 us with one codebook, but per-row codebooks on 64-column grad_x tiles 6 bits 431 -> 463 us, 577 -> 661 us.
 template <int BITS>
 inline bool planes_pay(const PackedLinear& w, int64_t rows, int64_t blocks) {
   if (BITS < 7 || rows <= 0 || blocks <= 0) return false;
