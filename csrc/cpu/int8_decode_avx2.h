@@ -1,8 +1,8 @@
 #pragma once
 // AVX2: a packed weight row (or a K chunk of it) decoded into its int8 codebook values, in the k order of the
 // quantized-x layout (shared_linear_int8.h), so a decoded weight and the x value it multiplies sit at the same
-// position. Shared by the AVX2 row kernel for the widths without a fused lookup (shared_linear_int8.cpp) and the
-// AVX2 blocked kernel (shared_linear_int8_blocked_avx2.cpp).
+// position. The AVX2 row kernel (shared_linear_int8.cpp) looks 32 weights at a time up into a register with its
+// index extraction and lookup; the AVX2 blocked kernel (shared_linear_int8_blocked_avx2.cpp) decodes panels.
 //
 // Byte-aligned widths (1, 2, 4, 8): a 64-byte step holds S = 512 / BITS positions; 32-byte half h gives, for each
 // s < 8 / BITS, "the s-th index of every byte" (one shift and one AND) = positions s * 64 + 32 h + [0, 32) of the
@@ -50,28 +50,37 @@ struct Avx2Int8Decoder {
     }
   }
 
+  // Byte-aligned widths: "the s-th index of every byte" of 32 packed bytes (a 16-bit shift drags the upper byte's
+  // bits into the lower one, above its low BITS: masked off).
+  WS_AVX2 inline __m256i byte_indices(__m256i bytes, int s) const {
+    if constexpr (BITS == 8) return bytes;
+    return _mm256_and_si256(_mm256_srli_epi16(bytes, s * BITS), _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1)));
+  }
+
+  // Other widths: the 32 indices at src (4 BITS bytes; Avx2Unpack32 reads up to kOverread past them) as the lookup
+  // needs them: above 16 entries it reads the index's bits only (junk above is fine), at 16 pshufb reads bit 7 too.
+  WS_AVX2 inline __m256i unpacked32(const uint8_t* src) const {
+    if constexpr (kChunks > 1) return unpack.raw32(src);
+    return unpack.bytes32(src);
+  }
+
   // Positions [0, n) of the layout from the packed bytes at src (n a multiple of step_elems(BITS); src readable for
   // n * BITS / 8 + kOverread bytes, zero where past the row) into out (32-byte aligned).
   WS_AVX2 void decode(const uint8_t* src, int64_t n, int8_t* out) const {
     if constexpr (byte_aligned(BITS)) {
       constexpr int E = 8 / BITS;
       constexpr int64_t S = step_elems(BITS);
-      const __m256i low = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1));
       for (int64_t st = 0; st < n / S; ++st)
         for (int h = 0; h < 2; ++h) {
           const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 64 * st + 32 * h));
 #pragma GCC unroll 8
-          for (int s = 0; s < E; ++s) {
-            // a 16-bit shift drags the upper byte's bits into the lower one, above its low BITS (masked off)
-            const __m256i idx = BITS == 8 ? bytes : _mm256_and_si256(_mm256_srli_epi16(bytes, s * BITS), low);
-            _mm256_store_si256(reinterpret_cast<__m256i*>(out + S * st + 64 * s + 32 * h), lookup(idx));
-          }
+          for (int s = 0; s < E; ++s)
+            _mm256_store_si256(reinterpret_cast<__m256i*>(out + S * st + 64 * s + 32 * h),
+                               lookup(byte_indices(bytes, s)));
         }
     } else {
       for (int64_t i0 = 0; i0 < n; i0 += 32)
-        // more than 16 entries: the lookup reads the index's bits only; 16: pshufb reads bit 7 too
-        _mm256_store_si256(reinterpret_cast<__m256i*>(out + i0),
-                           lookup(kChunks > 1 ? unpack.raw32(src + i0 / 8 * BITS) : unpack.bytes32(src + i0 / 8 * BITS)));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(out + i0), lookup(unpacked32(src + i0 / 8 * BITS)));
     }
   }
 };

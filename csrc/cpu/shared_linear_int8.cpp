@@ -235,7 +235,6 @@ WS_AVX2 void int8_rows_avx2(const PackedLinear& w, const QuantizedX& xq, const Q
     const int64_t avail = packed_bytes - r * w.row_bytes;  // bytes from row r's start to the tensor's end
     return avail >= kStepReach ? std::min(nsteps, (avail - kStepReach) / kStepBytes + 1) : int64_t{0};
   };
-  const __m256i low = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1));
   const __m256i ones = _mm256_set1_epi16(1);
   // an int32 lane gains 4 products (<= 127 x 127 each) per vector of 32, 2E vectors per step: fold into int64
   // before 2^31
@@ -277,15 +276,10 @@ WS_AVX2 void int8_rows_avx2(const PackedLinear& w, const QuantizedX& xq, const Q
 #pragma GCC unroll 8
           for (int s = 0; s < E; ++s) {
             __m256i idx;
-            if constexpr (BITS == 8) {
-              idx = bytes;
-            } else if constexpr (kAligned) {
-              // a 16-bit shift drags the upper byte's bits into the lower one, above its low BITS (masked off)
-              idx = _mm256_and_si256(_mm256_srli_epi16(bytes, s * BITS), low);
-            } else if constexpr (Avx2Int8Decoder<BITS>::kChunks > 1) {
-              idx = decoder.unpack.raw32(src + kHalfBytes * h);  // the chunked lookup reads the index's bits only
+            if constexpr (kAligned) {
+              idx = decoder.byte_indices(bytes, s);
             } else {
-              idx = decoder.unpack.bytes32(src + kHalfBytes * h);
+              idx = decoder.unpacked32(src + kHalfBytes * h);
             }
             const __m256i wq = decoder.lookup(idx);
             const int64_t at = st * S + s * 64 + 32 * h;  // the layout's position of these 32 weights
