@@ -180,7 +180,7 @@ def test_int8_batched_kernels(bits, M, groups, simd, gen):
     assert got[M - 2].isnan().all() and got[:M - 2].isfinite().all()
 
 
-@pytest.mark.parametrize("bits,k", [(1, 2), (2, 3), (3, 8), (4, 11), (4, 16), (5, 12), (5, 32), (6, 17), (7, 10),
+@pytest.mark.parametrize("bits,k", [(1, 1), (1, 2), (2, 3), (3, 8), (4, 11), (4, 16), (5, 12), (5, 32), (6, 17), (7, 10),
                                     (7, 128), (8, 16), (8, 200)])
 @pytest.mark.parametrize("M", [1, 5, 16])
 def test_int8_per_row_codebooks_of_few_entries(bits, k, M, simd, gen):
@@ -200,23 +200,27 @@ def test_int8_per_row_codebooks_of_few_entries(bits, k, M, simd, gen):
 
 
 @pytest.mark.parametrize("in_f", [65536, 66000])
-@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("bits", [1, 3, 4])
 def test_int8_longest_rows_stay_exact(in_f, bits, simd, gen):
     """The blocked int8 kernels sum in int32 lanes, exact while K <= 65536 (127 x 127 x 65536 < 2**31); longer rows go
-    to the row kernels, which fold into int64. Every product at its largest (x and the codebook constant, so every
-    quantized value is 127) puts the sums at that bound. Bit-exact against the definition, at a batch the blocked
+    to the row kernels, which fold into int64 (at 1 bit the AVX2 row kernel, which takes every batch there, also sums
+    pairs in int16 lanes within a step). Every product at its largest (x and the codebook constant up to sign, so
+    every quantized value is +-127) puts the sums at that bound. Bit-exact against the definition, at a batch the blocked
     kernels take."""
     out_f, M = 3, 16
     idx = torch.randint(0, 1 << bits, (out_f, in_f), generator=gen, dtype=torch.uint8)
-    packed = ws.ops.pack(idx, bits)
     cb = torch.full((1, 1 << bits), -0.75)
+    if bits == 1:
+        cb[0, 1] = 0.75  # 1 bit sums q[1] - q[0] times the x values under the 1 bits: at its largest
+        idx[0] = 1
+    packed = ws.ops.pack(idx, bits)
     x = torch.full((M, in_f), 2.5)
     x[1] = -x[1]
     x[2] = torch.randn(in_f, generator=gen)
     got = ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f, None, "int8")
     want = reference.shared_linear(x, packed, cb, bits, out_f, in_f, None, "int8")
     assert torch.equal(got, want)
-    assert got[0, 0].item() == pytest.approx(-0.75 * 2.5 * in_f, rel=1e-6)
+    assert got[0, 0].item() == pytest.approx(cb[0, -1].item() * 2.5 * in_f, rel=1e-6)
 
 
 def test_int8_error_is_small(gen):
