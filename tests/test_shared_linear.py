@@ -163,10 +163,10 @@ def test_int8_batched_kernels(bits, M, groups, simd, gen):
     AVX-512 VNNI; 16 rows, 44 rows = 48 lanes with 4 padded, 300 rows = passes of 256 and 44): K chunks of 1024 and
     a partial last one (2600 values: 3 x 1024 padded at 1 bit, 2 x 1024 + 576 at 3 bits), output features not a
     multiple of its 8-row block, codebook groups straddling blocks. The row kernels (9 and 37 rows: groups of 4 x
-    rows and a single one, weight rows two at a time and an odd one left). The AVX2 blocked kernel
-    (shared_linear_int8_blocked_avx2.cpp, every M here): K chunks of 512 (6 at 1 bit, 5 x 512 + 64 at 3 bits, the
-    last one read past the row end as zeros), a 16-row block and a 5-row one, tiles of 6 x rows and the 1-5 left,
-    passes of 256 and 44 rows. A row of zeros and a row with an Inf (NaN outputs, as defined). Bit-exact against the
+    rows and a single one, weight rows two at a time and an odd one left; on AVX2 every M at 1 bit). The AVX2
+    blocked kernel (shared_linear_int8_blocked_avx2.cpp, every M here from 2 bits): K chunks of 512 (5 x 512 + 64 at
+    3 bits, the last one read past the row end as zeros), a 16-row block and a 5-row one, tiles of 6 x rows and the
+    1-5 left, passes of 256 and 44 rows. A row of zeros and a row with an Inf (NaN outputs, as defined). Bit-exact against the
     definition."""
     out_f, in_f = 21, 2600
     packed, cb, _ = make_weight(out_f, in_f, bits, groups, gen)

@@ -34,14 +34,10 @@ bool use_blocked(int64_t M) {
 // From how many x rows the AVX2 blocked kernel beats the AVX2 row kernel (which takes x rows 4 at a time).
 // 4096x4096 layer, two threads (blocked vs rows, ms): 4 bits 4 rows 0.80 vs 0.68, 6 rows 0.98 vs 1.02, 16 rows 1.93
 // vs 2.72, 64 rows 6.5 vs 10.5; 3 bits 4 rows 0.93 vs 0.83, 5 rows 0.99 vs 1.23; 5 bits 4 rows 1.03 vs 0.97, 5 rows
-// 1.14 vs 1.43; 6/7/8 bits at 4 rows 1.23 vs 1.26, 1.65 vs 1.59, 2.05 vs 1.92. The 1/2/4-bit decode (a shift and a
-// mask) is cheaper, so their rows kernel holds out one row longer.
-// At 1 bit the row kernel needs no lookup (int8_rows_avx2) and takes every batch: 0.94-0.99x of torch's AVX2 int8
-// Linear over batches 5-64, where the blocked kernel ran 0.52-0.87x (4096x4096, AVX2 emulated, noisy VM).
-int64_t avx2_blocked_min_rows(int bits) {
-  if (bits == 1) return std::numeric_limits<int64_t>::max();
-  return bits == 2 || bits == 4 ? 6 : 5;
-}
+// 1.14 vs 1.43; 6/7/8 bits at 4 rows 1.23 vs 1.26, 1.65 vs 1.59, 2.05 vs 1.92. The 2/4-bit decode (a shift and a
+// mask) is cheaper, so their rows kernel holds out one row longer; 1 bit stays with the rows kernel at every batch
+// (linear_int8_blocked_avx2 declines it).
+int64_t avx2_blocked_min_rows(int bits) { return bits == 2 || bits == 4 ? 6 : 5; }
 
 // Index i of the quantized-x layout (undoes the byte-aligned permutation).
 inline int64_t x_pos(int64_t i, int bits) {
@@ -220,7 +216,7 @@ WS_AVX512 void int8_rows_avx512(const PackedLinear& w, const QuantizedX& xq, con
 // "the s-th index of every byte" by a shift and a mask), the others in natural order (64-index steps of 8 BITS
 // bytes, two halves of 32 unpacked by Avx2Unpack32). Before, 3 and 5-8 bits decoded each row into an L1 buffer and
 // then dotted it: 4096x4096 at batch 1 3 bits 0.52 -> 0.37 ms (with Avx2Unpack32's one-load form), 5 bits
-// 0.63 -> 0.49, 8 bits 1.48 -> 1.37.
+// 0.63 -> 0.49, 8 bits 1.48 -> 1.37. At 1 bit there is no lookup (kBitPlane below): batch 1 0.18 -> 0.11 ms.
 template <int BITS, int M>
 WS_AVX2 void int8_rows_avx2(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq, int64_t m0,
                             int64_t r0, int64_t r1, float* y) {
@@ -249,9 +245,9 @@ WS_AVX2 void int8_rows_avx2(const PackedLinear& w, const QuantizedX& xq, const Q
   // pair sums (<= 254 each): fold into int64 before 2^31
   constexpr int64_t kFold = (int64_t{1} << 31) / (kBitPlane ? 2 * 254 * 2 * E : 127 * 127 * 4 * 2 * E);
   Avx2Int8Decoder<BITS> decoder;
-  // |x| of the M rows, taken once here rather than per weight row
+  // |x| of the M rows, taken once here rather than per weight row (not read at 1 bit)
   thread_local std::vector<int8_t> abs_buf;
-  int8_t* ax = aligned64(grown(abs_buf, static_cast<size_t>(M * xq.stride + 64)));
+  int8_t* ax = kBitPlane ? nullptr : aligned64(grown(abs_buf, static_cast<size_t>(M * xq.stride + 64)));
   for (int m = 0; m < (kBitPlane ? 0 : M); ++m)
     for (int64_t i = 0; i < xq.stride; i += 32) {
       const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(xq.q + (m0 + m) * xq.stride + i));
@@ -261,7 +257,7 @@ WS_AVX2 void int8_rows_avx2(const PackedLinear& w, const QuantizedX& xq, const Q
   for (int64_t r = r0; r < r1; ++r) {
     if (r / w.rows_per_group != group) {
       group = r / w.rows_per_group;
-      decoder.set_table(cq.table(group));
+      if constexpr (!kBitPlane) decoder.set_table(cq.table(group));
     }
     const uint8_t* row = w.packed + r * w.row_bytes;
     const int64_t whole = whole_steps(r);

@@ -72,7 +72,7 @@ bool linear_int8_blocked(const PackedLinear& w, const QuantizedX& xq, const Quan
                          float* y);
 
 // The same by the AVX2 blocked kernel (int16 products, shared_linear_int8_blocked_avx2.cpp); false where it does not
-// apply (not the AVX2 path, or K above 65536).
+// apply (not the AVX2 path, 1-bit indices, or K above 65536).
 bool linear_int8_blocked_avx2(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq, int64_t M,
                               float* y);
 
