@@ -67,6 +67,19 @@ def linear_table(r):
     return "\n".join(out)
 
 
+def int8_accuracy_table(r):
+    """Rows: index width; columns: kind of input; cells: median / worst of the error ratio over the draws."""
+    kinds = list(dict.fromkeys(x["input"] for x in r["results"]))
+    out = [f"int8 output error / torch int8 dynamic Linear's, {r['shape'][0]}x{r['shape'][1]}, {r['draws']} layers "
+           f"per cell (median / worst; {_machine(r['machine'])})", "",
+           "| bits | " + " | ".join(f"{k} x" for k in kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for bits in dict.fromkeys(x["bits"] for x in r["results"]):
+        cells = {x["input"]: x for x in r["results"] if x["bits"] == bits}
+        out.append(f"| {bits} | " + " | ".join(f"{cells[k]['median_ratio']:.2f}x / {cells[k]['worst_ratio']:.2f}x"
+                                               for k in kinds) + " |")
+    return "\n".join(out)
+
+
 def widths_table(r):
     """One row per width: batch 1 and 64, per-layer and per-row codebooks, float (vs dense) and int8 (vs torch)."""
     base = r["baselines"]
@@ -317,6 +330,7 @@ def main():
     args = ap.parse_args()
     for name, fn in (("assign_cpu.json", assign_table), ("kmeans_cpu.json", kmeans_table),
                      ("shared_linear_cpu.json", linear_table), ("shared_linear_cpu_avx2.json", linear_table),
+                     ("int8_accuracy.json", int8_accuracy_table),
                      ("linear_widths_cpu.json", widths_table), ("linear_widths_cpu_avx2.json", widths_table),
                      ("small_layers_cpu.json", small_layers_table), ("transformer_cpu.json", transformer_table),
                      ("transformer_cpu_avx2.json", transformer_table),

@@ -327,12 +327,8 @@ WS_AVX2 void int8_rows_avx2(const PackedLinear& w, const QuantizedX& xq, const Q
 
 #endif
 
-}  // namespace
-
-void linear_int8(const PackedLinear& w, const at::Tensor& x_f32, float* y) {
-  const int64_t M = x_f32.size(0);
-  const QuantizedX xq = quantize_x(x_f32, w.bits);
-  const QuantizedCodebook cq = quantize_codebook(w);
+// float(acc) * (scale_x * scale_w) for every output, by the kernel that suits the batch and the CPU
+void run_int8_kernels(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq, int64_t M, float* y) {
   if (use_blocked(M) && linear_int8_blocked(w, xq, cq, M, y)) return;
   if (M >= avx2_blocked_min_rows(w.bits) && linear_int8_blocked_avx2(w, xq, cq, M, y)) return;
   const Simd simd = simd_level();
@@ -370,6 +366,16 @@ void linear_int8(const PackedLinear& w, const at::Tensor& x_f32, float* y) {
       int8_rows_portable<BITS>(w, xq, cq, M, r0, r1, y);
     });
   });
+}
+
+}  // namespace
+
+void linear_int8(const PackedLinear& w, const at::Tensor& x_f32, float* y) {
+  const int64_t M = x_f32.size(0);
+  const QuantizedX xq = quantize_x(x_f32, w.bits);
+  const QuantizedCodebook cq = quantize_codebook(w);
+  run_int8_kernels(w, xq, cq, M, y);
+  add_int8_zero_terms(w, xq, cq, M, y);
 }
 
 }  // namespace weightshare::cpu

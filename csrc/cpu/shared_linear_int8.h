@@ -4,7 +4,8 @@
 // batches) and the blocked kernel (shared_linear_int8_blocked.cpp, larger ones).
 //
 // x is quantized per row to symmetric int8, the codebook per group to symmetric int8, and the dot products are
-// exact integer sums. vpdpbusd multiplies unsigned by signed bytes, so the weight bytes carry +128 and the excess
+// exact integer sums; a per-group zero point's term, scale_x * zero * sum(x_q), is added after the kernels
+// (add_int8_zero_terms): it cancels the codebook's rounding residuals, which one-signed x would add up coherently. vpdpbusd multiplies unsigned by signed bytes, so the weight bytes carry +128 and the excess
 // 128 * sum(x_q) is subtracted per x row at the end. For bits 1, 2, 4, 8 a 64-byte load holds 8/bits indices per
 // byte; extracting "the s-th index of every byte" needs one shift and one AND, and x is stored permuted to match
 // that order (a dot product does not care about order). Other bit widths decode 64 indices at a time in order.
@@ -46,12 +47,17 @@ struct QuantizedCodebook {
   int8_t* q = nullptr;        // [G, q_stride]
   uint8_t* biased = nullptr;  // [G, biased_stride], entry e = q[e mod 2**bits] + 128
   float* scale = nullptr;     // [G]
+  float* zero = nullptr;      // [G] zero point: the rounding residuals' weighted mean (reference.int8_zero_points)
   int64_t q_stride = 0, biased_stride = 0;
   const int8_t* table(int64_t group) const { return q + group * q_stride; }
   const uint8_t* biased_table(int64_t group) const { return biased + group * biased_stride; }
 };
 
 QuantizedCodebook quantize_codebook(const PackedLinear& w);
+
+// y[m, r] += (scale_x[m] * zero[group]) * float(sum of x_q[m]): the zero points' term, added to the kernels'
+// float(acc) * (scale_x * scale_w) as the reference adds it (before the bias).
+void add_int8_zero_terms(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq, int64_t M, float* y);
 
 // Per output row, its group's codebook scale, zero past the last row up to `padded` rows (the blocked kernels scale
 // whole blocks of rows and store the valid ones).

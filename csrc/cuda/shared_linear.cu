@@ -47,12 +47,30 @@ constexpr int kUnit = 128;      // indices per lane per GEMV step: 4 chunks, BIT
 
 
 // ----------------------------------------------------------------------------------------------- tables, int8 x
+// The int8 zero points' index counts (reference.int8_sample_rows: whole rows spread evenly over the layer, about
+// 8192 indices, the first 2**20 columns of each). One block; counts[k] for every k < 2**bits.
+constexpr int64_t kSampleTarget = 8192, kSampleMaxCols = int64_t{1} << 20;
+
+__global__ void __launch_bounds__(256) sample_counts_kernel(const uint8_t* __restrict__ packed, int64_t row_bytes,
+                                                            int64_t rows, int64_t n, int64_t cols, int bits,
+                                                            long long* __restrict__ counts) {
+  __shared__ unsigned int hist[256];
+  for (int k = threadIdx.x; k < 256; k += blockDim.x) hist[k] = 0;
+  __syncthreads();
+  for (int64_t t = threadIdx.x; t < n * cols; t += blockDim.x) {
+    const int64_t i = t / cols, j = t - i * cols;
+    atomicAdd(&hist[unpack_one(packed + i * rows / n * row_bytes, j, bits)], 1u);
+  }
+  __syncthreads();
+  for (int k = threadIdx.x; k < 256; k += blockDim.x) counts[k] = hist[k];
+}
+
 // Per-group tables over all 2**bits indices, so the hot loops never compare an index with K. float: the codebook
 // in fp32, NaN past K (dequantize's rule for bad indices). int8: quantize_int8_symmetric(codebook, dim=1), 0 past
-// K (reference.shared_linear), plus the per-group scale. One warp per group.
+// K (reference.shared_linear), plus the per-group scale and zero point. One warp per group.
 template <typename C>
 __global__ void prepare_tables_kernel(const C* __restrict__ cb, int64_t G, int K, int ts, float* tab, int8_t* tabq,
-                                      float* scale) {
+                                      float* scale, const long long* __restrict__ counts, float* zero) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
   for (int64_t g = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; g < G; g += warps) {
@@ -65,10 +83,31 @@ __global__ void prepare_tables_kernel(const C* __restrict__ cb, int64_t G, int K
     for (int j = lane; j < K; j += 32) amax = nan_max(amax, fabsf(to_float(c[j])));
     for (int off = 16; off > 0; off >>= 1) amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, off));
     const float s = int8_scale(amax);
+    // zero point (reference.int8_zero_points): counted residuals on the grid of 2**(e - 25), an exact integer sum
+    int e = 0;
+    frexpf(s, &e);
+    const double up = ldexp(1.0, 25 - e);
+    long long sum = 0, total = 0;
     for (int j = lane; j < ts; j += 32) {
-      tabq[g * ts + j] = static_cast<int8_t>(j < K ? quantize_int8(to_float(c[j]), s) : 0);
+      const int q = j < K ? quantize_int8(to_float(c[j]), s) : 0;
+      tabq[g * ts + j] = static_cast<int8_t>(q);
+      if (j < K && isfinite(s)) {
+        const double r = __dsub_rn(static_cast<double>(to_float(c[j])), __dmul_rn(static_cast<double>(q), s));
+        sum += counts[j] * __double2ll_rn(__dmul_rn(r, up));
+        total += counts[j];
+      }
     }
-    if (lane == 0) scale[g] = s;
+    for (int off = 16; off > 0; off >>= 1) {
+      sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      total += __shfl_xor_sync(0xffffffffu, total, off);
+    }
+    if (lane == 0) {
+      scale[g] = s;
+      zero[g] = !isfinite(s) ? __int_as_float(0x7fc00000)
+                : total == 0 ? 0.0f
+                             : __double2float_rn(__ddiv_rn(__dmul_rn(static_cast<double>(sum), ldexp(1.0, e - 25)),
+                                                           static_cast<double>(total)));
+    }
   }
 }
 
@@ -76,8 +115,10 @@ __global__ void prepare_tables_kernel(const C* __restrict__ cb, int64_t G, int K
 // multiple of kUnit, so the int8 kernels read whole 16-byte groups without bounds checks).
 template <typename T>
 __global__ void __launch_bounds__(256) quantize_rows_kernel(const T* __restrict__ x, int64_t M, int64_t kin,
-                                                            int64_t kp, int8_t* __restrict__ xq, float* sx) {
+                                                            int64_t kp, int8_t* __restrict__ xq, float* sx,
+                                                            long long* xsum) {
   __shared__ float red[8];
+  __shared__ long long red_sum[8];
   for (int64_t m = blockIdx.x; m < M; m += gridDim.x) {
     const T* row = x + m * kin;
     float amax = 0.0f;
@@ -88,13 +129,23 @@ __global__ void __launch_bounds__(256) quantize_rows_kernel(const T* __restrict_
     __syncthreads();
     for (int w = 0; w < int(blockDim.x >> 5); ++w) amax = nan_max(amax, red[w]);
     const float s = int8_scale(amax);
+    long long sum = 0;  // of the row's int8 values: the zero points' term multiplies it
     for (int64_t k4 = 4 * int64_t(threadIdx.x); k4 < kp; k4 += 4 * int64_t(blockDim.x)) {
       int q[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) q[e] = k4 + e < kin ? quantize_int8(to_float(row[k4 + e]), s) : 0;
+      sum += q[0] + q[1] + q[2] + q[3];
       *reinterpret_cast<int*>(xq + m * kp + k4) = pack4_s8(q[0], q[1], q[2], q[3]);
     }
-    if (threadIdx.x == 0) sx[m] = s;
+    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if ((threadIdx.x & 31) == 0) red_sum[threadIdx.x >> 5] = sum;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      long long total = 0;
+      for (int w = 0; w < int(blockDim.x >> 5); ++w) total += red_sum[w];
+      sx[m] = s;
+      xsum[m] = total;
+    }
   }
 }
 
@@ -393,7 +444,7 @@ __global__ void __launch_bounds__(kTileThreads) grad_w_tile_kernel(const TileArg
 
 // The packed weight (4-byte aligned, as the kernels read words) and its per-group tables.
 struct Prepared {
-  at::Tensor packed, table, scale;
+  at::Tensor packed, table, scale, zero;
   PackedRows rows;
 };
 
@@ -402,13 +453,25 @@ Prepared prepare(const at::Tensor& packed, const at::Tensor& codebook, int bits,
   p.packed = reinterpret_cast<uintptr_t>(packed.data_ptr()) % 4 == 0 ? packed : packed.clone();
   const int ts = 1 << bits;
   p.table = at::empty({pw.groups, ts}, codebook.options().dtype(int8 ? at::kChar : at::kFloat));
-  if (int8) p.scale = at::empty({pw.groups}, codebook.options().dtype(at::kFloat));
+  at::Tensor counts;
+  if (int8) {
+    p.scale = at::empty({pw.groups}, codebook.options().dtype(at::kFloat));
+    p.zero = at::empty({pw.groups}, codebook.options().dtype(at::kFloat));
+    counts = at::empty({256}, codebook.options().dtype(at::kLong));
+    const int64_t cols = std::min(pw.cols, kSampleMaxCols);
+    const int64_t n = std::min(pw.rows, std::max<int64_t>(1, (kSampleTarget + cols - 1) / cols));
+    sample_counts_kernel<<<1, 256, 0, cuda::stream()>>>(p.packed.data_ptr<uint8_t>(), pw.row_bytes, pw.rows, n, cols,
+                                                        bits, reinterpret_cast<long long*>(counts.data_ptr<int64_t>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   WS_DISPATCH_FLOAT(codebook.scalar_type(), "weightshare::shared_linear_tables", [&] {
     using C = native_t<scalar_t>;
     prepare_tables_kernel<C><<<cuda::blocks_for(pw.groups * 32), cuda::kThreads, 0, cuda::stream()>>>(
         reinterpret_cast<const C*>(codebook.data_ptr<scalar_t>()), pw.groups, static_cast<int>(pw.K), ts,
         int8 ? nullptr : p.table.data_ptr<float>(), int8 ? p.table.data_ptr<int8_t>() : nullptr,
-        int8 ? p.scale.data_ptr<float>() : nullptr);
+        int8 ? p.scale.data_ptr<float>() : nullptr,
+        int8 ? reinterpret_cast<const long long*>(counts.data_ptr<int64_t>()) : nullptr,
+        int8 ? p.zero.data_ptr<float>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   const uint8_t* base = p.packed.data_ptr<uint8_t>();
@@ -506,16 +569,20 @@ at::Tensor shared_linear_cuda(const at::Tensor& x, const at::Tensor& packed, con
   const int64_t kp = ceil_div(in_features, kUnit) * kUnit;
   at::Tensor xq = at::empty({M, kp}, x.options().dtype(at::kChar));
   at::Tensor sx = at::empty({M}, x.options().dtype(at::kFloat));
+  at::Tensor xsum = at::empty({M}, x.options().dtype(at::kLong));
   WS_DISPATCH_FLOAT(x.scalar_type(), "weightshare::shared_linear_cuda_int8", [&] {
     using T = native_t<scalar_t>;
     const int blocks = static_cast<int>(std::min<int64_t>(M, 65535LL * 8));
     quantize_rows_kernel<T><<<blocks, 256, 0, cuda::stream()>>>(reinterpret_cast<const T*>(x.data_ptr<scalar_t>()),
                                                                 M, in_features, kp, xq.data_ptr<int8_t>(),
-                                                                sx.data_ptr<float>());
+                                                                sx.data_ptr<float>(),
+                                                                reinterpret_cast<long long*>(xsum.data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   e.sx = sx.data_ptr<float>();
   e.sw = w.scale.data_ptr<float>();
+  e.zw = w.zero.data_ptr<float>();
+  e.xsum = reinterpret_cast<const long long*>(xsum.data_ptr<int64_t>());
   ga.x = ta.x = xq.data_ptr();
   ga.x_ld = kp;
   ta.x_cols = kp / 4;  // xq rows as int words of 4 activations

@@ -137,8 +137,9 @@ def shared_linear(x: Tensor, packed: Tensor, codebook: Tensor, bits: int, out_fe
     x: [..., in_features] float32/float16/bfloat16; y has x's dtype. packed: [out_features,
     packed_row_bytes(in_features, bits)]; codebook: [K] or [G, K] (G divides out_features: 1 = per layer, or
     per output row), K <= 2**bits. activation="float": exact, fp32 accumulation. activation="int8": the fast CPU
-    inference path: x quantized per row and the codebook per group to symmetric int8, exact integer dot products
-    (reference.shared_linear defines it to the bit). Differentiable in x, codebook and bias (float formula; the
+    inference path: x quantized per row and the codebook per group to symmetric int8, exact integer dot products,
+    plus a per-group zero point that cancels the codebook's rounding residuals against one-signed inputs such as
+    ReLU outputs (reference.shared_linear and reference.int8_zero_points define it to the bit). Differentiable in x, codebook and bias (float formula; the
     int8 path's gradient is the float path's: straight-through)."""
     codebook = _as_2d(codebook)
     if _native("shared_linear", x):  # autograd in C++: no Python layer to skip

@@ -181,11 +181,55 @@ def quantize_int8_symmetric(t: Tensor, dim: int = -1):
     return q, scale
 
 
+# Indices counted for the int8 zero points: whole rows spread evenly over the layer, about this many in all.
+INT8_SAMPLE_TARGET = 8192
+INT8_SAMPLE_MAX_COLS = 1 << 20  # counts stay below 2**21: the zero point's integer sum cannot overflow
+
+
+def int8_sample_rows(out_features: int, in_features: int) -> tuple[list[int], int]:
+    """The rows (and the columns [0, cols) of each) whose indices weigh the int8 zero points."""
+    cols = min(in_features, INT8_SAMPLE_MAX_COLS)
+    n = min(out_features, max(1, -(-INT8_SAMPLE_TARGET // cols)))
+    return [i * out_features // n for i in range(n)], cols
+
+
+def int8_zero_points(packed: Tensor, codebook: Tensor, cq: Tensor, scale: Tensor, bits: int, out_features: int,
+                     in_features: int) -> Tensor:
+    """Per group, the frequency-weighted mean of the codebook's int8 rounding residuals c - scale * q (fp32 [G]).
+
+    Why: every weight with index k carries the same residual, so against one-signed activations (after ReLU or GELU,
+    mean mu) the residuals add up coherently, mu * sum_k n_k * residual_k, where torch's per-weight rounding errors
+    add up like noise; on a 4096-wide layer that made the int8 error 1.6-3.6x torch's int8 Linear in some draws.
+    Adding z * sum(x) (z the residuals' mean weighted by how often each index occurs) cancels that sum; what is left
+    is zero-mean across rows. The weights are index counts over a fixed sample of rows (int8_sample_rows); indices
+    >= K are not counted. So that every implementation gets the same bits in any summation order, the sum is an
+    integer: a residual is exact in fp32 (fma(-q, scale, c)), and on the grid of 2**(e - 25) (scale in
+    [2**(e-1), 2**e)) it is an integer for every entry with q != 0 (entries with q == 0 are rounded to the grid,
+    half to even); z = fp32(sum_k count_k * residual_k / count), the integer sum scaled back in float64. No counted
+    index: z = 0; a non-finite scale (the codebook holds NaN or Inf, the output is NaN anyway): z = NaN."""
+    G, K = codebook.shape
+    rows, cols = int8_sample_rows(out_features, in_features)
+    idx = unpack(packed[rows], bits, in_features)[:, :cols].long().flatten()
+    counts = torch.bincount(idx, minlength=1 << bits)[:K].to(codebook.device)
+    total = int(counts.sum())
+    s = scale.reshape(G, 1).double()
+    finite = torch.isfinite(s)
+    s_ok = torch.where(finite, s, torch.ones_like(s))
+    resid = codebook.float().double() - cq.double() * s_ok  # [G, K], exact (the fp32 fma's value)
+    e = torch.frexp(s_ok)[1].long()  # s in [2**(e-1), 2**e)
+    grid = torch.round(resid * torch.pow(2.0, (25 - e).double())).long()  # integers; |grid| < 2**25
+    total_grid = (grid * counts[None, :]).sum(1, keepdim=True)  # exact int64
+    z = (total_grid.double() * torch.pow(2.0, (e - 25).double()) / max(total, 1)).float()
+    z = torch.where(finite, z, torch.full_like(z, float("nan")))
+    return z.reshape(G) if total > 0 else torch.where(finite, 0.0, z).reshape(G)
+
+
 def shared_linear(x: Tensor, packed: Tensor, codebook: Tensor, bits: int, out_features: int, in_features: int,
                   bias: Tensor | None = None, activation: str = "float") -> Tensor:
     """The definition the kernels follow. float: fp32 x @ W^T (+ bias). int8: activations per row and the
-    codebook per group quantized to symmetric int8, exact integer dot products, then
-    y = acc * (scale_x * scale_w) + bias in fp32."""
+    codebook per group quantized to symmetric int8, exact integer dot products, then in fp32
+    y = (acc * (scale_x * scale_w) + (scale_x * z) * sum(x_q)) + bias, z the group's int8 zero point
+    (int8_zero_points)."""
     x2 = x.reshape(-1, in_features)
     if activation == "float":
         w = dequantize(packed, codebook, bits, (out_features, in_features)).float()
@@ -202,7 +246,9 @@ def shared_linear(x: Tensor, packed: Tensor, codebook: Tensor, bits: int, out_fe
         wq = table[groups[:, None], idx].long()  # [out, in]
         xq, sx = quantize_int8_symmetric(x2, dim=1)  # [M, in], [M, 1]
         acc = (xq.long() @ wq.T).float()
+        z = int8_zero_points(packed, codebook, cq, sw, bits, out_features, in_features)  # [G]
         y = acc * (sx * sw[groups, 0][None, :])
+        y = y + (sx * z[groups][None, :]) * xq.long().sum(1, keepdim=True).float()
         if bias is not None:
             y = y + bias.float()
     else:

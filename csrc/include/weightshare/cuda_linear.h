@@ -27,6 +27,8 @@ struct Epilogue {
   const float* bias;      // [ld] or null
   const float* sx;        // int8: [M] activation scales
   const float* sw;        // int8: [G] codebook scales
+  const float* zw;        // int8: [G] codebook zero points (reference.int8_zero_points)
+  const long long* xsum;  // int8: [M] sums of the quantized x rows
   int64_t rows_per_group;
   void* partial;          // [splits, M, ld] raw sums when splits > 1
   int splits;
@@ -42,7 +44,9 @@ struct Epilogue {
     store(m * ld + c, bias ? acc + bias[c] : acc);
   }
   __device__ void finish(int64_t m, int64_t c, int acc) const {
-    float v = __fmul_rn(__int2float_rn(acc), __fmul_rn(sx[m], sw[c / rows_per_group]));
+    const int64_t g = c / rows_per_group;
+    float v = __fmul_rn(__int2float_rn(acc), __fmul_rn(sx[m], sw[g]));
+    v = __fadd_rn(v, __fmul_rn(__fmul_rn(sx[m], zw[g]), __ll2float_rn(xsum[m])));  // the zero point's term
     if (bias) v = __fadd_rn(v, bias[c]);
     store(m * ld + c, v);
   }
