@@ -333,14 +333,13 @@ void count_row_indices(const uint8_t* row, int64_t cols, uint32_t (&bytes)[4][25
   for (; i < cols; ++i) ++counts[unpack_one(row, i, BITS)];
 }
 
-// Index counts (as doubles: the zero point multiplies them in float64) for k < 2**bits, and the total of those
-// below K (an index >= K is corrupt data; its int8 weight is 0 and it is not counted).
-struct SampleCounts {
-  double count[256];
-  double total;
+// The index frequencies as integer weights (reference.int8_zero_weights): w[k] = round(2**14 * count[k] / total),
+// half up, for k < K (an index >= K is corrupt data, not counted); 0 elsewhere.
+struct ZeroWeights {
+  alignas(64) int32_t w[256];
 };
 
-SampleCounts sample_index_counts(const PackedLinear& w, int64_t K) {
+ZeroWeights zero_weights(const PackedLinear& w, int64_t K) {
   const int64_t cols = std::min(w.in_features, kSampleMaxCols);
   const int64_t n = std::min(w.out_features, std::max<int64_t>(1, (kSampleTarget + cols - 1) / cols));
   uint32_t part[4][256] = {};  // at most 2**21 indices: no overflow
@@ -355,17 +354,21 @@ SampleCounts sample_index_counts(const PackedLinear& w, int64_t K) {
     const int64_t h = int64_t{part[0][v]} + part[1][v] + part[2][v] + part[3][v];
     for (int e = 0; e < per_byte; ++e) counts[byte_hist ? (v >> (e * w.bits)) & mask : v] += h;
   }
-  SampleCounts out;
   int64_t total = 0;
-  for (int k = 0; k < 256; ++k) {
-    out.count[k] = static_cast<double>(counts[k]);
-    if (k < K) total += counts[k];
-  }
-  out.total = static_cast<double>(total);
+  for (int64_t k = 0; k < K; ++k) total += counts[k];
+  ZeroWeights out{};
+  for (int64_t k = 0; k < K && total > 0; ++k)
+    out.w[k] = static_cast<int32_t>((counts[k] * (int64_t{2} << 14) + total) / (2 * total));
   return out;
 }
 
-// 2**p as a double (p within the normal range), built from its bits: no libm call per group
+// 2**p as a float (|p| <= 126) or a double (|p| <= 1022), built from the bits: no libm call per group
+inline float pow2f(int p) {
+  const uint32_t bits = static_cast<uint32_t>(127 + p) << 23;
+  float v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
 inline double pow2(int p) {
   const uint64_t bits = static_cast<uint64_t>(1023 + p) << 52;
   double v;
@@ -384,76 +387,69 @@ inline int scale_exponent(float scale) {
   return e;
 }
 
-// round half to even of a double below 2**51 in magnitude, without libm (the default rounding mode's add)
-inline double round_half_even(double v) {
-  constexpr double kMagic = 6755399441055744.0;  // 1.5 * 2**52
-  return (v + kMagic) - kMagic;
-}
-
-// sum_k counts[k] * grid(c[k] - scale * q[k]) over the first K entries, grid() = rint(. * 2**(25 - e)): every
-// term an integer below 2**46 and so is the sum (the counts total below 2**21), so it is exact in float64 in any
-// order. The residual is exact in
-// float64 too: q * scale has at most 32 significant bits, and c - q * scale lies on c's and q * scale's common grid.
-double grid_sum_scalar(const float* c, const int8_t* q, int64_t K, double s, double up, const double* counts) {
-  double sum = 0.0;
-  for (int64_t k = 0; k < K; ++k) {
-    const double r = static_cast<double>(c[k]) - static_cast<double>(q[k]) * s;
-    sum += counts[k] * round_half_even(r * up);
-  }
-  return sum;
-}
-
-// The group's zero point: (sum_k counts[k] * residual[k]) / (counted indices < K), rounded to fp32. GridScale
-// holds what the sums need (or the answer where there is nothing to sum).
-struct GridScale {
-  bool done;
-  float value;      // the zero point, where done
-  double s, up, down;  // scale; 2**(25 - e), 2**(e - 25)
+// The zero point's residuals on their grid: g = rint(r * 2**(15 - e)), r = fp32(c - q * scale). The scaling is two
+// multiplications by powers of two that stay inside float's range (exact: |g| <= 2**14 and no intermediate
+// underflows), so the vector forms compute it in fp32 lanes.
+struct ZeroGrid {
+  int e;
+  float up_a, up_b;  // 2**a * 2**b = 2**(15 - e)
 };
 
-inline GridScale grid_scale(float scale, const SampleCounts& sc) {
-  if (!std::isfinite(scale)) return {true, std::numeric_limits<float>::quiet_NaN(), 0, 0, 0};
-  if (sc.total == 0.0) return {true, 0.0f, 0, 0, 0};
+inline ZeroGrid zero_grid(float scale) {
   const int e = scale_exponent(scale);
-  return {false, 0.0f, static_cast<double>(scale), pow2(25 - e), pow2(e - 25)};
+  const int a = std::clamp(15 - e, -100, 100);
+  return {e, pow2f(a), pow2f(15 - e - a)};
 }
 
-float zero_point_scalar(const float* c, const int8_t* q, int64_t K, float scale, const SampleCounts& sc) {
-  const GridScale gs = grid_scale(scale, sc);
-  if (gs.done) return gs.value;
-  return static_cast<float>(grid_sum_scalar(c, q, K, gs.s, gs.up, sc.count) * gs.down / sc.total);
+// z = fp32(S * 2**(e - 29)), S = sum_k w[k] * g[k] (an integer below 2**29)
+inline float zero_from_sum(int64_t S, int e) { return static_cast<float>(static_cast<double>(S) * pow2(e - 29)); }
+
+float zero_point_scalar(const float* c, const int8_t* q, int64_t K, float scale, const ZeroWeights& zw) {
+  if (!std::isfinite(scale)) return std::numeric_limits<float>::quiet_NaN();
+  const ZeroGrid zg = zero_grid(scale);
+  int64_t S = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    // the exact residual rounded once (an fma's result); then exact power-of-two scalings and rint (half to even)
+    const float r = static_cast<float>(static_cast<double>(c[k]) - static_cast<double>(q[k]) * scale);
+    S += zw.w[k] * static_cast<int64_t>(std::nearbyint((r * zg.up_a) * zg.up_b));
+  }
+  return zero_from_sum(S, zg.e);
 }
 
 #ifdef WS_X86
-// The same for groups [g0, g1), 4 entries per step, all in one function: a codebook per output row has thousands of
-// groups, each quantized on every call, and one call per group left each group's dependent chain (sums, division)
-// exposed: 4096 groups of 16 entries took 35 us on AVX2 (2 threads), as long as quantizing them.
+// The same for groups [g0, g1), 8 entries per step in fp32 / int32 lanes (vfnmadd's single rounding is the
+// residual's; vcvtps2dq rounds half to even): a codebook per output row has thousands of groups, each quantized on
+// every call (the first form, float64 lanes and a division per group, added 46-74 us to 4096x4096 4-bit batch 1
+// on AVX-512 and 110 us at 8 bits).
 WS_AVX2 void zero_points_avx2(const PackedLinear& w, const QuantizedCodebook& cq, int64_t entries,
-                              const SampleCounts& sc, int64_t g0, int64_t g1) {
+                              const ZeroWeights& zw, int64_t g0, int64_t g1) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t g = g0; g < g1; ++g) {
-    const float* c = w.codebook + g * w.K;
-    const int8_t* q = cq.table(g);
-    const GridScale gs = grid_scale(cq.scale[g], sc);
-    if (gs.done) {
-      cq.zero[g] = gs.value;
+    const float scale = cq.scale[g];
+    if (!std::isfinite(scale)) {
+      cq.zero[g] = std::numeric_limits<float>::quiet_NaN();
       continue;
     }
-    const __m256d vs = _mm256_set1_pd(gs.s), vup = _mm256_set1_pd(gs.up);
-    __m256d acc = _mm256_setzero_pd();
-    int64_t k = 0;
-    for (; k + 4 <= entries; k += 4) {
-      int32_t q4;
-      std::memcpy(&q4, q + k, sizeof(q4));
-      const __m256d qd = _mm256_cvtepi32_pd(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(q4)));
-      const __m256d r = _mm256_fnmadd_pd(qd, vs, _mm256_cvtps_pd(_mm_loadu_ps(c + k)));  // exact either way
-      const __m256d gv = _mm256_round_pd(_mm256_mul_pd(r, vup), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      acc = _mm256_fmadd_pd(gv, _mm256_loadu_pd(sc.count + k), acc);  // integers below 2**53: exact
+    const float* c = w.codebook + g * w.K;
+    const int8_t* q = cq.table(g);  // entries up to q_stride >= 16, zero past K
+    const ZeroGrid zg = zero_grid(scale);
+    const __m256 sv = _mm256_set1_ps(scale), ua = _mm256_set1_ps(zg.up_a), ub = _mm256_set1_ps(zg.up_b);
+    __m256i acc = _mm256_setzero_si256();
+    for (int64_t k = 0; k < entries; k += 8) {
+      // zero past K, as q is there (a masked load only for a partial last step: on this Zen 4 vmaskmovps in every
+      // step made the pass 2x slower)
+      const __m256 cv = k + 8 <= entries ? _mm256_loadu_ps(c + k)
+                                         : _mm256_maskload_ps(c + k, _mm256_cmpgt_epi32(
+                                                                         _mm256_set1_epi32(int(entries - k)), lane));
+      const __m256 qv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k))));
+      const __m256 r = _mm256_fnmadd_ps(qv, sv, cv);
+      const __m256i gi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_mul_ps(r, ua), ub));
+      acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(gi, _mm256_load_si256(reinterpret_cast<const __m256i*>(zw.w + k))));
     }
-    const __m128d half = _mm_add_pd(_mm256_castpd256_pd128(acc), _mm256_extractf128_pd(acc, 1));
-    double sum = _mm_cvtsd_f64(_mm_add_sd(half, _mm_unpackhi_pd(half, half)));
-    for (; k < entries; ++k)
-      sum += sc.count[k] * round_half_even((static_cast<double>(c[k]) - static_cast<double>(q[k]) * gs.s) * gs.up);
-    cq.zero[g] = static_cast<float>(sum * gs.down / sc.total);
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
+    cq.zero[g] = zero_from_sum(_mm_cvtsi128_si32(h), zg.e);
   }
 }
 #endif
@@ -466,9 +462,14 @@ void add_int8_zero_terms(const PackedLinear& w, const QuantizedX& xq, const Quan
     for (int64_t m = m0; m < m1; ++m) {
       const float sum = static_cast<float>(xq.sum[m]);
       float* row = y + m * w.out_features;
+      // one product of two roundings, as the reference (the build keeps fp contraction off: no fma)
+      const float sx = xq.scale[m];
+      if (w.rows_per_group == 1) {  // a codebook per row: one vectorisable pass
+        for (int64_t r = 0; r < w.out_features; ++r) row[r] += (sx * cq.zero[r]) * sum;
+        continue;
+      }
       for (int64_t g = 0; g < w.groups; ++g) {
-        // one product of two roundings, as the reference; held in a variable the add alone reads (nothing to fuse)
-        const float term = (xq.scale[m] * cq.zero[g]) * sum;
+        const float term = (sx * cq.zero[g]) * sum;
         float* rows = row + g * w.rows_per_group;
         for (int64_t r = 0; r < w.rows_per_group; ++r) rows[r] += term;
       }
@@ -490,7 +491,7 @@ QuantizedCodebook quantize_codebook(const PackedLinear& w) {
   thread_local std::vector<float> scale_buf, zero_buf;
   out.q = grown(q_buf, static_cast<size_t>(w.groups * out.q_stride));
   out.zero = grown(zero_buf, static_cast<size_t>(w.groups));
-  const SampleCounts counts = sample_index_counts(w, entries);
+  const ZeroWeights counts = zero_weights(w, entries);
   out.biased = grown(biased_buf, static_cast<size_t>(w.groups * out.biased_stride + 1));  // + 1: never null
   out.scale = grown(scale_buf, static_cast<size_t>(w.groups));
   // groups in parallel: with a codebook per output row there are thousands, and this runs on every call (the serial

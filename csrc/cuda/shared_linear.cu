@@ -83,30 +83,30 @@ __global__ void prepare_tables_kernel(const C* __restrict__ cb, int64_t G, int K
     for (int j = lane; j < K; j += 32) amax = nan_max(amax, fabsf(to_float(c[j])));
     for (int off = 16; off > 0; off >>= 1) amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, off));
     const float s = int8_scale(amax);
-    // zero point (reference.int8_zero_points): counted residuals on the grid of 2**(e - 25), an exact integer sum
+    // zero point (reference.int8_zero_points): residuals on the grid of 2**(e - 15), weighted by the index
+    // frequencies as integers (w_k = round(2**14 * count_k / total)); the sum is an exact integer
+    long long total = 0;
+    for (int j = lane; j < K; j += 32) total += counts[j];
+    for (int off = 16; off > 0; off >>= 1) total += __shfl_xor_sync(0xffffffffu, total, off);
     int e = 0;
-    frexpf(s, &e);
-    const double up = ldexp(1.0, 25 - e);
-    long long sum = 0, total = 0;
+    frexpf(s, &e);  // s in [2**(e-1), 2**e)
+    const int a = min(max(15 - e, -100), 100);
+    const float up_a = ldexpf(1.0f, a), up_b = ldexpf(1.0f, 15 - e - a);  // exact scalings
+    int sum = 0;
     for (int j = lane; j < ts; j += 32) {
       const int q = j < K ? quantize_int8(to_float(c[j]), s) : 0;
       tabq[g * ts + j] = static_cast<int8_t>(q);
-      if (j < K && isfinite(s)) {
-        const double r = __dsub_rn(static_cast<double>(to_float(c[j])), __dmul_rn(static_cast<double>(q), s));
-        sum += counts[j] * __double2ll_rn(__dmul_rn(r, up));
-        total += counts[j];
+      if (j < K && total > 0 && isfinite(s)) {
+        const int w = static_cast<int>((counts[j] * (2LL << 14) + total) / (2 * total));
+        const float r = __fmaf_rn(-static_cast<float>(q), s, to_float(c[j]));
+        sum += w * __float2int_rn(__fmul_rn(__fmul_rn(r, up_a), up_b));
       }
     }
-    for (int off = 16; off > 0; off >>= 1) {
-      sum += __shfl_xor_sync(0xffffffffu, sum, off);
-      total += __shfl_xor_sync(0xffffffffu, total, off);
-    }
+    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
     if (lane == 0) {
       scale[g] = s;
       zero[g] = !isfinite(s) ? __int_as_float(0x7fc00000)
-                : total == 0 ? 0.0f
-                             : __double2float_rn(__ddiv_rn(__dmul_rn(static_cast<double>(sum), ldexp(1.0, e - 25)),
-                                                           static_cast<double>(total)));
+                             : __double2float_rn(__dmul_rn(static_cast<double>(sum), ldexp(1.0, e - 29)));
     }
   }
 }
