@@ -441,10 +441,12 @@ WS_AVX2 void zero_points_avx2(const PackedLinear& w, const QuantizedCodebook& cq
       const __m256 cv = k + 8 <= entries ? _mm256_loadu_ps(c + k)
                                          : _mm256_maskload_ps(c + k, _mm256_cmpgt_epi32(
                                                                          _mm256_set1_epi32(int(entries - k)), lane));
-      const __m256 qv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k))));
+      const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k));
+      const __m256 qv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8));
       const __m256 r = _mm256_fnmadd_ps(qv, sv, cv);
       const __m256i gi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_mul_ps(r, ua), ub));
-      acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(gi, _mm256_load_si256(reinterpret_cast<const __m256i*>(zw.w + k))));
+      const __m256i wv = _mm256_load_si256(reinterpret_cast<const __m256i*>(zw.w + k));
+      acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(gi, wv));
     }
     __m128i h = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
     h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
@@ -491,7 +493,7 @@ QuantizedCodebook quantize_codebook(const PackedLinear& w) {
   thread_local std::vector<float> scale_buf, zero_buf;
   out.q = grown(q_buf, static_cast<size_t>(w.groups * out.q_stride));
   out.zero = grown(zero_buf, static_cast<size_t>(w.groups));
-  const ZeroWeights counts = zero_weights(w, entries);
+  const ZeroWeights zw = zero_weights(w, entries);  // the zero points' index frequencies
   out.biased = grown(biased_buf, static_cast<size_t>(w.groups * out.biased_stride + 1));  // + 1: never null
   out.scale = grown(scale_buf, static_cast<size_t>(w.groups));
   // groups in parallel: with a codebook per output row there are thousands, and this runs on every call (the serial
@@ -520,7 +522,7 @@ QuantizedCodebook quantize_codebook(const PackedLinear& w) {
         for (int64_t j = 0; j < entries; ++j) q[j] = quantize_one(c[j], out.scale[g]);
         std::fill(q + entries, q + out.q_stride, int8_t(0));
       }
-      if (simd == Simd::Scalar) out.zero[g] = zero_point_scalar(c, q, entries, out.scale[g], counts);
+      if (simd == Simd::Scalar) out.zero[g] = zero_point_scalar(c, q, entries, out.scale[g], zw);
       // repeated with period 2**bits: a byte permute then ignores index bits above `bits` (no mask needed); copies
       // of the period, so the compiler vectorises them (an index mask per entry did not: 0.5 ms at 4096 groups, 8 bits)
       if (!biased) continue;
@@ -530,7 +532,7 @@ QuantizedCodebook quantize_codebook(const PackedLinear& w) {
         for (int64_t j = 0; j < p; ++j) b[base + j] = static_cast<uint8_t>(q[j] ^ 0x80);  // + 128 mod 256
     }
 #ifdef WS_X86
-    if (simd != Simd::Scalar) zero_points_avx2(w, out, entries, counts, g0, g1);
+    if (simd != Simd::Scalar) zero_points_avx2(w, out, entries, zw, g0, g1);
 #endif
   });
   return out;
