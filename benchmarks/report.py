@@ -80,6 +80,17 @@ def int8_accuracy_table(r):
     return "\n".join(out)
 
 
+def int8_models_table(r):
+    """One row per saved model: test error and logits error, float / int8 activations / torch's int8 dynamic."""
+    out = [f"Compressed MNIST networks with int8 activations, 10,000 test images ({_machine(r['machine'])})", "",
+           "| model file | test error, float | int8 (ws) | torch int8 dynamic | logits error, int8 (ws) | "
+           "torch int8 dynamic |", "|---|---|---|---|---|---|"]
+    for x in r["results"]:
+        out.append(f"| {x['file']} | {x['test_error_float']:.2f}% | {x['test_error_int8']:.2f}% | "
+                   f"{x['test_error_torch_int8']:.2f}% | {x['logits_err_int8']:.2e} | {x['logits_err_torch_int8']:.2e} |")
+    return "\n".join(out)
+
+
 def widths_table(r):
     """One row per width: batch 1 and 64, per-layer and per-row codebooks, float (vs dense) and int8 (vs torch)."""
     base = r["baselines"]
@@ -330,7 +341,7 @@ def main():
     args = ap.parse_args()
     for name, fn in (("assign_cpu.json", assign_table), ("kmeans_cpu.json", kmeans_table),
                      ("shared_linear_cpu.json", linear_table), ("shared_linear_cpu_avx2.json", linear_table),
-                     ("int8_accuracy.json", int8_accuracy_table),
+                     ("int8_accuracy.json", int8_accuracy_table), ("int8_models.json", int8_models_table),
                      ("linear_widths_cpu.json", widths_table), ("linear_widths_cpu_avx2.json", widths_table),
                      ("small_layers_cpu.json", small_layers_table), ("transformer_cpu.json", transformer_table),
                      ("transformer_cpu_avx2.json", transformer_table),
