@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 import weightshare as ws  # noqa: E402
 from _common import machine, parse_cli, write_json  # noqa: E402
+from bench_shared_linear import int8_dynamic  # noqa: E402
 
 OUT_F = IN_F = 4096
 DRAWS = 8
@@ -36,15 +36,6 @@ def layer(bits: int, seed: int):
     return packed, r.codebook, ws.ops.dequantize(packed, r.codebook, bits, (OUT_F, IN_F)), g
 
 
-def torch_int8(dense: torch.Tensor):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        lin = torch.nn.Linear(dense.shape[1], dense.shape[0], bias=False)
-        lin.weight.data = dense
-        return torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear},
-                                                      dtype=torch.qint8)
-
-
 def run() -> dict:
     out = {"machine": machine(), "shape": [OUT_F, IN_F], "draws": DRAWS, "results": []}
     for bits in (2, 3, 4, 8):
@@ -52,7 +43,7 @@ def run() -> dict:
         errors = {name: [] for name in INPUTS}
         for seed in range(DRAWS):
             packed, cb, dense, g = layer(bits, seed)
-            q = torch_int8(dense)
+            q = int8_dynamic(dense)
             base = torch.randn(4, IN_F, generator=g)
             for name, act in INPUTS.items():
                 x = act(base)
