@@ -292,8 +292,9 @@ def test_int8_zero_points_are_the_weighted_mean_residual(bits, device, gen):
     assert (z.abs() <= sw[:, 0] / 2 * 1.001).all()  # a mean of residuals of at most half a step
 
     x = torch.randn(3, in_f, generator=gen)
-    # tiny codebooks too: scales down to subnormal floats, where the grid's powers of two leave float32's range
-    for codebook in (cb, torch.full_like(cb, float("nan")), cb * 1e-30, cb * 1e-36):
+    # tiny and huge codebooks too: scales down to subnormal floats and up to 1e35, where the grid's power of two
+    # leaves float32's range
+    for codebook in (cb, torch.full_like(cb, float("nan")), cb * 1e-30, cb * 1e-36, cb * 1e38):
         got = op(x, packed, codebook, bits, out_f, in_f, None, "int8")
         torch.testing.assert_close(got, reference.shared_linear(x, packed, codebook, bits, out_f, in_f, None, "int8"),
                                    rtol=0, atol=0, equal_nan=True)
