@@ -183,7 +183,7 @@ def quantize_int8_symmetric(t: Tensor, dim: int = -1):
 
 # Indices counted for the int8 zero points: whole rows spread evenly over the layer, about this many in all.
 INT8_SAMPLE_TARGET = 8192
-INT8_SAMPLE_MAX_COLS = 1 << 20  # counts stay below 2**21: the zero point's integer sum cannot overflow
+INT8_SAMPLE_MAX_COLS = 1 << 20  # of each sampled row: bounds the sampling work on very long rows
 
 
 def int8_sample_rows(out_features: int, in_features: int) -> tuple[list[int], int]:
