@@ -31,13 +31,15 @@ bool use_blocked(int64_t M) {
   return M >= 16 && (Mp - M) * 8 <= Mp;
 }
 
-// From how many x rows the AVX2 blocked kernel beats the AVX2 row kernel (which takes x rows 4 at a time).
+// From how many x rows the AVX2 blocked kernel beats the AVX2 row kernel (x rows 4 at a time; 2 at 2/4 bits).
 // 4096x4096 layer, two threads (blocked vs rows, ms): 4 bits 4 rows 0.80 vs 0.68, 6 rows 0.98 vs 1.02, 16 rows 1.93
 // vs 2.72, 64 rows 6.5 vs 10.5; 3 bits 4 rows 0.93 vs 0.83, 5 rows 0.99 vs 1.23; 5 bits 4 rows 1.03 vs 0.97, 5 rows
 // 1.14 vs 1.43; 6/7/8 bits at 4 rows 1.23 vs 1.26, 1.65 vs 1.59, 2.05 vs 1.92. The 2/4-bit decode (a shift and a
-// mask) is cheaper, so their rows kernel holds out one row longer; 1 bit stays with the rows kernel at every batch
-// (linear_int8_blocked_avx2 declines it).
-int64_t avx2_blocked_min_rows(int bits) { return bits == 2 || bits == 4 ? 6 : 5; }
+// mask) is cheaper, so their rows kernel holds out longer: since it takes their x rows in pairs (session 13), up to
+// 8 rows (blocked vs rows, ms, 4 bits: 6 rows 1.00-1.07 vs 0.88-0.89, 8 rows 1.19-1.52 vs 1.18-1.21, 9 rows
+// 1.39-1.54 vs 1.34-1.39, 10 rows 1.37-1.52 vs 1.47-1.48; 2 bits: 9 rows 1.23-1.27 vs 1.33-1.35). 1 bit stays with
+// the rows kernel at every batch (linear_int8_blocked_avx2 declines it).
+int64_t avx2_blocked_min_rows(int bits) { return bits == 2 || bits == 4 ? 9 : 5; }
 
 // Index i of the quantized-x layout (undoes the byte-aligned permutation).
 inline int64_t x_pos(int64_t i, int bits) {
