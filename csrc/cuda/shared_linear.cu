@@ -47,14 +47,16 @@ constexpr int kUnit = 128;      // indices per lane per GEMV step: 4 chunks, BIT
 
 
 // ----------------------------------------------------------------------------------------------- tables, int8 x
-// The int8 zero points' index counts (reference.int8_sample_rows: whole rows spread evenly over the layer, about
-// 8192 indices, the first 2**20 columns of each). One block; counts[k] for every k < 2**bits.
+// The int8 zero points' index frequencies (reference.int8_sample_rows: whole rows spread evenly over the layer,
+// about 8192 indices, the first 2**20 columns of each), as the integer weights of reference.int8_zero_weights:
+// w[k] = round(2**14 * count[k] / total) (half up) for k < K, total counting indices < K only. One block.
 constexpr int64_t kSampleTarget = 8192, kSampleMaxCols = int64_t{1} << 20;
 
-__global__ void __launch_bounds__(256) sample_counts_kernel(const uint8_t* __restrict__ packed, int64_t row_bytes,
-                                                            int64_t rows, int64_t n, int64_t cols, int bits,
-                                                            long long* __restrict__ counts) {
+__global__ void __launch_bounds__(256) zero_weights_kernel(const uint8_t* __restrict__ packed, int64_t row_bytes,
+                                                           int64_t rows, int64_t n, int64_t cols, int bits, int K,
+                                                           int* __restrict__ weights) {
   __shared__ unsigned int hist[256];
+  __shared__ long long total;
   for (int k = threadIdx.x; k < 256; k += blockDim.x) hist[k] = 0;
   __syncthreads();
   for (int64_t t = threadIdx.x; t < n * cols; t += blockDim.x) {
@@ -62,7 +64,13 @@ __global__ void __launch_bounds__(256) sample_counts_kernel(const uint8_t* __res
     atomicAdd(&hist[unpack_one(packed + i * rows / n * row_bytes, j, bits)], 1u);
   }
   __syncthreads();
-  for (int k = threadIdx.x; k < 256; k += blockDim.x) counts[k] = hist[k];
+  if (threadIdx.x == 0) {
+    total = 0;
+    for (int k = 0; k < K; ++k) total += hist[k];
+  }
+  __syncthreads();
+  for (int k = threadIdx.x; k < 256; k += blockDim.x)
+    weights[k] = k < K && total > 0 ? static_cast<int>((hist[k] * (2LL << 14) + total) / (2 * total)) : 0;
 }
 
 // Per-group tables over all 2**bits indices, so the hot loops never compare an index with K. float: the codebook
@@ -70,7 +78,7 @@ __global__ void __launch_bounds__(256) sample_counts_kernel(const uint8_t* __res
 // K (reference.shared_linear), plus the per-group scale and zero point. One warp per group.
 template <typename C>
 __global__ void prepare_tables_kernel(const C* __restrict__ cb, int64_t G, int K, int ts, float* tab, int8_t* tabq,
-                                      float* scale, const long long* __restrict__ counts, float* zero) {
+                                      float* scale, const int* __restrict__ weights, float* zero) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
   for (int64_t g = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; g < G; g += warps) {
@@ -84,10 +92,7 @@ __global__ void prepare_tables_kernel(const C* __restrict__ cb, int64_t G, int K
     for (int off = 16; off > 0; off >>= 1) amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, off));
     const float s = int8_scale(amax);
     // zero point (reference.int8_zero_points): residuals on the grid of 2**(e - 15), weighted by the index
-    // frequencies as integers (w_k = round(2**14 * count_k / total)); the sum is an exact integer
-    long long total = 0;
-    for (int j = lane; j < K; j += 32) total += counts[j];
-    for (int off = 16; off > 0; off >>= 1) total += __shfl_xor_sync(0xffffffffu, total, off);
+    // frequencies as integers (zero_weights_kernel); the sum is an exact integer
     int e = 0;
     frexpf(s, &e);  // s in [2**(e-1), 2**e)
     const int a = min(max(15 - e, -100), 100);
@@ -96,10 +101,9 @@ __global__ void prepare_tables_kernel(const C* __restrict__ cb, int64_t G, int K
     for (int j = lane; j < ts; j += 32) {
       const int q = j < K ? quantize_int8(to_float(c[j]), s) : 0;
       tabq[g * ts + j] = static_cast<int8_t>(q);
-      if (j < K && total > 0 && isfinite(s)) {
-        const int w = static_cast<int>((counts[j] * (2LL << 14) + total) / (2 * total));
+      if (j < K && isfinite(s)) {
         const float r = __fmaf_rn(-static_cast<float>(q), s, to_float(c[j]));
-        sum += w * __float2int_rn(__fmul_rn(__fmul_rn(r, up_a), up_b));
+        sum += weights[j] * __float2int_rn(__fmul_rn(__fmul_rn(r, up_a), up_b));
       }
     }
     for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
@@ -453,15 +457,15 @@ Prepared prepare(const at::Tensor& packed, const at::Tensor& codebook, int bits,
   p.packed = reinterpret_cast<uintptr_t>(packed.data_ptr()) % 4 == 0 ? packed : packed.clone();
   const int ts = 1 << bits;
   p.table = at::empty({pw.groups, ts}, codebook.options().dtype(int8 ? at::kChar : at::kFloat));
-  at::Tensor counts;
+  at::Tensor weights;
   if (int8) {
     p.scale = at::empty({pw.groups}, codebook.options().dtype(at::kFloat));
     p.zero = at::empty({pw.groups}, codebook.options().dtype(at::kFloat));
-    counts = at::empty({256}, codebook.options().dtype(at::kLong));
+    weights = at::empty({256}, codebook.options().dtype(at::kInt));
     const int64_t cols = std::min(pw.cols, kSampleMaxCols);
     const int64_t n = std::min(pw.rows, std::max<int64_t>(1, (kSampleTarget + cols - 1) / cols));
-    sample_counts_kernel<<<1, 256, 0, cuda::stream()>>>(p.packed.data_ptr<uint8_t>(), pw.row_bytes, pw.rows, n, cols,
-                                                        bits, reinterpret_cast<long long*>(counts.data_ptr<int64_t>()));
+    zero_weights_kernel<<<1, 256, 0, cuda::stream()>>>(p.packed.data_ptr<uint8_t>(), pw.row_bytes, pw.rows, n, cols,
+                                                       bits, static_cast<int>(pw.K), weights.data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   WS_DISPATCH_FLOAT(codebook.scalar_type(), "weightshare::shared_linear_tables", [&] {
@@ -470,7 +474,7 @@ Prepared prepare(const at::Tensor& packed, const at::Tensor& codebook, int bits,
         reinterpret_cast<const C*>(codebook.data_ptr<scalar_t>()), pw.groups, static_cast<int>(pw.K), ts,
         int8 ? nullptr : p.table.data_ptr<float>(), int8 ? p.table.data_ptr<int8_t>() : nullptr,
         int8 ? p.scale.data_ptr<float>() : nullptr,
-        int8 ? reinterpret_cast<const long long*>(counts.data_ptr<int64_t>()) : nullptr,
+        int8 ? weights.data_ptr<int>() : nullptr,
         int8 ? p.zero.data_ptr<float>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
