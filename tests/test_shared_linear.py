@@ -188,18 +188,53 @@ def test_int8_batched_kernels(bits, M, groups, simd, gen):
 @pytest.mark.parametrize("M", [1, 5, 16])
 def test_int8_per_row_codebooks_of_few_entries(bits, k, M, simd, gen):
     """A codebook per output row, each with k <= 2**bits entries (the int8 tables are built per group on every call:
-    one form for k <= 16, one for longer codebooks; tables shorter than 2**bits; at 5 bits the 64-entry biased table
-    is the 32 entries twice). An all-zero codebook (scale 1) and one with a NaN (its row's outputs NaN). Bit-exact to
-    the definition."""
+    one form for k <= 16 (the 7-bit affine grid), one for longer codebooks; tables shorter than 2**bits; at 5 bits
+    the 64-entry biased table is the 32 entries twice). An all-zero codebook (scale 1), one with a NaN (its row's
+    outputs NaN), one-signed ones (offset 0 and 127), a constant one, and entries of +-3e38 (whose range overflows
+    float32). Bit-exact to the definition."""
     out_f, in_f = 40, 700
     packed, cb, _ = make_weight(out_f, in_f, bits, out_f, gen, k=k)
     cb[3] = 0.0  # an all-zero codebook: scale 1
     cb[5, k - 1] = float("nan")
+    cb[7] = cb[7].abs()
+    cb[9] = -cb[9].abs()
+    cb[11] = -0.75
+    cb[13, 0], cb[13, k - 1] = 3e38, -3e38
     x = torch.randn(M, in_f, generator=gen)
     got = ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f, None, "int8")
     want = reference.shared_linear(x, packed, cb, bits, out_f, in_f, None, "int8")
     assert got[:, 5].isnan().all()
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def test_int8_codebook_grid(gen):
+    """reference.quantize_int8_codebook: for K <= 16 a 7-bit affine grid whose q + offset is an unsigned 7-bit table
+    (what the AVX2 row kernel multiplies with vpmaddubsw), every residual within half a step, its scale
+    hi / 127 - lo / 127 over [min(c, 0), max(c, 0)]; a one-signed codebook gets the symmetric grid's values; K > 16
+    is symmetric int8 with offset 128; a NaN or Inf entry gives a NaN scale."""
+    cases = [torch.randn(5, 16, generator=gen), torch.randn(3, 4, generator=gen) * 1e-3,
+             torch.rand(2, 16, generator=gen), -torch.rand(2, 8, generator=gen), torch.zeros(1, 16),
+             torch.tensor([[3e38, -3e38, 1.0]]), torch.full((1, 16), -0.75), torch.tensor([[1e-40, -3e-41]])]
+    for c in cases:
+        q, s, o = reference.quantize_int8_codebook(c)
+        assert q.shape == c.shape and s.shape == o.shape == (c.shape[0], 1)
+        assert ((o >= 0) & (o <= 127)).all() and ((q + o >= 0) & (q + o <= 127)).all(), c
+        lo, hi = c.amin(1, keepdim=True).clamp(max=0), c.amax(1, keepdim=True).clamp(min=0)
+        span = hi / 127 - lo / 127
+        assert torch.equal(s, torch.where(span > 0, span, torch.ones_like(span)))
+        assert torch.equal(o, torch.round(-lo / s).clamp(0, 127))
+        if (span > 1e-37).all():  # normal scales: every entry within half a step of its grid value (up to the
+            # scale's and offset's roundings: 127 x 2**-24 of the step)
+            assert ((c.double() - q.double() * s.double()).abs() <= s.double() / 2 * (1 + 1e-5)).all(), c
+        if (c >= 0).all() or (c <= 0).all():
+            qs, ss = reference.quantize_int8_symmetric(c, dim=1)
+            assert torch.equal(q, qs) and torch.equal(s, ss)
+    c = torch.randn(3, 17, generator=gen)
+    q, s, o = reference.quantize_int8_codebook(c)
+    qs, ss = reference.quantize_int8_symmetric(c, dim=1)
+    assert torch.equal(q, qs) and torch.equal(s, ss) and (o == 128).all()
+    for bad in (float("nan"), float("inf")):
+        assert torch.isnan(reference.quantize_int8_codebook(torch.tensor([[0.5, bad, -1.0]]))[1]).all()
 
 
 @pytest.mark.parametrize("in_f", [65536, 66000])
@@ -282,7 +317,7 @@ def test_int8_zero_points_are_the_weighted_mean_residual(bits, device, gen):
 
     out_f, in_f, k = 12, 50, max(2, (1 << bits) - 1)
     packed, cb, idx = make_weight(out_f, in_f, bits, 3, gen, k=k)
-    cq, sw = reference.quantize_int8_symmetric(cb, dim=1)
+    cq, sw, _ = reference.quantize_int8_codebook(cb)
     z = reference.int8_zero_points(packed, cb, cq, sw, bits, out_f, in_f)
     rows, cols = reference.int8_sample_rows(out_f, in_f)
     assert rows == list(range(out_f)) and cols == in_f
@@ -304,7 +339,7 @@ def test_int8_zero_points_are_the_weighted_mean_residual(bits, device, gen):
     if bits > 1:  # every index >= K = 1: nothing is counted, z = 0, and the int8 weights are 0
         one = torch.full((out_f, in_f), k - 1, dtype=torch.uint8)
         p1, c1 = ws.ops.pack(one, bits), cb[:, :1].contiguous()
-        q1, s1 = reference.quantize_int8_symmetric(c1, dim=1)
+        q1, s1, _ = reference.quantize_int8_codebook(c1)
         assert torch.equal(reference.int8_zero_points(p1, c1, q1, s1, bits, out_f, in_f), torch.zeros(3))
         got = op(x, p1, c1, bits, out_f, in_f, None, "int8")
         assert torch.equal(got, reference.shared_linear(x, p1, c1, bits, out_f, in_f, None, "int8"))

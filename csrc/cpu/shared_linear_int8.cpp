@@ -219,7 +219,10 @@ WS_AVX512 void int8_rows_avx512(const PackedLinear& w, const QuantizedX& xq, con
 // bytes, two halves of 32 unpacked by Avx2Unpack32). Before, 3 and 5-8 bits decoded each row into an L1 buffer and
 // then dotted it: 4096x4096 at batch 1 3 bits 0.52 -> 0.37 ms (with Avx2Unpack32's one-load form), 5 bits
 // 0.63 -> 0.49, 8 bits 1.48 -> 1.37. At 1 bit there is no lookup (kBitPlane below): batch 1 0.18 -> 0.11 ms.
-template <int BITS, int M>
+// U (2-4 bits, a codebook of K <= 16: QuantizedCodebook::offset): the table holds q + offset in [0, 127], which
+// vpmaddubsw takes as its unsigned operand straight against x (pairs within +-32258: exact), and offset * sum(x)
+// comes off at the end: no sign transfer and no |x| loads (the reason for the 7-bit affine grid).
+template <int BITS, int M, bool U>
 WS_AVX2 void int8_rows_avx2(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq, int64_t m0,
                             int64_t r0, int64_t r1, float* y) {
   constexpr bool kAligned = byte_aligned(BITS);
@@ -243,14 +246,16 @@ WS_AVX2 void int8_rows_avx2(const PackedLinear& w, const QuantizedX& xq, const Q
   // straight into vpmaddubsw as its unsigned operand (pairs within +-254, so the 16 of a step add up in int16 and
   // widen once per step): 2 multiply-pipe uops per 32 weights instead of 3 (sign, pairs, widening) and no shuffle.
   constexpr bool kBitPlane = BITS == 1;
+  static_assert(!U || (BITS >= 2 && BITS <= 4), "the unsigned table is one 16-entry pshufb");
   // an int32 lane gains per step 2E vectors of 4 products (<= 127 x 127 each), or at 1 bit two int16 lanes of 2E
   // pair sums (<= 254 each): fold into int64 before 2^31
   constexpr int64_t kFold = (int64_t{1} << 31) / (kBitPlane ? 2 * 254 * 2 * E : 127 * 127 * 4 * 2 * E);
   Avx2Int8Decoder<BITS> decoder;
   // |x| of the M rows, taken once here rather than per weight row (not read at 1 bit)
   thread_local std::vector<int8_t> abs_buf;
-  int8_t* ax = kBitPlane ? nullptr : aligned64(grown(abs_buf, static_cast<size_t>(M * xq.stride + 64)));
-  for (int m = 0; m < (kBitPlane ? 0 : M); ++m)
+  constexpr bool kAbsX = !kBitPlane && !U;
+  int8_t* ax = kAbsX ? aligned64(grown(abs_buf, static_cast<size_t>(M * xq.stride + 64))) : nullptr;
+  for (int m = 0; m < (kAbsX ? M : 0); ++m)
     for (int64_t i = 0; i < xq.stride; i += 32) {
       const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(xq.q + (m0 + m) * xq.stride + i));
       _mm256_store_si256(reinterpret_cast<__m256i*>(ax + m * xq.stride + i), _mm256_abs_epi8(v));
@@ -259,7 +264,11 @@ WS_AVX2 void int8_rows_avx2(const PackedLinear& w, const QuantizedX& xq, const Q
   for (int64_t r = r0; r < r1; ++r) {
     if (r / w.rows_per_group != group) {
       group = r / w.rows_per_group;
-      if constexpr (!kBitPlane) decoder.set_table(cq.table(group));
+      if constexpr (U) {
+        decoder.set_table_offset(cq.table(group), cq.offset[group]);
+      } else if constexpr (!kBitPlane) {
+        decoder.set_table(cq.table(group));
+      }
     }
     const uint8_t* row = w.packed + r * w.row_bytes;
     const int64_t whole = whole_steps(r);
@@ -301,6 +310,15 @@ WS_AVX2 void int8_rows_avx2(const PackedLinear& w, const QuantizedX& xq, const Q
               continue;
             }
             const __m256i wq = decoder.lookup(idx);
+            if constexpr (U) {
+#pragma GCC unroll 4
+              for (int m = 0; m < M; ++m) {
+                const __m256i xv =
+                    _mm256_load_si256(reinterpret_cast<const __m256i*>(xq.q + (m0 + m) * xq.stride + at));
+                acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xv), ones));
+              }
+              continue;
+            }
 #pragma GCC unroll 4
             for (int m = 0; m < M; ++m) {
               const __m256i xv = _mm256_load_si256(reinterpret_cast<const __m256i*>(xq.q + (m0 + m) * xq.stride + at));
@@ -323,8 +341,20 @@ WS_AVX2 void int8_rows_avx2(const PackedLinear& w, const QuantizedX& xq, const Q
       const int64_t q0 = cq.table(group)[0], q1 = cq.table(group)[1];
       for (int m = 0; m < M; ++m) total[m] = q0 * xq.sum[m0 + m] + (q1 - q0) * total[m];
     }
+    if constexpr (U)
+      for (int m = 0; m < M; ++m) total[m] -= int64_t{cq.offset[group]} * xq.sum[m0 + m];
     for (int m = 0; m < M; ++m) y[(m0 + m) * w.out_features + r] = int8_output(total[m], xq, cq, m0 + m, group);
   }
+}
+
+// The unsigned-table form where the codebook has one (2-4 bits), else the signed one.
+template <int BITS, int M>
+WS_AVX2 void int8_rows_avx2_any(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq, int64_t m0,
+                                int64_t r0, int64_t r1, float* y) {
+  if constexpr (BITS >= 2 && BITS <= 4) {
+    if (cq.offset != nullptr) return int8_rows_avx2<BITS, M, true>(w, xq, cq, m0, r0, r1, y);
+  }
+  int8_rows_avx2<BITS, M, false>(w, xq, cq, m0, r0, r1, y);
 }
 
 #endif
@@ -363,10 +393,10 @@ void run_int8_kernels(const PackedLinear& w, const QuantizedX& xq, const Quantiz
           const int64_t rem = M - m0;
           take = !pairs ? std::min<int64_t>(4, rem) : rem == 3 ? 3 : std::min<int64_t>(2, rem);
           switch (take) {
-            case 1: int8_rows_avx2<BITS, 1>(w, xq, cq, m0, r0, r1, y); break;
-            case 2: int8_rows_avx2<BITS, 2>(w, xq, cq, m0, r0, r1, y); break;
-            case 3: int8_rows_avx2<BITS, 3>(w, xq, cq, m0, r0, r1, y); break;
-            default: int8_rows_avx2<BITS, 4>(w, xq, cq, m0, r0, r1, y); break;
+            case 1: int8_rows_avx2_any<BITS, 1>(w, xq, cq, m0, r0, r1, y); break;
+            case 2: int8_rows_avx2_any<BITS, 2>(w, xq, cq, m0, r0, r1, y); break;
+            case 3: int8_rows_avx2_any<BITS, 3>(w, xq, cq, m0, r0, r1, y); break;
+            default: int8_rows_avx2_any<BITS, 4>(w, xq, cq, m0, r0, r1, y); break;
           }
         }
         return;

@@ -3,12 +3,13 @@
 // the quantized operands and the AVX-512 byte lookup shared by the row kernel (shared_linear_int8.cpp, small
 // batches) and the blocked kernel (shared_linear_int8_blocked.cpp, larger ones).
 //
-// x is quantized per row to symmetric int8, the codebook per group to symmetric int8, and the dot products are
-// exact integer sums; a per-group zero point's term, scale_x * zero * sum(x_q), is added after the kernels
-// (add_int8_zero_terms): it cancels the codebook's rounding residuals, which one-signed x would add up coherently.
-// vpdpbusd multiplies unsigned by signed bytes, so the weight bytes carry +128 and the excess 128 * sum(x_q) is
-// subtracted per x row at the end. For bits 1, 2, 4, 8 a 64-byte load holds 8/bits indices per
-// byte; extracting "the s-th index of every byte" needs one shift and one AND, and x is stored permuted to match
+// x is quantized per row to symmetric int8, the codebook per group to int8 values (a 7-bit affine grid for K <= 16
+// entries, symmetric int8 above: reference.quantize_int8_codebook), and the dot products are exact integer sums; a
+// per-group zero point's term, scale_x * zero * sum(x_q), is added after the kernels (add_int8_zero_terms): it
+// cancels the codebook's rounding residuals, which one-signed x would add up coherently. vpdpbusd multiplies unsigned
+// by signed bytes, so the weight bytes carry +128 and the excess 128 * sum(x_q) is subtracted per x row at the end
+// (the AVX2 row kernel's vpmaddubsw, whose pairs saturate in int16, takes the affine grid's q + offset in [0, 127]
+// instead). For bits 1, 2, 4, 8 a 64-byte load holds 8/bits indices per byte; extracting "the s-th index of every byte" needs one shift and one AND, and x is stored permuted to match
 // that order (a dot product does not care about order). Other bit widths decode 64 indices at a time in order.
 #include <ATen/core/Tensor.h>
 
@@ -49,6 +50,9 @@ struct QuantizedCodebook {
   uint8_t* biased = nullptr;  // [G, biased_stride], entry e = q[e mod 2**bits] + 128
   float* scale = nullptr;     // [G]
   float* zero = nullptr;      // [G] zero point: the rounding residuals' weighted mean (reference.int8_zero_points)
+  // [G] for K <= kInt8AffineMaxK (else null): the affine grid's offset o in [0, 127], with q + o in [0, 127] for
+  // every entry (o for those past K): the unsigned 7-bit table the AVX2 row kernel multiplies in one vpmaddubsw
+  int32_t* offset = nullptr;
   int64_t q_stride = 0, biased_stride = 0;
   const int8_t* table(int64_t group) const { return q + group * q_stride; }
   const uint8_t* biased_table(int64_t group) const { return biased + group * biased_stride; }

@@ -1,5 +1,6 @@
-// The int8 path's operands (definition: reference.shared_linear, activation="int8"): x quantized per row, the
-// codebook per group, both symmetric int8 with scale max|.| / 127, rounding half to even.
+// The int8 path's operands (definition: reference.shared_linear, activation="int8"): x quantized per row to symmetric
+// int8 with scale max|.| / 127, the codebook per group to integers (reference.quantize_int8_codebook: a 7-bit affine
+// grid for K <= 16 entries, symmetric int8 above), rounding half to even.
 //
 // x is quantized on every call, so it is vectorised: the scalar loop (a division, a rounding and the layout's
 // index arithmetic per element) took 4.4 ns per element, 1.1 ms of a 7 ms batch-64 call on a 4096-wide layer.
@@ -36,6 +37,44 @@ float int8_scale(float amax, bool finite) {
 // round-half-even(v / scale) clamped to [-127, 127]; a NaN (from a NaN scale) becomes -127 as std::max makes it.
 inline int8_t quantize_one(float v, float scale) {
   return static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(v / scale))));
+}
+
+// The 7-bit affine grid of a codebook of K <= 16 entries (reference.quantize_int8_codebook): scale = hi / 127 -
+// lo / 127 over [lo, hi] = [min(c, 0), max(c, 0)] (1 where that is 0, NaN where the group holds NaN or Inf; not
+// (hi - lo) / 127, which overflows above 1.7e38), offset = rint(-lo / scale) in [0, 127]. Entries quantize to
+// q = clamp(rint(c / scale), -offset, 127 - offset): q + offset is an unsigned 7-bit table, which the AVX2 row kernel
+// multiplies with signed x bytes in one vpmaddubsw (no sign transfer, no int16 saturation).
+struct AffineGrid {
+  float scale;
+  int offset;
+};
+
+// lo, hi: the group's min and max entries (either may be on the wrong side of 0: clamped here)
+inline AffineGrid affine_grid(float lo, float hi, bool finite) {
+  if (!finite) return {std::numeric_limits<float>::quiet_NaN(), 0};
+  lo = std::min(lo, 0.0f);
+  hi = std::max(hi, 0.0f);
+  float s = hi / 127.0f - lo / 127.0f;
+  if (!(s > 0.0f)) s = 1.0f;
+  return {s, static_cast<int>(std::clamp(std::nearbyint(-lo / s), 0.0f, 127.0f))};
+}
+
+// One group's q (zero past K up to q_stride; all zero where the scale is NaN: those outputs are NaN anyway).
+float quantize_group16_affine_scalar(const float* c, int64_t K, int8_t* q, int64_t q_stride, int32_t* offset) {
+  float lo = 0.0f, hi = 0.0f;
+  bool finite = true;
+  for (int64_t k = 0; k < K; ++k) {
+    finite = finite && std::isfinite(c[k]);
+    lo = std::min(lo, c[k]);
+    hi = std::max(hi, c[k]);
+  }
+  const AffineGrid g = affine_grid(lo, hi, finite);
+  std::fill(q, q + q_stride, int8_t(0));
+  for (int64_t k = 0; k < (finite ? K : 0); ++k)
+    q[k] = static_cast<int8_t>(
+        std::clamp(std::nearbyint(c[k] / g.scale), static_cast<float>(-g.offset), static_cast<float>(127 - g.offset)));
+  *offset = g.offset;
+  return g.scale;
 }
 
 // Row m of x into q (natural order, n values, zero up to `padded`); returns the sum of q.
@@ -151,24 +190,30 @@ WS_AVX512 int64_t quantize_row_avx512(const float* row, int64_t n, int64_t padde
   return sum;
 }
 
-// One group of K <= 16 entries (a codebook per output row is usually that): scale, q (zero past K) and the biased
-// table, as the scalar form computes them, in a few vector instructions instead of ~50 ns of scalar work per group.
+// One group of K <= 16 entries (a codebook per output row is usually that): the affine grid, q (zero past K) and the
+// biased table, as the scalar form computes them, in a few vector instructions instead of ~50 ns of scalar work per
+// group.
 WS_AVX512 float quantize_group16_avx512(const float* c, int64_t K, int bits, int8_t* q, int64_t q_stride, uint8_t* b,
-                                        int64_t b_stride) {
+                                        int64_t b_stride, int32_t* offset) {
   const __mmask16 k = static_cast<__mmask16>((1u << K) - 1u);
-  const __m512 a = _mm512_and_ps(_mm512_maskz_loadu_ps(k, c), _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff)));
-  const __mmask16 finite = _mm512_mask_cmp_ps_mask(k, a, _mm512_set1_ps(FLT_MAX), _CMP_LE_OQ);
-  const float scale = int8_scale(_mm512_reduce_max_ps(a), finite == k);
-  const __m128i q16 = _mm512_cvtepi32_epi8(quantize16_avx512(c, k, _mm512_set1_ps(scale)));
+  const __m512 v = _mm512_maskz_loadu_ps(k, c);  // zero past K: inside [lo, hi], which holds 0
+  const __m512 a = _mm512_and_ps(v, _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff)));
+  const bool finite = _mm512_cmp_ps_mask(a, _mm512_set1_ps(FLT_MAX), _CMP_LE_OQ) == 0xffff;
+  const AffineGrid g = affine_grid(_mm512_reduce_min_ps(v), _mm512_reduce_max_ps(v), finite);
+  __m512 t = _mm512_roundscale_ps(_mm512_div_ps(v, _mm512_set1_ps(g.scale)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(static_cast<float>(-g.offset))),
+                    _mm512_set1_ps(static_cast<float>(127 - g.offset)));
+  const __m128i q16 = _mm512_cvtepi32_epi8(_mm512_maskz_mov_epi32(finite ? k : __mmask16(0), _mm512_cvtps_epi32(t)));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(q), q16);
   for (int64_t j = 16; j < q_stride; ++j) q[j] = 0;
   // biased entry e = q[e mod 2**bits] + 128 for e < 64: a byte permute of q (zero past 16) by e & (2**bits - 1)
   alignas(64) uint8_t idx[64];
   for (int e = 0; e < 64; ++e) idx[e] = static_cast<uint8_t>(e & ((1 << bits) - 1));
-  const __m512i t = _mm512_permutexvar_epi8(_mm512_load_si512(idx), _mm512_zextsi128_si512(q16));
-  _mm512_storeu_si512(b, _mm512_xor_si512(t, _mm512_set1_epi8(static_cast<char>(0x80))));
+  const __m512i tb = _mm512_permutexvar_epi8(_mm512_load_si512(idx), _mm512_zextsi128_si512(q16));
+  _mm512_storeu_si512(b, _mm512_xor_si512(tb, _mm512_set1_epi8(static_cast<char>(0x80))));
   for (int64_t e = 64; e < b_stride; ++e) b[e] = 128;  // 7 and 8 bits: entries past 16 are 0
-  return scale;
+  *offset = g.offset;
+  return g.scale;
 }
 
 // One group of 16 < K <= 256 entries (5- to 8-bit codebooks), with the same arithmetic as the x rows' quantizer
@@ -218,6 +263,43 @@ WS_AVX2 float row_scale_avx2(const float* row, int64_t n) {
     ok = ok && std::isfinite(row[i]);
   }
   return int8_scale(m, ok);
+}
+
+// rint(v / scale) clamped to [lo, hi], as int32 lanes
+WS_AVX2 inline __m256i quantize8_clamped(__m256 v, __m256 scale, __m256 lo, __m256 hi) {
+  const __m256 t = _mm256_round_ps(_mm256_div_ps(v, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(t, lo), hi));
+}
+
+// The affine grid and q of a group of K <= 16 entries (quantize_group16_affine_scalar's bits), in two 8-lane halves.
+WS_AVX2 float quantize_group16_avx2(const float* c, int64_t K, int8_t* q, int64_t q_stride, int32_t* offset) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  // zero past K (masked lanes are not read): inside [lo, hi], which holds 0
+  const __m256 v0 = _mm256_maskload_ps(c, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(K)), lane));
+  const __m256 v1 = _mm256_maskload_ps(c + 8, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(K) - 8), lane));
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), big = _mm256_set1_ps(FLT_MAX);
+  const __m256 ok = _mm256_and_ps(_mm256_cmp_ps(_mm256_and_ps(v0, abs_mask), big, _CMP_LE_OQ),
+                                  _mm256_cmp_ps(_mm256_and_ps(v1, abs_mask), big, _CMP_LE_OQ));
+  const bool finite = _mm256_movemask_ps(ok) == 0xff;
+  __m256 mn = _mm256_min_ps(v0, v1), mx = _mm256_max_ps(v0, v1);
+  __m128 mn4 = _mm_min_ps(_mm256_castps256_ps128(mn), _mm256_extractf128_ps(mn, 1));
+  __m128 mx4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  mn4 = _mm_min_ps(mn4, _mm_movehl_ps(mn4, mn4));
+  mx4 = _mm_max_ps(mx4, _mm_movehl_ps(mx4, mx4));
+  mn4 = _mm_min_ss(mn4, _mm_shuffle_ps(mn4, mn4, 1));
+  mx4 = _mm_max_ss(mx4, _mm_shuffle_ps(mx4, mx4, 1));
+  const AffineGrid g = affine_grid(_mm_cvtss_f32(mn4), _mm_cvtss_f32(mx4), finite);
+  const __m256 sv = _mm256_set1_ps(g.scale), lo_q = _mm256_set1_ps(static_cast<float>(-g.offset)),
+               hi_q = _mm256_set1_ps(static_cast<float>(127 - g.offset));
+  // int32 -> int16 -> int8 (values in range: the saturating packs are exact); packs work per 128-bit lane
+  const __m256i w16 = _mm256_permute4x64_epi64(
+      _mm256_packs_epi32(quantize8_clamped(v0, sv, lo_q, hi_q), quantize8_clamped(v1, sv, lo_q, hi_q)), 0xd8);
+  __m128i q16 = _mm_packs_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1));
+  if (!finite) q16 = _mm_setzero_si128();
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), q16);
+  for (int64_t j = 16; j < q_stride; ++j) q[j] = 0;
+  *offset = g.offset;
+  return g.scale;
 }
 
 // Row of x quantized in natural order (zero up to `padded`); returns the sum.
@@ -491,6 +573,9 @@ QuantizedCodebook quantize_codebook(const PackedLinear& w) {
   thread_local std::vector<int8_t> q_buf;
   thread_local std::vector<uint8_t> biased_buf;
   thread_local std::vector<float> scale_buf, zero_buf;
+  thread_local std::vector<int32_t> offset_buf;
+  const bool affine = w.K <= kInt8AffineMaxK;
+  out.offset = affine ? grown(offset_buf, static_cast<size_t>(w.groups)) : nullptr;
   out.q = grown(q_buf, static_cast<size_t>(w.groups * out.q_stride));
   out.zero = grown(zero_buf, static_cast<size_t>(w.groups));
   const ZeroWeights zw = zero_weights(w, entries);  // the zero points' index frequencies
@@ -503,33 +588,32 @@ QuantizedCodebook quantize_codebook(const PackedLinear& w) {
       const float* c = w.codebook + g * w.K;
       int8_t* q = out.q + g * out.q_stride;
 #ifdef WS_X86
-      if (simd == Simd::Avx512 && w.K <= 16) {
-        out.scale[g] = quantize_group16_avx512(c, w.K, w.bits, q, out.q_stride,
-                                               out.biased + g * out.biased_stride, out.biased_stride);
+      if (simd == Simd::Avx512) {  // q and the biased table
+        out.scale[g] = affine ? quantize_group16_avx512(c, w.K, w.bits, q, out.q_stride,
+                                                        out.biased + g * out.biased_stride, out.biased_stride,
+                                                        out.offset + g)
+                              : quantize_group_avx512(c, entries, w.bits, q, out.q_stride,
+                                                      out.biased + g * out.biased_stride, out.biased_stride);
         continue;
       }
-      if (simd == Simd::Avx512) {  // longer codebooks (5-8 bits)
-        out.scale[g] = quantize_group_avx512(c, entries, w.bits, q, out.q_stride, out.biased + g * out.biased_stride,
-                                             out.biased_stride);
+      if (simd == Simd::Avx2) {
+        if (affine) {
+          out.scale[g] = quantize_group16_avx2(c, w.K, q, out.q_stride, out.offset + g);
+        } else {  // the AVX2 row quantizer (per-row 8-bit: 3.85 ms a call before)
+          out.scale[g] = row_scale_avx2(c, w.K);
+          quantize_row_avx2(c, entries, out.q_stride, out.scale[g], q);  // zero fills up to q_stride
+        }
         continue;
-      } else if (simd == Simd::Avx2) {  // the same with the AVX2 row quantizer (per-row 8-bit: 3.85 ms a call)
-        out.scale[g] = row_scale_avx2(c, w.K);
-        quantize_row_avx2(c, entries, out.q_stride, out.scale[g], q);  // zero fills up to q_stride
-      } else
+      }
 #endif
-      {
+      if (affine) {
+        out.scale[g] = quantize_group16_affine_scalar(c, w.K, q, out.q_stride, out.offset + g);
+      } else {
         out.scale[g] = row_scale_scalar(c, w.K);
         for (int64_t j = 0; j < entries; ++j) q[j] = quantize_one(c[j], out.scale[g]);
         std::fill(q + entries, q + out.q_stride, int8_t(0));
       }
-      if (simd == Simd::Scalar) out.zero[g] = zero_point_scalar(c, q, entries, out.scale[g], zw);
-      // repeated with period 2**bits: a byte permute then ignores index bits above `bits` (no mask needed); copies
-      // of the period, so the compiler vectorises them (an index mask per entry did not: 0.5 ms at 4096 groups, 8 bits)
-      if (!biased) continue;
-      uint8_t* b = out.biased + g * out.biased_stride;
-      const int64_t p = std::min(period, out.biased_stride);
-      for (int64_t base = 0; base < out.biased_stride; base += p)
-        for (int64_t j = 0; j < p; ++j) b[base + j] = static_cast<uint8_t>(q[j] ^ 0x80);  // + 128 mod 256
+      out.zero[g] = zero_point_scalar(c, q, entries, out.scale[g], zw);
     }
 #ifdef WS_X86
     if (simd != Simd::Scalar) zero_points_avx2(w, out, entries, zw, g0, g1);

@@ -74,8 +74,9 @@ __global__ void __launch_bounds__(256) zero_weights_kernel(const uint8_t* __rest
 }
 
 // Per-group tables over all 2**bits indices, so the hot loops never compare an index with K. float: the codebook
-// in fp32, NaN past K (dequantize's rule for bad indices). int8: quantize_int8_symmetric(codebook, dim=1), 0 past
-// K (reference.shared_linear), plus the per-group scale and zero point. One warp per group.
+// in fp32, NaN past K (dequantize's rule for bad indices). int8: reference.quantize_int8_codebook (a 7-bit affine
+// grid for K <= 16, symmetric int8 above; the kernels read the signed values q), 0 past K, plus the per-group scale
+// and zero point. One warp per group.
 template <typename C>
 __global__ void prepare_tables_kernel(const C* __restrict__ cb, int64_t G, int K, int ts, float* tab, int8_t* tabq,
                                       float* scale, const int* __restrict__ weights, float* zero) {
@@ -87,10 +88,24 @@ __global__ void prepare_tables_kernel(const C* __restrict__ cb, int64_t G, int K
       for (int j = lane; j < ts; j += 32) tab[g * ts + j] = j < K ? to_float(c[j]) : __uint_as_float(0x7fc00000u);
       continue;
     }
-    float amax = 0.0f;
-    for (int j = lane; j < K; j += 32) amax = nan_max(amax, fabsf(to_float(c[j])));
-    for (int off = 16; off > 0; off >>= 1) amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-    const float s = int8_scale(amax);
+    const bool affine = K <= kInt8AffineMaxK;
+    float s;
+    int offset = 0;
+    if (affine) {  // one entry per lane (K <= 16)
+      const float v = lane < K ? to_float(c[lane]) : 0.0f;
+      const bool finite = __all_sync(0xffffffffu, isfinite(v));
+      float lo = v, hi = v;
+      for (int off = 16; off > 0; off >>= 1) {
+        lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, off));
+        hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, off));
+      }
+      s = int8_affine_scale(lo, hi, finite, &offset);
+    } else {
+      float amax = 0.0f;
+      for (int j = lane; j < K; j += 32) amax = nan_max(amax, fabsf(to_float(c[j])));
+      for (int off = 16; off > 0; off >>= 1) amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+      s = int8_scale(amax);
+    }
     // zero point (reference.int8_zero_points): residuals on the grid of 2**(e - 15), weighted by the index
     // frequencies as integers (zero_weights_kernel); the sum is an exact integer
     int e = 0;
@@ -99,7 +114,9 @@ __global__ void prepare_tables_kernel(const C* __restrict__ cb, int64_t G, int K
     const float up_a = ldexpf(1.0f, a), up_b = ldexpf(1.0f, 15 - e - a);  // exact scalings
     int sum = 0;
     for (int j = lane; j < ts; j += 32) {
-      const int q = j < K ? quantize_int8(to_float(c[j]), s) : 0;
+      const int q = j >= K || !isfinite(s) ? 0
+                    : affine          ? quantize_int8_affine(to_float(c[j]), s, offset)
+                                      : quantize_int8(to_float(c[j]), s);
       tabq[g * ts + j] = static_cast<int8_t>(q);
       if (j < K && isfinite(s)) {
         const float r = __fmaf_rn(-static_cast<float>(q), s, to_float(c[j]));

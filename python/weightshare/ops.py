@@ -137,7 +137,8 @@ def shared_linear(x: Tensor, packed: Tensor, codebook: Tensor, bits: int, out_fe
     x: [..., in_features] float32/float16/bfloat16; y has x's dtype. packed: [out_features,
     packed_row_bytes(in_features, bits)]; codebook: [K] or [G, K] (G divides out_features: 1 = per layer, or
     per output row), K <= 2**bits. activation="float": exact, fp32 accumulation. activation="int8": the fast CPU
-    inference path: x quantized per row and the codebook per group to symmetric int8, exact integer dot products,
+    inference path: x quantized per row to symmetric int8, the codebook per group to int8 values (a 7-bit affine
+    grid for K <= 16 entries, symmetric int8 above: reference.quantize_int8_codebook), exact integer dot products,
     plus a per-group zero point that cancels the codebook's rounding residuals against one-signed inputs such as
     ReLU outputs (reference.shared_linear and reference.int8_zero_points define it to the bit). Differentiable in x, codebook and bias (float formula; the
     int8 path's gradient is the float path's: straight-through)."""

@@ -16,6 +16,9 @@ namespace weightshare {
 
 constexpr int kMinBits = 1;
 constexpr int kMaxBits = 8;
+// The int8 path quantizes codebooks of at most this many entries to a 7-bit affine grid, longer ones to symmetric
+// int8 (reference.quantize_int8_codebook, INT8_AFFINE_MAX_K); CPU and CUDA kernels follow it.
+constexpr int kInt8AffineMaxK = 16;
 
 WS_HD int64_t packed_row_words(int64_t n, int bits) { return (n * bits + 31) / 32; }
 WS_HD int64_t packed_row_bytes(int64_t n, int bits) { return packed_row_words(n, bits) * 4; }
