@@ -42,6 +42,14 @@ constexpr bool unpacked_planes(int bits) { return bits == 5; }
 constexpr int plane_chunks(int bits) { return bits <= 4 ? 1 : (1 << bits) / 16; }
 
 #ifdef WS_X86
+// The packed bytes at `offset` of the row two rows on, into L1. Intel's hardware prefetchers alone left these
+// kernels' weight stream from DRAM at a third of its speed from cache (4-bit float batch 1, 4096x4096, AVX2 on the
+// Intel VM: 1.80 ms from DRAM, 0.59 ms from cache; the AVX-512 kernels, which prefetch so, 0.50 ms). A prefetch
+// never faults, so rows past the tensor's end are harmless.
+inline void prefetch_two_rows_on(const uint8_t* row, int64_t row_bytes, int64_t offset) {
+  _mm_prefetch(reinterpret_cast<const char*>(row + 2 * row_bytes + offset), _MM_HINT_T0);
+}
+
 // Weights per step of the byte-plane path: 32 packed bytes.
 template <int BITS>
 constexpr int64_t step_weights() {
@@ -164,6 +172,7 @@ WS_AVX2 void rows_byte_planes(const PackedLinear& w, const float* x, const float
     for (int m = 0; m < M; ++m)
       for (int a = 0; a < NA; ++a) acc[m][a] = _mm256_setzero_ps();
     for (int64_t st = 0; st < steps; ++st) {
+      prefetch_two_rows_on(row, w.row_bytes, st * 32);
       const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + st * 32));
 #pragma GCC unroll 8
       for (int s = 0; s < E; ++s) {
@@ -194,6 +203,7 @@ WS_AVX2 void rows_unpacked_planes(const PackedLinear& w, const float* x, const f
     for (int m = 0; m < M; ++m)
       for (int a = 0; a < NA; ++a) acc[m][a] = _mm256_setzero_ps();
     for (int64_t st = 0; st < steps; ++st) {
+      prefetch_two_rows_on(row, w.row_bytes, st * 4 * BITS);  // 12 or 20 bytes a step: a line every 3-5 steps
       const __m256i idx = unpack.raw32(row + st * 4 * BITS);  // the planes read bits 0-4 only
       planes_fma<plane_chunks(BITS), M, NA>(t, idx, xp + st * 32, steps * 32, acc);
     }
@@ -229,6 +239,7 @@ WS_AVX2 void rows_permute(const PackedLinear& w, const float* x, int64_t r0, int
       for (int a = 0; a < NA; ++a) acc[m][a] = _mm256_setzero_ps();
     int64_t st = 0;
     for (; st + NA <= steps; st += NA) {
+      if (((st * BITS) & 63) < NA * BITS) prefetch_two_rows_on(row, w.row_bytes, st * BITS);  // once per line
 #pragma GCC unroll 4
       for (int a = 0; a < NA; ++a) {
         int32_t bits;
@@ -258,6 +269,7 @@ WS_AVX2 void rows_lookup(const PackedLinear& w, const float* x, int64_t r0, int6
     for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
     int64_t st = 0;
     for (; st + 2 <= steps; st += 2) {  // two steps, two chains
+      if (((st * BITS) & 63) < 2 * BITS) prefetch_two_rows_on(row, w.row_bytes, st * BITS);  // once per line
       const __m256 w0 = lookup8_scalar<BITS>(load_step8(row, st, BITS), dt.v);
       const __m256 w1 = lookup8_scalar<BITS>(load_step8(row, st + 1, BITS), dt.v);
 #pragma GCC unroll 4

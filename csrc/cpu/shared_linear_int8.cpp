@@ -281,6 +281,9 @@ WS_AVX2 void int8_rows_avx2(const PackedLinear& w, const QuantizedX& xq, const Q
         if constexpr (kBitPlane)
           for (int m = 0; m < M; ++m) acc16[m] = _mm256_setzero_si256();
         const uint8_t* src = row + st * kStepBytes;
+        // the row two rows on into L1, a step (64 or 8 BITS bytes) at a time: Intel's hardware prefetchers alone
+        // left this stream from DRAM at 0.70 ms against the AVX-512 kernel's 0.47 (4096x4096 4 bits, batch 1)
+        _mm_prefetch(reinterpret_cast<const char*>(src + 2 * w.row_bytes), _MM_HINT_T0);
         alignas(32) uint8_t tail[128];
         if (st >= whole) {  // the last rows' last steps: zero bytes past the tensor's end
           std::memset(tail, 0, sizeof(tail));
