@@ -10,6 +10,11 @@
 // 2 x 255 x 127 > 32767) or its per-pair sign fix-up. |w|, |x| <= 127, so an int32 lane holds the sum of up to
 // 2**31 / 127**2 > 65536 products: exact for K <= 65536 (longer rows take the row kernels).
 //
+// Bytes (2-4 bits, a codebook of K <= 16 entries: QuantizedCodebook::offset): the table's q + offset is unsigned
+// 7-bit, so vpmaddubsw multiplies it straight against the x bytes (pairs within 2 x 127 x 127: exact) and vpmaddwd
+// by ones widens: 3 uops per 32 multiply-adds against 4, no int16 copy of x, half the panel transposes; offset x
+// sum(x) comes off in the epilogue. The panel then holds 4-byte words (j, r) = w[r][4j .. 4j + 3].
+//
 // Layout: output rows are the vector dimension. The panel holds kNR = 16 output rows x kKc k as int32 words
 // [kKc / 2][16], word (j, r) = the int16 pair (w[r][2j], w[r][2j + 1]); the micro-kernel keeps MB x rows x 2
 // vectors of 8 output rows in registers and per k pair loads the 2 panel vectors and broadcasts each x row's int16
@@ -47,7 +52,7 @@ inline int32_t load_i32(const void* p) {
 
 // Panel of rows [r0, r0 + rows) of W, positions [k0, k0 + kc) of the x layout, as int16 pairs [kc / 2][16]; rows
 // past the weight are zero (computed, never stored).
-template <int BITS>
+template <int BITS, bool U>
 WS_AVX2 void decode_panel(const PackedLinear& w, const QuantizedCodebook& cq, Avx2Int8Decoder<BITS>& decoder,
                           int64_t r0, int rows, int64_t k0, int64_t kc, int8_t* bytes, uint8_t* tail,
                           int32_t* panel) {
@@ -59,7 +64,14 @@ WS_AVX2 void decode_panel(const PackedLinear& w, const QuantizedCodebook& cq, Av
       continue;
     }
     const int64_t r = r0 + m;
-    if (m == 0 || r % w.rows_per_group == 0) decoder.set_table(cq.table(r / w.rows_per_group));
+    if (m == 0 || r % w.rows_per_group == 0) {
+      const int64_t g = r / w.rows_per_group;
+      if constexpr (U) {
+        decoder.set_table_offset(cq.table(g), cq.offset[g]);
+      } else {
+        decoder.set_table(cq.table(g));
+      }
+    }
     const uint8_t* src = w.packed + r * w.row_bytes + first;
     // the row's last chunk: its bytes past the row end (and the decode's over-read) must read as zero
     if (first + nbytes + Avx2Int8Decoder<BITS>::kOverread > w.row_bytes) {
@@ -69,6 +81,16 @@ WS_AVX2 void decode_panel(const PackedLinear& w, const QuantizedCodebook& cq, Av
       src = tail;
     }
     decoder.decode(src, kc, dst);
+  }
+  if constexpr (U) {  // 8 rows x 8 k quads at a time: transpose the 8 x 8 words of 32 bytes per row
+    for (int g = 0; g < kNR / 8; ++g)
+      for (int64_t t = 0; t < kc / 32; ++t) {
+        __m256 v[8];
+        for (int l = 0; l < 8; ++l) v[l] = _mm256_load_ps(reinterpret_cast<const float*>(bytes + (8 * g + l) * kKc + 32 * t));
+        transpose8x8(v);
+        for (int j = 0; j < 8; ++j) _mm256_store_ps(reinterpret_cast<float*>(panel + (8 * t + j) * kNR + 8 * g), v[j]);
+      }
+    return;
   }
   // 8 rows x 8 k pairs at a time: sign-extend each row's 16 bytes to 8 int16 pairs, transpose the 8 x 8 words
   for (int g = 0; g < kNR / 8; ++g)
@@ -89,12 +111,16 @@ struct Epilogue {
   const float* xscale;   // per x row of the tile
   const float* wscale;   // per output row of the block (16, padded)
   int rows;              // valid output rows in the block
+  const int32_t* offset = nullptr;  // bytes tiles: per output row of the block (16, padded), the table's offset
+  const int32_t* xsum = nullptr;    // bytes tiles: per x row of the tile, sum(x_q)
 };
 
 // The tile [MB x rows][kNR output rows] (+)= x[MB][kc] . panel over kc2 = kc / 2 k pairs. kFirst: from zero, else
 // from the parked sums; kFinal: through the epilogue into y, else parked again.
-template <int MB, bool kFirst, bool kFinal>
-WS_AVX2 void tile(const int32_t* panel, const int16_t* x, int64_t ldx, int64_t kc2, int32_t* parked,
+// U: x bytes and a panel of 4-byte words (kc2 = kc / 4 k quads), the sums carrying offset x sum(x) until the
+// epilogue.
+template <int MB, bool kFirst, bool kFinal, bool U>
+WS_AVX2 void tile(const int32_t* panel, const void* xv, int64_t ldx, int64_t kc2, int32_t* parked,
                   const Epilogue& ep) {
   __m256i acc[MB][kNV];
 #pragma GCC unroll 6
@@ -102,13 +128,20 @@ WS_AVX2 void tile(const int32_t* panel, const int16_t* x, int64_t ldx, int64_t k
     for (int v = 0; v < kNV; ++v)
       acc[m][v] = kFirst ? _mm256_setzero_si256()
                          : _mm256_load_si256(reinterpret_cast<const __m256i*>(parked + m * kNR + 8 * v));
+  const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t j = 0; j < kc2; ++j) {
     __m256i p[kNV];
     for (int v = 0; v < kNV; ++v) p[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(panel + j * kNR + 8 * v));
 #pragma GCC unroll 6
     for (int m = 0; m < MB; ++m) {
-      const __m256i xb = _mm256_set1_epi32(load_i32(x + m * ldx + 2 * j));
-      for (int v = 0; v < kNV; ++v) acc[m][v] = _mm256_add_epi32(acc[m][v], _mm256_madd_epi16(p[v], xb));
+      if constexpr (U) {
+        const __m256i xb = _mm256_set1_epi32(load_i32(static_cast<const int8_t*>(xv) + m * ldx + 4 * j));
+        for (int v = 0; v < kNV; ++v)
+          acc[m][v] = _mm256_add_epi32(acc[m][v], _mm256_madd_epi16(_mm256_maddubs_epi16(p[v], xb), ones));
+      } else {
+        const __m256i xb = _mm256_set1_epi32(load_i32(static_cast<const int16_t*>(xv) + m * ldx + 2 * j));
+        for (int v = 0; v < kNV; ++v) acc[m][v] = _mm256_add_epi32(acc[m][v], _mm256_madd_epi16(p[v], xb));
+      }
     }
   }
   if constexpr (kFinal) {
@@ -118,6 +151,13 @@ WS_AVX2 void tile(const int32_t* panel, const int16_t* x, int64_t ldx, int64_t k
 #pragma GCC unroll 6
     for (int m = 0; m < MB; ++m) {
       const __m256 xs = _mm256_set1_ps(ep.xscale[m]);
+      if constexpr (U) {  // sum((q + offset) x) - offset sum(x): exact in int32 lanes, as the true sum fits
+        const __m256i xsum = _mm256_set1_epi32(ep.xsum[m]);
+        for (int v = 0; v < kNV; ++v)
+          acc[m][v] = _mm256_sub_epi32(
+              acc[m][v],
+              _mm256_mullo_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ep.offset + 8 * v)), xsum));
+      }
       for (int v = 0; v < kNV; ++v) {
         // float(sum) * (xscale * wscale): the row kernels' int8_output, lane by lane
         const __m256 out = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[m][v]), _mm256_mul_ps(xs, ws[v]));
@@ -137,15 +177,16 @@ WS_AVX2 void tile(const int32_t* panel, const int16_t* x, int64_t ldx, int64_t k
   }
 }
 
-using TileFn = void (*)(const int32_t*, const int16_t*, int64_t, int64_t, int32_t*, const Epilogue&);
+using TileFn = void (*)(const int32_t*, const void*, int64_t, int64_t, int32_t*, const Epilogue&);
 
-template <bool kFirst, bool kFinal>
-constexpr TileFn kTiles[kMB] = {tile<1, kFirst, kFinal>, tile<2, kFirst, kFinal>, tile<3, kFirst, kFinal>,
-                                  tile<4, kFirst, kFinal>, tile<5, kFirst, kFinal>, tile<6, kFirst, kFinal>};
+template <bool kFirst, bool kFinal, bool U>
+constexpr TileFn kTiles[kMB] = {tile<1, kFirst, kFinal, U>, tile<2, kFirst, kFinal, U>, tile<3, kFirst, kFinal, U>,
+                                tile<4, kFirst, kFinal, U>, tile<5, kFirst, kFinal, U>, tile<6, kFirst, kFinal, U>};
 
+template <bool U>
 TileFn pick(int64_t mb, bool first, bool final) {
-  if (first) return (final ? kTiles<true, true> : kTiles<true, false>)[mb - 1];
-  return (final ? kTiles<false, true> : kTiles<false, false>)[mb - 1];
+  if (first) return (final ? kTiles<true, true, U> : kTiles<true, false, U>)[mb - 1];
+  return (final ? kTiles<false, true, U> : kTiles<false, false, U>)[mb - 1];
 }
 
 // x rows [0, rows) of the pass (xq rows from m0) sign-extended to int16, in the layout's k order (the panel's).
@@ -160,10 +201,12 @@ WS_AVX2 void widen_x(const QuantizedX& xq, int64_t m0, int64_t r0, int64_t r1, i
   }
 }
 
-// Blocks [b0, b1) of 16 output rows for the pass's Mc x rows (x16, xscale), into y at the pass's first row.
-template <int BITS>
-WS_AVX2 void run_blocks(const PackedLinear& w, const QuantizedCodebook& cq, const int16_t* x16, int64_t K,
-                        int64_t Mc, const float* xscale, const float* wscale, int64_t b0, int64_t b1, float* y) {
+// Blocks [b0, b1) of 16 output rows for the pass's Mc x rows (x: int16, or U bytes; xscale), into y at the pass's
+// first row.
+template <int BITS, bool U>
+WS_AVX2 void run_blocks(const PackedLinear& w, const QuantizedCodebook& cq, const void* x, int64_t K, int64_t Mc,
+                        const float* xscale, const int32_t* xsum, const float* wscale, const int32_t* offset,
+                        int64_t b0, int64_t b1, float* y) {
   thread_local std::vector<int8_t> bytes_buf;
   thread_local std::vector<uint8_t> tail_buf;
   thread_local std::vector<int32_t> panel_buf, parked_buf;
@@ -177,11 +220,19 @@ WS_AVX2 void run_blocks(const PackedLinear& w, const QuantizedCodebook& cq, cons
     const int rows = static_cast<int>(std::min<int64_t>(kNR, O - b * kNR));
     for (int64_t k0 = 0; k0 < K; k0 += kKc) {
       const int64_t kc = std::min(kKc, K - k0);
-      decode_panel<BITS>(w, cq, decoder, b * kNR, rows, k0, kc, bytes, tail, panel);
+      decode_panel<BITS, U>(w, cq, decoder, b * kNR, rows, k0, kc, bytes, tail, panel);
       for (int64_t q = 0; q < Mc; q += kMB) {
         const int64_t mb = std::min<int64_t>(kMB, Mc - q);
-        const Epilogue ep{y + q * O + b * kNR, O, xscale + q, wscale + b * kNR, rows};
-        pick(mb, k0 == 0, k0 + kc == K)(panel, x16 + q * K + k0, K, kc / 2, parked + q * kNR, ep);
+        Epilogue ep{y + q * O + b * kNR, O, xscale + q, wscale + b * kNR, rows};
+        const void* xt;
+        if constexpr (U) {
+          ep.offset = offset + b * kNR;
+          ep.xsum = xsum + q;
+          xt = static_cast<const int8_t*>(x) + q * K + k0;
+        } else {
+          xt = static_cast<const int16_t*>(x) + q * K + k0;
+        }
+        pick<U>(mb, k0 == 0, k0 + kc == K)(panel, xt, K, U ? kc / 4 : kc / 2, parked + q * kNR, ep);
       }
     }
   }
@@ -199,19 +250,35 @@ bool linear_int8_blocked_avx2(const PackedLinear& w, const QuantizedX& xq, const
   if (w.bits == 1) return false;
   const int64_t K = xq.stride, O = w.out_features;  // K: a multiple of step_elems(bits), so of kKc's divisors
   if (K > 65536) return false;  // int32 sums of K products of 127 x 127 (see above)
+  // the bytes form where the table is unsigned 7-bit (2-4 bits: one 16-entry pshufb)
+  const bool bytes = cq.offset != nullptr && w.bits <= 4;
   thread_local std::vector<int16_t> x_buf;
-  int16_t* x16 = aligned64(grown(x_buf, static_cast<size_t>(kMc * K + 32)));
+  int16_t* x16 = bytes ? nullptr : aligned64(grown(x_buf, static_cast<size_t>(kMc * K + 32)));
   const int64_t blocks = (O + kNR - 1) / kNR;
   const std::vector<float> wscale = row_scales(w, cq, blocks * kNR);
+  std::vector<int32_t> offset(bytes ? blocks * kNR : 0, 0);
+  for (int64_t o = 0; o < (bytes ? O : 0); ++o) offset[o] = cq.offset[o / w.rows_per_group];
   std::vector<float> xscale(kMc);
+  std::vector<int32_t> xsum(kMc);
   for (int64_t m0 = 0; m0 < M; m0 += kMc) {
     const int64_t Mc = std::min(kMc, M - m0);
-    for (int64_t m = 0; m < Mc; ++m) xscale[m] = xq.scale[m0 + m];
-    at::parallel_for(0, Mc, 1, [&](int64_t a, int64_t b) { widen_x(xq, m0, a, b, x16); });
+    for (int64_t m = 0; m < Mc; ++m) {
+      xscale[m] = xq.scale[m0 + m];
+      xsum[m] = static_cast<int32_t>(xq.sum[m0 + m]);  // |sum| <= 127 K <= 2**23
+    }
+    if (!bytes) at::parallel_for(0, Mc, 1, [&](int64_t a, int64_t b) { widen_x(xq, m0, a, b, x16); });
     WS_DISPATCH_BITS(w.bits, BITS, [&] {
       if constexpr (BITS > 1) {
         at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-          run_blocks<BITS>(w, cq, x16, K, Mc, xscale.data(), wscale.data(), b0, b1, y + m0 * O);
+          if constexpr (BITS <= 4) {
+            if (bytes) {
+              run_blocks<BITS, true>(w, cq, xq.q + m0 * K, K, Mc, xscale.data(), xsum.data(), wscale.data(),
+                                     offset.data(), b0, b1, y + m0 * O);
+              return;
+            }
+          }
+          run_blocks<BITS, false>(w, cq, x16, K, Mc, xscale.data(), xsum.data(), wscale.data(), offset.data(), b0,
+                                  b1, y + m0 * O);
         });
       }
     });
