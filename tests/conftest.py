@@ -19,9 +19,10 @@ def device(request):
     return request.param
 
 
-@pytest.fixture(params=["scalar", "avx2", "avx512"])
+@pytest.fixture(params=["scalar", "avx2", "avx2vnni", "avx512"])
 def simd(request, monkeypatch):
-    """CPU SIMD path (a path the CPU lacks falls back to the best it has, which is still a valid run)."""
+    """CPU SIMD path (a path the CPU lacks falls back to the best it has, which is still a valid run). avx2vnni: the
+    AVX2 path with AVX-VNNI where the CPU has it (some int8 kernels), plain AVX2 where not."""
     monkeypatch.setenv("WS_CPU_SIMD", request.param)
     return request.param
 

@@ -38,8 +38,14 @@ bool use_blocked(int64_t M) {
 // mask) is cheaper, so their rows kernel holds out longer: since it takes their x rows in pairs (session 13), up to
 // 8 rows (blocked vs rows, ms, 4 bits: 6 rows 1.00-1.07 vs 0.88-0.89, 8 rows 1.19-1.52 vs 1.18-1.21, 9 rows
 // 1.39-1.54 vs 1.34-1.39, 10 rows 1.37-1.52 vs 1.47-1.48; 2 bits: 9 rows 1.23-1.27 vs 1.33-1.35). 1 bit stays with
-// the rows kernel at every batch (linear_int8_blocked_avx2 declines it).
-int64_t avx2_blocked_min_rows(int bits) { return bits == 2 || bits == 4 ? 9 : 5; }
+// the rows kernel at every batch (linear_int8_blocked_avx2 declines it). With AVX-VNNI on the 7-bit table (vnni_bytes:
+// 2-4 bits, K <= 16) the blocked kernel's multiply is one instruction and it wins from 6 rows at 2 and 4 bits
+// (session 14, Intel VM, ms, blocked vs rows: 4 bits 4 rows 0.59-0.60 vs 0.49-0.53, 6 rows 0.62-0.65 vs 0.72-0.74,
+// 8 rows 0.77-0.79 vs 0.94-0.95; 2 bits 6 rows 0.56-0.59 vs 0.62; 3 bits equal from 6 rows, so 5 as before).
+int64_t avx2_blocked_min_rows(int bits, bool vnni_bytes) {
+  if (bits == 2 || bits == 4) return vnni_bytes ? 6 : 9;
+  return 5;
+}
 
 // Index i of the quantized-x layout (undoes the byte-aligned permutation).
 inline int64_t x_pos(int64_t i, int bits) {
@@ -211,153 +217,33 @@ WS_AVX512 void int8_rows_avx512(const PackedLinear& w, const QuantizedX& xq, con
   }
 }
 
-// AVX2 (no VNNI), every width. The weights stay signed and products go through vpmaddubsw (u8 x s8 pairs into s16)
-// as |x| x (w * sign(x)): each pair is at most 2 x 127 x 127 = 32258, so the s16 never saturates and the sums are
-// exact. Each 32 weights are decoded once (Avx2Int8Decoder's lookup) and multiplied with the M x rows straight from
-// registers. The x layout is the AVX-512 kernel's: byte-aligned widths in 64-byte steps (two 32-byte halves here,
-// "the s-th index of every byte" by a shift and a mask), the others in natural order (64-index steps of 8 BITS
-// bytes, two halves of 32 unpacked by Avx2Unpack32). Before, 3 and 5-8 bits decoded each row into an L1 buffer and
-// then dotted it: 4096x4096 at batch 1 3 bits 0.52 -> 0.37 ms (with Avx2Unpack32's one-load form), 5 bits
-// 0.63 -> 0.49, 8 bits 1.48 -> 1.37. At 1 bit there is no lookup (kBitPlane below): batch 1 0.18 -> 0.11 ms.
-// U (2-4 bits, a codebook of K <= 16: QuantizedCodebook::offset): the table holds q + offset in [0, 127], which
-// vpmaddubsw takes as its unsigned operand straight against x (pairs within +-32258: exact), and offset * sum(x)
-// comes off at the end: no sign transfer and no |x| loads (the reason for the 7-bit affine grid).
-template <int BITS, int M, bool U>
-WS_AVX2 void int8_rows_avx2(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq, int64_t m0,
-                            int64_t r0, int64_t r1, float* y) {
-  constexpr bool kAligned = byte_aligned(BITS);
-  constexpr int E = kAligned ? 8 / BITS : 1;         // indices per byte, each a 32-index vector per half
-  constexpr int64_t S = step_elems(BITS);            // indices per step
-  constexpr int64_t kStepBytes = S * BITS / 8;       // packed bytes per step (64, or 8 BITS)
-  constexpr int64_t kHalfBytes = kStepBytes / 2;
-  // the last byte a step reads: the second half's second 16-byte load (Avx2Unpack32) ends 6 BITS + 16 bytes in
-  constexpr int64_t kStepReach = kAligned ? kStepBytes : 6 * BITS + 16;
-  const int64_t nsteps = xq.stride / S;
-  // Steps read whole from the packed tensor: indices read past a row's end (the next row's bytes) meet x's zero
-  // padding and add nothing, so only the reads past the tensor's end go through a zeroed copy (before, every row's
-  // last step did: a 4096x64 4-bit layer at batch 1 took 52 us, 24 us now).
-  const int64_t packed_bytes = w.out_features * w.row_bytes;
-  const auto whole_steps = [&](int64_t r) {
-    const int64_t avail = packed_bytes - r * w.row_bytes;  // bytes from row r's start to the tensor's end
-    return avail >= kStepReach ? std::min(nsteps, (avail - kStepReach) / kStepBytes + 1) : int64_t{0};
-  };
-  const __m256i ones = _mm256_set1_epi16(1);
-  // 1 bit: no lookup. sum_j q[b_j] x_j = q[0] sum(x) + (q[1] - q[0]) sum_j b_j x_j, and the 0/1 index bytes go
-  // straight into vpmaddubsw as its unsigned operand (pairs within +-254, so the 16 of a step add up in int16 and
-  // widen once per step): 2 multiply-pipe uops per 32 weights instead of 3 (sign, pairs, widening) and no shuffle.
-  constexpr bool kBitPlane = BITS == 1;
-  static_assert(!U || (BITS >= 2 && BITS <= 4), "the unsigned table is one 16-entry pshufb");
-  // an int32 lane gains per step 2E vectors of 4 products (<= 127 x 127 each), or at 1 bit two int16 lanes of 2E
-  // pair sums (<= 254 each): fold into int64 before 2^31
-  constexpr int64_t kFold = (int64_t{1} << 31) / (kBitPlane ? 2 * 254 * 2 * E : 127 * 127 * 4 * 2 * E);
-  Avx2Int8Decoder<BITS> decoder;
-  // |x| of the M rows, taken once here rather than per weight row (not read at 1 bit)
-  thread_local std::vector<int8_t> abs_buf;
-  constexpr bool kAbsX = !kBitPlane && !U;
-  int8_t* ax = kAbsX ? aligned64(grown(abs_buf, static_cast<size_t>(M * xq.stride + 64))) : nullptr;
-  for (int m = 0; m < (kAbsX ? M : 0); ++m)
-    for (int64_t i = 0; i < xq.stride; i += 32) {
-      const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(xq.q + (m0 + m) * xq.stride + i));
-      _mm256_store_si256(reinterpret_cast<__m256i*>(ax + m * xq.stride + i), _mm256_abs_epi8(v));
-    }
-  int64_t group = -1;
-  for (int64_t r = r0; r < r1; ++r) {
-    if (r / w.rows_per_group != group) {
-      group = r / w.rows_per_group;
-      if constexpr (U) {
-        decoder.set_table_offset(cq.table(group), cq.offset[group]);
-      } else if constexpr (!kBitPlane) {
-        decoder.set_table(cq.table(group));
-      }
-    }
-    const uint8_t* row = w.packed + r * w.row_bytes;
-    const int64_t whole = whole_steps(r);
-    int64_t total[M] = {};
-    for (int64_t f0 = 0; f0 < nsteps; f0 += kFold) {
-      __m256i acc[M];
-      for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_si256();
-      for (int64_t st = f0; st < std::min(nsteps, f0 + kFold); ++st) {
-        [[maybe_unused]] __m256i acc16[M];
-        if constexpr (kBitPlane)
-          for (int m = 0; m < M; ++m) acc16[m] = _mm256_setzero_si256();
-        const uint8_t* src = row + st * kStepBytes;
-        // the row two rows on into L1, a step (64 or 8 BITS bytes) at a time: Intel's hardware prefetchers alone
-        // left this stream from DRAM at 0.70 ms against the AVX-512 kernel's 0.47 (4096x4096 4 bits, batch 1)
-        _mm_prefetch(reinterpret_cast<const char*>(src + 2 * w.row_bytes), _MM_HINT_T0);
-        alignas(32) uint8_t tail[128];
-        if (st >= whole) {  // the last rows' last steps: zero bytes past the tensor's end
-          std::memset(tail, 0, sizeof(tail));
-          std::memcpy(tail, src,
-                      static_cast<size_t>(std::clamp<int64_t>(packed_bytes - (src - w.packed), 0, 128)));
-          src = tail;
-        }
-#pragma GCC unroll 2
-        for (int h = 0; h < 2; ++h) {
-          [[maybe_unused]] __m256i bytes;
-          if constexpr (kAligned) bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 * h));
-#pragma GCC unroll 8
-          for (int s = 0; s < E; ++s) {
-            __m256i idx;
-            if constexpr (kAligned) {
-              idx = decoder.byte_indices(bytes, s);
-            } else {
-              idx = decoder.unpacked32(src + kHalfBytes * h);
-            }
-            const int64_t at = st * S + s * 64 + 32 * h;  // the layout's position of these 32 weights
-            if constexpr (kBitPlane) {
-#pragma GCC unroll 4
-              for (int m = 0; m < M; ++m) {
-                const __m256i xv = _mm256_load_si256(reinterpret_cast<const __m256i*>(xq.q + (m0 + m) * xq.stride + at));
-                acc16[m] = _mm256_add_epi16(acc16[m], _mm256_maddubs_epi16(idx, xv));
-              }
-              continue;
-            }
-            const __m256i wq = decoder.lookup(idx);
-            if constexpr (U) {
-#pragma GCC unroll 4
-              for (int m = 0; m < M; ++m) {
-                const __m256i xv =
-                    _mm256_load_si256(reinterpret_cast<const __m256i*>(xq.q + (m0 + m) * xq.stride + at));
-                acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xv), ones));
-              }
-              continue;
-            }
-#pragma GCC unroll 4
-            for (int m = 0; m < M; ++m) {
-              const __m256i xv = _mm256_load_si256(reinterpret_cast<const __m256i*>(xq.q + (m0 + m) * xq.stride + at));
-              const __m256i av = _mm256_load_si256(reinterpret_cast<const __m256i*>(ax + m * xq.stride + at));
-              const __m256i prod = _mm256_maddubs_epi16(av, _mm256_sign_epi8(wq, xv));
-              acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(prod, ones));
-            }
-          }
-        }
-        if constexpr (kBitPlane)
-          for (int m = 0; m < M; ++m) acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(acc16[m], ones));
-      }
-      for (int m = 0; m < M; ++m) {
-        alignas(32) int32_t lanes[8];
-        _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc[m]);
-        for (int j = 0; j < 8; ++j) total[m] += lanes[j];
-      }
-    }
-    if constexpr (kBitPlane) {
-      const int64_t q0 = cq.table(group)[0], q1 = cq.table(group)[1];
-      for (int m = 0; m < M; ++m) total[m] = q0 * xq.sum[m0 + m] + (q1 - q0) * total[m];
-    }
-    if constexpr (U)
-      for (int m = 0; m < M; ++m) total[m] -= int64_t{cq.offset[group]} * xq.sum[m0 + m];
-    for (int m = 0; m < M; ++m) y[(m0 + m) * w.out_features + r] = int8_output(total[m], xq, cq, m0 + m, group);
-  }
-}
+// The AVX2 row kernel (int8_rows_avx2.inc), as plain AVX2 and with AVX-VNNI.
+namespace avx2_plain {
+#define WS_INT8_ROWS_TARGET WS_AVX2
+#define WS_INT8_ROWS_VNNI 0
+#include "int8_rows_avx2.inc"
+#undef WS_INT8_ROWS_TARGET
+#undef WS_INT8_ROWS_VNNI
+}  // namespace avx2_plain
+namespace avx2_vnni {
+#define WS_INT8_ROWS_TARGET WS_AVX2_VNNI
+#define WS_INT8_ROWS_VNNI 1
+#include "int8_rows_avx2.inc"
+#undef WS_INT8_ROWS_TARGET
+#undef WS_INT8_ROWS_VNNI
+}  // namespace avx2_vnni
 
-// The unsigned-table form where the codebook has one (2-4 bits), else the signed one.
+// The unsigned-table form where the codebook has one (2-4 bits; with AVX-VNNI where `vnni`), else the signed one.
 template <int BITS, int M>
 WS_AVX2 void int8_rows_avx2_any(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq, int64_t m0,
-                                int64_t r0, int64_t r1, float* y) {
+                                int64_t r0, int64_t r1, float* y, bool vnni) {
   if constexpr (BITS >= 2 && BITS <= 4) {
-    if (cq.offset != nullptr) return int8_rows_avx2<BITS, M, true>(w, xq, cq, m0, r0, r1, y);
+    if (cq.offset != nullptr) {
+      if (vnni) return avx2_vnni::int8_rows_avx2<BITS, M, true>(w, xq, cq, m0, r0, r1, y);
+      return avx2_plain::int8_rows_avx2<BITS, M, true>(w, xq, cq, m0, r0, r1, y);
+    }
   }
-  int8_rows_avx2<BITS, M, false>(w, xq, cq, m0, r0, r1, y);
+  avx2_plain::int8_rows_avx2<BITS, M, false>(w, xq, cq, m0, r0, r1, y);
 }
 
 #endif
@@ -365,8 +251,10 @@ WS_AVX2 void int8_rows_avx2_any(const PackedLinear& w, const QuantizedX& xq, con
 // float(acc) * (scale_x * scale_w) for every output, by the kernel that suits the batch and the CPU
 void run_int8_kernels(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq, int64_t M, float* y) {
   if (use_blocked(M) && linear_int8_blocked(w, xq, cq, M, y)) return;
-  if (M >= avx2_blocked_min_rows(w.bits) && linear_int8_blocked_avx2(w, xq, cq, M, y)) return;
+  const bool vnni_bytes = simd_level() == Simd::Avx2 && avx_vnni() && cq.offset != nullptr && w.bits <= 4;
+  if (M >= avx2_blocked_min_rows(w.bits, vnni_bytes) && linear_int8_blocked_avx2(w, xq, cq, M, y)) return;
   const Simd simd = simd_level();
+  const bool vnni = simd == Simd::Avx2 && avx_vnni();
   WS_DISPATCH_BITS(w.bits, BITS, [&] {
     at::parallel_for(0, w.out_features, std::max<int64_t>(1, 65536 / w.in_features), [&](int64_t r0, int64_t r1) {
 #ifdef WS_X86
@@ -396,10 +284,10 @@ void run_int8_kernels(const PackedLinear& w, const QuantizedX& xq, const Quantiz
           const int64_t rem = M - m0;
           take = !pairs ? std::min<int64_t>(4, rem) : rem == 3 ? 3 : std::min<int64_t>(2, rem);
           switch (take) {
-            case 1: int8_rows_avx2_any<BITS, 1>(w, xq, cq, m0, r0, r1, y); break;
-            case 2: int8_rows_avx2_any<BITS, 2>(w, xq, cq, m0, r0, r1, y); break;
-            case 3: int8_rows_avx2_any<BITS, 3>(w, xq, cq, m0, r0, r1, y); break;
-            default: int8_rows_avx2_any<BITS, 4>(w, xq, cq, m0, r0, r1, y); break;
+            case 1: int8_rows_avx2_any<BITS, 1>(w, xq, cq, m0, r0, r1, y, vnni); break;
+            case 2: int8_rows_avx2_any<BITS, 2>(w, xq, cq, m0, r0, r1, y, vnni); break;
+            case 3: int8_rows_avx2_any<BITS, 3>(w, xq, cq, m0, r0, r1, y, vnni); break;
+            default: int8_rows_avx2_any<BITS, 4>(w, xq, cq, m0, r0, r1, y, vnni); break;
           }
         }
         return;

@@ -115,78 +115,44 @@ struct Epilogue {
   const int32_t* xsum = nullptr;    // bytes tiles: per x row of the tile, sum(x_q)
 };
 
-// The tile [MB x rows][kNR output rows] (+)= x[MB][kc] . panel over kc2 = kc / 2 k pairs. kFirst: from zero, else
-// from the parked sums; kFinal: through the epilogue into y, else parked again.
-// U: x bytes and a panel of 4-byte words (kc2 = kc / 4 k quads), the sums carrying offset x sum(x) until the
-// epilogue.
-template <int MB, bool kFirst, bool kFinal, bool U>
-WS_AVX2 void tile(const int32_t* panel, const void* xv, int64_t ldx, int64_t kc2, int32_t* parked,
-                  const Epilogue& ep) {
-  __m256i acc[MB][kNV];
-#pragma GCC unroll 6
-  for (int m = 0; m < MB; ++m)
-    for (int v = 0; v < kNV; ++v)
-      acc[m][v] = kFirst ? _mm256_setzero_si256()
-                         : _mm256_load_si256(reinterpret_cast<const __m256i*>(parked + m * kNR + 8 * v));
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t j = 0; j < kc2; ++j) {
-    __m256i p[kNV];
-    for (int v = 0; v < kNV; ++v) p[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(panel + j * kNR + 8 * v));
-#pragma GCC unroll 6
-    for (int m = 0; m < MB; ++m) {
-      if constexpr (U) {
-        const __m256i xb = _mm256_set1_epi32(load_i32(static_cast<const int8_t*>(xv) + m * ldx + 4 * j));
-        for (int v = 0; v < kNV; ++v)
-          acc[m][v] = _mm256_add_epi32(acc[m][v], _mm256_madd_epi16(_mm256_maddubs_epi16(p[v], xb), ones));
-      } else {
-        const __m256i xb = _mm256_set1_epi32(load_i32(static_cast<const int16_t*>(xv) + m * ldx + 2 * j));
-        for (int v = 0; v < kNV; ++v) acc[m][v] = _mm256_add_epi32(acc[m][v], _mm256_madd_epi16(p[v], xb));
-      }
-    }
-  }
-  if constexpr (kFinal) {
-    __m256 ws[kNV];
-    for (int v = 0; v < kNV; ++v) ws[v] = _mm256_loadu_ps(ep.wscale + 8 * v);
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-#pragma GCC unroll 6
-    for (int m = 0; m < MB; ++m) {
-      const __m256 xs = _mm256_set1_ps(ep.xscale[m]);
-      if constexpr (U) {  // sum((q + offset) x) - offset sum(x): exact in int32 lanes, as the true sum fits
-        const __m256i xsum = _mm256_set1_epi32(ep.xsum[m]);
-        for (int v = 0; v < kNV; ++v)
-          acc[m][v] = _mm256_sub_epi32(
-              acc[m][v],
-              _mm256_mullo_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ep.offset + 8 * v)), xsum));
-      }
-      for (int v = 0; v < kNV; ++v) {
-        // float(sum) * (xscale * wscale): the row kernels' int8_output, lane by lane
-        const __m256 out = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[m][v]), _mm256_mul_ps(xs, ws[v]));
-        float* dst = ep.y + m * ep.ldy + 8 * v;
-        if (ep.rows >= 8 * (v + 1)) {
-          _mm256_storeu_ps(dst, out);
-        } else if (ep.rows > 8 * v) {
-          _mm256_maskstore_ps(dst, _mm256_cmpgt_epi32(_mm256_set1_epi32(ep.rows - 8 * v), lane), out);
-        }
-      }
-    }
-  } else {
-#pragma GCC unroll 6
-    for (int m = 0; m < MB; ++m)
-      for (int v = 0; v < kNV; ++v)
-        _mm256_store_si256(reinterpret_cast<__m256i*>(parked + m * kNR + 8 * v), acc[m][v]);
-  }
-}
+// The register tile (int8_tile_avx2.inc), as plain AVX2 and with AVX-VNNI.
+namespace avx2_plain {
+#define WS_INT8_TILE_TARGET WS_AVX2
+#define WS_INT8_TILE_VNNI 0
+#include "int8_tile_avx2.inc"
+#undef WS_INT8_TILE_TARGET
+#undef WS_INT8_TILE_VNNI
+}  // namespace avx2_plain
+namespace avx2_vnni {
+#define WS_INT8_TILE_TARGET WS_AVX2_VNNI
+#define WS_INT8_TILE_VNNI 1
+#include "int8_tile_avx2.inc"
+#undef WS_INT8_TILE_TARGET
+#undef WS_INT8_TILE_VNNI
+}  // namespace avx2_vnni
 
 using TileFn = void (*)(const int32_t*, const void*, int64_t, int64_t, int32_t*, const Epilogue&);
 
-template <bool kFirst, bool kFinal, bool U>
-constexpr TileFn kTiles[kMB] = {tile<1, kFirst, kFinal, U>, tile<2, kFirst, kFinal, U>, tile<3, kFirst, kFinal, U>,
-                                tile<4, kFirst, kFinal, U>, tile<5, kFirst, kFinal, U>, tile<6, kFirst, kFinal, U>};
+// V: the AVX-VNNI copy (bytes form only)
+template <int MB, bool kFirst, bool kFinal, bool U, bool V>
+constexpr TileFn tile_fn() {
+  if constexpr (V) {
+    static_assert(U, "AVX-VNNI multiplies bytes");
+    return avx2_vnni::tile<MB, kFirst, kFinal, U>;
+  } else {
+    return avx2_plain::tile<MB, kFirst, kFinal, U>;
+  }
+}
 
-template <bool U>
+template <bool kFirst, bool kFinal, bool U, bool V>
+constexpr TileFn kTiles[kMB] = {tile_fn<1, kFirst, kFinal, U, V>(), tile_fn<2, kFirst, kFinal, U, V>(),
+                                tile_fn<3, kFirst, kFinal, U, V>(), tile_fn<4, kFirst, kFinal, U, V>(),
+                                tile_fn<5, kFirst, kFinal, U, V>(), tile_fn<6, kFirst, kFinal, U, V>()};
+
+template <bool U, bool V>
 TileFn pick(int64_t mb, bool first, bool final) {
-  if (first) return (final ? kTiles<true, true, U> : kTiles<true, false, U>)[mb - 1];
-  return (final ? kTiles<false, true, U> : kTiles<false, false, U>)[mb - 1];
+  if (first) return (final ? kTiles<true, true, U, V> : kTiles<true, false, U, V>)[mb - 1];
+  return (final ? kTiles<false, true, U, V> : kTiles<false, false, U, V>)[mb - 1];
 }
 
 // x rows [0, rows) of the pass (xq rows from m0) sign-extended to int16, in the layout's k order (the panel's).
@@ -206,7 +172,7 @@ WS_AVX2 void widen_x(const QuantizedX& xq, int64_t m0, int64_t r0, int64_t r1, i
 template <int BITS, bool U>
 WS_AVX2 void run_blocks(const PackedLinear& w, const QuantizedCodebook& cq, const void* x, int64_t K, int64_t Mc,
                         const float* xscale, const int32_t* xsum, const float* wscale, const int32_t* offset,
-                        int64_t b0, int64_t b1, float* y) {
+                        int64_t b0, int64_t b1, float* y, bool vnni) {
   thread_local std::vector<int8_t> bytes_buf;
   thread_local std::vector<uint8_t> tail_buf;
   thread_local std::vector<int32_t> panel_buf, parked_buf;
@@ -232,7 +198,8 @@ WS_AVX2 void run_blocks(const PackedLinear& w, const QuantizedCodebook& cq, cons
         } else {
           xt = static_cast<const int16_t*>(x) + q * K + k0;
         }
-        pick<U>(mb, k0 == 0, k0 + kc == K)(panel, xt, K, U ? kc / 4 : kc / 2, parked + q * kNR, ep);
+        const TileFn fn = U && vnni ? pick<U, U>(mb, k0 == 0, k0 + kc == K) : pick<U, false>(mb, k0 == 0, k0 + kc == K);
+        fn(panel, xt, K, U ? kc / 4 : kc / 2, parked + q * kNR, ep);
       }
     }
   }
@@ -252,6 +219,7 @@ bool linear_int8_blocked_avx2(const PackedLinear& w, const QuantizedX& xq, const
   if (K > 65536) return false;  // int32 sums of K products of 127 x 127 (see above)
   // the bytes form where the table is unsigned 7-bit (2-4 bits: one 16-entry pshufb)
   const bool bytes = cq.offset != nullptr && w.bits <= 4;
+  const bool vnni = bytes && avx_vnni();
   thread_local std::vector<int16_t> x_buf;
   int16_t* x16 = bytes ? nullptr : aligned64(grown(x_buf, static_cast<size_t>(kMc * K + 32)));
   const int64_t blocks = (O + kNR - 1) / kNR;
@@ -273,12 +241,12 @@ bool linear_int8_blocked_avx2(const PackedLinear& w, const QuantizedX& xq, const
           if constexpr (BITS <= 4) {
             if (bytes) {
               run_blocks<BITS, true>(w, cq, xq.q + m0 * K, K, Mc, xscale.data(), xsum.data(), wscale.data(),
-                                     offset.data(), b0, b1, y + m0 * O);
+                                     offset.data(), b0, b1, y + m0 * O, vnni);
               return;
             }
           }
           run_blocks<BITS, false>(w, cq, x16, K, Mc, xscale.data(), xsum.data(), wscale.data(), offset.data(), b0,
-                                  b1, y + m0 * O);
+                                  b1, y + m0 * O, false);
         });
       }
     });

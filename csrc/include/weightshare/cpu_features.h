@@ -1,6 +1,7 @@
 #pragma once
 // Which SIMD path the CPU kernels take: the best the CPU supports, capped by the environment variable
-// WS_CPU_SIMD = scalar | avx2 | avx512 (read on every call, so tests and benchmarks can compare the paths).
+// WS_CPU_SIMD = scalar | avx2 | avx2vnni | avx512 (read on every call, so tests and benchmarks can compare the paths).
+// avx2vnni is the AVX2 path plus AVX-VNNI (avx_vnni()), which some int8 kernels use where the CPU has it.
 #include <cstdlib>
 #include <cstring>
 
@@ -20,11 +21,25 @@ inline Simd simd_level() {
   const char* env = std::getenv("WS_CPU_SIMD");
   if (env != nullptr) {
     if (std::strcmp(env, "scalar") == 0 || std::strcmp(env, "0") == 0) return Simd::Scalar;
-    if (std::strcmp(env, "avx2") == 0 && best >= Simd::Avx2) return Simd::Avx2;
+    if ((std::strcmp(env, "avx2") == 0 || std::strcmp(env, "avx2vnni") == 0) && best >= Simd::Avx2) return Simd::Avx2;
   }
   return best;
 #else
   return Simd::Scalar;
+#endif
+}
+
+// Whether the AVX2 path may use AVX-VNNI (vpdpbusd on 256-bit registers, VEX-encoded: Intel Alder Lake and later
+// client cores, Sierra Forest, Zen 5): where the CPU has it, unless WS_CPU_SIMD=avx2 asks for plain AVX2 (an
+// AVX2-only CPU without it, as benchmarks/avx2_only.sh emulates). Only read where simd_level() is Avx2.
+inline bool avx_vnni() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avxvnni");
+  if (!has) return false;
+  const char* env = std::getenv("WS_CPU_SIMD");
+  return env == nullptr || std::strcmp(env, "avx2") != 0;
+#else
+  return false;
 #endif
 }
 
@@ -53,6 +68,7 @@ inline const char* simd_name(Simd s) {
 #include <immintrin.h>
 #define WS_X86 1
 #define WS_AVX2 __attribute__((target("avx2,fma,f16c,bmi2")))
+#define WS_AVX2_VNNI __attribute__((target("avx2,fma,f16c,bmi2,avxvnni")))
 #define WS_AVX512 \
   __attribute__((target("avx2,fma,f16c,bmi2,avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512vnni")))
 #endif
