@@ -188,9 +188,11 @@ def simd_env() -> dict:
 
 
 def cpu_results_name(stem: str) -> str:
-    """results/<stem>.json, or <stem>_avx2.json (etc.) when WS_CPU_SIMD caps our kernels."""
+    """results/<stem>.json, or <stem>_avx2.json (etc.) when WS_CPU_SIMD caps our kernels; WS_RESULTS_TAG=<tag> adds
+    _<tag> (a second machine's results beside the first's, e.g. _intel)."""
     simd = os.environ.get("WS_CPU_SIMD")
-    return f"{stem}_{simd}.json" if simd else f"{stem}.json"
+    tag = os.environ.get("WS_RESULTS_TAG")
+    return stem + (f"_{simd}" if simd else "") + (f"_{tag}" if tag else "") + ".json"
 
 
 def write_json(name: str, payload: dict) -> Path:
