@@ -31,11 +31,13 @@ struct Avx2Int8Decoder {
       tab[c] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(table + 16 * c)));
   }
 
-  // The same table + offset (16 entries: the unsigned 7-bit table of a K <= 16 codebook, QuantizedCodebook::offset).
+  // The same table + offset, as unsigned bytes (QuantizedCodebook::table_offset: the 7-bit table of a K <= 16
+  // codebook, or q + 128).
   WS_AVX2 void set_table_offset(const int8_t* table, int offset) {
-    static_assert(kChunks == 1, "one 16-entry table");
-    const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(table));
-    tab[0] = _mm256_broadcastsi128_si256(_mm_add_epi8(t, _mm_set1_epi8(static_cast<char>(offset))));
+    const __m128i o = _mm_set1_epi8(static_cast<char>(offset));
+    for (int c = 0; c < kChunks; ++c)
+      tab[c] = _mm256_broadcastsi128_si256(
+          _mm_add_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(table + 16 * c)), o));
   }
 
   WS_AVX2 inline __m256i lookup(__m256i idx) const {

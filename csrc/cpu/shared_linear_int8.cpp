@@ -233,15 +233,16 @@ namespace avx2_vnni {
 #undef WS_INT8_ROWS_VNNI
 }  // namespace avx2_vnni
 
-// The unsigned-table form where the codebook has one (2-4 bits; with AVX-VNNI where `vnni`), else the signed one.
+// With AVX-VNNI (`vnni`) the unsigned-table form at every width from 2 bits (vpdpbusd takes any unsigned byte);
+// without, where the codebook has the 7-bit table (2-4 bits), else the signed form.
 template <int BITS, int M>
 WS_AVX2 void int8_rows_avx2_any(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq, int64_t m0,
                                 int64_t r0, int64_t r1, float* y, bool vnni) {
+  if constexpr (BITS >= 2) {
+    if (vnni) return avx2_vnni::int8_rows_avx2<BITS, M, true>(w, xq, cq, m0, r0, r1, y);
+  }
   if constexpr (BITS >= 2 && BITS <= 4) {
-    if (cq.offset != nullptr) {
-      if (vnni) return avx2_vnni::int8_rows_avx2<BITS, M, true>(w, xq, cq, m0, r0, r1, y);
-      return avx2_plain::int8_rows_avx2<BITS, M, true>(w, xq, cq, m0, r0, r1, y);
-    }
+    if (cq.offset != nullptr) return avx2_plain::int8_rows_avx2<BITS, M, true>(w, xq, cq, m0, r0, r1, y);
   }
   avx2_plain::int8_rows_avx2<BITS, M, false>(w, xq, cq, m0, r0, r1, y);
 }
@@ -251,7 +252,7 @@ WS_AVX2 void int8_rows_avx2_any(const PackedLinear& w, const QuantizedX& xq, con
 // float(acc) * (scale_x * scale_w) for every output, by the kernel that suits the batch and the CPU
 void run_int8_kernels(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq, int64_t M, float* y) {
   if (use_blocked(M) && linear_int8_blocked(w, xq, cq, M, y)) return;
-  const bool vnni_bytes = simd_level() == Simd::Avx2 && avx_vnni() && cq.offset != nullptr && w.bits <= 4;
+  const bool vnni_bytes = simd_level() == Simd::Avx2 && avx_vnni() && w.bits > 1;
   if (M >= avx2_blocked_min_rows(w.bits, vnni_bytes) && linear_int8_blocked_avx2(w, xq, cq, M, y)) return;
   const Simd simd = simd_level();
   const bool vnni = simd == Simd::Avx2 && avx_vnni();

@@ -55,6 +55,8 @@ struct QuantizedCodebook {
   int32_t* offset = nullptr;
   int64_t q_stride = 0, biased_stride = 0;
   const int8_t* table(int64_t group) const { return q + group * q_stride; }
+  // what makes the group's entries unsigned: the affine grid's offset, else 128 (q + 128 in [1, 255])
+  int32_t table_offset(int64_t group) const { return offset != nullptr ? offset[group] : 128; }
   const uint8_t* biased_table(int64_t group) const { return biased + group * biased_stride; }
 };
 

@@ -13,7 +13,9 @@
 // Bytes (2-4 bits, a codebook of K <= 16 entries: QuantizedCodebook::offset): the table's q + offset is unsigned
 // 7-bit, so vpmaddubsw multiplies it straight against the x bytes (pairs within 2 x 127 x 127: exact) and vpmaddwd
 // by ones widens: 3 uops per 32 multiply-adds against 4, no int16 copy of x, half the panel transposes; offset x
-// sum(x) comes off in the epilogue. The panel then holds 4-byte words (j, r) = w[r][4j .. 4j + 3].
+// sum(x) comes off in the epilogue. The panel then holds 4-byte words (j, r) = w[r][4j .. 4j + 3]. With AVX-VNNI
+// every width takes this form, vpdpbusd doing all three steps on any unsigned byte (q + 128 above 16 entries: K
+// products of 255 x 127 stay below 2**31 for K <= 65536).
 //
 // Layout: output rows are the vector dimension. The panel holds kNR = 16 output rows x kKc k as int32 words
 // [kKc / 2][16], word (j, r) = the int16 pair (w[r][2j], w[r][2j + 1]); the micro-kernel keeps MB x rows x 2
@@ -67,7 +69,7 @@ WS_AVX2 void decode_panel(const PackedLinear& w, const QuantizedCodebook& cq, Av
     if (m == 0 || r % w.rows_per_group == 0) {
       const int64_t g = r / w.rows_per_group;
       if constexpr (U) {
-        decoder.set_table_offset(cq.table(g), cq.offset[g]);
+        decoder.set_table_offset(cq.table(g), cq.table_offset(g));
       } else {
         decoder.set_table(cq.table(g));
       }
@@ -217,15 +219,16 @@ bool linear_int8_blocked_avx2(const PackedLinear& w, const QuantizedX& xq, const
   if (w.bits == 1) return false;
   const int64_t K = xq.stride, O = w.out_features;  // K: a multiple of step_elems(bits), so of kKc's divisors
   if (K > 65536) return false;  // int32 sums of K products of 127 x 127 (see above)
-  // the bytes form where the table is unsigned 7-bit (2-4 bits: one 16-entry pshufb)
-  const bool bytes = cq.offset != nullptr && w.bits <= 4;
-  const bool vnni = bytes && avx_vnni();
+  // the bytes form where the table is unsigned 7-bit (2-4 bits: one 16-entry pshufb), or at every width with
+  // AVX-VNNI (vpdpbusd sums unsigned bytes of any size exactly: q + 128 above 16 entries)
+  const bool vnni = avx_vnni();
+  const bool bytes = vnni || (cq.offset != nullptr && w.bits <= 4);
   thread_local std::vector<int16_t> x_buf;
   int16_t* x16 = bytes ? nullptr : aligned64(grown(x_buf, static_cast<size_t>(kMc * K + 32)));
   const int64_t blocks = (O + kNR - 1) / kNR;
   const std::vector<float> wscale = row_scales(w, cq, blocks * kNR);
   std::vector<int32_t> offset(bytes ? blocks * kNR : 0, 0);
-  for (int64_t o = 0; o < (bytes ? O : 0); ++o) offset[o] = cq.offset[o / w.rows_per_group];
+  for (int64_t o = 0; o < (bytes ? O : 0); ++o) offset[o] = cq.table_offset(o / w.rows_per_group);
   std::vector<float> xscale(kMc);
   std::vector<int32_t> xsum(kMc);
   for (int64_t m0 = 0; m0 < M; m0 += kMc) {
@@ -238,12 +241,10 @@ bool linear_int8_blocked_avx2(const PackedLinear& w, const QuantizedX& xq, const
     WS_DISPATCH_BITS(w.bits, BITS, [&] {
       if constexpr (BITS > 1) {
         at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-          if constexpr (BITS <= 4) {
-            if (bytes) {
-              run_blocks<BITS, true>(w, cq, xq.q + m0 * K, K, Mc, xscale.data(), xsum.data(), wscale.data(),
-                                     offset.data(), b0, b1, y + m0 * O, vnni);
-              return;
-            }
+          if (bytes) {
+            run_blocks<BITS, true>(w, cq, xq.q + m0 * K, K, Mc, xscale.data(), xsum.data(), wscale.data(),
+                                   offset.data(), b0, b1, y + m0 * O, vnni);
+            return;
           }
           run_blocks<BITS, false>(w, cq, x16, K, Mc, xscale.data(), xsum.data(), wscale.data(), offset.data(), b0,
                                   b1, y + m0 * O, false);
