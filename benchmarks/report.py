@@ -350,6 +350,7 @@ def main():
                      ("shared_conv_cpu_intel.json", conv_table), ("shared_conv_cpu_avx2_intel.json", conv_table),
                      ("linear_widths_cpu_intel.json", widths_table),
                      ("linear_widths_cpu_avx2_intel.json", widths_table),
+                     ("linear_widths_cpu_avx2vnni_intel.json", widths_table),
                      ("small_layers_cpu.json", small_layers_table), ("transformer_cpu.json", transformer_table),
                      ("transformer_cpu_avx2.json", transformer_table),
                      ("shared_conv_cpu.json", conv_table), ("shared_conv_cpu_avx2.json", conv_table),
