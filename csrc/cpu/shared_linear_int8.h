@@ -6,11 +6,12 @@
 // x is quantized per row to symmetric int8, the codebook per group to int8 values (a 7-bit affine grid for K <= 16
 // entries, symmetric int8 above: reference.quantize_int8_codebook), and the dot products are exact integer sums; a
 // per-group zero point's term, scale_x * zero * sum(x_q), is added after the kernels (add_int8_zero_terms): it
-// cancels the codebook's rounding residuals, which one-signed x would add up coherently. vpdpbusd multiplies unsigned
-// by signed bytes, so the weight bytes carry +128 and the excess 128 * sum(x_q) is subtracted per x row at the end
-// (the AVX2 row kernel's vpmaddubsw, whose pairs saturate in int16, takes the affine grid's q + offset in [0, 127]
-// instead). For bits 1, 2, 4, 8 a 64-byte load holds 8/bits indices per byte; extracting "the s-th index of every byte" needs one shift and one AND, and x is stored permuted to match
-// that order (a dot product does not care about order). Other bit widths decode 64 indices at a time in order.
+// cancels the codebook's rounding residuals, which one-signed x would add up coherently. vpdpbusd multiplies
+// unsigned by signed bytes, so the weight bytes carry +128 and the excess 128 * sum(x_q) is subtracted per x row at
+// the end (the AVX2 row kernel's vpmaddubsw, whose pairs saturate in int16, takes the affine grid's q + offset in
+// [0, 127] instead). For bits 1, 2, 4, 8 a 64-byte load holds 8/bits indices per byte; extracting "the s-th index of
+// every byte" needs one shift and one AND, and x is stored permuted to match that order (a dot product does not care
+// about order). Other bit widths decode 64 indices at a time in order.
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>

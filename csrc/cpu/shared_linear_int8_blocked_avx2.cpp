@@ -88,7 +88,8 @@ WS_AVX2 void decode_panel(const PackedLinear& w, const QuantizedCodebook& cq, Av
     for (int g = 0; g < kNR / 8; ++g)
       for (int64_t t = 0; t < kc / 32; ++t) {
         __m256 v[8];
-        for (int l = 0; l < 8; ++l) v[l] = _mm256_load_ps(reinterpret_cast<const float*>(bytes + (8 * g + l) * kKc + 32 * t));
+        for (int l = 0; l < 8; ++l)
+          v[l] = _mm256_load_ps(reinterpret_cast<const float*>(bytes + (8 * g + l) * kKc + 32 * t));
         transpose8x8(v);
         for (int j = 0; j < 8; ++j) _mm256_store_ps(reinterpret_cast<float*>(panel + (8 * t + j) * kNR + 8 * g), v[j]);
       }

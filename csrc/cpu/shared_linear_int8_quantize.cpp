@@ -200,7 +200,8 @@ WS_AVX512 float quantize_group16_avx512(const float* c, int64_t K, int bits, int
   const __m512 a = _mm512_and_ps(v, _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff)));
   const bool finite = _mm512_cmp_ps_mask(a, _mm512_set1_ps(FLT_MAX), _CMP_LE_OQ) == 0xffff;
   const AffineGrid g = affine_grid(_mm512_reduce_min_ps(v), _mm512_reduce_max_ps(v), finite);
-  __m512 t = _mm512_roundscale_ps(_mm512_div_ps(v, _mm512_set1_ps(g.scale)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 t = _mm512_roundscale_ps(_mm512_div_ps(v, _mm512_set1_ps(g.scale)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(static_cast<float>(-g.offset))),
                     _mm512_set1_ps(static_cast<float>(127 - g.offset)));
   const __m128i q16 = _mm512_cvtepi32_epi8(_mm512_maskz_mov_epi32(finite ? k : __mmask16(0), _mm512_cvtps_epi32(t)));

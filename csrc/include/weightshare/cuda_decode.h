@@ -1,8 +1,9 @@
 #pragma once
 // Device-side helpers of the CUDA shared-weight kernels (dequantize.cu, shared_linear.cu): decoding the packed
 // layout of packing.h, scalar conversions, the int8 quantisation rules of reference.quantize_int8_symmetric and
-// quantize_int8_codebook, and the building blocks of the tiled products (decode a W tile into shared memory, stage dense tiles, the fp32 / dp4a /
-// tensor-core micro-kernels, the pipelined reduction loop), kept here for the implicit-GEMM conv to reuse.
+// quantize_int8_codebook, and the building blocks of the tiled products (decode a W tile into shared memory, stage
+// dense tiles, the fp32 / dp4a / tensor-core micro-kernels, the pipelined reduction loop), kept here for the
+// implicit-GEMM conv to reuse.
 //
 // The unit of decoding is a *chunk*: 32 consecutive indices of a row. A chunk holds exactly 32*BITS bits, so it
 // starts on a 32-bit word boundary and covers BITS whole words whatever BITS is (3, 5, 6, 7 included). With BITS
