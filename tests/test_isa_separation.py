@@ -7,6 +7,7 @@ check is on the machine code: the AVX2 int8 kernels are compiled twice from one 
 int8_tile_avx2.inc), and only the avx2_vnni:: copies may hold VEX-encoded vpdpbusd ("{vex}" in objdump's syntax);
 the avx2_plain:: copies hold no AVX-VNNI and no AVX-512 (zmm or mask registers) instruction at all.
 """
+import functools
 import platform
 import re
 import shutil
@@ -25,8 +26,9 @@ pytestmark = [
 ]
 
 
+@functools.lru_cache(maxsize=1)
 def _functions() -> dict[str, list[str]]:
-    """Mangled function name -> its instructions, from the disassembly of weightshare._C."""
+    """Mangled function name -> its instructions, from the disassembly of weightshare._C (once per session)."""
     from weightshare import _C
 
     out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", _C.__file__], capture_output=True, text=True,

@@ -187,7 +187,7 @@ INT8_AFFINE_MAX_K = 16
 
 def quantize_int8_codebook(codebook: Tensor):
     """The int8 path's codebook, per group (row of codebook [G, K]): integer values q [G, K] and scale [G, 1],
-    with codebook ~ scale * q. Returns (q, scale, offset) with offset [G, 1] integer.
+    with codebook ~ scale * q. Returns (q, scale, offset), offset [G, 1] (integer-valued fp32).
 
     K > 16: symmetric int8 (quantize_int8_symmetric), offset 128.
     K <= 16: a 7-bit affine grid over the range [lo, hi] = [min(c, 0), max(c, 0)]: scale = hi / 127 - lo / 127
