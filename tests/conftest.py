@@ -27,6 +27,22 @@ def simd(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["scalar", "avx2", "avx2vnni", "avx512"] + (["cuda"] if "cuda" in DEVICES else []))
+def path(request, monkeypatch):
+    """Every kernel path once: the CPU SIMD paths (as `simd`) and the CUDA device where there is one. Returns the
+    device to run on. For the tests that hold kernels to their definition bit for bit, so that a GPU run checks the
+    CUDA kernels on the same edge cases."""
+    if request.param == "cuda":
+        return "cuda"
+    monkeypatch.setenv("WS_CPU_SIMD", request.param)
+    return "cpu"
+
+
+def on(device, fn, *args):
+    """fn(*args) with every tensor argument moved to device; the result back on the CPU."""
+    return fn(*[a.to(device) if isinstance(a, torch.Tensor) else a for a in args]).cpu()
+
+
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)

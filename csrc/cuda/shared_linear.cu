@@ -73,13 +73,46 @@ __global__ void __launch_bounds__(256) zero_weights_kernel(const uint8_t* __rest
     weights[k] = k < K && total > 0 ? static_cast<int>((hist[k] * (2LL << 14) + total) / (2 * total)) : 0;
 }
 
+// The affine grid's phase on one step (reference.quantize_int8_codebook), one candidate per lane: lane j tries
+// p = j < 16 ? j : j - 32 (the reference's order) on the warp's sub-grid positions a (lane k holds entry k < K, K <= 16)
+// and the warp keeps the first minimum of the residuals' weighted variance F = W * sum w d^2 - (sum w d)^2 (exact:
+// |S1| < 2**19, S2 < 2**23, the products in int64). Returns the phase, *best its F (warp-uniform).
+__device__ __forceinline__ int affine_phase(int a, int K, const int* __restrict__ weights, int lane, long long* best) {
+  const int p = lane < 16 ? lane : lane - 32;
+  int W = 0, S1 = 0, S2 = 0;
+  for (int k = 0; k < K; ++k) {
+    const int ak = __shfl_sync(0xffffffffu, a, k), w = weights[k];
+    const int d = ((ak - p + 16) & 31) - 16;
+    W += w;
+    S1 += w * d;
+    S2 += w * d * d;
+  }
+  long long F = static_cast<long long>(W) * S2 - static_cast<long long>(S1) * S1;
+  int j = lane;
+  for (int off = 16; off > 0; off >>= 1) {
+    const long long F2 = __shfl_xor_sync(0xffffffffu, F, off);
+    const int j2 = __shfl_xor_sync(0xffffffffu, j, off);
+    if (F2 < F || (F2 == F && j2 < j)) {
+      F = F2;
+      j = j2;
+    }
+  }
+  *best = F;
+  return j < 16 ? j : j - 32;
+}
+
+// The sub-grid position of v on step s: rint(32 * (v / s)).
+__device__ __forceinline__ int affine_position(float v, float s) {
+  return __float2int_rn(__fmul_rn(__fdiv_rn(v, s), 32.0f));
+}
+
 // Per-group tables over all 2**bits indices, so the hot loops never compare an index with K. float: the codebook
 // in fp32, NaN past K (dequantize's rule for bad indices). int8: reference.quantize_int8_codebook (a 7-bit affine
-// grid for K <= 16, symmetric int8 above; the kernels read the signed values q), 0 past K, plus the per-group scale
-// and zero point. One warp per group.
+// grid for K <= 16, its step and phase searched where `search` (a layer-wide codebook), symmetric int8 above; the
+// kernels read the signed values q), 0 past K, plus the per-group scale and zero point. One warp per group.
 template <typename C>
 __global__ void prepare_tables_kernel(const C* __restrict__ cb, int64_t G, int K, int ts, float* tab, int8_t* tabq,
-                                      float* scale, const int* __restrict__ weights, float* zero) {
+                                      float* scale, const int* __restrict__ weights, float* zero, bool search) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
   for (int64_t g = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; g < G; g += warps) {
@@ -90,7 +123,7 @@ __global__ void prepare_tables_kernel(const C* __restrict__ cb, int64_t G, int K
     }
     const bool affine = K <= kInt8AffineMaxK;
     float s;
-    int offset = 0;
+    int q_affine = 0;  // this lane's entry on the affine grid (lane < K)
     if (affine) {  // one entry per lane (K <= 16)
       const float v = lane < K ? to_float(c[lane]) : 0.0f;
       const bool finite = __all_sync(0xffffffffu, isfinite(v));
@@ -99,7 +132,30 @@ __global__ void prepare_tables_kernel(const C* __restrict__ cb, int64_t G, int K
         lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, off));
         hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, off));
       }
-      s = int8_affine_scale(lo, hi, finite, &offset);
+      s = int8_affine_scale(lo, hi, finite, 0);
+      if (finite) {  // warp-uniform, as every decision below
+        int phase = 0;
+        if (search) {  // the first minimum of fp64(s * s) * F over the steps, each at its best phase
+          double best = __longlong_as_double(0x7ff0000000000000LL);  // +inf
+          for (int t = 0; t < kInt8AffineSteps; ++t) {
+            const float st = int8_affine_scale(lo, hi, true, t);
+            long long F = 0;
+            const int p = affine_phase(affine_position(v, st), K, weights, lane, &F);
+            const double obj = __dmul_rn(__dmul_rn(static_cast<double>(st), static_cast<double>(st)),
+                                         static_cast<double>(F));
+            if (obj < best) {
+              best = obj;
+              s = st;
+              phase = p;
+            }
+          }
+        }
+        q_affine = lane < K ? (affine_position(v, s) - phase + 16) >> 5 : 0;  // arithmetic shift: floor
+        int qmin = min(q_affine, 0);
+        for (int off = 16; off > 0; off >>= 1) qmin = min(qmin, __shfl_xor_sync(0xffffffffu, qmin, off));
+        const int offset = min(-qmin, 127);
+        q_affine = min(max(q_affine, -offset), 127 - offset);
+      }
     } else {
       float amax = 0.0f;
       for (int j = lane; j < K; j += 32) amax = nan_max(amax, fabsf(to_float(c[j])));
@@ -114,9 +170,8 @@ __global__ void prepare_tables_kernel(const C* __restrict__ cb, int64_t G, int K
     const float up_a = ldexpf(1.0f, a), up_b = ldexpf(1.0f, 15 - e - a);  // exact scalings
     int sum = 0;
     for (int j = lane; j < ts; j += 32) {
-      const int q = j >= K || !isfinite(s) ? 0
-                    : affine          ? quantize_int8_affine(to_float(c[j]), s, offset)
-                                      : quantize_int8(to_float(c[j]), s);
+      // j < K <= 16 on the affine grid means j == lane: this lane's entry
+      const int q = j >= K || !isfinite(s) ? 0 : affine ? q_affine : quantize_int8(to_float(c[j]), s);
       tabq[g * ts + j] = static_cast<int8_t>(q);
       if (j < K && isfinite(s)) {
         const float r = __fmaf_rn(-static_cast<float>(q), s, to_float(c[j]));
@@ -492,7 +547,8 @@ Prepared prepare(const at::Tensor& packed, const at::Tensor& codebook, int bits,
         int8 ? nullptr : p.table.data_ptr<float>(), int8 ? p.table.data_ptr<int8_t>() : nullptr,
         int8 ? p.scale.data_ptr<float>() : nullptr,
         int8 ? weights.data_ptr<int>() : nullptr,
-        int8 ? p.zero.data_ptr<float>() : nullptr);
+        int8 ? p.zero.data_ptr<float>() : nullptr,
+        /*search=*/pw.groups == 1);  // the grid's step and phase, for a layer-wide codebook
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   const uint8_t* base = p.packed.data_ptr<uint8_t>();

@@ -185,19 +185,41 @@ def quantize_int8_symmetric(t: Tensor, dim: int = -1):
 INT8_AFFINE_MAX_K = 16
 
 
-def quantize_int8_codebook(codebook: Tensor):
+# The affine grid's search (quantize_int8_codebook): 32 phases a step, on each of 8 candidate steps.
+INT8_PHASES = 32
+INT8_STEPS = 8
+
+
+def quantize_int8_codebook(codebook: Tensor, weights: Tensor | None = None):
     """The int8 path's codebook, per group (row of codebook [G, K]): integer values q [G, K] and scale [G, 1],
-    with codebook ~ scale * q. Returns (q, scale, offset), offset [G, 1] (integer-valued fp32).
+    with codebook ~ scale * q + (a per-group constant, which the zero point carries). Returns (q, scale, offset),
+    offset [G, 1] (integer-valued fp32).
 
     K > 16: symmetric int8 (quantize_int8_symmetric), offset 128.
-    K <= 16: a 7-bit affine grid over the range [lo, hi] = [min(c, 0), max(c, 0)]: scale = hi / 127 - lo / 127
-    (fp32; 1 for an all-zero group, NaN where it holds NaN or Inf), offset = rint(-lo / scale) in [0, 127],
-    q = clamp(rint(c / scale), -offset, 127 - offset). Why: q + offset is then an unsigned 7-bit table, which an
-    AVX2 CPU without VNNI multiplies with signed int8 x in one vpmaddubsw (pairs stay within int16) where the
-    symmetric table needs a sign transfer per 32 weights and row of x (session 14, 4096x4096 4 bits: batch 1 ~10 %,
-    2-4 rows ~20 % faster). The grid is coarser than the symmetric one on a codebook of both signs (its step is about
-    twice as long); the zero points (int8_zero_points) cancel the rounding residuals' mean, and the error stays
-    below torch's int8 Linear (benchmarks/bench_int8_accuracy.py). On a one-signed codebook the two grids agree."""
+    K <= 16: a 7-bit affine grid with a searched step and phase. Over [lo, hi] = [min(c, 0), max(c, 0)], candidate
+    steps s_t = hi / (126 - t) - lo / (126 - t) for t < 8 (fp32; 1 for an all-zero group; NaN where it holds NaN or
+    Inf: then q 0, offset 0). On step s each entry's position on a sub-grid of 1/32 step is a = rint(32 * (c / s)), and
+    the grid points sit at s * (q + p / 32) for a phase p in [-16, 16): q = floor((a - p + 16) / 32), the sub-grid
+    residual d = a - p - 32 q in [-16, 16). With `weights` (the index frequencies as integers, int8_zero_weights; W
+    their sum) each step's phase is the first minimum of the residuals' weighted variance
+    F = W * sum w d^2 - (sum w d)^2 (exact in int64) over p = 0, 1, ..., 15, -16, ..., -1, and the step is the first
+    minimum over t = 0..7 of fp64(fp64(s_t * s_t) * F) (the variance in absolute units, times 1024 W^2); without
+    weights t = 0, p = 0. offset = min(-min(q, 0), 127), q clamped to [-offset, 127 - offset] (a no-op: a span of at
+    most 126 steps keeps q within 127 values).
+
+    Why: q + offset is an unsigned 7-bit table, which an AVX2 CPU without VNNI multiplies with signed int8 x in one
+    vpmaddubsw (pairs stay within int16) where the symmetric table needs a sign transfer per 32 weights and row of x
+    (session 14, 4096x4096 4 bits: batch 1 ~10 %, 2-4 rows ~20 % faster). That grid's step is about twice the
+    symmetric one's on a codebook of both signs. The zero point (int8_zero_points) adds the residuals' weighted mean
+    back, so the grid need not hold 0: only the residuals' spread around that mean is error, and a 16-entry
+    codebook's residuals are a few values, not uniform noise: the step and phase that bunch them (weighted by use)
+    bring the 4-bit error on zero-mean x from 0.74x to 0.60x torch's int8 Linear (median of 8 layers), 3 bits from
+    0.60x to 0.54x, the worst 1-4-bit cell from 1.08x to 0.90x (benchmarks/bench_int8_accuracy.py). On the MNIST
+    demo's models (benchmarks/bench_int8_models.py) the logits error moved from 0.51-0.93x to 0.38-0.54x torch's on
+    five of the six with such codebooks, but from 0.87x to 1.26x on LeNet-300-100 qat+prune: its first layer reads
+    raw pixels, whose fixed structure the index frequencies do not see. Only a layer-wide
+    codebook (G = 1) is searched (shared_linear passes no weights otherwise): the 256 candidates cost ~0.3 us a
+    codebook with AVX2, more than a call's work per group of rows for codebooks per row or per few rows."""
     c = codebook.float()
     G, K = c.shape
     if K > INT8_AFFINE_MAX_K:
@@ -206,14 +228,43 @@ def quantize_int8_codebook(codebook: Tensor):
     lo = c.amin(1, keepdim=True).clamp(max=0.0)
     hi = c.amax(1, keepdim=True).clamp(min=0.0)
     finite = torch.isfinite(c).all(1, keepdim=True)
-    scale = hi / 127 - lo / 127  # not (hi - lo) / 127: that overflows where |c| > 1.7e38
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
-    safe = torch.where(finite, scale, torch.ones_like(scale))
-    offset = torch.round(torch.where(finite, -lo, torch.zeros_like(lo)) / safe).clamp_(0, 127)
-    q = torch.nan_to_num(torch.round(c / safe), nan=0.0)
+    cf = torch.where(finite, c, torch.zeros_like(c))
+    half = INT8_PHASES // 2
+
+    def step(t):  # not (hi - lo) / (126 - t): that overflows where |c| > 1.7e38
+        s = hi / (126 - t) - lo / (126 - t)
+        return torch.where(s > 0, s, torch.ones_like(s))
+
+    def positions(s):  # |a| <= 126 * 32 + 1
+        return torch.round(cf / s * INT8_PHASES).long()
+
+    scale, phase = step(0), torch.zeros(G, 1, dtype=torch.long, device=c.device)
+    if weights is not None:
+        w = weights[:K].long().to(c.device)[None, :]
+        W = int(w.sum())
+        order = torch.tensor(list(range(half)) + list(range(-half, 0)), device=c.device)
+        best_obj = torch.full((G, 1), float("inf"), dtype=torch.float64, device=c.device)
+        for t in range(INT8_STEPS):
+            s, objective = step(t), []
+            a = positions(s)
+            for p in order.tolist():
+                u = a - p + half
+                d = u - INT8_PHASES * torch.div(u, INT8_PHASES, rounding_mode="floor") - half
+                s1, s2 = (w * d).sum(1), (w * d * d).sum(1)
+                objective.append(W * s2 - s1 * s1)
+            F, j = torch.stack(objective, 1).min(1, keepdim=True)  # the first minimum
+            obj = (s.double() * s.double()) * F.double()
+            better = obj < best_obj  # strict: the first minimum over t
+            best_obj = torch.where(better, obj, best_obj)
+            scale = torch.where(better, s, scale)
+            phase = torch.where(better, order[j], phase)
+    q = torch.div(positions(scale) - phase + half, INT8_PHASES, rounding_mode="floor")
+    offset = (-q.amin(1, keepdim=True).clamp(max=0)).clamp(max=127)
     q = torch.minimum(torch.maximum(q, -offset), 127 - offset)
-    return q, scale, offset
+    q = torch.where(finite, q, torch.zeros_like(q))
+    offset = torch.where(finite, offset, torch.zeros_like(offset))
+    scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
+    return q.float(), scale, offset.float()
 
 
 # Indices counted for the int8 zero points: whole rows spread evenly over the layer, about this many in all.
@@ -238,6 +289,14 @@ def int8_zero_weights(counts: Tensor, K: int) -> Tensor:
     return (counts * (2 << 14) + total) // (2 * total)
 
 
+def int8_index_weights(packed: Tensor, bits: int, K: int, out_features: int, in_features: int) -> Tensor:
+    """The layer's index frequencies over int8_sample_rows, as int8_zero_weights ([K] int64): what weighs the int8
+    codebook's grid phase (quantize_int8_codebook) and its zero points (int8_zero_points)."""
+    rows, cols = int8_sample_rows(out_features, in_features)
+    idx = unpack(packed[rows], bits, in_features)[:, :cols].long().flatten()
+    return int8_zero_weights(torch.bincount(idx, minlength=1 << bits), K)
+
+
 def int8_zero_points(packed: Tensor, codebook: Tensor, cq: Tensor, scale: Tensor, bits: int, out_features: int,
                      in_features: int) -> Tensor:
     """Per group, the frequency-weighted mean of the codebook's int8 rounding residuals c - scale * q (fp32 [G]).
@@ -249,12 +308,11 @@ def int8_zero_points(packed: Tensor, codebook: Tensor, cq: Tensor, scale: Tensor
     what is left is zero-mean across rows. The frequencies are index counts over a fixed sample of rows
     (int8_sample_rows), as integer weights (int8_zero_weights). So that every implementation gets the same bits in
     any order, the sum is an integer: residual r_k = fp32(c_k - q_k * scale) (one rounding: an fma), on the grid
-    g_k = rint(r_k * 2**(15 - e)) (scale in [2**(e-1), 2**e), so |g_k| <= 2**14), S = sum_k w_k * g_k (below 2**29),
+    g_k = rint(r_k * 2**(15 - e)) (scale in [2**(e-1), 2**e); |r_k| is at most half a step plus the grid's phase, half
+    a step, and the sub-grid's rounding, 1/64 step, so |g_k| < 1.02 * 2**15), S = sum_k w_k * g_k (|S| < 2**30),
     z = fp32(S * 2**(e - 29)). A non-finite scale (the codebook holds NaN or Inf; the output is NaN anyway): NaN."""
     G, K = codebook.shape
-    rows, cols = int8_sample_rows(out_features, in_features)
-    idx = unpack(packed[rows], bits, in_features)[:, :cols].long().flatten()
-    w = int8_zero_weights(torch.bincount(idx, minlength=1 << bits), K).to(codebook.device)
+    w = int8_index_weights(packed, bits, K, out_features, in_features).to(codebook.device)
     s = scale.reshape(G, 1).double()
     finite = torch.isfinite(s)
     s_ok = torch.where(finite, s, torch.ones_like(s))
@@ -269,8 +327,8 @@ def int8_zero_points(packed: Tensor, codebook: Tensor, cq: Tensor, scale: Tensor
 def shared_linear(x: Tensor, packed: Tensor, codebook: Tensor, bits: int, out_features: int, in_features: int,
                   bias: Tensor | None = None, activation: str = "float") -> Tensor:
     """The definition the kernels follow. float: fp32 x @ W^T (+ bias). int8: activations per row quantized to
-    symmetric int8, the codebook per group to integers (quantize_int8_codebook: 7-bit affine for K <= 16, symmetric
-    int8 above), exact integer dot products, then in fp32
+    symmetric int8, the codebook per group to integers (quantize_int8_codebook: a 7-bit affine grid with a searched
+    phase for K <= 16, symmetric int8 above), exact integer dot products, then in fp32
     y = (acc * (scale_x * scale_w) + (scale_x * z) * sum(x_q)) + bias, z the group's int8 zero point
     (int8_zero_points)."""
     x2 = x.reshape(-1, in_features)
@@ -281,7 +339,9 @@ def shared_linear(x: Tensor, packed: Tensor, codebook: Tensor, bits: int, out_fe
             y = y + bias.float()
     elif activation == "int8":
         G, K = codebook.shape
-        cq, sw, _ = quantize_int8_codebook(codebook)  # [G, K], [G, 1]
+        # the grid's step and phase are searched for a layer-wide codebook (quantize_int8_codebook says why)
+        weights = int8_index_weights(packed, bits, K, out_features, in_features) if G == 1 else None
+        cq, sw, _ = quantize_int8_codebook(codebook, weights)  # [G, K], [G, 1]
         table = torch.zeros(G, 1 << bits)
         table[:, :K] = cq
         idx = unpack(packed, bits, in_features).long()

@@ -113,24 +113,17 @@ __device__ __forceinline__ int quantize_int8(float v, float scale) {
   return q < -127 ? -127 : (q > 127 ? 127 : q);
 }
 
-// The 7-bit affine grid of a codebook of K <= 16 entries (reference.quantize_int8_codebook), from its min and max
-// entries and whether all are finite: scale = hi / 127 - lo / 127 over [lo, hi] = [min(c, 0), max(c, 0)] (1 where
-// that is 0; NaN for a non-finite group, offset 0), offset = rint(-lo / scale) in [0, 127].
-__device__ __forceinline__ float int8_affine_scale(float lo, float hi, bool finite, int* offset) {
-  *offset = 0;
+// The 7-bit affine grid's candidate step t for a codebook of K <= 16 entries (reference.quantize_int8_codebook), from
+// its min and max entries and whether all are finite: hi / (126 - t) - lo / (126 - t) over [lo, hi] =
+// [min(c, 0), max(c, 0)] (1 where that is 0; NaN for a non-finite group). The entries' q: prepare_tables_kernel.
+constexpr int kInt8AffineSteps = 8;
+__device__ __forceinline__ float int8_affine_scale(float lo, float hi, bool finite, int t) {
   if (!finite) return __int_as_float(0x7fc00000);
   lo = fminf(lo, 0.0f);
   hi = fmaxf(hi, 0.0f);
-  float s = __fsub_rn(__fdiv_rn(hi, 127.0f), __fdiv_rn(lo, 127.0f));
-  if (!(s > 0.0f)) s = 1.0f;
-  *offset = static_cast<int>(fminf(fmaxf(rintf(__fdiv_rn(-lo, s)), 0.0f), 127.0f));
-  return s;
-}
-
-// q = clamp(round_half_even(v / scale), -offset, 127 - offset) on that grid.
-__device__ __forceinline__ int quantize_int8_affine(float v, float scale, int offset) {
-  const int q = __float2int_rn(__fdiv_rn(v, scale));
-  return q < -offset ? -offset : (q > 127 - offset ? 127 - offset : q);
+  const float den = static_cast<float>(126 - t);
+  const float s = __fsub_rn(__fdiv_rn(hi, den), __fdiv_rn(lo, den));
+  return s > 0.0f ? s : 1.0f;
 }
 
 // Four int8 values (each in the low byte of an int) -> one dp4a operand, lowest k in the lowest byte.
