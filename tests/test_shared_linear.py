@@ -541,6 +541,32 @@ def test_double_backward_matches_the_dense_layer(groups, device):
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
+def test_cuda_mma_gemv_runs_when_asked(monkeypatch, gen):
+    """WS_CUDA_GEMV=mma takes the tensor-core GEMV on sm_80+ (gemv_mma_takes): were it to fall back to the SIMT
+    GEMV, the "mma" cases of the tests here would still pass without running it. The profiler's kernel names say
+    which ran; without the variable the tensor-core kernel does not."""
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the tensor-core GEMV needs sm_80 or newer")
+    from torch.profiler import ProfilerActivity, profile
+
+    packed, cb, _ = make_weight(64, 256, 4, 1, gen)
+    x = torch.randn(2, 256, generator=gen).half().cuda()
+
+    def kernels():
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            ws.ops.shared_linear(x, packed.cuda(), cb.cuda(), 4, 64, 256)
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+    default = kernels()
+    if not default:
+        pytest.skip("the profiler recorded no CUDA kernels (no CUPTI)")
+    assert not any("gemv_mma_kernel" in n for n in default), default
+    monkeypatch.setenv("WS_CUDA_GEMV", "mma")
+    assert any("gemv_mma_kernel" in n for n in kernels())
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
 @pytest.mark.parametrize("gemv", ["default", "mma", "tiles"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", range(1, 9))

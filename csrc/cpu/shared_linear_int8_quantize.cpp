@@ -335,6 +335,11 @@ WS_AVX512 int64_t quantize_row_avx512(const float* row, int64_t n, int64_t padde
   return sum;
 }
 
+// A finite group's grid: searched (search: the index weights) or step 0 and phase 0.
+WS_AVX2 inline AffineChoice affine_choice_avx2(const float* c, int64_t K, float lo, float hi, const ZeroWeights* search) {
+  return search != nullptr ? affine_search_avx2(c, K, lo, hi, *search) : AffineChoice{affine_scale(lo, hi, true), 0};
+}
+
 // One group of K <= 16 entries (a codebook per output row is usually that): the affine grid, q (zero past K) and the
 // biased table, as the scalar form computes them, in a few vector instructions instead of ~50 ns of scalar work per
 // group.
@@ -349,12 +354,9 @@ WS_AVX512 float quantize_group16_avx512(const float* c, int64_t K, int bits, int
   __m512i qi = _mm512_setzero_si512();
   int o = 0;
   if (finite) {
-    int phase = 0;
-    if (search != nullptr) {
-      const AffineChoice g = affine_search_avx2(c, K, lo, hi, *search);
-      s = g.scale;
-      phase = g.phase;
-    }
+    const AffineChoice g = affine_choice_avx2(c, K, lo, hi, search);
+    s = g.scale;
+    const int phase = g.phase;
     // sub-grid positions: an exact scaling by 32 of the rounded quotient, then rint
     const __m512i pos = _mm512_cvtps_epi32(
         _mm512_roundscale_ps(_mm512_mul_ps(_mm512_div_ps(v, _mm512_set1_ps(s)), _mm512_set1_ps(float(kPhases))),
@@ -455,12 +457,9 @@ WS_AVX2 float quantize_group16_avx2(const float* c, int64_t K, int8_t* q, int64_
   __m128i q16 = _mm_setzero_si128();
   int o = 0;
   if (finite) {
-    int phase = 0;
-    if (search != nullptr) {
-      const AffineChoice g = affine_search_avx2(c, K, lo, hi, *search);
-      s = g.scale;
-      phase = g.phase;
-    }
+    const AffineChoice g = affine_choice_avx2(c, K, lo, hi, search);
+    s = g.scale;
+    const int phase = g.phase;
     const __m256 sv = _mm256_set1_ps(s);
     const __m256i a0 = subgrid8(v0, sv), a1 = subgrid8(v1, sv);
     const __m256i shift = _mm256_set1_epi32(kPhases / 2 - phase);
