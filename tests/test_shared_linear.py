@@ -25,9 +25,9 @@ def make_weight(out_f, in_f, bits, groups, gen, k=None):
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("shape", [(17, 33), (64, 256), (5, 1030)])
 @pytest.mark.parametrize("per_row", [False, True])
-def test_dequantize(bits, shape, per_row, device, gen):
+def test_dequantize(bits, shape, per_row, path, gen):
     packed, cb, idx = make_weight(*shape, bits, shape[0] if per_row else 1, gen)
-    got = ws.ops.dequantize(packed.to(device), cb.to(device), bits, shape).cpu()
+    got = on(path, ws.ops.dequantize, packed, cb, bits, shape)
     want = cb[torch.arange(shape[0])[:, None] // (shape[0] // cb.shape[0]), idx.long()]
     assert torch.equal(got, want)
     assert torch.equal(got, reference.dequantize(packed, cb, bits, shape))
@@ -41,15 +41,16 @@ def test_dequantize_conv_shape_and_nan_for_unused_entries(device, gen):
     assert torch.equal(torch.isnan(w).reshape(8, -1), idx >= 5)
 
 
-@pytest.mark.parametrize("bits", [6, 7, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 7, 8])
 @pytest.mark.parametrize("groups", [1, 9])
-def test_dequantize_wide_rows_nan_for_unused_entries(bits, groups, device, gen):
-    """6-8-bit rows wide enough for the byte-plane decode (64 columns a block: 200 = 3 x 64 + 8), codebooks shorter
-    than 2**bits: every index past K decodes to NaN, the others to their entry, bit for bit."""
+def test_dequantize_wide_rows_nan_for_unused_entries(bits, groups, path, gen):
+    """Rows wide enough for the SIMD decoders (AVX-512 6-8-bit byte planes: 64 columns a block, 200 = 3 x 64 + 8;
+    AVX2 register tables up to 4 bits: 8 columns a step), codebooks shorter than 2**bits: every index past K decodes
+    to NaN, the others to their entry, bit for bit."""
     k = (1 << bits) - 3
     idx = torch.randint(0, 1 << bits, (9, 200), generator=gen, dtype=torch.uint8)
     cb = torch.randn(groups, k, generator=gen)
-    w = ws.ops.dequantize(ws.ops.pack(idx, bits).to(device), cb.to(device), bits, (9, 200)).cpu()
+    w = on(path, ws.ops.dequantize, ws.ops.pack(idx, bits), cb, bits, (9, 200))
     assert torch.equal(torch.isnan(w), idx >= k)
     rows = torch.arange(9)[:, None] // (9 // groups)
     valid = idx < k

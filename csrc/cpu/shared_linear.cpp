@@ -345,7 +345,7 @@ void decode_panel(const PackedLinear& w, int64_t r0, int64_t r1, float* dst) {
         float* out = dst + (r - r0) * w.in_features;
         int64_t done = 0;
 #ifdef WS_X86
-        if (simd == Simd::Avx2) done = decode_blocks_avx2<BITS>(row, w.row_bytes, dt, 0, w.in_features, out);
+        if (simd == Simd::Avx2) done = decode_row_blocks_avx2<BITS>(row, w.row_bytes, dt, 0, w.in_features, out);
 #endif
         decode_scalar<BITS>(row, done, w.in_features - done, dt.v, out + done);
       }

@@ -116,7 +116,7 @@ void decode_block(const PackedLinear& w, int64_t r0, int rows, int padded, int64
     int64_t done = 0;
 #ifdef WS_X86
     if (simd == Simd::Avx512) done = decode_blocks_avx512<BITS>(row, dt, k1, kc1, dst + planes_cols);
-    if (simd == Simd::Avx2) done = decode_blocks_avx2<BITS>(row, w.row_bytes, dt, k1, kc1, dst + planes_cols);
+    if (simd == Simd::Avx2) done = decode_row_blocks_avx2<BITS>(row, w.row_bytes, dt, k1, kc1, dst + planes_cols);
 #endif
     decode_scalar<BITS>(row, k1 + done, kc1 - done, dt.v, dst + planes_cols + done);
   }
