@@ -74,10 +74,11 @@ __global__ void __launch_bounds__(256) zero_weights_kernel(const uint8_t* __rest
 }
 
 // The affine grid's phase on one step (reference.quantize_int8_codebook), one candidate per lane: lane j tries
-// p = j < 16 ? j : j - 32 (the reference's order) on the warp's sub-grid positions a (lane k holds entry k < K, K <= 16)
-// and the warp keeps the first minimum of the residuals' weighted variance F = W * sum w d^2 - (sum w d)^2 (exact:
+// p = j < 16 ? j : j - 32 (the reference's order) on the warp's sub-grid positions a (lane k holds entry k < K,
+// K <= 16) and the warp keeps the first minimum of the residuals' weighted variance F = W * sum w d^2 - (sum w d)^2 (exact:
 // |S1| < 2**19, S2 < 2**23, the products in int64). Returns the phase, *best its F (warp-uniform).
-__device__ __forceinline__ int affine_phase(int a, int K, const int* __restrict__ weights, int lane, long long* best) {
+__device__ __forceinline__ int affine_phase(int a, int K, const int* __restrict__ weights, int lane,
+                                            long long* best) {
   const int p = lane < 16 ? lane : lane - 32;
   int W = 0, S1 = 0, S2 = 0;
   for (int k = 0; k < K; ++k) {

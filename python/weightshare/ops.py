@@ -138,11 +138,12 @@ def shared_linear(x: Tensor, packed: Tensor, codebook: Tensor, bits: int, out_fe
     packed_row_bytes(in_features, bits)]; codebook: [K] or [G, K] (G divides out_features: 1 = per layer, or
     per output row), K <= 2**bits. activation="float": exact, fp32 accumulation. activation="int8": the fast CPU
     inference path: x quantized per row to symmetric int8, the codebook per group to int8 values (a 7-bit affine
-    grid for K <= 16 entries, its phase chosen to minimise the residuals' spread under the layer's index
-    frequencies; symmetric int8 above: reference.quantize_int8_codebook), exact integer dot products, plus a
-    per-group zero point that cancels the codebook's rounding residuals against one-signed inputs such as ReLU
-    outputs (reference.shared_linear and reference.int8_zero_points define it to the bit). Differentiable in x,
-    codebook and bias (float formula; the int8 path's gradient is the float path's: straight-through)."""
+    grid for K <= 16 entries, its step and phase chosen for a layer-wide codebook to minimise the residuals'
+    spread under the layer's index frequencies; symmetric int8 above: reference.quantize_int8_codebook), exact
+    integer dot products, plus a per-group zero point that cancels the codebook's rounding residuals against
+    one-signed inputs such as ReLU outputs (reference.shared_linear and reference.int8_zero_points define it to the
+    bit). Differentiable in x, codebook and bias (float formula; the int8 path's gradient is the float path's:
+    straight-through)."""
     codebook = _as_2d(codebook)
     if _native("shared_linear", x):  # autograd in C++: no Python layer to skip
         return torch.ops.weightshare.shared_linear.default(x, packed, codebook, bits, out_features, in_features,

@@ -291,7 +291,7 @@ def int8_zero_weights(counts: Tensor, K: int) -> Tensor:
 
 def int8_index_weights(packed: Tensor, bits: int, K: int, out_features: int, in_features: int) -> Tensor:
     """The layer's index frequencies over int8_sample_rows, as int8_zero_weights ([K] int64): what weighs the int8
-    codebook's grid phase (quantize_int8_codebook) and its zero points (int8_zero_points)."""
+    codebook's grid search (quantize_int8_codebook) and its zero points (int8_zero_points)."""
     rows, cols = int8_sample_rows(out_features, in_features)
     idx = unpack(packed[rows], bits, in_features)[:, :cols].long().flatten()
     return int8_zero_weights(torch.bincount(idx, minlength=1 << bits), K)
@@ -327,9 +327,9 @@ def int8_zero_points(packed: Tensor, codebook: Tensor, cq: Tensor, scale: Tensor
 def shared_linear(x: Tensor, packed: Tensor, codebook: Tensor, bits: int, out_features: int, in_features: int,
                   bias: Tensor | None = None, activation: str = "float") -> Tensor:
     """The definition the kernels follow. float: fp32 x @ W^T (+ bias). int8: activations per row quantized to
-    symmetric int8, the codebook per group to integers (quantize_int8_codebook: a 7-bit affine grid with a searched
-    phase for K <= 16, symmetric int8 above), exact integer dot products, then in fp32
-    y = (acc * (scale_x * scale_w) + (scale_x * z) * sum(x_q)) + bias, z the group's int8 zero point
+    symmetric int8, the codebook per group to integers (quantize_int8_codebook: a 7-bit affine grid for K <= 16,
+    its step and phase searched for a layer-wide codebook; symmetric int8 above), exact integer dot products, then
+    in fp32 y = (acc * (scale_x * scale_w) + (scale_x * z) * sum(x_q)) + bias, z the group's int8 zero point
     (int8_zero_points)."""
     x2 = x.reshape(-1, in_features)
     if activation == "float":
