@@ -208,6 +208,36 @@ def test_int8_per_row_codebooks_of_few_entries(bits, k, M, path, gen):
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
 
 
+LAYER_CODEBOOKS = {  # edge cases of a layer-wide codebook: the int8 grid's step and phase search takes them
+    "gaussian": lambda k, g: torch.randn(1, k, generator=g) * 0.1,
+    "zero": lambda k, g: torch.zeros(1, k),
+    "positive": lambda k, g: torch.rand(1, k, generator=g) + 0.5,
+    "negative": lambda k, g: -torch.rand(1, k, generator=g) * 1e-3,
+    "constant": lambda k, g: torch.full((1, k), -0.75),
+    "huge": lambda k, g: torch.linspace(-3e38, 3e38, k)[None],
+    "subnormal": lambda k, g: torch.randn(1, k, generator=g) * 1e-39,
+    "nan": lambda k, g: torch.cat([torch.randn(1, k - 1, generator=g), torch.tensor([[float("nan")]])], 1),
+}
+
+
+@pytest.mark.parametrize("bits,k", [(1, 2), (2, 3), (3, 8), (4, 16)])
+@pytest.mark.parametrize("kind", list(LAYER_CODEBOOKS))
+@pytest.mark.parametrize("M", [1, 5, 16])
+def test_int8_layer_codebook_edge_cases(bits, k, kind, M, path, gen):
+    """A layer-wide codebook of k <= 16 entries (the int8 path searches its grid's step and phase, weighed by the
+    layer's index frequencies; codebooks per group do not) at its edge cases: all zero, one-signed (the grid need not
+    hold 0), constant, +-3e38 (the range overflows float32), subnormal (tiny steps), a NaN entry (NaN outputs).
+    Through the row kernels (M 1, 5) and the blocked ones (16). Bit-exact to the definition."""
+    out_f, in_f = 24, 300
+    packed, _, _ = make_weight(out_f, in_f, bits, 1, gen, k=k)
+    cb = LAYER_CODEBOOKS[kind](k, gen)
+    x = torch.randn(M, in_f, generator=gen)
+    got = on(path, ws.ops.shared_linear, x, packed, cb, bits, out_f, in_f, None, "int8")
+    want = reference.shared_linear(x, packed, cb, bits, out_f, in_f, None, "int8")
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert got.isnan().all() if kind == "nan" else got.isfinite().all() or kind == "huge"
+
+
 def _weighted_residual_variance(c, q, s, w):
     """Per group, the weighted variance of the residuals c - s q: what the int8 path's error is, once the zero point
     takes their mean."""
