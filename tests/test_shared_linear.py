@@ -41,7 +41,7 @@ def test_dequantize_conv_shape_and_nan_for_unused_entries(device, gen):
     assert torch.equal(torch.isnan(w).reshape(8, -1), idx >= 5)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 6, 7, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("groups", [1, 9])
 def test_dequantize_wide_rows_nan_for_unused_entries(bits, groups, path, gen):
     """Rows wide enough for the SIMD decoders (AVX-512 6-8-bit byte planes: 64 columns a block, 200 = 3 x 64 + 8;
