@@ -147,6 +147,14 @@ def run_cuda() -> dict:
                     finally:
                         os.environ.pop("WS_CUDA_LINEAR", None)
                     extra.update({"ws_tiles_ms": t_tiles * 1e3, "tiles_speedup_vs_cublas": t_dense / t_tiles})
+                # the int8 path on the GPU (never measured there: its per-call tables, zero points and the single-block
+                # index sampling of zero_weights_kernel are part of every call)
+                int8_fns = [(lambda p: lambda: ws.ops.shared_linear(x, p, cb, bits, out_f, in_f, None, "int8"))(p)
+                            for p in packed_copies]
+                t_int8 = time_cuda(int8_fns)
+                y_int8 = ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f, None, "int8").float()
+                extra.update({"ws_int8_ms": t_int8 * 1e3, "int8_speedup_vs_cublas": t_dense / t_int8,
+                              "int8_rel_err": float((y_int8 - ref).norm() / ref.norm())})
                 if M <= 64:  # the tensor-core GEMV, opt-in until measured (WS_CUDA_GEMV=mma)
                     os.environ["WS_CUDA_GEMV"] = "mma"
                     try:
@@ -171,7 +179,9 @@ def run_cuda() -> dict:
                       + (f" | mma {extra['ws_mma_ms']:.4f} ms ({extra['mma_speedup_vs_cublas']:.2f}x, err "
                          f"{extra['mma_rel_err']:.1e})" if "ws_mma_ms" in extra else "")
                       + (f" | tiles {extra['ws_tiles_ms']:.4f} ms ({extra['tiles_speedup_vs_cublas']:.2f}x)"
-                         if "ws_tiles_ms" in extra else ""), flush=True)
+                         if "ws_tiles_ms" in extra else "")
+                      + f" | int8 {extra['ws_int8_ms']:.4f} ms ({extra['int8_speedup_vs_cublas']:.2f}x, err "
+                        f"{extra['int8_rel_err']:.1e})", flush=True)
             del dense, dense_copies, packed_copies
     return out
 
