@@ -214,7 +214,7 @@ def quantize_int8_codebook(codebook: Tensor, weights: Tensor | None = None):
     back, so the grid need not hold 0: only the residuals' spread around that mean is error, and a 16-entry
     codebook's residuals are a few values, not uniform noise: the step and phase that bunch them (weighted by use)
     bring the 4-bit error on zero-mean x from 0.74x to 0.60x torch's int8 Linear (median of 8 layers), 3 bits from
-    0.60x to 0.54x, the worst 1-4-bit cell from 1.08x to 0.90x (benchmarks/bench_int8_accuracy.py). On the MNIST
+    0.60x to 0.54x, the worst 2-4-bit cell from 1.08x to 0.90x (benchmarks/bench_int8_accuracy.py). On the MNIST
     demo's models (benchmarks/bench_int8_models.py) the logits error moved from 0.51-0.93x to 0.38-0.54x torch's on
     five of the six with such codebooks, but from 0.87x to 1.26x on LeNet-300-100 qat+prune: its first layer reads
     raw pixels, whose fixed structure the index frequencies do not see. Only a layer-wide
