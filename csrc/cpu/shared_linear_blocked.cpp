@@ -158,8 +158,9 @@ bool linear_float_blocked(const PackedLinear& w, const float* x, int64_t M, floa
             // the next group's indices (this chunk's, or the next chunk's first group), fetched while this group's
             // tiles run: the decode reads kc * BITS / 8 bytes of each row, rows a row stride apart, which the
             // hardware prefetchers did not follow (the decode took a third of the profile at batch 16). Intel VM,
-            // 4096x4096 4 bits, same-run A/B: AVX2 batch 16 5.6-6.2 -> 4.4 ms, 64 16.8-18.2 -> 15.9, 256 unchanged
-            // (58 ms); AVX-512 batch 16 3.7 -> 3.4 ms
+            // 4096x4096 4 bits, same-run A/B: AVX2 batch 16 5.6-6.2 -> 4.4 ms, 64 16.8-18.2 -> 15.9, 256 within
+            // noise (58 ms); AVX-512 batch 16 3.7 -> 3.4 ms. bench_shared_linear's runs before / after (with the
+            // register-table decode), AVX2 against dense: batch 64 0.88x -> 1.03-1.08x, 256 0.74x -> 0.90-0.92x
             const bool last = g1 == b1;
             const int64_t n0 = last ? b0 : g1, n1 = std::min(b1, n0 + kPanels);
             prefetch_indices(w, n0 * MR, std::min(O, n1 * MR), last ? k0 + kKc : k0, kc, BITS);
