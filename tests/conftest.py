@@ -19,7 +19,10 @@ def device(request):
     return request.param
 
 
-@pytest.fixture(params=["scalar", "avx2", "avx2vnni", "avx512"])
+SIMD_PATHS = ["scalar", "avx2", "avx2vnni", "avx512"]  # the WS_CPU_SIMD settings the kernels have
+
+
+@pytest.fixture(params=SIMD_PATHS)
 def simd(request, monkeypatch):
     """CPU SIMD path (a path the CPU lacks falls back to the best it has, which is still a valid run). avx2vnni: the
     AVX2 path with AVX-VNNI where the CPU has it (some int8 kernels), plain AVX2 where not."""
@@ -27,7 +30,7 @@ def simd(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["scalar", "avx2", "avx2vnni", "avx512"] + (["cuda"] if "cuda" in DEVICES else []))
+@pytest.fixture(params=SIMD_PATHS + (["cuda"] if "cuda" in DEVICES else []))
 def path(request, monkeypatch):
     """Every kernel path once: the CPU SIMD paths (as `simd`) and the CUDA device where there is one. Returns the
     device to run on. For the tests that hold kernels to their definition bit for bit, so that a GPU run checks the

@@ -54,7 +54,7 @@ struct ZeroWeights {
 // q clamped to [-offset, 127 - offset]: q + offset is an unsigned 7-bit table, which the AVX2 row kernel multiplies
 // with signed x bytes in one vpmaddubsw (no sign transfer, no int16 saturation). t and p are searched for a
 // layer-wide codebook (affine_search), 0 and 0 for codebooks per group of rows.
-constexpr int kPhases = 32, kSteps = 8;
+constexpr int kPhases = kInt8AffinePhases, kSteps = kInt8AffineSteps;
 
 // lo, hi: the group's min and max entries (either may be on the wrong side of 0: clamped here)
 inline float affine_scale(float lo, float hi, bool finite, int t = 0) {

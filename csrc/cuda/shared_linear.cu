@@ -102,6 +102,8 @@ __device__ __forceinline__ int affine_phase(int a, int K, const int* __restrict_
   return j < 16 ? j : j - 32;
 }
 
+static_assert(kInt8AffinePhases == 32, "affine_phase gives each phase a lane of a warp");
+
 // The sub-grid position of v on step s: rint(32 * (v / s)).
 __device__ __forceinline__ int affine_position(float v, float s) {
   return __float2int_rn(__fmul_rn(__fdiv_rn(v, s), 32.0f));

@@ -116,7 +116,6 @@ __device__ __forceinline__ int quantize_int8(float v, float scale) {
 // The 7-bit affine grid's candidate step t for a codebook of K <= 16 entries (reference.quantize_int8_codebook), from
 // its min and max entries and whether all are finite: hi / (126 - t) - lo / (126 - t) over [lo, hi] =
 // [min(c, 0), max(c, 0)] (1 where that is 0; NaN for a non-finite group). The entries' q: prepare_tables_kernel.
-constexpr int kInt8AffineSteps = 8;
 __device__ __forceinline__ float int8_affine_scale(float lo, float hi, bool finite, int t) {
   if (!finite) return __int_as_float(0x7fc00000);
   lo = fminf(lo, 0.0f);

@@ -19,6 +19,10 @@ constexpr int kMaxBits = 8;
 // The int8 path quantizes codebooks of at most this many entries to a 7-bit affine grid, longer ones to symmetric
 // int8 (reference.quantize_int8_codebook, INT8_AFFINE_MAX_K); CPU and CUDA kernels follow it.
 constexpr int kInt8AffineMaxK = 16;
+// That grid's search for a layer-wide codebook (reference.INT8_STEPS, INT8_PHASES): candidate steps, and phases per
+// step (sub-grid positions; the CUDA form gives each its own lane of a warp).
+constexpr int kInt8AffineSteps = 8;
+constexpr int kInt8AffinePhases = 32;
 
 WS_HD int64_t packed_row_words(int64_t n, int bits) { return (n * bits + 31) / 32; }
 WS_HD int64_t packed_row_bytes(int64_t n, int bits) { return packed_row_words(n, bits) * 4; }
