@@ -2,11 +2,13 @@
 // form (packing.h) and decoded on the fly through per-group tables; the dense W is never materialised.
 //
 // Paths (the size thresholds are first guesses for the H200, to be tuned by measurement):
-//  * gemv_kernel, few rows of x (float: M <= 16 for fp32 x, <= 8 for fp16/bf16; int8: M <= 16). Memory-bound: 8
-//    warps per block, each warp owns 2 output rows and spreads their k-range over its lanes in units of 128
-//    indices (= BITS 16-byte loads per row); codebooks in per-warp shared tables; each decoded weight is applied
-//    to up to 8 rows of x (read through L1; grid.z takes further groups of 8 rows); fp32 FMA or dp4a; warp-shuffle
-//    reduction. Split-K over grid.y when the rows alone do not fill the GPU.
+//  * gemv_kernel, few rows of x (float: M <= 16 for fp32 x, <= 8 for fp16/bf16; int8: M <= 16): 8 warps per block,
+//    each warp owns 2 output rows and spreads their k-range over its lanes in units of 128 indices (= BITS 16-byte
+//    loads per row); codebooks in per-warp shared tables (float: staged straight from the codebook, so a float call
+//    of few rows is one launch); each decoded weight is applied to up to 8 rows of x (read through L1; grid.z takes
+//    further groups of 8 rows); fp32 FMA or dp4a; warp-shuffle reduction. Split-K over grid.y when the rows alone
+//    do not fill the GPU. One lookup per weight: the first H200 run timed it equal at 2 and 4 bits, so it is bound
+//    by its instructions, not by the index stream (the tensor-core GEMV below looks up pairs).
 //  * the tensor-core GEMV (shared_linear_gemv_mma.cu) for fp16/bf16 x up to 64 rows, opt-in (WS_CUDA_GEMV=mma).
 //  * forward with more rows (float activations): decoded panels + cuBLAS (shared_linear_panels.cu), unless
 //    WS_CUDA_LINEAR=tiles selects the tile kernel below (the int8 forward and the backward always use tiles).
@@ -59,9 +61,13 @@ __global__ void __launch_bounds__(256) zero_weights_kernel(const uint8_t* __rest
   __shared__ long long total;
   for (int k = threadIdx.x; k < 256; k += blockDim.x) hist[k] = 0;
   __syncthreads();
-  for (int64_t t = threadIdx.x; t < n * cols; t += blockDim.x) {
-    const int64_t i = t / cols, j = t - i * cols;
-    atomicAdd(&hist[unpack_one(packed + i * rows / n * row_bytes, j, bits)], 1u);
+  // Each sampled row is read by tpr threads (the block, or a power of two <= 32 for thin rows), so a row's offset
+  // costs one 64-bit division per row, not two per index.
+  const int tpr = cols >= blockDim.x ? blockDim.x : min(32, 1 << (32 - __clz(static_cast<int>(cols) - 1)));
+  const int slots = blockDim.x / tpr, slot = threadIdx.x / tpr, col0 = threadIdx.x % tpr;
+  for (int64_t i = slot; i < n; i += slots) {
+    const uint8_t* row = packed + i * rows / n * row_bytes;
+    for (int64_t j = col0; j < cols; j += tpr) atomicAdd(&hist[unpack_one(row, j, bits)], 1u);
   }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -75,8 +81,8 @@ __global__ void __launch_bounds__(256) zero_weights_kernel(const uint8_t* __rest
 
 // The affine grid's phase on one step (reference.quantize_int8_codebook), one candidate per lane: lane j tries
 // p = j < 16 ? j : j - 32 (the reference's order) on the warp's sub-grid positions a (lane k holds entry k < K,
-// K <= 16) and the warp keeps the first minimum of the residuals' weighted variance F = W * sum w d^2 - (sum w d)^2 (exact:
-// |S1| < 2**19, S2 < 2**23, the products in int64). Returns the phase, *best its F (warp-uniform).
+// K <= 16) and the warp keeps the first minimum of the residuals' weighted variance F = W * sum w d^2 - (sum w d)^2
+// (exact: |S1| < 2**19, S2 < 2**23, the products in int64). Returns the phase, *best its F (warp-uniform).
 __device__ __forceinline__ int affine_phase(int a, int K, const int* __restrict__ weights, int lane,
                                             long long* best) {
   const int p = lane < 16 ? lane : lane - 32;
@@ -357,7 +363,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const GemvArgs a)
       if constexpr (INT8) {
         s_tab[warp][r][j] = static_cast<const int8_t*>(a.w.table)[g * TS + j];
       } else {
-        s_tab[warp][r][j] = static_cast<const float*>(a.w.table)[g * TS + j];
+        s_tab[warp][r][j] = codebook_entry(a.w, g, j);
       }
     }
   }
@@ -521,17 +527,33 @@ __global__ void __launch_bounds__(kTileThreads) grad_w_tile_kernel(const TileArg
 }
 
 
-// The packed weight (4-byte aligned, as the kernels read words) and its per-group tables.
+// The packed weight (4-byte aligned, as the kernels read words) and what its kernels decode through.
 struct Prepared {
-  at::Tensor packed, table, scale, zero;
+  at::Tensor packed, codebook, table, scale, zero;
   PackedRows rows;
 };
 
-Prepared prepare(const at::Tensor& packed, const at::Tensor& codebook, int bits, const PackedWeight& pw, bool int8) {
+// Which per-group tables a path reads: none (the float GEMV kernels stage theirs from the fp32 codebook, saving a
+// launch where a call is a few microseconds), fp32 over all 2**bits indices (tiles, panels), or int8 with scales
+// and zero points.
+enum class Tables { None, Float, Int8 };
+
+Prepared prepare(const at::Tensor& packed, const at::Tensor& codebook, int bits, const PackedWeight& pw,
+                 Tables kind) {
   Prepared p;
   p.packed = reinterpret_cast<uintptr_t>(packed.data_ptr()) % 4 == 0 ? packed : packed.clone();
+  const uint8_t* base = p.packed.data_ptr<uint8_t>();
+  p.rows = PackedRows{reinterpret_cast<const uint32_t*>(base), pw.row_bytes / 4, row_alignment(base, pw.row_bytes),
+                      pw.rows, pw.cols, pw.rows / pw.groups, nullptr, static_cast<int>(pw.K), nullptr};
+  if (kind == Tables::None) {
+    p.codebook = codebook.to(at::kFloat);  // no copy for an fp32 codebook
+    p.rows.codebook = p.codebook.data_ptr<float>();
+    return p;
+  }
+  const bool int8 = kind == Tables::Int8;
   const int ts = 1 << bits;
   p.table = at::empty({pw.groups, ts}, codebook.options().dtype(int8 ? at::kChar : at::kFloat));
+  p.rows.table = p.table.data_ptr();
   at::Tensor weights;
   if (int8) {
     p.scale = at::empty({pw.groups}, codebook.options().dtype(at::kFloat));
@@ -554,9 +576,6 @@ Prepared prepare(const at::Tensor& packed, const at::Tensor& codebook, int bits,
         /*search=*/pw.groups == 1);  // the grid's step and phase, for a layer-wide codebook
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  const uint8_t* base = p.packed.data_ptr<uint8_t>();
-  p.rows = PackedRows{reinterpret_cast<const uint32_t*>(base), pw.row_bytes / 4, row_alignment(base, pw.row_bytes),
-                      pw.rows, pw.cols, pw.rows / pw.groups, p.table.data_ptr(), static_cast<int>(pw.K)};
   return p;
 }
 
@@ -604,7 +623,12 @@ at::Tensor shared_linear_cuda(const at::Tensor& x, const at::Tensor& packed, con
   auto sizes = x.sizes().vec();
   sizes.back() = out_features;
   at::Tensor y = at::empty(sizes, x.options());
-  const Prepared w = prepare(packed, codebook, static_cast<int>(bits), pw, int8);
+  // the path: the tensor-core GEMV (opt-in), the float GEMV (up to 16 rows of fp32 x, 8 of 16-bit x), else the
+  // panels (or the tiles); int8 takes its GEMV or tiles below
+  const bool mma = !int8 && gemv_mma_takes(x.scalar_type(), M, x.get_device());
+  const bool float_gemv = M <= (x.scalar_type() == at::kFloat ? 2 * kGemvMaxMT : kGemvMaxMT);
+  const Tables tables = int8 ? Tables::Int8 : (mma || float_gemv ? Tables::None : Tables::Float);
+  const Prepared w = prepare(packed, codebook, static_cast<int>(bits), pw, tables);
   const at::Tensor b = bias.has_value() ? bias->to(at::kFloat) : at::Tensor();
   const int sms = sm_count(x.get_device());
   const int64_t mt = ceil_div(M, kT), nt = ceil_div(out_features, kT), steps = ceil_div(in_features, kT);
@@ -616,12 +640,10 @@ at::Tensor shared_linear_cuda(const at::Tensor& x, const at::Tensor& packed, con
   TileArgs ta{};
   ga.w = ta.w = w.rows;
   ta.M = M;
-  if (!int8 && gemv_mma_takes(x.scalar_type(), M, x.get_device())) {
+  if (mma) {
     launch_gemv_mma(w.rows, x, in_features, static_cast<int>(bits), e, sms);
     return y;
   }
-  // the float GEMV serves up to 16 rows of fp32 x, 8 of 16-bit x; more rows take the panels (or the tiles)
-  const bool float_gemv = M <= (x.scalar_type() == at::kFloat ? 2 * kGemvMaxMT : kGemvMaxMT);
   if (!int8 && !float_gemv && panels_enabled()) {
     at::Tensor y2d = y.view({M, out_features});
     linear_by_panels(w.rows, static_cast<int>(bits), x.view({M, in_features}), bias, y2d);
@@ -694,7 +716,7 @@ std::tuple<at::Tensor, at::Tensor> shared_linear_backward_cuda(const at::Tensor&
   const int64_t M = x.numel() / in_features;
   // Both operands are read in x's dtype (autograd passes grad_out in it anyway).
   const at::Tensor g = grad_out.scalar_type() == x.scalar_type() ? grad_out : grad_out.to(x.scalar_type());
-  const Prepared w = prepare(packed, codebook, static_cast<int>(bits), pw, false);
+  const Prepared w = prepare(packed, codebook, static_cast<int>(bits), pw, Tables::Float);
   const int sms = sm_count(x.get_device());
   const int64_t mt = ceil_div(M, kT), nt = ceil_div(out_features, kT), kt = ceil_div(in_features, kT);
   TileArgs a{};

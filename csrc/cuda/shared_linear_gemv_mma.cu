@@ -134,24 +134,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_mma_kernel(const MmaGemvArgs
   const int64_t n0 = int64_t(blockIdx.x) * kBlockRows;
   const int64_t rpg = a.w.rows_per_group;
   const int64_t g_lo = n0 / rpg;
-  const float* tabf = static_cast<const float*>(a.w.table);
 
-  // Stage the tables.
-  if constexpr (PAIR) {
-    for (int i = threadIdx.x; i < TS; i += blockDim.x) tabs.single[i] = bits_of(from_float<T>(tabf[g_lo * TS + i]));
-    __syncthreads();
-    for (int p = warp; p < TS * TS; p += kWarps) {  // a warp writes one 128-byte row: conflict-free
-      tabs.words[(p << 5) | lane] = uint32_t(tabs.single[p & (TS - 1)]) | (uint32_t(tabs.single[p >> BITS]) << 16);
-    }
-  } else {
-    const int64_t g_hi = (min(n0 + kBlockRows, a.w.N) - 1) / rpg;
-    uint16_t* single = reinterpret_cast<uint16_t*>(tabs.words);
-    for (int i = threadIdx.x; i < (g_hi - g_lo + 1) * TS; i += blockDim.x) {
-      single[i] = bits_of(from_float<T>(tabf[g_lo * TS + i]));
-    }
-  }
-  __syncthreads();
-
+  // This warp's first unit is loaded before the tables are staged, so its latency overlaps the staging.
   const uint32_t* rows[kRowBlocks];
   int tbase[kRowBlocks];
 #pragma unroll
@@ -160,17 +144,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_mma_kernel(const MmaGemvArgs
     rows[nb] = a.w.packed + n * a.w.row_words;
     tbase[nb] = static_cast<int>(n / rpg - g_lo) * TS;
   }
-  const int64_t m0 = int64_t(blockIdx.z) * kM;
-  const int mc = static_cast<int>(a.out.M - m0 < kM ? a.out.M - m0 : kM);
-  const T* x = static_cast<const T*>(a.x) + m0 * a.x_ld;
-  const bool has_lo = g < mc, has_hi = g + 8 < mc;
-  const T* x_lo = x + (has_lo ? g : 0) * a.x_ld;
-  const T* x_hi = x + (has_hi ? g + 8 : 0) * a.x_ld;
-
-  float acc[kRowBlocks][4] = {};
   const int64_t u_begin = int64_t(blockIdx.y) * a.units_per_split;
   const int64_t u_end = min(a.units, u_begin + a.units_per_split);
-  const int64_t full_units = a.w.kin / kUnitK;
   auto load = [&](int64_t u, uint32_t (&w)[kRowBlocks][BITS]) {
 #pragma unroll
     for (int nb = 0; nb < kRowBlocks; ++nb) {
@@ -180,6 +155,34 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_mma_kernel(const MmaGemvArgs
   uint32_t cur[kRowBlocks][BITS], nxt[kRowBlocks][BITS] = {};  // nxt: copied on the last pass too, unused
   int64_t u = u_begin + warp;
   if (u < u_end) load(u, cur);
+
+  // Stage the tables from the codebook (codebook_entry: NaN past K).
+  if constexpr (PAIR) {
+    for (int i = threadIdx.x; i < TS; i += blockDim.x) {
+      tabs.single[i] = bits_of(from_float<T>(codebook_entry(a.w, g_lo, i)));
+    }
+    __syncthreads();
+    for (int p = warp; p < TS * TS; p += kWarps) {  // a warp writes one 128-byte row: conflict-free
+      tabs.words[(p << 5) | lane] = uint32_t(tabs.single[p & (TS - 1)]) | (uint32_t(tabs.single[p >> BITS]) << 16);
+    }
+  } else {
+    const int64_t g_hi = (min(n0 + kBlockRows, a.w.N) - 1) / rpg;
+    uint16_t* single = reinterpret_cast<uint16_t*>(tabs.words);
+    for (int i = threadIdx.x; i < (g_hi - g_lo + 1) * TS; i += blockDim.x) {
+      single[i] = bits_of(from_float<T>(codebook_entry(a.w, g_lo + i / TS, i % TS)));
+    }
+  }
+  __syncthreads();
+
+  const int64_t m0 = int64_t(blockIdx.z) * kM;
+  const int mc = static_cast<int>(a.out.M - m0 < kM ? a.out.M - m0 : kM);
+  const T* x = static_cast<const T*>(a.x) + m0 * a.x_ld;
+  const bool has_lo = g < mc, has_hi = g + 8 < mc;
+  const T* x_lo = x + (has_lo ? g : 0) * a.x_ld;
+  const T* x_hi = x + (has_hi ? g + 8 : 0) * a.x_ld;
+
+  float acc[kRowBlocks][4] = {};
+  const int64_t full_units = a.w.kin / kUnitK;
   for (; u < u_end; u += kWarps) {
     if (u + kWarps < u_end) load(u + kWarps, nxt);
     if (u < full_units) {

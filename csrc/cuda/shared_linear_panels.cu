@@ -87,7 +87,8 @@ void linear_by_panels(const PackedRows& w, int bits, const at::Tensor& x2d, cons
                       at::Tensor& y2d) {
   const int64_t N = w.N, kin = w.kin, es = x2d.element_size();
   // half the L2 (H200: 60 MB -> 30 MB, 1,920 rows of 8,192 fp16 values), at least 4 MB, whole 64-row blocks
-  const int64_t budget = std::max<int64_t>(int64_t(4) << 20, device_attribute<cudaDevAttrL2CacheSize>(x2d.get_device()) / 2);
+  const int64_t l2 = device_attribute<cudaDevAttrL2CacheSize>(x2d.get_device());
+  const int64_t budget = std::max<int64_t>(int64_t(4) << 20, l2 / 2);
   int64_t P = std::max<int64_t>(64, budget / (kin * es) / 64 * 64);
   P = std::min(P, N);
   at::Tensor panel = at::empty({P, kin}, x2d.options());
@@ -103,15 +104,14 @@ void linear_by_panels(const PackedRows& w, int bits, const at::Tensor& x2d, cons
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
+    // straight into y's columns [r0, r0 + rows): a row-major slice with row stride N is a matrix cuBLAS writes in
+    // place (leading dimension N), so no panel of y is allocated and copied
     const at::Tensor pt = panel.narrow(0, 0, rows).t();
-    if (rows == N) {  // one panel: straight into y
-      if (b.defined()) {
-        at::addmm_out(y2d, b, x2d, pt);
-      } else {
-        at::mm_out(y2d, x2d, pt);
-      }
+    at::Tensor ys = y2d.narrow(1, r0, rows);
+    if (b.defined()) {
+      at::addmm_out(ys, b.narrow(0, r0, rows), x2d, pt);
     } else {
-      y2d.narrow(1, r0, rows).copy_(b.defined() ? at::addmm(b.narrow(0, r0, rows), x2d, pt) : at::mm(x2d, pt));
+      at::mm_out(ys, x2d, pt);
     }
   }
 }

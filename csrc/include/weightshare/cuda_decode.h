@@ -142,9 +142,16 @@ struct PackedRows {
   int64_t row_words;
   int row_align;  // bytes every row start is aligned to: 4, 8 or 16
   int64_t N, kin, rows_per_group;
-  const void* table;  // [G, 2**BITS] float or int8
+  const void* table;      // [G, 2**BITS] float or int8 (prepare_tables_kernel); null for the GEMV kernels
   int K;
+  const float* codebook;  // [G, K] fp32: the GEMV kernels stage their float tables from it (codebook_entry)
 };
+
+// Entry e < 2**BITS of group g's float table: the codebook value, NaN past K (dequantize's rule for bad indices).
+// The GEMV kernels stage their tables with it straight from the codebook, so a batch-1 call is one launch.
+__device__ __forceinline__ float codebook_entry(const PackedRows& w, int64_t g, int e) {
+  return e < w.K ? __ldg(w.codebook + g * w.K + e) : __uint_as_float(0x7fc00000u);
+}
 
 // Operand tiles live in shared memory reduction-major, a[r][p] and b[r][q], for all three products (forward: r = k;
 // grad_x: r = n; grad_W: r = m), so one micro-kernel serves them. E is the stored element: float, a 16-bit type,
