@@ -18,6 +18,7 @@
 
 #include "decode_scratch.h"
 #include "shared_linear.h"
+#include "simd_transpose.h"
 #include "weightshare/dispatch.h"
 
 namespace weightshare::cpu {
@@ -139,8 +140,8 @@ bool linear_float_blocked(const PackedLinear& w, const float* x, int64_t M, floa
     at::parallel_for(0, (K + 63) / 64, 1, [&](int64_t s0, int64_t s1) {
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t k0 = s * 64, k1 = std::min(K, k0 + 64);
-        for (int64_t m = 0; m < Mp; ++m)
-          for (int64_t k = k0; k < k1; ++k) xt[k * Mp + m] = m < Mc ? xm[m * K + k] : 0.0f;
+        transpose_f32(xm + k0, K, xt + k0 * Mp, Mp, Mc, k1 - k0);
+        for (int64_t k = k0; k < k1; ++k) std::fill(xt + k * Mp + Mc, xt + (k + 1) * Mp, 0.0f);
       }
     });
     WS_DISPATCH_BITS(w.bits, BITS, [&] {
@@ -182,8 +183,7 @@ bool linear_float_blocked(const PackedLinear& w, const float* x, int64_t M, floa
     at::parallel_for(0, (O + 63) / 64, 1, [&](int64_t s0, int64_t s1) {
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t o0 = s * 64, o1 = std::min(O, o0 + 64);
-        for (int64_t m = 0; m < Mc; ++m)
-          for (int64_t o = o0; o < o1; ++o) ym[m * O + o] = yt[o * Mp + m];
+        transpose_f32(yt + o0 * Mp, Mp, ym + o0, O, o1 - o0, Mc);
       }
     });
   }
