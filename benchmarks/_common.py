@@ -103,6 +103,39 @@ def time_cuda(fn: Callable[[], object] | Sequence[Callable[[], object]], repeat:
     return statistics.median(times)
 
 
+def cuda_kernel_breakdown(fn: Callable[[], object] | Sequence[Callable[[], object]], calls: int = 16) -> dict:
+    """Mean GPU microseconds per call of each kernel that fn launches (torch.profiler over eager calls, operands
+    rotated as in time_cuda), slowest first, plus "span_us": first kernel start to last kernel end per call, which
+    adds the gaps between a call's kernels. Says where a call's time goes (a GEMV, its table or split-K kernels);
+    {"error": ...} where the profiler sees no kernels (no CUPTI)."""
+    import re
+
+    from torch.profiler import ProfilerActivity, profile
+    fns = list(fn) if isinstance(fn, (list, tuple)) else [fn]
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for i in range(calls):
+                fns[i % len(fns)]()
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    except Exception as exc:  # a diagnostic: never fail the benchmark over it
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    if not kernels:
+        return {"error": "the profiler recorded no CUDA kernels"}
+    per: dict[str, float] = {}
+    for e in kernels:
+        name = re.sub(r"\(anonymous namespace\)::|weightshare::|cuda::|void |at::native::", "", e.name)
+        name = name.split("(")[0][:100]
+        per[name] = per.get(name, 0.0) + e.time_range.elapsed_us() / calls
+    out = {k: round(v, 2) for k, v in sorted(per.items(), key=lambda kv: -kv[1])}
+    starts = sorted(e.time_range.start for e in kernels)
+    out["span_us"] = round((max(e.time_range.end for e in kernels) - starts[0]) / calls, 2)
+    return out
+
+
 def cold_l2_copies(nbytes: int, device: int | None = None) -> int:
     """How many copies of an nbytes operand to rotate through so that each call reads it from HBM, not L2 (the
     copies together span at least twice the L2 size)."""

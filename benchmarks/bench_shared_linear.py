@@ -22,6 +22,7 @@ Two regimes at batch 1, because the machine decides which one a single repeated 
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
@@ -118,7 +119,7 @@ def run_cuda() -> dict:
     overhead) with each side rotating through enough copies of its weight that the weight comes from HBM on every
     call, not from the 60 MB L2 (cold_l2_copies); the eager times (one call between two events, host dispatch
     included) are recorded beside them."""
-    from _common import cold_l2_copies, time_cuda
+    from _common import cold_l2_copies, cuda_kernel_breakdown, time_cuda
     out = {"machine": machine(), "protocol": "CUDA graph of 32 calls, median of 20 replays; weights rotated over "
            "copies spanning 2x L2; eager: median of 20 single calls between events", "results": []}
     for out_f, in_f in [(8192, 8192), (28672, 8192)]:
@@ -165,6 +166,16 @@ def run_cuda() -> dict:
                     extra.update({"ws_mma_ms": t_mma * 1e3, "mma_speedup_vs_cublas": t_dense / t_mma,
                                   "mma_index_gb_s": packed.nbytes / t_mma / 1e9,
                                   "mma_rel_err": float((y_mma - ref).norm() / ref.norm())})
+                if M <= 16 and out_f == 8192:  # where the time of a call goes: its kernels, one by one
+                    breakdown = {"cublas": cuda_kernel_breakdown(dense_fns), "ws": cuda_kernel_breakdown(ws_fns),
+                                 "ws_int8": cuda_kernel_breakdown(int8_fns)}
+                    os.environ["WS_CUDA_GEMV"] = "mma"
+                    try:
+                        breakdown["ws_mma"] = cuda_kernel_breakdown(ws_fns)
+                    finally:
+                        os.environ.pop("WS_CUDA_GEMV", None)
+                    extra["kernels_us"] = breakdown
+                    print(f"  kernels (us per call): {json.dumps(breakdown)}", flush=True)
                 row = {"shape": [out_f, in_f], "bits": bits, "batch": M, "cublas_fp16_ms": t_dense * 1e3,
                        "ws_ms": t_ws * 1e3, "speedup_vs_cublas": t_dense / t_ws,
                        "ws_index_gb_s": packed.nbytes / t_ws / 1e9, "cublas_weight_gb_s": dense.nbytes / t_dense / 1e9,

@@ -61,7 +61,7 @@ fi
 fi
 if [ "$PHASE" != test ]; then
 timeout 150 "$PY" benchmarks/bench_assign.py --cuda 2>&1 | tail -4
-timeout 300 "$PY" benchmarks/bench_shared_linear.py --cuda 2>&1 | tail -14
+timeout 300 "$PY" benchmarks/bench_shared_linear.py --cuda 2>&1 | tail -32
 timeout 90 "$PY" benchmarks/bench_shared_conv.py --cuda 2>&1 | tail -9
 fi
 echo "gpu_check total $((SECONDS - t0)) s"
