@@ -24,12 +24,15 @@ CONVS = {  # name: (out, in, k, groups, stride, padding, hw)
     "depthwise3x3_256_28": (256, 256, 3, 256, 1, 1, 28),
     "depthwise3x3_256_28_channels_last": (256, 256, 3, 256, 1, 1, 28),
     "pointwise1x1_256x128_28": (256, 128, 1, 1, 1, 0, 28),
-    # later ResNet stages and a bottleneck expansion: beyond the targets, recorded to show where the direct
-    # kernel declines (csrc/cpu/direct_conv.cpp) and the decode + oneDNN path runs
+    # later ResNet stages and bottlenecks: beyond the targets, recorded to show where the direct kernel
+    # declines (csrc/cpu/direct_conv.cpp) and the decode + oneDNN path or, for the few pixels of the last stage,
+    # the blocked GEMM (csrc/cpu/blocked_conv.cpp) runs
     "resnet3x3_128x128_28": (128, 128, 3, 1, 1, 1, 28),
     "resnet3x3_256x256_14": (256, 256, 3, 1, 1, 1, 14),
     "resnet3x3_512x512_7": (512, 512, 3, 1, 1, 1, 7),
     "pointwise1x1_64x256_56": (256, 64, 1, 1, 1, 0, 56),
+    "resnet3x3_256x512_14_stride2": (512, 256, 3, 1, 2, 1, 14),
+    "pointwise1x1_2048x512_7": (512, 2048, 1, 1, 1, 0, 7),
 }
 BITS = 4
 

@@ -184,12 +184,75 @@ def test_dtypes_and_channels_last(dtype, device, gen):
 
 
 @pytest.mark.parametrize("groups,per_channel", [(1, False), (1, True), (8, True)])
-def test_large_weight_goes_through_panels(groups, per_channel, gen):
-    # 512 x 512/g x 3 x 3 > 2**19 weights for g=1: decoded in several output-channel panels
+@pytest.mark.parametrize("mode", ["", "dense"])
+def test_large_weight_goes_through_panels(groups, per_channel, mode, monkeypatch, gen):
+    # 512 x 512/g x 3 x 3 > 2**19 weights for g=1: decoded in several output-channel panels ("dense": our conv
+    # kernels off; by default this small image of a large layer takes the blocked GEMM on AVX2 CPUs instead)
+    monkeypatch.setenv("WS_CPU_CONV", mode)
     packed, cb, shape, w = make(512, 512, 3, groups, 4, per_channel, gen)
     x = torch.randn(1, 512, 6, 6, generator=gen)
     y = ws.ops.shared_conv2d(x, packed, cb, 4, shape, None, 1, 1, 1, groups)
     torch.testing.assert_close(y, F.conv2d(x, w, None, 1, 1, 1, groups), rtol=1e-4, atol=1e-4)
+
+
+BLOCKED = [  # (out, in, kh, kw, stride, padding, dilation, N, H, W, bits, per_channel): the blocked-GEMM conv
+    (512, 512, 3, 3, (1, 1), (1, 1), (1, 1), 1, 7, 7, 4, False),    # late ResNet 3x3: taken by default
+    (512, 2048, 1, 1, (1, 1), (0, 0), (1, 1), 1, 7, 7, 4, True),    # bottleneck 1x1, per-channel codebooks
+    (64, 32, 3, 3, (2, 2), (1, 1), (1, 1), 1, 14, 14, 2, False),    # strided: 49 output pixels
+    (19, 7, 3, 2, (1, 2), (2, 0), (2, 3), 3, 9, 11, 3, True),       # non-square, dilated, mixed strides, batch 3
+    (8, 3, 5, 5, (1, 1), (2, 2), (1, 1), 2, 15, 13, 8, False),      # 390 pixels: two passes, one across images
+    (5, 4, 3, 3, (1, 1), (4, 4), (1, 1), 1, 2, 3, 4, False),        # padding wider than the image
+    (3, 2, 1, 1, (1, 1), (0, 0), (1, 1), 1, 1, 1, 1, False),        # one pixel, 1-bit
+]
+
+
+@pytest.mark.parametrize("case", BLOCKED)
+@pytest.mark.parametrize("batched,with_bias", [(True, True), (True, False), (False, True)])
+def test_blocked_conv_kernel(case, batched, with_bias, simd, monkeypatch, gen):
+    """shared_conv2d's blocked-GEMM path for images of few pixels (csrc/cpu/blocked_conv.cpp), forced on where its
+    speed test would decline, and by default where it is taken, against a float64 convolution; and the same values
+    with our kernels off (decode + oneDNN)."""
+    oc, c, kh, kw, s, p, d, n, h, w_, bits, per_channel = case
+    n = n if batched else 1
+    idx = torch.randint(0, 1 << bits, (oc, c * kh * kw), generator=gen, dtype=torch.uint8)
+    cb = torch.randn(oc if per_channel else 1, 1 << bits, generator=gen)
+    packed, shape = ws.ops.pack(idx, bits), [oc, c, kh, kw]
+    w = ws.ops.dequantize(packed, cb, bits, shape)
+    x = torch.randn(n, c, h, w_, generator=gen)
+    x = x if batched else x[0]
+    b = torch.randn(oc, generator=gen) if with_bias else None
+    want = F.conv2d(x.double(), w.double(), None if b is None else b.double(), s, p, d)
+    scale = want.abs().max().item()
+    errors = {}
+    for mode in ("blocked", "", "dense"):
+        monkeypatch.setenv("WS_CPU_CONV", mode)
+        y = ws.ops.shared_conv2d(x, packed, cb, bits, shape, b, s, p, d, 1)
+        assert y.shape == want.shape and y.dtype == torch.float32 and y.is_contiguous()
+        errors[mode or "auto"] = (y.double() - want).abs().max().item() / scale
+    # fp32 sums of up to 4608 products, one running sum per output and chunk of 256 (oneDNN splits them further):
+    # 2.4e-6 of the output's scale at 4608 against oneDNN's 2.6e-7; a wrong tap or pixel would be ~1e-1
+    assert max(errors.values()) < 1e-5, errors
+
+
+def test_blocked_conv_kernel_leaves_other_layouts_to_the_general_path(monkeypatch, gen):
+    """Grouped, channels-last, non-contiguous and 16-bit inputs are not the blocked kernel's; forcing it on must not
+    change their results (nor the channels-last output layout)."""
+    monkeypatch.setenv("WS_CPU_CONV", "blocked")
+    packed, cb, shape, w = make(8, 8, 3, 1, 4, False, gen)
+    x = torch.randn(2, 8, 7, 7, generator=gen)
+    for xi in (x.to(memory_format=torch.channels_last), x[:, :, :, ::2], x.transpose(2, 3)):
+        y = ws.ops.shared_conv2d(xi, packed, cb, 4, shape, None, 1, 1)
+        want = F.conv2d(xi, w, None, 1, 1)
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+        assert y.is_contiguous(memory_format=torch.channels_last) == want.is_contiguous(
+            memory_format=torch.channels_last)
+    y16 = ws.ops.shared_conv2d(x.bfloat16(), packed, cb, 4, shape, None, 1, 1)
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), F.conv2d(x.bfloat16().float(), w.bfloat16().float(), None, 1, 1),
+                               rtol=3e-2, atol=3e-2)
+    pg, cg, sg, wg = make(8, 8, 3, 2, 4, False, gen)
+    torch.testing.assert_close(ws.ops.shared_conv2d(x, pg, cg, 4, sg, None, 1, 1, 1, 2),
+                               F.conv2d(x, wg, None, 1, 1, 1, 2), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("per_channel", [False, True])

@@ -12,6 +12,7 @@
 
 #include <numeric>
 
+#include "../cpu/blocked_conv.h"
 #include "../cpu/decode_scratch.h"
 #include "../cpu/depthwise_conv.h"
 #include "../cpu/direct_conv.h"
@@ -77,6 +78,11 @@ at::Tensor shared_conv2d(const at::Tensor& x, const at::Tensor& packed, const at
     return at::conv2d(xs, w.to(x.scalar_type()), b.has_value() ? b->to(x.scalar_type()) : at::Tensor(), stride,
                       padding, dilation, g);
   };
+  if (x.is_cpu()) {  // images of few pixels: the blocked GEMM, decoding inside (blocked_conv.cpp says why)
+    at::Tensor y = cpu::blocked_conv2d_f32(x, packed, codebook, pw, bits, weight_shape, bias, stride, padding,
+                                           dilation, groups);
+    if (y.defined()) return y;
+  }
   if (panel >= out) return conv(x, decode(0, out, weight_shape), bias, groups);  // the common case: one panel
   std::vector<at::Tensor> parts;
   for (int64_t o0 = 0; o0 < out; o0 += panel) {

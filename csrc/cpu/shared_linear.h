@@ -45,6 +45,14 @@ void linear_int8(const PackedLinear& w, const at::Tensor& x_f32, float* y);
 // nothing written) on a CPU without AVX2.
 bool linear_float_blocked(const PackedLinear& w, const float* x, int64_t M, float* y);
 
+// The blocked kernel's core, for callers that lay out their own operands (the conv's im2col, blocked_conv.cpp):
+// y^T [out][Mp] = W [out][in] x x^T [in][Mp], x^T's columns past the real ones zero, Mp a multiple of
+// blocked_lanes() and at most kBlockedMaxLanes (the x^T chunk a panel meets, 256 k x 256 floats, stays in L2).
+// False (nothing written) on a CPU without AVX2.
+constexpr int64_t kBlockedMaxLanes = 256;
+int64_t blocked_lanes();  // floats per vector of the blocked kernel: 16 (AVX-512), 8 (AVX2), 0 (none)
+bool blocked_product(const PackedLinear& w, const float* xt, int64_t Mp, float* yt);
+
 // y[M, out] = x[M, in] @ W^T for M <= 4 on an AVX2 CPU (shared_linear_gemv_avx2.cpp); false (nothing written)
 // without AVX2 or for other M.
 bool gemv_avx2(const PackedLinear& w, const float* x, int64_t M, float* y);

@@ -25,7 +25,6 @@ namespace weightshare::cpu {
 namespace {
 
 constexpr int64_t kKc = 256;     // k per panel (the panel row stride; a compile-time displacement in the kernel)
-constexpr int64_t kMc = 256;     // batch rows per pass: the x^T chunk of a panel (256 x 256 floats) stays in L2
 // panels decoded together (64 KiB with AVX2, 128 with AVX-512: in L2), so that the next group's indices can be
 // prefetched while this group's tiles run, and each tile of x^T meets all of them from L1 (no gain measured from
 // that alone)
@@ -117,24 +116,80 @@ BlockFn pick(Simd simd, int64_t nr, bool accumulate) {
 
 }  // namespace
 
-bool linear_float_blocked(const PackedLinear& w, const float* x, int64_t M, float* y) {
+int64_t blocked_lanes() {
+#ifdef WS_X86
+  const Simd simd = simd_level();
+  return simd == Simd::Avx512 ? 16 : simd == Simd::Scalar ? 0 : 8;
+#else
+  return 0;
+#endif
+}
+
+bool blocked_product(const PackedLinear& w, const float* xt, int64_t Mp, float* yt) {
 #ifdef WS_X86
   const Simd simd = simd_level();
   if (simd == Simd::Scalar) return false;
   const int MR = simd == Simd::Avx512 ? 8 : 4;
   const int64_t V = simd == Simd::Avx512 ? 16 : 8;
+  TORCH_CHECK(Mp > 0 && Mp % V == 0 && Mp <= kBlockedMaxLanes, "weightshare: blocked_product needs 0 < Mp <= ",
+              kBlockedMaxLanes, " in whole vectors of ", V, ", got ", Mp);
   const int64_t K = w.in_features, O = w.out_features;
   const int64_t blocks = (O + MR - 1) / MR;
+  WS_DISPATCH_BITS(w.bits, BITS, [&] {
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      thread_local std::vector<float> panel_buf;
+      float* panels = grown(panel_buf, static_cast<size_t>(kPanels * MR * kKc));
+      GroupTable gt;
+      for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+        const int64_t kc = std::min(kKc, K - k0);
+        for (int64_t g0 = b0; g0 < b1; g0 += kPanels) {
+          const int64_t g1 = std::min(b1, g0 + kPanels);
+          for (int64_t b = g0; b < g1; ++b)
+            decode_block<BITS>(w, b * MR, static_cast<int>(std::min<int64_t>(MR, O - b * MR)), MR, k0, kc, simd, gt,
+                               panels + (b - g0) * MR * kKc, kKc);
+          // the next group's indices (this chunk's, or the next chunk's first group), fetched while this group's
+          // tiles run: the decode reads kc * BITS / 8 bytes of each row, rows a row stride apart, which the
+          // hardware prefetchers did not follow (the decode took a third of the profile at batch 16). Intel VM,
+          // 4096x4096 4 bits, same-run A/B: AVX2 batch 16 5.6-6.2 -> 4.4 ms, 64 16.8-18.2 -> 15.9, 256 within
+          // noise (58 ms); AVX-512 batch 16 3.7 -> 3.4 ms. bench_shared_linear's runs before / after (with the
+          // register-table decode), AVX2 against dense: batch 64 0.88x -> 1.03-1.08x, 256 0.74x -> 0.90-0.92x
+          const bool last = g1 == b1;
+          const int64_t n0 = last ? b0 : g1, n1 = std::min(b1, n0 + kPanels);
+          prefetch_indices(w, n0 * MR, std::min(O, n1 * MR), last ? k0 + kKc : k0, kc, BITS);
+          for (int64_t q = 0; q < Mp;) {
+            // tiles of 3 vectors, but 4 left go as 2 + 2: a 1-vector tile issues a broadcast per FMA
+            const int64_t left = (Mp - q) / V, nr = left == 4 ? 2 : std::min<int64_t>(3, left);
+            const BlockFn kernel = pick(simd, nr, k0 > 0);
+            for (int64_t b = g0; b < g1; ++b)
+              kernel(panels + (b - g0) * MR * kKc, xt + k0 * Mp + q, Mp, kc, yt + b * MR * Mp + q, Mp,
+                     static_cast<int>(std::min<int64_t>(MR, O - b * MR)));
+            q += nr * V;
+          }
+        }
+      }
+    });
+  });
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool linear_float_blocked(const PackedLinear& w, const float* x, int64_t M, float* y) {
+#ifdef WS_X86
+  const int64_t V = blocked_lanes();
+  if (V == 0) return false;
+  const int64_t K = w.in_features, O = w.out_features;
   // its work buffers are reused per thread, not freed: beyond 64 MiB of them (a layer wider than ~64K features)
   // the decode + ATen path, which needs none, takes the call
-  if ((K + O) * kMc > (int64_t(1) << 24)) return false;
-  // the batch in passes of kMc rows: the x^T and y^T buffers stay bounded (K x 256 and O x 256 floats) for any
-  // batch, and each weight is decoded once per pass
+  if ((K + O) * kBlockedMaxLanes > (int64_t(1) << 24)) return false;
+  // the batch in passes of kBlockedMaxLanes rows: the x^T and y^T buffers stay bounded (K x 256 and O x 256
+  // floats) for any batch, and each weight is decoded once per pass
   thread_local std::vector<float> xt_buf, yt_buf;
-  float* xt = grown(xt_buf, static_cast<size_t>(K * kMc));
-  float* yt = grown(yt_buf, static_cast<size_t>(O * kMc));
-  for (int64_t m0 = 0; m0 < M; m0 += kMc) {
-    const int64_t Mc = std::min(kMc, M - m0), Mp = (Mc + V - 1) / V * V;
+  float* xt = grown(xt_buf, static_cast<size_t>(K * kBlockedMaxLanes));
+  float* yt = grown(yt_buf, static_cast<size_t>(O * kBlockedMaxLanes));
+  for (int64_t m0 = 0; m0 < M; m0 += kBlockedMaxLanes) {
+    const int64_t Mc = std::min(kBlockedMaxLanes, M - m0), Mp = (Mc + V - 1) / V * V;
     const float* xm = x + m0 * K;
     // x^T [K][Mp], zero padded, in 64-column strips (each strip's reads of x stay in cache)
     at::parallel_for(0, (K + 63) / 64, 1, [&](int64_t s0, int64_t s1) {
@@ -144,40 +199,7 @@ bool linear_float_blocked(const PackedLinear& w, const float* x, int64_t M, floa
         for (int64_t k = k0; k < k1; ++k) std::fill(xt + k * Mp + Mc, xt + (k + 1) * Mp, 0.0f);
       }
     });
-    WS_DISPATCH_BITS(w.bits, BITS, [&] {
-      at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-        thread_local std::vector<float> panel_buf;
-        float* panels = grown(panel_buf, static_cast<size_t>(kPanels * MR * kKc));
-        GroupTable gt;
-        for (int64_t k0 = 0; k0 < K; k0 += kKc) {
-          const int64_t kc = std::min(kKc, K - k0);
-          for (int64_t g0 = b0; g0 < b1; g0 += kPanels) {
-            const int64_t g1 = std::min(b1, g0 + kPanels);
-            for (int64_t b = g0; b < g1; ++b)
-              decode_block<BITS>(w, b * MR, static_cast<int>(std::min<int64_t>(MR, O - b * MR)), MR, k0, kc, simd, gt,
-                                 panels + (b - g0) * MR * kKc, kKc);
-            // the next group's indices (this chunk's, or the next chunk's first group), fetched while this group's
-            // tiles run: the decode reads kc * BITS / 8 bytes of each row, rows a row stride apart, which the
-            // hardware prefetchers did not follow (the decode took a third of the profile at batch 16). Intel VM,
-            // 4096x4096 4 bits, same-run A/B: AVX2 batch 16 5.6-6.2 -> 4.4 ms, 64 16.8-18.2 -> 15.9, 256 within
-            // noise (58 ms); AVX-512 batch 16 3.7 -> 3.4 ms. bench_shared_linear's runs before / after (with the
-            // register-table decode), AVX2 against dense: batch 64 0.88x -> 1.03-1.08x, 256 0.74x -> 0.90-0.92x
-            const bool last = g1 == b1;
-            const int64_t n0 = last ? b0 : g1, n1 = std::min(b1, n0 + kPanels);
-            prefetch_indices(w, n0 * MR, std::min(O, n1 * MR), last ? k0 + kKc : k0, kc, BITS);
-            for (int64_t q = 0; q < Mp;) {
-              // tiles of 3 vectors, but 4 left go as 2 + 2: a 1-vector tile issues a broadcast per FMA
-              const int64_t left = (Mp - q) / V, nr = left == 4 ? 2 : std::min<int64_t>(3, left);
-              const BlockFn kernel = pick(simd, nr, k0 > 0);
-              for (int64_t b = g0; b < g1; ++b)
-                kernel(panels + (b - g0) * MR * kKc, xt + k0 * Mp + q, Mp, kc, yt + b * MR * Mp + q, Mp,
-                       static_cast<int>(std::min<int64_t>(MR, O - b * MR)));
-              q += nr * V;
-            }
-          }
-        }
-      });
-    });
+    blocked_product(w, xt, Mp, yt);
     // y[m0 : m0 + Mc] = (y^T)^T, in 64-row strips of y^T
     float* ym = y + m0 * O;
     at::parallel_for(0, (O + 63) / 64, 1, [&](int64_t s0, int64_t s1) {

@@ -45,15 +45,17 @@ inline bool avx_vnni() {
 
 // Which of shared_conv2d's own CPU kernels run (winograd_conv.cpp, direct_conv.cpp, depthwise_conv.cpp), from
 // WS_CPU_CONV: unset = each where it is faster; winograd = the Winograd kernel wherever it applies (else as
-// unset); direct = the direct kernel wherever it applies, never Winograd; dense = none of them (decode + oneDNN).
+// unset); direct = the direct kernel wherever it applies, never Winograd; blocked = the blocked GEMM of
+// blocked_conv.cpp wherever it applies (else as unset); dense = none of them (decode + oneDNN).
 // Tests and benchmarks use it to compare the paths.
-enum class ConvKernels { Auto, Winograd, Direct, Never };
+enum class ConvKernels { Auto, Winograd, Direct, Blocked, Never };
 
 inline ConvKernels conv_kernels() {
   const char* env = std::getenv("WS_CPU_CONV");
   if (env == nullptr) return ConvKernels::Auto;
   if (std::strcmp(env, "winograd") == 0) return ConvKernels::Winograd;
   if (std::strcmp(env, "direct") == 0) return ConvKernels::Direct;
+  if (std::strcmp(env, "blocked") == 0) return ConvKernels::Blocked;
   if (std::strcmp(env, "dense") == 0) return ConvKernels::Never;
   return ConvKernels::Auto;
 }
