@@ -149,6 +149,22 @@ def transformer_table(r):
     return "\n".join(out)
 
 
+def resnet_table(r):
+    """ResNet-18 with every conv and the classifier shared: whole model and per stage, dense vs shared."""
+    sz = r["sizes"]
+    out = [f"ResNet-18, 224x224, every Conv2d and the classifier shared at {r['bits']} bits ({_machine(r['machine'])}"
+           f"{_caps(r)}; weights {sz['dense_fp32_mb']:.1f} MB fp32, file {sz['shared_file_mb']:.1f} MB); per stage "
+           "dense / shared ms", "",
+           "| batch | dense fp32 | shared | rel. error | stem | 56x56 | 28x28 | 14x14 | 7x7 | head |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        d = x["dense_ms"]
+        stages = " | ".join(f"{a:.2f} / {b:.2f}" for a, b in zip(x["stage_dense_ms"], x["stage_shared_ms"]))
+        out.append(f"| {x['batch']} | {d:.2f} ms | {x['shared_ms']:.2f} ms ({d / x['shared_ms']:.2f}x) | "
+                   f"{x['rel_error']:.1e} | {stages} |")
+    return "\n".join(out)
+
+
 def conv_table(r):
     offsets = r.get("offsets")
     head = f"Shared Conv2d, {r['bits']}-bit, batch 1, fp32 ({_machine(r['machine'])}{_caps(r)})"
@@ -347,6 +363,7 @@ def main():
                      ("shared_linear_cpu_avx2vnni_intel.json", linear_table),
                      ("transformer_cpu_intel.json", transformer_table),
                      ("transformer_cpu_avx2_intel.json", transformer_table),
+                     ("resnet18_cpu_intel.json", resnet_table), ("resnet18_cpu_avx2_intel.json", resnet_table),
                      ("shared_conv_cpu_intel.json", conv_table), ("shared_conv_cpu_avx2_intel.json", conv_table),
                      ("linear_widths_cpu_intel.json", widths_table),
                      ("linear_widths_cpu_avx2_intel.json", widths_table),

@@ -1,0 +1,129 @@
+"""A ResNet-18 (built here with random weights, no download: torchvision's layout, 11.7 M parameters) with every
+Conv2d and the classifier replaced by 4-bit shared layers, against the dense model computing the same function, at
+batch 1 and 8 on 224x224 images, in one run; the per-stage times say where the shared model gains and loses.
+
+    python benchmarks/bench_resnet.py        # writes benchmarks/results/resnet18_cpu.json
+    bash benchmarks/avx2_only.sh python benchmarks/bench_resnet.py    # an AVX2-only CPU, emulated
+
+Why: bench_shared_conv times single convolutions; a deployed CNN is a stack whose stages differ (large images and
+few channels first, 7x7 images and 2.4 M-weight layers last) with BatchNorm and ReLU between them. The dense model
+carries the shared weights (dequantised), so both compute the same function up to fp32 rounding.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+import weightshare as ws  # noqa: E402
+from _common import parse_cli, cpu_results_name, machine, simd_env, time_interleaved, write_json  # noqa: E402
+
+BITS = 4
+BATCHES = [1, 8]
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return torch.relu(y + (x if self.down is None else self.down(x)))
+
+
+class ResNet18(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                                  nn.MaxPool2d(3, 2, 1))
+        widths, cin, stages = (64, 128, 256, 512), 64, []
+        for i, w in enumerate(widths):
+            stages.append(nn.Sequential(BasicBlock(cin, w, 1 if i == 0 else 2), BasicBlock(w, w, 1)))
+            cin = w
+        self.stages = nn.ModuleList(stages)
+        self.fc = nn.Linear(512, 1000)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for s in self.stages:
+            x = s(x)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def build() -> nn.Module:
+    torch.manual_seed(0)
+    model = ResNet18()
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):  # trained-looking statistics, so activations keep their scale
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def stage_times(model: nn.Module, x: torch.Tensor, repeat: int) -> list[float]:
+    """Seconds per stage (stem, stages 1-4, head), each timed on its own input (interleaving is per model)."""
+    parts = [model.stem, *model.stages]
+    inputs = [x]
+    with torch.no_grad():
+        for p in parts:
+            inputs.append(p(inputs[-1]))
+    fns = [(lambda p, a: lambda: p(a))(p, a) for p, a in zip(parts, inputs)]
+    head = (lambda a: lambda: model.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(a, 1), 1)))(inputs[-1])
+    return time_interleaved(fns + [head], repeat=repeat)
+
+
+def run() -> dict:
+    dense, shared = build(), build()
+    layers = {name: m for name, m in shared.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assignments = {}
+    for name, m in layers.items():
+        r = ws.kmeans(m.weight.detach().reshape(m.weight.shape[0], -1), 1 << BITS)
+        assignments[name] = (r.codebook, r.idx.reshape(m.weight.shape))
+    report = ws.replace_layers(shared, assignments)
+    with torch.no_grad():  # the dense reference carries the shared weights
+        for name, m in dense.named_modules():
+            if name in assignments:
+                cb, idx = assignments[name]
+                m.weight.copy_(cb[0][idx.long()])
+    sizes = {"dense_fp32_mb": sum(p.numel() * 4 for p in dense.parameters()) / 2**20,
+             "shared_file_mb": ws.size_report(shared, entropy_coding=False).file_bytes / 2**20}
+    out = {"machine": machine(), "simd_caps": simd_env(), "bits": BITS, "replaced": len(report.replaced),
+           "skipped": [list(s) for s in report.skipped], "sizes": sizes, "rows": []}
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n in BATCHES:
+            x = torch.randn(n, 3, 224, 224, generator=gen)
+            ref = dense(x)
+            err = float((shared(x) - ref).norm() / ref.norm())
+            repeat = 20 if n == 1 else 6
+            t_dense, t_shared = time_interleaved([lambda: dense(x), lambda: shared(x)], repeat=repeat)
+            st_dense, st_shared = stage_times(dense, x, repeat), stage_times(shared, x, repeat)
+            row = {"batch": n, "dense_ms": t_dense * 1e3, "shared_ms": t_shared * 1e3,
+                   "speed_vs_dense": t_dense / t_shared, "rel_error": err,
+                   "stages": ["stem", "stage1_56x56", "stage2_28x28", "stage3_14x14", "stage4_7x7", "head"],
+                   "stage_dense_ms": [t * 1e3 for t in st_dense], "stage_shared_ms": [t * 1e3 for t in st_shared]}
+            out["rows"].append(row)
+            stages = " ".join(f"{s.split('_')[0]} {d * 1e3:.2f}/{w * 1e3:.2f}"
+                              for s, d, w in zip(row["stages"], st_dense, st_shared))
+            print(f"batch {n}: dense {row['dense_ms']:.2f} ms | shared {row['shared_ms']:.2f} ms "
+                  f"({row['speed_vs_dense']:.2f}x) | rel. error {err:.1e} | stages dense/shared ms: {stages}",
+                  flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    parse_cli(__doc__)
+    print(write_json(cpu_results_name("resnet18_cpu"), run()))
