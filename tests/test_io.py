@@ -373,3 +373,108 @@ def test_unknown_model_name_needs_a_model(lenet5_file, tmp_path):
     with pytest.raises(ValueError, match="pass model="):
         ws.load(bad)
     assert isinstance(ws.load(bad, model=build_model("lenet5")).fc1, SharedLinear)
+
+
+# ----------------------------------------------------------------------------------------------- HashedNets layers
+
+
+@pytest.fixture(scope="module")
+def hashed_lenet5():
+    """LeNet-5 as HashedNets (compress.hashednets): convs and Linear layers parametrised by 1/8 as many buckets."""
+    from weightshare.compress.hashednets import hashednets
+    torch.manual_seed(0)
+    return hashednets(build_model("lenet5").eval(), 8, seed=5)
+
+
+@pytest.fixture(scope="module")
+def hashed_file(hashed_lenet5, tmp_path_factory):
+    path = tmp_path_factory.mktemp("hashed") / "lenet5_hashed.ws"
+    ws.save(hashed_lenet5, path)
+    return path
+
+
+def test_hashednets_round_trip_is_bit_exact(hashed_lenet5, hashed_file):
+    """A HashedNets model saves its bucket values and seeds only (no index per weight) and loads bit-exactly into
+    the rebuilt architecture, a dense model and a HashedNets one; the file's bytes are size_report's."""
+    from weightshare.compress.hashednets import hashed_parametrizations, hashednets, hashednets_size
+    x = torch.randn(4, 1, 28, 28)
+    want = hashed_lenet5(x)
+    report = ws.size_report(hashed_lenet5)
+    assert os.path.getsize(hashed_file) == report.file_bytes
+    assert [l.kind for l in report.layers] == ["hashed"] * 4
+    buckets = sum(p.buckets for p in hashed_parametrizations(hashed_lenet5))
+    assert sum(l.codebook_bytes for l in report.layers) == 4 * buckets  # kaiming-scaled values: not fp16-exact
+    # HashedNets' own count (buckets, biases and a seed per layer) and the header are all the file holds
+    assert report.file_bytes - report.overhead_bytes <= hashednets_size(hashed_lenet5)
+    _, metadata = read_container(hashed_file)
+    assert metadata["layers"]["fc1"] == {"kind": "hashed", "weight_shape": [500, 800], "buckets": 50000,
+                                         "seed": metadata["layers"]["fc1"]["seed"], "hash": "position_hash.v1",
+                                         "values_dtype": "float32"}
+    rebuilt = ws.load(hashed_file)
+    dense = build_model("lenet5").eval()
+    ws.load(hashed_file, model=dense)
+    same = hashednets(build_model("lenet5").eval(), 8, seed=5)
+    ws.load(hashed_file, model=same)
+    for model in (rebuilt, dense, same):
+        assert torch.equal(model(x), want)
+    assert len(hashed_parametrizations(rebuilt)) == 4
+
+
+def test_hashednets_values_stored_as_float16_when_exact(tmp_path):
+    from weightshare.compress.hashednets import hashed_parametrizations, hashednets
+    torch.manual_seed(0)
+    model = hashednets(nn.Sequential(nn.Linear(64, 32)), 4)
+    with torch.no_grad():
+        model[0].parametrizations.weight.original.copy_(torch.randint(-64, 64, (512,)).float() / 64)
+    path = tmp_path / "h.ws"
+    ws.save(model, path)
+    tensors, metadata = read_container(path)
+    assert metadata["layers"]["0"]["values_dtype"] == "float16" and tensors["0.hashed_values"].dtype == torch.float16
+    x = torch.randn(3, 64)
+    loaded = ws.load(path, model=nn.Sequential(nn.Linear(64, 32)))
+    assert torch.equal(loaded(x), model(x))
+    assert hashed_parametrizations(loaded)[0].buckets == 512
+
+
+def set_hashed(name, key, value):
+    return lambda tensors, metadata: metadata["layers"][name].__setitem__(key, value)
+
+
+HOSTILE_HASHED = [  # (edit, what the error says)
+    (set_hashed("fc1", "hash", "murmur3"), "cannot be recomputed"),
+    (set_hashed("fc1", "buckets", 500 * 800 + 1), "buckets must be an integer"),
+    (set_hashed("fc1", "buckets", 0), "buckets must be an integer"),
+    (set_hashed("fc1", "seed", -1), "seed must be an integer"),
+    (set_hashed("fc1", "seed", 1 << 40), "seed must be an integer"),
+    (set_hashed("fc1", "seed", "5"), "seed must be an integer"),
+    (set_hashed("fc1", "weight_shape", [800, 500]), "weight shape"),
+    (set_hashed("fc1", "weight_shape", [500]), "weight_shape"),
+    (set_hashed("fc1", "values_dtype", "float64"), "values dtype"),
+    (set_hashed("fc1", "bits", 4), "keys"),
+    (lambda t, m: t.__setitem__("fc1.hashed_values", t["fc1.hashed_values"].half()), "metadata says"),
+    (lambda t, m: t.__setitem__("fc1.hashed_values", t["fc1.hashed_values"][:100].clone()), "shape"),
+    (lambda t, m: t.__setitem__("fc1.hashed_values", torch.full_like(t["fc1.hashed_values"], float("inf"))), "Inf"),
+    (lambda t, m: t.pop("fc1.hashed_values"), "missing tensor"),
+    (lambda t, m: m["layers"].__setitem__("pool", m["layers"].pop("fc1")), "not a module of the model"),
+]
+
+
+@pytest.mark.parametrize("edit, message", HOSTILE_HASHED)
+def test_hostile_hashednets_files_are_refused_and_leave_the_model_alone(edit, message, hashed_file, tmp_path):
+    bad = rewrite(hashed_file, tmp_path / "bad.ws", edit)
+    torch.manual_seed(3)
+    model = build_model("lenet5")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ContainerError, match=message):
+        ws.load(bad, model=model)
+    assert type(model.fc1) is nn.Linear and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_hashednets_file_refuses_a_differently_hashed_model(hashed_file):
+    from weightshare.compress.hashednets import hashednets
+    other = hashednets(build_model("lenet5").eval(), 8, seed=6)  # other seeds: other buckets for every weight
+    with pytest.raises(ContainerError, match="parametrised differently"):
+        ws.load(hashed_file, model=other)
+    shared = compressed_lenet5()
+    with pytest.raises(ContainerError, match="shared layer"):
+        ws.load(hashed_file, model=shared)

@@ -18,8 +18,12 @@ holding, in the model's state_dict order:
       bits of the last byte are zero) and `L.bias` holding only the values at the set bits, in order (1-D, same
       dtype rule; none of them +0.0). `save` masks a bias only when that makes the file strictly smaller (a unit
       that compress.dead_units zeroed, or a pruned-away output row, then costs one bit instead of 2-4 bytes);
-* every other state_dict tensor (BatchNorm weights and statistics, layers left dense, ...) raw, under its
-  state_dict name.
+* per HashedNets layer L (a Linear / Conv whose weight is parametrised by compress.hashednets.HashedWeight: the
+  virtual matrix xi * values[h], Chen et al. 2015): `L.hashed_values`, its bucket values ([buckets], float16 when
+  that is exact, else float32). No index is stored: the bucket and sign of each weight are the seeded position
+  hash (compress/baselines.position_hash), which `load` recomputes from the seed;
+* every other state_dict tensor (BatchNorm weights and statistics, layers left dense, a HashedNets layer's bias,
+  ...) raw, under its state_dict name.
 
 Metadata (the container's JSON)::
 
@@ -31,7 +35,9 @@ Metadata (the container's JSON)::
                     "bias_dtype": "float32" | "float16",    # optional (absent: the model's bias dtype)
                     "bias_encoding": "masked",              # optional (absent: the bias is stored densely)
                     # conv kinds only:
-                    "stride": [...], "padding": [...], "dilation": [...], "conv_groups": g}},
+                    "stride": [...], "padding": [...], "dilation": [...], "conv_groups": g},
+                L2: {"kind": "hashed", "weight_shape": [...], "buckets": K, "seed": s, "hash": "position_hash.v1",
+                     "values_dtype": "float32" | "float16"}},
      "user": {... the caller's metadata ...}}
 
 `load` trusts nothing in the file: every field is validated against the format and against the model it loads
@@ -47,9 +53,11 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from weightshare import entropy, models, ops
 from weightshare.bias_mask import stored_mask, unmask
+from weightshare.compress.hashednets import HashedWeight
 from weightshare.container import ContainerError, aligned, container_size, read_container, write_container
 from weightshare.formats import MAX_BITS, MIN_BITS, packed_row_bytes
 from weightshare.nn import ACTIVATIONS, SharedConv1d, SharedConv2d, SharedLayer, SharedLinear, _numeric_padding
@@ -66,6 +74,12 @@ _COMMON_KEYS = {"kind", "weight_shape", "bits", "k", "groups", "bias", "activati
 _CONV_KEYS = {"stride", "padding", "dilation", "conv_groups"}
 _OPTIONAL_KEYS = {"bias_dtype", "bias_encoding"}
 _CODEBOOK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+# HashedNets layers: the hash that maps a weight's position to its bucket and sign (compress/baselines.py); a file
+# names it so that a reader with a different hash refuses the file instead of scrambling the weights
+HASH_NAME = "position_hash.v1"
+_HASHED_KEYS = {"kind", "weight_shape", "buckets", "seed", "hash", "values_dtype"}
+_HASHED_VALUES = "parametrizations.weight.original"  # where a parametrised module keeps the bucket values
+_MAX_SEED = (1 << 31) - 1
 
 EntropyCoding = Union[bool, str]
 
@@ -152,6 +166,8 @@ def _plan(model: nn.Module, entropy_coding: EntropyCoding, metadata: Optional[di
         raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
     shared = {name: m for name, m in model.named_modules() if isinstance(m, SharedLayer)}
     owner = {_prefix(name) + key: (name, key) for name, m in shared.items() for key in ("packed", "codebook", "bias")}
+    hashed = {name: (m, hw) for name, m in model.named_modules() if (hw := _hashed_weight(m)) is not None}
+    owner.update({_prefix(name) + _HASHED_VALUES: (name, "hashed") for name in hashed})
     param_names = {name for name, _ in model.named_parameters()}
     streams: dict[str, dict[str, Tensor]] = {}  # layer -> encoding -> stream
     codebooks = {name: _stored_codebook(layer, name) for name, layer in shared.items()}
@@ -189,6 +205,16 @@ def _plan(model: nn.Module, entropy_coding: EntropyCoding, metadata: Optional[di
                 tensors[key] = tensor
                 continue
             name, role = owner[key]
+            if role == "hashed":
+                values = _half_if_exact(tensor.detach().float())
+                if not torch.isfinite(values).all():
+                    raise ValueError(f"layer {name!r}: the HashedNets bucket values hold NaN or Inf; refusing to "
+                                     "save them")
+                hw = hashed[name][1]
+                tensors[_prefix(name) + "hashed_values"] = values
+                layers[name] = {"kind": "hashed", "weight_shape": list(hw.shape), "buckets": hw.buckets,
+                                "seed": hw.seed, "hash": HASH_NAME, "values_dtype": _dtype_name(values)}
+                continue
             layer = shared[name]
             if role == "packed":
                 encoding = choose(name)
@@ -228,7 +254,18 @@ def _plan(model: nn.Module, entropy_coding: EntropyCoding, metadata: Optional[di
         if trial < best:
             masked, best, tensors, meta = masked | {name}, trial, trial_tensors, trial_meta
 
+    for name, (module, hw) in hashed.items():
+        n, bias = math.prod(hw.shape), tensors.get(_prefix(name) + "bias")
+        nbias = 0 if bias is None else bias.numel()
+        values = tensors[_prefix(name) + "hashed_values"]
+        sizes[name] = LayerSize(
+            name=name, kind="hashed", weights=n, parameters=n + nbias, fp32_bytes=4 * (n + nbias), bits=0,
+            k=hw.buckets, groups=1, packed_bytes=0, entropy_bytes=0, shannon_bytes=0.0, encoding="hashed",
+            index_bytes=0, codebook_bytes=values.numel() * values.element_size(),
+            bias_bytes=0 if bias is None else nbias * bias.element_size())
     for name, spec in meta["layers"].items():
+        if spec["kind"] == "hashed":
+            continue
         size = sizes[name]
         size.encoding = spec["index_encoding"]
         size.index_bytes = tensors[_prefix(name) + "indices"].numel()
@@ -239,7 +276,16 @@ def _plan(model: nn.Module, entropy_coding: EntropyCoding, metadata: Optional[di
             (0 if mask is None else mask.numel())
         size.bias_encoding = spec.get("bias_encoding", "dense")
     owned = {_prefix(name) + role for name in shared for role in ("indices", "codebook", "bias", "bias_mask")}
+    owned |= {_prefix(name) + role for name in hashed for role in ("hashed_values", "bias")}
     return _Plan(tensors, meta, [sizes[name] for name in meta["layers"]], owned, param_names)
+
+
+def _hashed_weight(module: nn.Module):
+    """The module's HashedWeight when its weight is a HashedNets virtual matrix (and nothing else), else None."""
+    if isinstance(module, SharedLayer) or not parametrize.is_parametrized(module, "weight"):
+        return None
+    chain = module.parametrizations.weight
+    return chain[0] if len(chain) == 1 and isinstance(chain[0], HashedWeight) else None
 
 
 def _registry_name(model: nn.Module) -> Optional[str]:
@@ -317,8 +363,10 @@ def _parse_layer(name: str, spec: Any, fail) -> dict:
     if not isinstance(spec, dict):
         raise fail(f"{what}: metadata is a {type(spec).__name__}, not an object")
     kind = spec.get("kind")
+    if kind == "hashed":
+        return _parse_hashed(spec, what, fail)
     if kind not in KINDS:
-        raise fail(f"{what}: unknown layer kind {kind!r:.60} (this reader knows {', '.join(KINDS)})")
+        raise fail(f"{what}: unknown layer kind {kind!r:.60} (this reader knows {', '.join(KINDS)}, hashed)")
     keys = _COMMON_KEYS | (_CONV_KEYS if kind != "linear" else set())
     if not keys <= set(spec) <= keys | _OPTIONAL_KEYS:
         raise fail(f"{what}: metadata keys are {sorted(spec)}, expected {sorted(keys)} (optionally "
@@ -353,6 +401,44 @@ def _parse_layer(name: str, spec: Any, fail) -> dict:
         out["dilation"] = _int_list(spec, "dilation", n, 1, what, fail)
         _int_field(spec, "conv_groups", 1, None, what, fail)
     return out
+
+
+def _parse_hashed(spec: dict, what: str, fail) -> dict:
+    """Schema-check a HashedNets layer's metadata."""
+    if set(spec) != _HASHED_KEYS:
+        raise fail(f"{what}: metadata keys are {sorted(spec)}, expected {sorted(_HASHED_KEYS)}")
+    shape = spec["weight_shape"]
+    if not isinstance(shape, list) or not 2 <= len(shape) <= 5:
+        raise fail(f"{what}: weight_shape must be a list of 2 to 5 integers >= 1, got {shape!r:.120}")
+    out = dict(spec)
+    out["weight_shape"] = _int_list(spec, "weight_shape", len(shape), 1, what, fail)
+    _int_field(spec, "buckets", 1, math.prod(out["weight_shape"]), what, fail)
+    _int_field(spec, "seed", 0, _MAX_SEED, what, fail)
+    if spec["hash"] != HASH_NAME:
+        raise fail(f"{what}: hash {spec['hash']!r:.60} is not this reader's ({HASH_NAME!r}): the weights' buckets "
+                   "cannot be recomputed")
+    if spec["values_dtype"] not in _CODEBOOK_DTYPES:
+        raise fail(f"{what}: values dtype must be one of {list(_CODEBOOK_DTYPES)}, got {spec['values_dtype']!r:.60}")
+    return out
+
+
+def _hashed_target(target: nn.Module, spec: dict, what: str, fail):
+    """The HashedWeight the model's module will carry for `spec` (its own when it already matches, else a new
+    one, not yet registered), after checking the module can hold the layer."""
+    if isinstance(target, SharedLayer):
+        raise fail(f"{what}: the file has a HashedNets layer but the model's module is a shared layer")
+    weight = getattr(target, "weight", None)
+    if not isinstance(weight, Tensor) or not weight.is_floating_point():
+        raise fail(f"{what}: the file has a HashedNets layer but the model's module has no floating-point weight")
+    if tuple(weight.shape) != spec["weight_shape"]:
+        raise fail(f"{what}: weight shape {list(spec['weight_shape'])} in the file, {list(weight.shape)} in the model")
+    if parametrize.is_parametrized(target, "weight"):
+        hw = _hashed_weight(target)
+        if hw is None or (hw.buckets, hw.seed) != (spec["buckets"], spec["seed"]):
+            raise fail(f"{what}: the model's weight is parametrised differently (not HashedNets with "
+                       f"{spec['buckets']} buckets and seed {spec['seed']})")
+        return hw
+    return HashedWeight(weight.shape, spec["buckets"], spec["seed"]).to(weight.device)
 
 
 def _parse_metadata(metadata: dict, fail) -> tuple[dict, dict[str, dict]]:
@@ -485,10 +571,14 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> nn
     modules = dict(model.named_modules())
 
     layers: dict[str, SharedLayer] = {}
+    hashed: dict[str, Any] = {}  # HashedNets layers: name -> the HashedWeight its module will carry
     for name, spec in specs.items():
         target = modules.get(name)
         if target is None:
             raise fail(f"layer {name!r} is not a module of the model")
+        if spec["kind"] == "hashed":
+            hashed[name] = _hashed_target(target, spec, f"layer {name!r}", fail)
+            continue
         reason = _mismatch(target, spec)
         if reason:
             raise fail(f"layer {name!r}: {reason}")
@@ -505,6 +595,13 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> nn
         for key in modules[name].state_dict():
             expected.pop(_prefix(name) + key, None)
         expected.update({_prefix(name) + key: value for key, value in layer.state_dict().items()})
+    for name, hw in hashed.items():  # the weight becomes the bucket values, stored as `hashed_values`
+        weight = modules[name].weight
+        expected.pop(_prefix(name) + "weight", None)
+        expected[_prefix(name) + _HASHED_VALUES] = torch.empty(hw.buckets, dtype=weight.dtype)
+    values = {_prefix(name) + "hashed_values": _prefix(name) + _HASHED_VALUES for name in hashed}
+    tensors = {values.get(key, key): tensor for key, tensor in tensors.items()}
+    hashed_dtypes = {_prefix(name) + _HASHED_VALUES: specs[name]["values_dtype"] for name in hashed}
     streams = {_prefix(name) + "indices": name for name in layers}
     masks = {_prefix(name) + "bias_mask": name for name, spec in specs.items() if "bias_encoding" in spec}
     masked_biases = {_prefix(name) + "bias": mask for mask, name in masks.items()}  # bias -> its mask
@@ -534,6 +631,13 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> nn
             if not torch.isfinite(tensor).all():
                 raise fail(f"tensor {key!r}: the codebook holds NaN or Inf")
             tensor = tensor.float()
+        elif key in hashed_dtypes:
+            dtype = _CODEBOOK_DTYPES[hashed_dtypes[key]]
+            if tensor.dtype != dtype:
+                raise fail(f"tensor {key!r} is {tensor.dtype} but the metadata says {dtype}")
+            if not torch.isfinite(tensor).all():
+                raise fail(f"tensor {key!r}: the HashedNets bucket values hold NaN or Inf")
+            tensor = tensor.to(want.dtype)
         elif key in half_biases and want.dtype == torch.float32:
             if tensor.dtype != torch.float16:
                 raise fail(f"tensor {key!r} is {tensor.dtype} but the metadata says float16")
@@ -549,6 +653,9 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> nn
     for stream, name in streams.items():
         state[_prefix(name) + "packed"] = _decode_indices(name, specs[name], tensors[stream], fail)
 
+    for name, hw in hashed.items():
+        if _hashed_weight(modules[name]) is not hw:
+            parametrize.register_parametrization(modules[name], "weight", hw, unsafe=True)
     holders = _parents(model)
     for name, layer in layers.items():
         old = modules[name]
