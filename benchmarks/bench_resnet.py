@@ -4,6 +4,7 @@ batch 1 and 8 on 224x224 images, in one run; the per-stage times say where the s
 
     python benchmarks/bench_resnet.py        # writes benchmarks/results/resnet18_cpu.json
     bash benchmarks/avx2_only.sh python benchmarks/bench_resnet.py    # an AVX2-only CPU, emulated
+    python benchmarks/bench_resnet.py --cuda # fp16 on the GPU against cuDNN (CUDA graphs): resnet18_cuda.json
 
 Why: bench_shared_conv times single convolutions; a deployed CNN is a stack whose stages differ (large images and
 few channels first, 7x7 images and 2.4 M-weight layers last) with BatchNorm and ReLU between them. The dense model
@@ -11,6 +12,7 @@ carries the shared weights (dequantised), so both compute the same function up t
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -85,7 +87,9 @@ def stage_times(model: nn.Module, x: torch.Tensor, repeat: int) -> list[float]:
     return time_interleaved(fns + [head], repeat=repeat)
 
 
-def run() -> dict:
+def build_pair() -> tuple[nn.Module, nn.Module, dict]:
+    """The dense model and its shared twin (every conv and the classifier at BITS bits), computing the same
+    function: the dense one carries the shared weights."""
     dense, shared = build(), build()
     layers = {name: m for name, m in shared.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     assignments = {}
@@ -98,10 +102,14 @@ def run() -> dict:
             if name in assignments:
                 cb, idx = assignments[name]
                 m.weight.copy_(cb[0][idx.long()])
+    return dense, shared, {"replaced": len(report.replaced), "skipped": [list(s) for s in report.skipped]}
+
+
+def run() -> dict:
+    dense, shared, replaced = build_pair()
     sizes = {"dense_fp32_mb": sum(p.numel() * 4 for p in dense.parameters()) / 2**20,
              "shared_file_mb": ws.size_report(shared, entropy_coding=False).file_bytes / 2**20}
-    out = {"machine": machine(), "simd_caps": simd_env(), "bits": BITS, "replaced": len(report.replaced),
-           "skipped": [list(s) for s in report.skipped], "sizes": sizes, "rows": []}
+    out = {"machine": machine(), "simd_caps": simd_env(), "bits": BITS, **replaced, "sizes": sizes, "rows": []}
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n in BATCHES:
@@ -124,6 +132,32 @@ def run() -> dict:
     return out
 
 
+def run_cuda() -> dict:
+    """The issue's GPU conv target on a whole network: fp16 on the GPU, the shared model against the dense one on
+    cuDNN, times from CUDA-graph replays of whole forwards (time_cuda), batch 1 and 8."""
+    from _common import time_cuda
+    dense32, shared, replaced = build_pair()
+    dense32 = dense32.cuda()
+    dense, shared = copy.deepcopy(dense32).half(), shared.half().cuda()
+    out = {"machine": machine(), "bits": BITS, "dtype": "float16", **replaced, "rows": []}
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        for n in BATCHES:
+            x = torch.randn(n, 3, 224, 224, generator=gen).half().cuda()
+            ref = dense32(x.float())
+            err = {name: float((m(x).float() - ref).norm() / ref.norm()) for name, m in (("dense", dense),
+                                                                                       ("shared", shared))}
+            t_dense, t_shared = time_cuda(lambda: dense(x)), time_cuda(lambda: shared(x))
+            row = {"batch": n, "cudnn_fp16_ms": t_dense * 1e3, "shared_ms": t_shared * 1e3,
+                   "speed_vs_cudnn": t_dense / t_shared, "rel_error_vs_fp32": err}
+            out["rows"].append(row)
+            print(f"cuda batch {n}: dense (cuDNN fp16) {row['cudnn_fp16_ms']:.3f} ms | shared "
+                  f"{row['shared_ms']:.3f} ms ({row['speed_vs_cudnn']:.2f}x) | rel. error vs fp32 {err}", flush=True)
+    return out
+
+
 if __name__ == "__main__":
-    parse_cli(__doc__)
-    print(write_json(cpu_results_name("resnet18_cpu"), run()))
+    if parse_cli(__doc__, cuda=True).cuda:
+        print(write_json("resnet18_cuda.json", run_cuda()))
+    else:
+        print(write_json(cpu_results_name("resnet18_cpu"), run()))
