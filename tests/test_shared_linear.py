@@ -128,14 +128,18 @@ def test_batched_blocked_kernel(bits, M, groups, simd, monkeypatch, gen):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_dtypes_and_leading_dims(dtype, device, gen):
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dtypes_and_leading_dims(dtype, with_bias, device, gen):
+    # a bias in the model's dtype too (the CUDA epilogue reads a 16-bit bias as such, with no conversion kernel)
     packed, cb, _ = make_weight(40, 96, 4, 1, gen)
     x = torch.randn(2, 3, 96, generator=gen).to(dtype)
-    y = ws.ops.shared_linear(x.to(device), packed.to(device), cb.to(dtype).to(device), 4, 40, 96).cpu()
+    b = (torch.randn(40, generator=gen) * 3).to(dtype) if with_bias else None
+    y = ws.ops.shared_linear(x.to(device), packed.to(device), cb.to(dtype).to(device), 4, 40, 96,
+                             None if b is None else b.to(device)).cpu()
     assert y.dtype == dtype and y.shape == (2, 3, 40)
     w = ws.ops.dequantize(packed, cb, 4, (40, 96))
-    torch.testing.assert_close(y.float(), F.linear(x.float(), w.to(dtype).float()), rtol=TOL[dtype][0],
-                               atol=TOL[dtype][1])
+    want = F.linear(x.float(), w.to(dtype).float(), None if b is None else b.float())
+    torch.testing.assert_close(y.float(), want, rtol=TOL[dtype][0], atol=TOL[dtype][1])
 
 
 def test_identity_gives_the_dequantised_weight(simd, device, gen):

@@ -629,12 +629,13 @@ at::Tensor shared_linear_cuda(const at::Tensor& x, const at::Tensor& packed, con
   const bool float_gemv = M <= (x.scalar_type() == at::kFloat ? 2 * kGemvMaxMT : kGemvMaxMT);
   const Tables tables = int8 ? Tables::Int8 : (mma || float_gemv ? Tables::None : Tables::Float);
   const Prepared w = prepare(packed, codebook, static_cast<int>(bits), pw, tables);
-  const at::Tensor b = bias.has_value() ? bias->to(at::kFloat) : at::Tensor();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();  // read in its dtype (Epilogue)
   const int sms = sm_count(x.get_device());
   const int64_t mt = ceil_div(M, kT), nt = ceil_div(out_features, kT), steps = ceil_div(in_features, kT);
 
   Epilogue e = make_epilogue(y, M, out_features);
-  e.bias = b.defined() ? b.data_ptr<float>() : nullptr;
+  e.bias = b.defined() ? b.data_ptr() : nullptr;
+  e.bias_kind = b.defined() ? out_kind(b.scalar_type()) : OutKind::Float;
   e.rows_per_group = w.rows.rows_per_group;
   GemvArgs ga{};
   TileArgs ta{};

@@ -24,7 +24,8 @@ struct Epilogue {
   void* y;
   OutKind kind;
   int64_t M, ld;          // y is [M, ld]
-  const float* bias;      // [ld] or null
+  const void* bias;       // [ld] or null, of bias_kind: read in its own dtype, so an fp16 model's bias needs no
+  OutKind bias_kind;      // conversion kernel before a batch-1 call
   const float* sx;        // int8: [M] activation scales
   const float* sw;        // int8: [G] codebook scales
   const float* zw;        // int8: [G] codebook zero points (reference.int8_zero_points)
@@ -40,14 +41,21 @@ struct Epilogue {
       case OutKind::BFloat16: static_cast<__nv_bfloat16*>(y)[i] = __float2bfloat16_rn(v); break;
     }
   }
+  __device__ float bias_at(int64_t c) const {  // exact in fp32, as the reference's bias.float()
+    switch (bias_kind) {
+      case OutKind::Half: return __half2float(static_cast<const __half*>(bias)[c]);
+      case OutKind::BFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(bias)[c]);
+      default: return static_cast<const float*>(bias)[c];
+    }
+  }
   __device__ void finish(int64_t m, int64_t c, float acc) const {
-    store(m * ld + c, bias ? acc + bias[c] : acc);
+    store(m * ld + c, bias ? acc + bias_at(c) : acc);
   }
   __device__ void finish(int64_t m, int64_t c, int acc) const {
     const int64_t g = c / rows_per_group;
     float v = __fmul_rn(__int2float_rn(acc), __fmul_rn(sx[m], sw[g]));
     v = __fadd_rn(v, __fmul_rn(__fmul_rn(sx[m], zw[g]), __ll2float_rn(xsum[m])));  // the zero point's term
-    if (bias) v = __fadd_rn(v, bias[c]);
+    if (bias) v = __fadd_rn(v, bias_at(c));
     store(m * ld + c, v);
   }
   template <typename Acc>
