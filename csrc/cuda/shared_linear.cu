@@ -544,10 +544,12 @@ Prepared prepare(const at::Tensor& packed, const at::Tensor& codebook, int bits,
   p.packed = reinterpret_cast<uintptr_t>(packed.data_ptr()) % 4 == 0 ? packed : packed.clone();
   const uint8_t* base = p.packed.data_ptr<uint8_t>();
   p.rows = PackedRows{reinterpret_cast<const uint32_t*>(base), pw.row_bytes / 4, row_alignment(base, pw.row_bytes),
-                      pw.rows, pw.cols, pw.rows / pw.groups, nullptr, static_cast<int>(pw.K), nullptr};
-  if (kind == Tables::None) {
-    p.codebook = codebook.to(at::kFloat);  // no copy for an fp32 codebook
-    p.rows.codebook = p.codebook.data_ptr<float>();
+                      pw.rows, pw.cols, pw.rows / pw.groups, nullptr, static_cast<int>(pw.K), nullptr,
+                      FloatKind::Float};
+  if (kind == Tables::None) {  // read in its own dtype (contiguous: check_shared_linear)
+    p.codebook = codebook;
+    p.rows.codebook = codebook.data_ptr();
+    p.rows.codebook_kind = out_kind(codebook.scalar_type());
     return p;
   }
   const bool int8 = kind == Tables::Int8;

@@ -29,6 +29,18 @@ __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+// The float dtypes a kernel reads or writes through an untyped pointer (y, a bias, a codebook).
+enum class FloatKind : int { Float, Half, BFloat16 };
+
+// p[i] of kind k as fp32 (exact).
+__device__ __forceinline__ float load_as_float(const void* p, FloatKind k, int64_t i) {
+  switch (k) {
+    case FloatKind::Half: return to_float(static_cast<const __half*>(p)[i]);
+    case FloatKind::BFloat16: return to_float(static_cast<const __nv_bfloat16*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
 // The bits of a 16-bit float (to pack two into a 32-bit word).
 __device__ __forceinline__ uint16_t bits_of(__half v) { return __half_as_ushort(v); }
 __device__ __forceinline__ uint16_t bits_of(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
@@ -142,15 +154,17 @@ struct PackedRows {
   int64_t row_words;
   int row_align;  // bytes every row start is aligned to: 4, 8 or 16
   int64_t N, kin, rows_per_group;
-  const void* table;      // [G, 2**BITS] float or int8 (prepare_tables_kernel); null for the GEMV kernels
+  const void* table;         // [G, 2**BITS] float or int8 (prepare_tables_kernel); null for the GEMV kernels
   int K;
-  const float* codebook;  // [G, K] fp32: the GEMV kernels stage their float tables from it (codebook_entry)
+  const void* codebook;      // [G, K] in its own dtype: the GEMV kernels stage their float tables from it
+  FloatKind codebook_kind;   // (codebook_entry)
 };
 
 // Entry e < 2**BITS of group g's float table: the codebook value, NaN past K (dequantize's rule for bad indices).
-// The GEMV kernels stage their tables with it straight from the codebook, so a batch-1 call is one launch.
+// The GEMV kernels stage their tables with it straight from the codebook in its own dtype, so a batch-1 call is
+// one launch (no table kernel, no conversion of an fp16 model's codebook).
 __device__ __forceinline__ float codebook_entry(const PackedRows& w, int64_t g, int e) {
-  return e < w.K ? __ldg(w.codebook + g * w.K + e) : __uint_as_float(0x7fc00000u);
+  return e < w.K ? load_as_float(w.codebook, w.codebook_kind, g * w.K + e) : __uint_as_float(0x7fc00000u);
 }
 
 // Operand tiles live in shared memory reduction-major, a[r][p] and b[r][q], for all three products (forward: r = k;

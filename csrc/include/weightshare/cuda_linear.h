@@ -15,7 +15,7 @@
 namespace weightshare::cuda {
 
 // ----------------------------------------------------------------------------------------------- epilogue
-enum class OutKind : int { Float, Half, BFloat16 };
+using OutKind = FloatKind;  // y's dtype
 
 // How a finished accumulator becomes an output element, shared by every kernel that writes y or grad_x and by the
 // split-K finaliser. float: y = acc (+ bias). int8: y = float(acc) * (scale_x * scale_w) (+ bias), rounded exactly
@@ -41,13 +41,7 @@ struct Epilogue {
       case OutKind::BFloat16: static_cast<__nv_bfloat16*>(y)[i] = __float2bfloat16_rn(v); break;
     }
   }
-  __device__ float bias_at(int64_t c) const {  // exact in fp32, as the reference's bias.float()
-    switch (bias_kind) {
-      case OutKind::Half: return __half2float(static_cast<const __half*>(bias)[c]);
-      case OutKind::BFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(bias)[c]);
-      default: return static_cast<const float*>(bias)[c];
-    }
-  }
+  __device__ float bias_at(int64_t c) const { return load_as_float(bias, bias_kind, c); }  // exact, as bias.float()
   __device__ void finish(int64_t m, int64_t c, float acc) const {
     store(m * ld + c, bias ? acc + bias_at(c) : acc);
   }
