@@ -445,6 +445,7 @@ HOSTILE_HASHED = [  # (edit, what the error says)
     (lambda t, m: t.__setitem__("fc1.hashed_values", torch.full_like(t["fc1.hashed_values"], float("inf"))), "Inf"),
     (lambda t, m: t.pop("fc1.hashed_values"), "missing tensor"),
     (lambda t, m: m["layers"].__setitem__("pool", m["layers"].pop("fc1")), "not a module of the model"),
+    (lambda t, m: t.__setitem__("fc1.parametrizations.weight.original", t["fc1.hashed_values"]), "unexpected"),
 ]
 
 
@@ -460,6 +461,23 @@ def test_hostile_files_are_refused_and_leave_the_model_alone(source, edit, messa
     with pytest.raises(ContainerError, match=message):
         ws.load(bad, model=model)
     assert type(model.fc1) is nn.Linear and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_hashednets_values_in_a_bfloat16_model(hashed_lenet5, tmp_path):
+    """A bfloat16 HashedNets model round-trips (its values stored as float16 or float32, whichever holds them
+    exactly); values that the model's dtype cannot hold exactly are refused, not rounded."""
+    bf16 = copy.deepcopy(hashed_lenet5).bfloat16()
+    path = tmp_path / "bf16.ws"
+    ws.save(bf16, path)
+    loaded = ws.load(path, model=build_model("lenet5").eval().bfloat16())
+    x = torch.randn(2, 1, 28, 28).bfloat16()
+    assert torch.equal(loaded(x), bf16(x))
+
+    def inexact(tensors, metadata):
+        metadata["layers"]["fc2"]["values_dtype"] = "float32"
+        tensors["fc2.hashed_values"] = tensors["fc2.hashed_values"].float() + 1e-5
+    with pytest.raises(ContainerError, match="do not fit the model's torch.bfloat16 exactly"):
+        ws.load(rewrite(path, tmp_path / "bad.ws", inexact), model=build_model("lenet5").eval().bfloat16())
 
 
 def test_hashednets_file_refuses_a_differently_hashed_model(hashed_file):

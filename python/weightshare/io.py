@@ -254,7 +254,7 @@ def _plan(model: nn.Module, entropy_coding: EntropyCoding, metadata: Optional[di
         if trial < best:
             masked, best, tensors, meta = masked | {name}, trial, trial_tensors, trial_meta
 
-    for name, (module, hw) in hashed.items():
+    for name, (_, hw) in hashed.items():
         n, bias = math.prod(hw.shape), tensors.get(_prefix(name) + "bias")
         nbias = 0 if bias is None else bias.numel()
         values = tensors[_prefix(name) + "hashed_values"]
@@ -600,6 +600,9 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> nn
         expected.pop(_prefix(name) + "weight", None)
         expected[_prefix(name) + _HASHED_VALUES] = torch.empty(hw.buckets, dtype=weight.dtype)
     values = {_prefix(name) + "hashed_values": _prefix(name) + _HASHED_VALUES for name in hashed}
+    clash = sorted(set(values.values()) & set(tensors))
+    if clash:  # the bucket values come under their stored name only
+        raise fail(f"unexpected tensor(s) {clash[:10]} that the model does not have")
     tensors = {values.get(key, key): tensor for key, tensor in tensors.items()}
     hashed_dtypes = {_prefix(name) + _HASHED_VALUES: specs[name]["values_dtype"] for name in hashed}
     streams = {_prefix(name) + "indices": name for name in layers}
@@ -637,7 +640,10 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> nn
                 raise fail(f"tensor {key!r} is {tensor.dtype} but the metadata says {dtype}")
             if not torch.isfinite(tensor).all():
                 raise fail(f"tensor {key!r}: the HashedNets bucket values hold NaN or Inf")
-            tensor = tensor.to(want.dtype)
+            converted = tensor.to(want.dtype)
+            if not torch.equal(converted.to(tensor.dtype), tensor):
+                raise fail(f"tensor {key!r}: its {tensor.dtype} values do not fit the model's {want.dtype} exactly")
+            tensor = converted
         elif key in half_biases and want.dtype == torch.float32:
             if tensor.dtype != torch.float16:
                 raise fail(f"tensor {key!r} is {tensor.dtype} but the metadata says float16")
