@@ -20,18 +20,18 @@
 namespace weightshare::cpu {
 namespace {
 
-// Where it is taken: at most kMaxPixels output pixels (over the batch) and at least kMinWeights weights, the
-// layers whose weight outweighs their image. Intel VM, batch 1, against decode + oneDNN (AVX-512 / AVX2):
-// 512 x 512 3x3 at 7x7 0.79x -> 0.89x dense F.conv2d / 0.83x -> 0.95x, 256 x 256 0.71x -> 0.90x / 0.71x -> 0.97x,
-// 1x1 2048 -> 512 0.79x -> 1.04x / 0.81x -> 1.34x, 3x3 256 -> 512 stride 2 from 14x14 0.81x -> 0.99x / 0.76x ->
-// 1.06x, 512 x 512 at 4x4 0.59x -> 0.90x. With more pixels it lost (196: 0.66x against 0.86x; 98-100: 0.76x
-// against 0.83-0.87x with AVX-512), and with small weights (128 x 128 and 64 x 64 at 7x7) it only tied decode +
-// oneDNN and lost to the fused Winograd kernel (0.064 against 0.054 ms at 64 x 64). Near the weight bound, two
-// rounds: with AVX2 it won from 2**18 weights (1x1 512 -> 512 at 7x7 1.19x against 0.79x dense, 3x3 128 -> 256
-// 0.90x against 0.80x) and lost below (1x1 256 -> 512: 0.53x against 0.80x); with AVX-512 it lost at 2**18-2**19
-// (0.70-0.79x against 0.74-0.82x).
+// Where it is taken: images of at most kMaxPixels output pixels (over the batch), 1x1 layers of at most one pass
+// (kBlockedMaxLanes: their im2col rows are the image's own), and at least kMinWeights weights. Intel VM, batch 1,
+// two rounds each, against what ran before (decode + oneDNN, or the direct kernel where it took 1x1 layers;
+// AVX-512 / AVX2): 3x3 512 x 512 at 7x7 0.80x -> 0.95x dense F.conv2d / 0.83x -> 0.98x, 128 x 128 at 7x7 0.69x ->
+// 0.78x / 0.79x -> 0.97x, 192 x 192 0.71x -> 0.90x / 0.73x -> 0.99x; 1x1 2048 -> 512 at 7x7 0.75x -> 1.10x / 0.84x
+// -> 1.43x, 1024 -> 256 at 14x14 0.86x -> 1.12x / 0.88x -> 1.10x, 256 -> 256 at 14x14 0.63x -> 1.14x / 0.84x ->
+// 1.38x. Where it lost or tied: 3x3 at 14x14 (196 pixels: 0.86x against 0.88x; AVX2 0.81x against 0.88x), two
+// 7x7 images (0.82x against 0.88x), 1x1 at 28x28 (784 pixels: the direct kernel's 1.18-1.35x), 256 -> 512 1x1 at
+// 7x7 (131K weights: a tie); below 2**16 weights the fused Winograd kernel's small images stay its (64 x 64 at
+// 7x7 measured 0.054 ms against 0.064 for this path before its im2col copied runs).
 constexpr int64_t kMaxPixels = 64;
-constexpr int64_t kMinWeightsAvx2 = int64_t(1) << 18, kMinWeightsAvx512 = int64_t(1) << 19;
+constexpr int64_t kMinWeights = int64_t(1) << 16;
 
 }  // namespace
 
@@ -54,8 +54,8 @@ at::Tensor blocked_conv2d_f32(const at::Tensor& x, const at::Tensor& packed, con
   const int64_t OH = (H + 2 * ph - dh * (KH - 1) - 1) / sh + 1, OW = (W + 2 * pw_ - dw * (KW - 1) - 1) / sw + 1;
   if (H + 2 * ph < dh * (KH - 1) + 1 || W + 2 * pw_ < dw * (KW - 1) + 1 || N * C == 0) return at::Tensor();
   const int64_t P = OH * OW, T = N * P, K = C * KH * KW;
-  const int64_t min_weights = V == 16 ? kMinWeightsAvx512 : kMinWeightsAvx2;
-  if (choice != ConvKernels::Blocked && (T > kMaxPixels || K * OC < min_weights)) return at::Tensor();
+  const int64_t max_pixels = KH * KW == 1 ? kBlockedMaxLanes : kMaxPixels;
+  if (choice != ConvKernels::Blocked && (T > max_pixels || K * OC < kMinWeights)) return at::Tensor();
   // the work buffers are reused per thread (bounded as the Linear path's: 64 MiB)
   if ((K + OC) * kBlockedMaxLanes > (int64_t(1) << 24)) return at::Tensor();
 
@@ -71,43 +71,60 @@ at::Tensor blocked_conv2d_f32(const at::Tensor& x, const at::Tensor& packed, con
     bp = b32.const_data_ptr<float>();
   }
   thread_local std::vector<float> xt_buf, yt_buf;
-  thread_local std::vector<int64_t> pix_buf;
   float* xt = grown(xt_buf, static_cast<size_t>(K * kBlockedMaxLanes));
   float* yt = grown(yt_buf, static_cast<size_t>(OC * kBlockedMaxLanes));
-  int64_t* pix = grown(pix_buf, static_cast<size_t>(3 * kBlockedMaxLanes));
+  // A pass's pixels as runs along an output row: a run's taps read one input row at columns a stride apart, so
+  // each im2col row is a few copies with zero edges (per-pixel bounds checks were 14 % of a 14x14 layer's profile)
+  struct Run {
+    int64_t j, len, n, oh, ow;
+  };
+  std::vector<Run> runs;
   for (int64_t t0 = 0; t0 < T; t0 += kBlockedMaxLanes) {
     const int64_t n_pix = std::min(kBlockedMaxLanes, T - t0), Mp = (n_pix + V - 1) / V * V;
-    // pixel j of the pass: its image's offset and the input row / column of its window's top-left tap
-    int64_t *img = pix, *ih0 = pix + kBlockedMaxLanes, *iw0 = pix + 2 * kBlockedMaxLanes;
-    for (int64_t j = 0; j < n_pix; ++j) {
-      const int64_t t = t0 + j, n = t / P, p = t % P;
-      img[j] = n * C * H * W;
-      ih0[j] = (p / OW) * sh - ph;
-      iw0[j] = (p % OW) * sw - pw_;
+    runs.clear();
+    for (int64_t j = 0; j < n_pix;) {
+      const int64_t t = t0 + j, p = t % P, ow = p % OW, len = std::min(OW - ow, n_pix - j);
+      runs.push_back({j, len, t / P, p / OW, ow});
+      j += len;
     }
-    // im2col rows: cols[(c, kh, kw)][j] = x[n][c][ih0 + kh dh][iw0 + kw dw] (0 outside the image; 0 past n_pix
-    // too, where the columns are computed and dropped: stale values there could be denormals, slow in the FMAs)
+    // im2col rows: cols[(c, kh, kw)][j] = x[n][c][oh sh - ph + kh dh][ow sw - pw + kw dw] (0 outside the image; 0
+    // past n_pix too, where the columns are computed and dropped: stale values there could be denormals, slow in
+    // the FMAs)
     at::parallel_for(0, K, 16, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t c = k / (KH * KW), kh = (k / KW) % KH, kw = k % KW;
-        const float* plane = xp + c * H * W;
         float* row = xt + k * Mp;
-        for (int64_t j = 0; j < n_pix; ++j) {
-          const int64_t ih = ih0[j] + kh * dh, iw = iw0[j] + kw * dw;
-          row[j] = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? plane[img[j] + ih * W + iw] : 0.0f;
+        for (const Run& r : runs) {
+          float* dst = row + r.j;
+          const int64_t ih = r.oh * sh - ph + kh * dh, iw0 = r.ow * sw - pw_ + kw * dw;
+          if (ih < 0 || ih >= H) {
+            std::fill(dst, dst + r.len, 0.0f);
+            continue;
+          }
+          // taps e in [lo, hi) land inside the row: iw0 + e sw in [0, W)
+          const int64_t lo = std::min(r.len, iw0 >= 0 ? 0 : (-iw0 + sw - 1) / sw);
+          const int64_t hi = std::max(lo, std::min(r.len, iw0 >= W ? 0 : (W - 1 - iw0) / sw + 1));
+          const float* src = xp + (r.n * C + c) * H * W + ih * W + iw0;
+          std::fill(dst, dst + lo, 0.0f);
+          if (sw == 1) {
+            std::copy(src + lo, src + hi, dst + lo);
+          } else {
+            for (int64_t e = lo; e < hi; ++e) dst[e] = src[e * sw];
+          }
+          std::fill(dst + hi, dst + r.len, 0.0f);
         }
         std::fill(row + n_pix, row + Mp, 0.0f);
       }
     });
     blocked_product(w, xt, Mp, yt);
-    // y^T rows -> NCHW output rows, with the bias
+    // y^T rows -> NCHW output rows, run by run, with the bias
     at::parallel_for(0, OC, 16, [&](int64_t o0, int64_t o1) {
       for (int64_t o = o0; o < o1; ++o) {
         const float b = bp ? bp[o] : 0.0f;
-        const float* src = yt + o * Mp;
-        for (int64_t j = 0; j < n_pix; ++j) {
-          const int64_t t = t0 + j;
-          yp[((t / P) * OC + o) * P + t % P] = src[j] + b;
+        for (const Run& r : runs) {
+          const float* src = yt + o * Mp + r.j;
+          float* dst = yp + (r.n * OC + o) * P + r.oh * OW + r.ow;
+          for (int64_t e = 0; e < r.len; ++e) dst[e] = src[e] + b;
         }
       }
     });
