@@ -533,9 +533,9 @@ struct Prepared {
   PackedRows rows;
 };
 
-// Which per-group tables a path reads: none (the float GEMV kernels stage theirs from the fp32 codebook, saving a
-// launch where a call is a few microseconds), fp32 over all 2**bits indices (tiles, panels), or int8 with scales
-// and zero points.
+// Which per-group tables a path reads: none (the float GEMV kernels stage theirs from the codebook, in its own
+// dtype, saving a launch where a call is a few microseconds), fp32 over all 2**bits indices (tiles, panels), or
+// int8 with scales and zero points.
 enum class Tables { None, Float, Int8 };
 
 Prepared prepare(const at::Tensor& packed, const at::Tensor& codebook, int bits, const PackedWeight& pw,

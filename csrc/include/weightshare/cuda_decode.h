@@ -154,7 +154,7 @@ struct PackedRows {
   int64_t row_words;
   int row_align;  // bytes every row start is aligned to: 4, 8 or 16
   int64_t N, kin, rows_per_group;
-  const void* table;         // [G, 2**BITS] float or int8 (prepare_tables_kernel); null for the GEMV kernels
+  const void* table;         // [G, 2**BITS] float or int8 (prepare_tables_kernel); null for the float GEMVs
   int K;
   const void* codebook;      // [G, K] in its own dtype: the GEMV kernels stage their float tables from it
   FloatKind codebook_kind;   // (codebook_entry)
