@@ -75,16 +75,15 @@ def build() -> nn.Module:
     return model.eval()
 
 
-def stage_times(model: nn.Module, x: torch.Tensor, repeat: int) -> list[float]:
-    """Seconds per stage (stem, stages 1-4, head), each timed on its own input (interleaving is per model)."""
+def stage_fns(model: nn.Module, x: torch.Tensor) -> list:
+    """One callable per stage (stem, stages 1-4, head), each on that stage's own input."""
     parts = [model.stem, *model.stages]
     inputs = [x]
     with torch.no_grad():
         for p in parts:
             inputs.append(p(inputs[-1]))
     fns = [(lambda p, a: lambda: p(a))(p, a) for p, a in zip(parts, inputs)]
-    head = (lambda a: lambda: model.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(a, 1), 1)))(inputs[-1])
-    return time_interleaved(fns + [head], repeat=repeat)
+    return fns + [(lambda a: lambda: model.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(a, 1), 1)))(inputs[-1])]
 
 
 def build_pair() -> tuple[nn.Module, nn.Module, dict]:
@@ -118,7 +117,8 @@ def run() -> dict:
             err = float((shared(x) - ref).norm() / ref.norm())
             repeat = 20 if n == 1 else 6
             t_dense, t_shared = time_interleaved([lambda: dense(x), lambda: shared(x)], repeat=repeat)
-            st_dense, st_shared = stage_times(dense, x, repeat), stage_times(shared, x, repeat)
+            stages_both = time_interleaved(stage_fns(dense, x) + stage_fns(shared, x), repeat=repeat)
+            st_dense, st_shared = stages_both[:6], stages_both[6:]
             row = {"batch": n, "dense_ms": t_dense * 1e3, "shared_ms": t_shared * 1e3,
                    "speed_vs_dense": t_dense / t_shared, "rel_error": err,
                    "stages": ["stem", "stage1_56x56", "stage2_28x28", "stage3_14x14", "stage4_7x7", "head"],
