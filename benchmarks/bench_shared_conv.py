@@ -125,6 +125,7 @@ def run_cuda() -> dict:
             row = {"conv": name, "batch": n, "cudnn_fp16_ms": t_dense * 1e3, "ws_ms": t_ws * 1e3,
                    "ws_speed_vs_cudnn": t_dense / t_ws, "rel_err": float((got - ref).norm() / ref.norm())}
             out["results"].append(row)
+            write_json("shared_conv_cuda.json", out)  # row by row: a run cut short by its timeout keeps them
             print(f"cuda {name:34s} N={n}: cuDNN {row['cudnn_fp16_ms']:.4f} ms ws {row['ws_ms']:.4f} ms "
                   f"({row['ws_speed_vs_cudnn']:.2f}x) err {row['rel_err']:.1e}", flush=True)
     return out

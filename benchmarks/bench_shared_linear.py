@@ -184,6 +184,7 @@ def run_cuda() -> dict:
                                                                                   len(packed_copies)],
                        "rel_err": err, **extra}
                 out["results"].append(row)
+                write_json("shared_linear_cuda.json", out)  # row by row: a run cut short by its timeout keeps them
                 print(f"cuda {out_f}x{in_f} {bits}-bit M={M}: graph cuBLAS {t_dense*1e3:.4f} ms ws {t_ws*1e3:.4f} ms "
                       f"({t_dense / t_ws:.2f}x, {row['ws_index_gb_s']:.0f} GB/s of indices) | eager "
                       f"{e_dense*1e3:.4f} / {e_ws*1e3:.4f} ms ({e_dense / e_ws:.2f}x) | err {err:.1e}"

@@ -60,9 +60,9 @@ torch.cuda.synchronize(); print('racecheck workload done')" > "$OUT/racecheck.lo
 fi
 fi
 if [ "$PHASE" != test ]; then
-timeout 150 "$PY" benchmarks/bench_assign.py --cuda 2>&1 | tail -4
-timeout 300 "$PY" benchmarks/bench_shared_linear.py --cuda 2>&1 | tail -32
-timeout 90 "$PY" benchmarks/bench_shared_conv.py --cuda 2>&1 | tail -9
-timeout 90 "$PY" benchmarks/bench_resnet.py --cuda 2>&1 | tail -3
+timeout 120 "$PY" benchmarks/bench_assign.py --cuda 2>&1 | tail -4
+timeout 280 "$PY" benchmarks/bench_shared_linear.py --cuda 2>&1 | tail -32
+timeout 80 "$PY" benchmarks/bench_shared_conv.py --cuda 2>&1 | tail -9
+timeout 60 "$PY" benchmarks/bench_resnet.py --cuda 2>&1 | tail -3
 fi
 echo "gpu_check total $((SECONDS - t0)) s"
