@@ -3,7 +3,9 @@
 # compute-sanitizer memcheck and racecheck passes over small kernel runs), run the GPU benchmarks; logs and JSON go to $OUT.
 #   device run:  bash benchmarks/gpu_check.sh [all|test|bench]     (default all; timeout_s ~ 590)
 # The whole check may need more than one device call's 600 s: then run `test` and, straight after (the warm machine
-# keeps the build; an idle one is released after ~30 s), `bench`. Each phase builds first (a no-op when built).
+# keeps the build; an idle one is released after ~30 s), `bench`. Each phase builds first (a no-op when built; the
+# first build took 138 s). The timeouts keep each phase within one call: test 460 s + the build, bench 540 s; logs
+# and JSON are written as they go, so a phase cut short still returns what it measured.
 # Then commit the JSON it returns under benchmarks/results/ with the date and the GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,16 +25,16 @@ echo "build: $((SECONDS - t0)) s"
 if [ "$PHASE" != bench ]; then
 # CUDA tests: every test parametrised with device=cuda (or path=cuda), plus the cuda-only ones; up to 40 failures
 # reported, not the first only: the kernels written since the last GPU run have never run
-timeout 240 "$PY" -m pytest tests -q --maxfail=40 -k "cuda and not mma" -p no:cacheprovider > "$OUT/tests_cuda.log" 2>&1
+timeout 220 "$PY" -m pytest tests -q --maxfail=40 -k "cuda and not mma" -p no:cacheprovider > "$OUT/tests_cuda.log" 2>&1
 echo "cuda tests rc=$? ($(tail -1 "$OUT/tests_cuda.log"))"
 # the opt-in tensor-core GEMV (WS_CUDA_GEMV=mma), untested on a GPU before: every case, no stop at the first failure
-timeout 120 "$PY" -m pytest tests/test_shared_linear.py -q -k "mma" -p no:cacheprovider > "$OUT/tests_cuda_mma.log" 2>&1
+timeout 90 "$PY" -m pytest tests/test_shared_linear.py -q -k "mma" -p no:cacheprovider > "$OUT/tests_cuda_mma.log" 2>&1
 echo "mma GEMV tests rc=$? ($(tail -1 "$OUT/tests_cuda_mma.log"))"
 # every bad-input case on both devices (error messages that print shapes crashed this machine's torch 2.11 once)
-timeout 60 "$PY" -m pytest tests/test_bad_input.py -q -p no:cacheprovider > "$OUT/tests_bad_input.log" 2>&1
+timeout 45 "$PY" -m pytest tests/test_bad_input.py -q -p no:cacheprovider > "$OUT/tests_bad_input.log" 2>&1
 echo "bad-input tests rc=$? ($(tail -1 "$OUT/tests_bad_input.log"))"
 if command -v compute-sanitizer >/dev/null; then
-  timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -c "
+  timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -c "
 import torch, weightshare as ws
 w = torch.randn(1000, 77, device='cuda'); cb = torch.randn(1, 16, device='cuda')
 i = ws.ops.assign(w, cb); p = ws.ops.pack(i, 4); ws.ops.unpack(p, 4, 77); ws.ops.kmeans_step(w, i, 16)
@@ -47,7 +49,7 @@ ws.ops.shared_linear(x, p, cb, 4, 1000, 77); cr = torch.randn(1000, 8, device='c
 ws.ops.shared_linear(x[:, 1:].contiguous(), ws.ops.pack(ws.ops.assign(w[:, :76].contiguous(), cr), 3), cr, 3, 1000, 76)
 torch.cuda.synchronize(); print('memcheck workload done')" > "$OUT/memcheck.log" 2>&1
   echo "memcheck rc=$? ($(grep -c 'ERROR SUMMARY: 0' "$OUT/memcheck.log") clean summaries)"
-  timeout 120 compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" -c "
+  timeout 45 compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" -c "
 import torch, weightshare as ws
 w = torch.randn(512, 300, device='cuda'); cb = torch.randn(1, 16, device='cuda'); i = ws.ops.assign(w, cb)
 p = ws.ops.pack(i, 4); ws.ops.kmeans_step(w, i, 16)
