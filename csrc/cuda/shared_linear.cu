@@ -529,7 +529,7 @@ __global__ void __launch_bounds__(kTileThreads) grad_w_tile_kernel(const TileArg
 
 // The packed weight (4-byte aligned, as the kernels read words) and what its kernels decode through.
 struct Prepared {
-  at::Tensor packed, codebook, table, scale, zero;
+  at::Tensor packed, table, scale, zero;
   PackedRows rows;
 };
 
@@ -546,8 +546,7 @@ Prepared prepare(const at::Tensor& packed, const at::Tensor& codebook, int bits,
   p.rows = PackedRows{reinterpret_cast<const uint32_t*>(base), pw.row_bytes / 4, row_alignment(base, pw.row_bytes),
                       pw.rows, pw.cols, pw.rows / pw.groups, nullptr, static_cast<int>(pw.K), nullptr,
                       FloatKind::Float};
-  if (kind == Tables::None) {  // read in its own dtype (contiguous: check_shared_linear)
-    p.codebook = codebook;
+  if (kind == Tables::None) {  // read in its own dtype (contiguous: check_shared_linear; the caller holds it)
     p.rows.codebook = codebook.data_ptr();
     p.rows.codebook_kind = out_kind(codebook.scalar_type());
     return p;
