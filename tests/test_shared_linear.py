@@ -716,6 +716,23 @@ def test_backward_with_split_reductions(shape, device, gen):
     torch.testing.assert_close(cs.grad.cpu(), cr.grad, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
+def test_backward_op_with_an_fp32_grad_for_16bit_x(x_dtype, device, gen):
+    """The backward op called directly with grad_out in fp32 and x in 16 bits: computed in fp32 as the reference
+    does (grad_out is not rounded to x's dtype first: bf16 would keep 8 of its 24 mantissa bits); grad_x in x's
+    dtype."""
+    out_f, in_f, M = 48, 70, 5
+    packed, cb, _ = make_weight(out_f, in_f, 4, 1, gen)
+    x = torch.randn(M, in_f, generator=gen).to(x_dtype)
+    g = torch.randn(M, out_f, generator=gen) * (1 + 1 / 3)  # not representable in 16 bits
+    gx, gc = torch.ops.weightshare.shared_linear_backward(g.to(device), x.to(device), packed.to(device),
+                                                          cb.to(device), 4, out_f, in_f, True, True)
+    want_x, want_c = reference.shared_linear_backward(g, x, packed, cb, 4, out_f, in_f, True, True)
+    assert gx.dtype == x_dtype and gc.dtype == torch.float32
+    torch.testing.assert_close(gx.cpu(), want_x)
+    torch.testing.assert_close(gc.cpu(), want_c, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
 @pytest.mark.parametrize("gemv", ["default", "mma"])
 def test_cuda_16bit_unaligned_x_and_bad_indices(gemv, monkeypatch, gen):

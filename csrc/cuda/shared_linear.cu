@@ -711,33 +711,38 @@ std::tuple<at::Tensor, at::Tensor> shared_linear_backward_cuda(const at::Tensor&
       check_shared_linear_backward(grad_out, x, packed, codebook, bits, out_features, in_features);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto f32 = codebook.options().dtype(at::kFloat);
-  at::Tensor gx = need_x_grad ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   at::Tensor gc = need_codebook_grad ? at::zeros({pw.groups, pw.K}, f32) : at::empty({0}, f32);
-  if (!need_x_grad && !need_codebook_grad) return {gx, gc};
+  if (!need_x_grad && !need_codebook_grad) return {at::empty({0}, x.options()), gc};
 
   const int64_t M = x.numel() / in_features;
-  // Both operands are read in x's dtype (autograd passes grad_out in it anyway).
-  const at::Tensor g = grad_out.scalar_type() == x.scalar_type() ? grad_out : grad_out.to(x.scalar_type());
+  // Both operands are read in one dtype: x's, which autograd gives grad_out too. Mixed dtypes (a direct call with
+  // an fp32 grad_out for bf16 x) run in fp32, as the reference and the CPU do: rounding grad_out to x's dtype would
+  // drop 16 of its mantissa bits before both products.
+  const bool mixed = grad_out.scalar_type() != x.scalar_type();
+  const at::Tensor xs = mixed ? x.to(at::kFloat) : x;
+  const at::Tensor g = mixed ? grad_out.to(at::kFloat) : grad_out;
+  at::Tensor gx = need_x_grad ? at::empty(x.sizes(), xs.options()) : at::empty({0}, x.options());
   const Prepared w = prepare(packed, codebook, static_cast<int>(bits), pw, Tables::Float);
   const int sms = sm_count(x.get_device());
   const int64_t mt = ceil_div(M, kT), nt = ceil_div(out_features, kT), kt = ceil_div(in_features, kT);
   TileArgs a{};
   a.w = w.rows;
   a.M = M;
-  a.x = x.data_ptr();
+  a.x = xs.data_ptr();
   a.x_cols = in_features;
-  a.x_vec = rows_vec16(x.data_ptr(), in_features * x.element_size());
+  a.x_vec = rows_vec16(xs.data_ptr(), in_features * xs.element_size());
   a.g = g.data_ptr();
   a.g_vec = rows_vec16(g.data_ptr(), out_features * g.element_size());
   a.grad_codebook = need_codebook_grad ? gc.data_ptr<float>() : nullptr;
   if (need_x_grad) a.out = make_epilogue(gx, M, in_features);
-  WS_DISPATCH_FLOAT(x.scalar_type(), "weightshare::shared_linear_backward_cuda", [&] {
+  WS_DISPATCH_FLOAT(xs.scalar_type(), "weightshare::shared_linear_backward_cuda", [&] {
     using T = native_t<scalar_t>;
     WS_DISPATCH_BITS(bits, BITS, [&] {
-      if (need_x_grad) launch_tiles(grad_x_tile_kernel<T, BITS>, a, mt, kt, nt, true, false, sms, x);
-      if (need_codebook_grad) launch_tiles(grad_w_tile_kernel<T, BITS>, a, kt, nt, mt, false, false, sms, x);
+      if (need_x_grad) launch_tiles(grad_x_tile_kernel<T, BITS>, a, mt, kt, nt, true, false, sms, xs);
+      if (need_codebook_grad) launch_tiles(grad_w_tile_kernel<T, BITS>, a, kt, nt, mt, false, false, sms, xs);
     });
   });
+  if (mixed && need_x_grad) gx = gx.to(x.scalar_type());
   return {gx, gc};
 }
 

@@ -12,8 +12,8 @@ namespace weightshare::cuda {
 constexpr int64_t kGemvMmaMaxM = 64;
 bool gemv_mma_takes(at::ScalarType x_dtype, int64_t M, int device);
 
-// y = x W^T through the packed weight `w` (w.table: the fp32 per-group tables of prepare()), x [M, x_ld] of T,
-// finished by `out` (bias, dtype, split-K workspace).
+// y = x W^T through the packed weight `w` (prepared with Tables::None: the kernel stages its 16-bit tables straight
+// from w.codebook), x [M, x_ld] of T, finished by `out` (bias, dtype, split-K workspace).
 void launch_gemv_mma(const PackedRows& w, const at::Tensor& x, int64_t x_ld, int bits, Epilogue out, int sms);
 
 }  // namespace weightshare::cuda

@@ -326,7 +326,9 @@ def int8_zero_points(packed: Tensor, codebook: Tensor, cq: Tensor, scale: Tensor
 
 def shared_linear(x: Tensor, packed: Tensor, codebook: Tensor, bits: int, out_features: int, in_features: int,
                   bias: Tensor | None = None, activation: str = "float") -> Tensor:
-    """The definition the kernels follow. float: fp32 x @ W^T (+ bias). int8: activations per row quantized to
+    """The definition the kernels follow. float: fp32 x @ W^T (+ bias), W the codebook's values (on CUDA, 16-bit x
+    through the panel and tensor-core paths rounds W to x's dtype first, as a dense fp16/bf16 layer holds its
+    weights; the fp32-table GEMV of few rows does not). int8: activations per row quantized to
     symmetric int8, the codebook per group to integers (quantize_int8_codebook: a 7-bit affine grid for K <= 16,
     its step and phase searched for a layer-wide codebook; symmetric int8 above), exact integer dot products, then
     in fp32 y = (acc * (scale_x * scale_w) + (scale_x * z) * sum(x_q)) + bias, z the group's int8 zero point

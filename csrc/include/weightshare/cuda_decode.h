@@ -105,8 +105,8 @@ __device__ __forceinline__ uint32_t chunk_index(const uint32_t* w, int j) {
 
 // ---------------------------------------------------------------------------------------------------------------
 // int8 symmetric quantisation, bit for bit as reference.quantize_int8_symmetric: scale = max|t| / 127 in fp32
-// (1 where that is not > 0, which includes a NaN max), q = clamp(round_half_even(t / scale), -127, 127). The
-// divisions are the correctly rounded ones whatever the compiler flags.
+// (1 where that is 0; NaN where the max is not finite, see int8_scale), q = clamp(round_half_even(t / scale), -127,
+// 127). The divisions are the correctly rounded ones whatever the compiler flags.
 
 // max that propagates NaN, as torch.amax does (fmaxf would drop it).
 __device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
