@@ -165,6 +165,21 @@ def resnet_table(r):
     return "\n".join(out)
 
 
+def memory_table(r):
+    """Resident memory of each model, dense against shared loaded into a meta-device skeleton (bench_memory.py)."""
+    out = [f"Memory of a deployed model at {r['bits']} bits ({_machine(r['machine'])}); resident MiB above the "
+           "process's baseline, the shared model loaded from its file into a meta-device skeleton; forward peaks over "
+           "the inputs (GPT-2 stack: 1 and 128 tokens; ResNet-18: one 224x224 image)", "",
+           "| model | file | dense: model | dense: forward peak | shared: model (its tensors) | shared: load peak | "
+           "shared: forward peak |", "|---|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        d, s = x["dense"], x["shared"]
+        out.append(f"| {x['model']} | {x['file_mb']:.1f} | {d['model_mb']:.1f} | {d['forward_peak_mb']:.1f} | "
+                   f"{s['model_mb']:.1f} ({s['tensor_mb']:.1f}) | {s['load_peak_mb']:.1f} | "
+                   f"{s['forward_peak_mb']:.1f} |")
+    return "\n".join(out)
+
+
 def conv_table(r):
     offsets = r.get("offsets")
     head = f"Shared Conv2d, {r['bits']}-bit, batch 1, fp32 ({_machine(r['machine'])}{_caps(r)})"
@@ -382,7 +397,7 @@ def main():
                      ("qat_lenet300100_mixed.json", qat_table), ("qat_lenet300100_uniform.json", qat_table),
                      ("pruned_lenet300100_f085.json", pruned_table), ("qat_lenet300100_gradual.json", qat_table),
                      ("pruned_lenet300100_e60.json", pruned_table), ("qat_lenet300100_e60.json", qat_table),
-                     ("context_coder_cpu.json", context_coder_table)):
+                     ("context_coder_cpu.json", context_coder_table), ("memory_cpu.json", memory_table)):
         r = _load(name)
         if r:
             print(fn(r), end="\n\n")

@@ -115,6 +115,61 @@ def test_custom_architecture_needs_the_model(tmp_path):
     assert torch.equal(loaded(tokens), model(tokens))
 
 
+def test_load_into_a_meta_device_skeleton(tmp_path):
+    """A model built on the meta device takes the file's tensors themselves: every tensor ends on the CPU with the
+    file's values (GPT-2 Conv1D modules become SharedLinear layers, the embedding and LayerNorms stay dense), and
+    the outputs are bit-identical; no dense weight of a shared layer is ever allocated."""
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    ws.replace_layers(model, kmeans_assignments(model))
+    path = tmp_path / "t.ws"
+    ws.save(model, path)
+    with torch.device("meta"):
+        skeleton = TinyTransformer()
+    loaded = ws.load(path, model=skeleton)
+    assert loaded is skeleton and skeleton.training  # mode kept (a fresh module trains)
+    tensors = list(loaded.parameters()) + list(loaded.buffers())
+    assert all(t.device.type == "cpu" for t in tensors)
+    assert all_tensors_equal(loaded, model)
+    assert all(isinstance(m, SharedLinear) for m in (loaded.head, loaded.blocks[0].attn.q_proj, loaded.blocks[1].mlp[0]))
+    assert all(p.requires_grad for p in loaded.parameters())  # parameters stay parameters (trainable codebooks)
+    tokens = torch.randint(0, 50, (2, 9))
+    assert torch.equal(loaded(tokens), model(tokens))
+    # the rebuilt architecture is a skeleton too: nothing is left on meta, outputs exact
+    lenet = compressed_lenet5()
+    ws.save(lenet, tmp_path / "l.ws")
+    rebuilt = ws.load(tmp_path / "l.ws")
+    assert all(not t.is_meta for t in list(rebuilt.parameters()) + list(rebuilt.buffers()))
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.equal(rebuilt(x), lenet.eval()(x))
+
+
+def test_meta_skeleton_with_a_non_persistent_buffer_is_refused(tmp_path):
+    """A buffer outside the state dict has no values in the file: a skeleton holding one on meta is refused before
+    it is touched (it would fail later, at its first forward)."""
+    torch.manual_seed(0)
+
+    class WithMask(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+            self.register_buffer("mask", torch.ones(4), persistent=False)
+
+        def forward(self, x):
+            return self.fc(x) * self.mask
+
+    model = WithMask()
+    ws.replace_layers(model, {"fc": ws.kmeans(model.fc.weight.detach(), 4)})
+    ws.save(model, tmp_path / "m.ws")
+    with torch.device("meta"):
+        skeleton = WithMask()
+    with pytest.raises(ValueError, match="'mask' is a non-persistent buffer on the meta device"):
+        ws.load(tmp_path / "m.ws", model=skeleton)
+    assert type(skeleton.fc) is nn.Linear and skeleton.fc.weight.is_meta  # untouched
+    skeleton.mask = torch.ones(4)  # materialised: now it loads
+    assert torch.equal(ws.load(tmp_path / "m.ws", model=skeleton)(torch.ones(2, 8)), model(torch.ones(2, 8)))
+
+
 def test_bit_exact_in_a_fresh_process(lenet5_file, lenet5, tmp_path):
     x = torch.randn(7, 1, 28, 28)
     inputs, outputs = tmp_path / "x.ws", tmp_path / "y.ws"

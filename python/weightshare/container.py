@@ -468,35 +468,45 @@ def read_container(path: str | os.PathLike, max_bytes: int | None = None) -> tup
         if implied < file_size:
             raise fail(f"file has {file_size - implied} bytes after the {implied} its header accounts for")
 
-        rest = bytearray(data_bytes + DIGEST_BYTES)  # bounded by the real file size, checked just above
-        _read_exactly(source, rest, fail)
-    digest = hashlib.sha256(preamble)
-    digest.update(header)
-    with memoryview(rest) as view:
-        digest.update(view[:data_bytes])
-        if digest.digest() != view[data_bytes:]:
-            raise fail("checksum mismatch: the file is corrupted")
-    return _build_tensors(rest, entries, data_bytes, fail), metadata
+        # each buffer is read straight into the tensor that will own it (the file's data is never held twice:
+        # a model loads in about its file's size), hashed as it goes; nothing is returned before the checksum holds
+        digest = hashlib.sha256(preamble)
+        digest.update(header)
+        buffers: dict[str, torch.Tensor] = {}
+        position, bad_padding = 0, None
+        for name, entry in entries.items():
+            padding = bytearray(entry["offset"] - position)  # < ALIGN bytes (_check_layout)
+            _read_exactly(source, padding, fail)
+            digest.update(padding)
+            if any(padding) and bad_padding is None:
+                bad_padding = f"nonzero padding before tensor {name!r}"
+            buffer = torch.empty(entry["nbytes"], dtype=torch.uint8)
+            if entry["nbytes"]:
+                _read_exactly(source, buffer.numpy(), fail)
+                digest.update(buffer.numpy())
+            buffers[name] = buffer
+            position = entry["offset"] + entry["nbytes"]
+        padding = bytearray(data_bytes - position)
+        _read_exactly(source, padding, fail)
+        digest.update(padding)
+        if any(padding) and bad_padding is None:
+            bad_padding = "nonzero padding at the end of the data section"
+        stored = bytearray(DIGEST_BYTES)
+        _read_exactly(source, stored, fail)
+    if digest.digest() != stored:
+        raise fail("checksum mismatch: the file is corrupted")
+    if bad_padding is not None:
+        raise fail(bad_padding)
+    return _build_tensors(buffers, entries, fail), metadata
 
 
-def _build_tensors(data: bytearray, entries: dict[str, dict], data_bytes: int, fail) -> dict[str, torch.Tensor]:
-    """Check padding and bool bytes, then copy each buffer into a tensor that owns its memory."""
-    raw = np.frombuffer(data, dtype=np.uint8, count=data_bytes)
-    position = 0
-    for name, entry in entries.items():
-        if raw[position:entry["offset"]].any():
-            raise fail(f"nonzero padding before tensor {name!r}")
-        position = entry["offset"] + entry["nbytes"]
-        if entry["dtype"] == "bool" and (raw[entry["offset"]:position] > 1).any():
-            raise fail(f"tensor {name!r}: bool buffer holds bytes other than 0 and 1")
-    if raw[position:].any():
-        raise fail("nonzero padding at the end of the data section")
+def _build_tensors(buffers: dict[str, torch.Tensor], entries: dict[str, dict], fail) -> dict[str, torch.Tensor]:
+    """Each entry's bytes as its dtype and shape, after checking a bool buffer holds only 0 and 1."""
     tensors = {}
     for name, entry in entries.items():
-        dtype, shape, offset, nbytes = DTYPES[entry["dtype"]], entry["shape"], entry["offset"], entry["nbytes"]
-        if nbytes == 0:
-            tensors[name] = torch.empty(shape, dtype=dtype)
-            continue
-        flat = torch.frombuffer(data, dtype=torch.uint8, count=nbytes, offset=offset).clone()
-        tensors[name] = flat.view(dtype).reshape(shape)
+        raw = buffers[name]
+        if entry["dtype"] == "bool" and bool((raw > 1).any()):
+            raise fail(f"tensor {name!r}: bool buffer holds bytes other than 0 and 1")
+        dtype, shape = DTYPES[entry["dtype"]], entry["shape"]
+        tensors[name] = raw.view(dtype).reshape(shape) if entry["nbytes"] else torch.empty(shape, dtype=dtype)
     return tensors

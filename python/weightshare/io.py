@@ -438,7 +438,9 @@ def _hashed_target(target: nn.Module, spec: dict, what: str, fail):
             raise fail(f"{what}: the model's weight is parametrised differently (not HashedNets with "
                        f"{spec['buckets']} buckets and seed {spec['seed']})")
         return hw
-    return HashedWeight(weight.shape, spec["buckets"], spec["seed"]).to(weight.device)
+    # a skeleton's weight is on meta: the hash tables (non-persistent, computed here) stay on the CPU with the file's
+    # tensors
+    return HashedWeight(weight.shape, spec["buckets"], spec["seed"]).to("cpu" if weight.is_meta else weight.device)
 
 
 def _parse_metadata(metadata: dict, fail) -> tuple[dict, dict[str, dict]]:
@@ -465,7 +467,8 @@ def _rebuild(info: dict) -> nn.Module:
     if name not in models.MODELS:
         raise ValueError(f"the file holds a {info['class']!r} model that ws.models.build_model cannot rebuild "
                          f"(recorded name {name!r}); pass model= (an instance of that architecture)")
-    with torch.random.fork_rng(devices=[]):  # the weights are about to be overwritten: leave the caller's RNG be
+    # a skeleton: the file provides every tensor, so the dense ones are never allocated (nor randomly initialised)
+    with torch.device("meta"):
         return models.build_model(name)
 
 
@@ -561,13 +564,18 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> nn
 
     model None: the architecture is rebuilt with ws.models.build_model from the recorded name (ValueError if
     there is none: then pass `model`) and returned in eval mode. A given model (dense, or already shared) is
-    modified in place and keeps its mode. Everything is validated before the model is touched; a corrupt,
+    modified in place and keeps its mode. A model built on the meta device (`with torch.device("meta"):
+    model = Arch()`) is a skeleton: its tensors are the file's, on the CPU, and its dense weights are never
+    allocated, so a model whose dense form does not fit in memory loads in its compressed size (the rebuilt
+    architecture is such a skeleton too). Everything is validated before the model is touched; a corrupt,
     truncated or hostile file raises ContainerError (a ValueError). Never unpickles."""
     fail = _fail_for(path)
     tensors, metadata = read_container(path)
     info, specs = _parse_metadata(metadata, fail)
     rebuilt = model is None
     model = _rebuild(info) if rebuilt else _as_model(model)
+    # a skeleton (any tensor on the meta device) takes the file's tensors themselves (load_state_dict's assign)
+    skeleton = any(t.is_meta for t in model.parameters()) or any(t.is_meta for t in model.buffers())
     modules = dict(model.named_modules())
 
     layers: dict[str, SharedLayer] = {}
@@ -656,9 +664,11 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> nn
         if tensor.shape != want.shape:
             raise fail(f"tensor {key!r} has shape {list(tensor.shape)} but the model's is {list(want.shape)}")
         state[key] = tensor
-    for stream, name in streams.items():
-        state[_prefix(name) + "packed"] = _decode_indices(name, specs[name], tensors[stream], fail)
+    for stream, name in streams.items():  # each stream dropped once decoded: the peak stays near the file's size
+        state[_prefix(name) + "packed"] = _decode_indices(name, specs[name], tensors.pop(stream), fail)
 
+    if skeleton:
+        _check_skeleton(model, set(layers) | set(hashed))
     for name, hw in hashed.items():
         if _hashed_weight(modules[name]) is not hw:
             parametrize.register_parametrization(modules[name], "weight", hw, unsafe=True)
@@ -669,5 +679,20 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> nn
             layer.train(old.training)
             for parent, attr in holders.get(id(old), []):
                 setattr(parent, attr, layer)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=skeleton)
     return model.eval() if rebuilt else model
+
+
+def _check_skeleton(model: nn.Module, replaced: set[str]) -> None:
+    """A meta-device model can take the file's tensors only if nothing outside the state dict stays on meta: a
+    non-persistent buffer (a rotary table, a causal mask) has no values in the file. Checked before the model is
+    touched; the buffers of modules the file replaces do not count."""
+    persistent = set(model.state_dict())
+    for module_name, module in model.named_modules():
+        if any(module_name == r or module_name.startswith(r + ".") for r in replaced if r):
+            continue
+        for name, buf in module.named_buffers(recurse=False):
+            key = _prefix(module_name) + name
+            if buf is not None and buf.is_meta and key not in persistent:
+                raise ValueError(f"{key!r} is a non-persistent buffer on the meta device: the file has no values for "
+                                 "it; build the model on the CPU, or materialise that buffer before loading")

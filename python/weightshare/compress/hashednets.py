@@ -54,6 +54,8 @@ class HashedWeight(nn.Module):
     def right_inverse(self, weight: Tensor) -> Tensor:
         """The bucket values closest to `weight` in least squares: each bucket the mean of xi * w over its
         positions (an empty bucket - possible when buckets approach the weight count - gets 0)."""
+        if weight.is_meta:  # a skeleton's weight (ws.load into a meta-device model): the file holds the values
+            return weight.new_empty(self.buckets)
         flat = weight.detach().reshape(-1).float() * self.sign
         sums = torch.zeros(self.buckets, dtype=flat.dtype, device=flat.device).index_add_(0, self.index, flat)
         return (sums / self.count.clamp_min(1)).to(weight.dtype)
