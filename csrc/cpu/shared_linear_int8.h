@@ -26,6 +26,23 @@ namespace weightshare::cpu {
 
 constexpr bool byte_aligned(int bits) { return bits == 1 || bits == 2 || bits == 4 || bits == 8; }
 
+#ifdef WS_X86
+// acc += the 4-byte dot products of u (unsigned bytes) and s (signed bytes) per int32 lane, in place. GCC 12
+// compiles the intrinsic's value form (acc = _mm512_dpbusd_epi32(acc, u, s)) in many-accumulator tiles with a
+// register copy around most vpdpbusd and accumulators spilled to the stack (the blocked kernel's profile at 128 x
+// 768 -> 3072 had more vmovdqa than vpdpbusd); the asm ties the accumulator to its register. Intel VM, same-run
+// A/B, blocked kernel, 128 rows of x: 768 -> 2304 0.82 -> 0.60 ms, 768 -> 768 0.31 -> 0.235 ms, 768 -> 3072
+// 1.10 -> 0.82 ms. Not in the row kernels (shared_linear_int8.cpp): there it made 2-8 rows 15-30 % slower (the
+// opaque asm constrains their scheduling more than the copies cost).
+WS_AVX512 inline void dpbusd_into(__m512i& acc, __m512i u, __m512i s) {
+#if defined(__GNUC__) && !defined(__clang__)
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
+#else
+  acc = _mm512_dpbusd_epi32(acc, u, s);
+#endif
+}
+#endif
+
 // Elements covered by one 64-byte step of the byte-aligned kernels (64 elements otherwise).
 constexpr int64_t step_elems(int bits) { return byte_aligned(bits) ? 512 / bits : 64; }
 

@@ -118,7 +118,7 @@ WS_AVX512 void block_vnni(const uint8_t* a, const int32_t* b, int64_t ldb, int64
     for (int m = 0; m < kMR; ++m) {
       const __m512i wv = _mm512_set1_epi32(load_i32(a + m * kKc + 4 * k4));
 #pragma GCC unroll 3
-      for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_dpbusd_epi32(acc[m][n], wv, bv[n]);
+      for (int n = 0; n < NR; ++n) dpbusd_into(acc[m][n], wv, bv[n]);
     }
   }
   if constexpr (kFinal) {
