@@ -734,6 +734,24 @@ def test_backward_op_with_an_fp32_grad_for_16bit_x(x_dtype, device, gen):
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
+def test_cuda_tiles_past_65535_along_the_output_features(gen):
+    """A layer of more than 65535 x 64 output features: the tile kernels enumerate their (x, y) tiles along grid.x
+    (gridDim.y stops at 65535), so the int8 forward of 17 rows and the codebook gradient run and agree with the CPU
+    op (itself tested against the reference)."""
+    out_f, in_f, M = 65536 * 64 + 64, 8, 17
+    packed, cb, _ = make_weight(out_f, in_f, 4, 1, gen)
+    x = torch.randn(M, in_f, generator=gen)
+    y = ws.ops.shared_linear(x.cuda(), packed.cuda(), cb.cuda(), 4, out_f, in_f, None, "int8")
+    assert torch.equal(y.cpu(), ws.ops.shared_linear(x, packed, cb, 4, out_f, in_f, None, "int8"))
+    g = torch.randn(M, out_f, generator=gen)
+    _, gc = torch.ops.weightshare.shared_linear_backward(g.cuda(), x.cuda(), packed.cuda(), cb.cuda(), 4, out_f,
+                                                         in_f, False, True)
+    _, want = torch.ops.weightshare.shared_linear_backward(g, x, packed, cb, 4, out_f, in_f, False, True)
+    # sums of 2 million terms each, in a different order (float atomics): compared as a whole
+    assert float((gc.cpu() - want).norm() / want.norm()) < 1e-5
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
 @pytest.mark.parametrize("gemv", ["default", "mma"])
 def test_cuda_16bit_unaligned_x_and_bad_indices(gemv, monkeypatch, gen):
     # x rows that are not 8-byte aligned (a column slice made contiguous at an odd offset) take the element loads;

@@ -425,7 +425,13 @@ struct TileArgs {
   int64_t steps, steps_per_split;
   Epilogue out;
   float* grad_codebook;  // [G, K]
+  // The tiles of a launch are (x, y) pairs enumerated along grid.x, x fastest (consecutive blocks share a y tile,
+  // so its W rows stay in L2): one axis of gridDim.y (at most 65535 tiles) capped a layer at 4.19M output features.
+  int64_t tiles_x;
 };
+
+__device__ __forceinline__ int64_t tile_x(const TileArgs& a) { return int64_t(blockIdx.x) % a.tiles_x; }
+__device__ __forceinline__ int64_t tile_y(const TileArgs& a) { return int64_t(blockIdx.x) / a.tiles_x; }
 
 template <typename Acc>
 __device__ void tile_epilogue(const TileArgs& a, const unsigned char* smem, int64_t r0, int64_t c0, int64_t cols) {
@@ -437,13 +443,13 @@ __device__ void tile_epilogue(const TileArgs& a, const unsigned char* smem, int6
 }
 
 // y tile [m0, +64) x [n0, +64); E = T (float / 16-bit), or int for the int8 path (A = xq viewed as int words).
-// grid: (ceil(M / 64), ceil(N / 64), splits of ceil(kin / 64) steps).
+// tiles: (ceil(M / 64), ceil(N / 64)), splits of ceil(kin / 64) steps along grid.z.
 template <typename E, int BITS>
 __global__ void __launch_bounds__(kTileThreads) forward_tile_kernel(const TileArgs a) {
   constexpr bool INT8 = std::is_same_v<E, int>;
   __shared__ __align__(128) unsigned char smem[kTileBytes<E>];
   __shared__ __align__(16) float aux[kAux];
-  const int64_t m0 = int64_t(blockIdx.x) * kT, n0 = int64_t(blockIdx.y) * kT;
+  const int64_t m0 = tile_x(a) * kT, n0 = tile_y(a) * kT;
   using Entry = std::conditional_t<INT8, int8_t, float>;
   const int64_t n_last = min(n0 + kT, a.w.N) - 1;
   const auto tab = stage_table<Entry, (1 << BITS)>(static_cast<const Entry*>(a.w.table), n0 / a.w.rows_per_group,
@@ -460,12 +466,12 @@ __global__ void __launch_bounds__(kTileThreads) forward_tile_kernel(const TileAr
 }
 
 // grad_x tile [m0, +64) x [k0, +64) = grad_out[m0.., :] @ W[:, k0..]: the reduction runs over W's rows, so the
-// decoded tile is stored b[n][k]. grid: (ceil(M / 64), ceil(kin / 64), splits of ceil(N / 64) steps).
+// decoded tile is stored b[n][k]. tiles: (ceil(M / 64), ceil(kin / 64)), splits of ceil(N / 64) steps.
 template <typename E, int BITS>
 __global__ void __launch_bounds__(kTileThreads) grad_x_tile_kernel(const TileArgs a) {
   __shared__ __align__(128) unsigned char smem[kTileBytes<E>];
   __shared__ __align__(16) float aux[kAux];
-  const int64_t m0 = int64_t(blockIdx.x) * kT, k0 = int64_t(blockIdx.y) * kT;
+  const int64_t m0 = tile_x(a) * kT, k0 = tile_y(a) * kT;
   const auto tab = stage_table<float, (1 << BITS)>(static_cast<const float*>(a.w.table), 0,
                                                    (a.w.N - 1) / a.w.rows_per_group, aux);
   DenseTile<E, kT, kT, true> ta;
@@ -482,12 +488,12 @@ __global__ void __launch_bounds__(kTileThreads) grad_x_tile_kernel(const TileArg
 // dL/dW tile [n0, +64) x [k0, +64) = grad_out[:, n0..]^T @ x[:, k0..] (reduction over the rows of x), scattered by
 // index into grad_codebook: into per-block shared sums when the tile's groups fit, else straight into global
 // memory. Indices >= K have no entry and credit nothing (as the reference). Splits of the rows of x scatter their
-// partial tiles independently (the scatter is linear). grid: (ceil(kin / 64), ceil(N / 64), splits of ceil(M / 64)).
+// partial tiles independently (the scatter is linear). tiles: (ceil(kin / 64), ceil(N / 64)), splits of ceil(M / 64).
 template <typename E, int BITS>
 __global__ void __launch_bounds__(kTileThreads) grad_w_tile_kernel(const TileArgs a) {
   __shared__ __align__(128) unsigned char smem[kTileBytes<E>];
   __shared__ __align__(16) float aux[kAux];
-  const int64_t k0 = int64_t(blockIdx.x) * kT, n0 = int64_t(blockIdx.y) * kT;
+  const int64_t k0 = tile_x(a) * kT, n0 = tile_y(a) * kT;
   const int K = a.w.K;
   const int64_t g_lo = n0 / a.w.rows_per_group, g_hi = (min(n0 + kT, a.w.N) - 1) / a.w.rows_per_group;
   const int64_t hist_size = (g_hi - g_lo + 1) * K;
@@ -606,8 +612,9 @@ void launch_tiles(void (*kernel)(TileArgs), TileArgs a, int64_t gx, int64_t gy, 
   const auto [splits, per] = split_k(gx * gy, steps, 4, sms);
   a.steps_per_split = per;
   const at::Tensor ws = partials ? set_splits(a.out, splits, int8, like) : at::Tensor();
-  check_grid(gy, splits, gx);
-  kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), splits), kTileThreads, 0, cuda::stream()>>>(a);
+  a.tiles_x = gx;
+  check_grid(1, splits, gx * gy);
+  kernel<<<dim3(static_cast<unsigned>(gx * gy), 1, splits), kTileThreads, 0, cuda::stream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (partials) finalize(a.out, int8);
 }
