@@ -402,14 +402,14 @@ at::Tensor shared_linear_cpu(const at::Tensor& x, const at::Tensor& packed, cons
   const int64_t M = x2.size(0);
   at::Tensor y = at::empty({M, out_features}, x.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
+  const at::Tensor b = bias.has_value() ? as_contiguous_float(*bias) : at::Tensor();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   if (act == Activation::Float) {
     cpu::linear_float(w, x2.data_ptr<float>(), M, yp);
   } else {
-    cpu::linear_int8(w, x2, yp);
+    cpu::linear_int8(w, x2, bp, yp);  // adds the bias in its own last pass or epilogue
   }
-  if (bias.has_value()) {
-    const at::Tensor b = as_contiguous_float(*bias);
-    const float* bp = b.data_ptr<float>();
+  if (bp != nullptr && act == Activation::Float) {
     at::parallel_for(0, M, std::max<int64_t>(1, 32768 / out_features), [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m)
         for (int64_t r = 0; r < out_features; ++r) yp[m * out_features + r] += bp[r];

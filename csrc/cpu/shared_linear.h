@@ -38,8 +38,8 @@ PackedLinear make_packed_linear(const at::Tensor& packed, const at::Tensor& code
 // y[M, out] (fp32) = x[M, in] (fp32) @ W^T, exact fp32 accumulation.
 void linear_float(const PackedLinear& w, const float* x, int64_t M, float* y);
 
-// y[M, out] (fp32) by the int8 definition in reference.shared_linear (before bias).
-void linear_int8(const PackedLinear& w, const at::Tensor& x_f32, float* y);
+// y[M, out] (fp32) by the int8 definition in reference.shared_linear, bias (fp32 [out], or null) included.
+void linear_int8(const PackedLinear& w, const at::Tensor& x_f32, const float* bias, float* y);
 
 // y[M, out] (fp32) = x[M, in] @ W^T by the blocked kernel (shared_linear_blocked.cpp), for batches; false (and
 // nothing written) on a CPU without AVX2.

@@ -250,10 +250,13 @@ WS_AVX2 void int8_rows_avx2_any(const PackedLinear& w, const QuantizedX& xq, con
 #endif
 
 // float(acc) * (scale_x * scale_w) for every output, by the kernel that suits the batch and the CPU
-void run_int8_kernels(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq, int64_t M, float* y) {
-  if (use_blocked(M) && linear_int8_blocked(w, xq, cq, M, y)) return;
+// The kernels' float(acc) * (scale_x * scale_w) into y; true when the blocked VNNI kernel ran, whose epilogue also
+// added the zero points' term and the bias.
+bool run_int8_kernels(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq, int64_t M,
+                      const float* bias, float* y) {
+  if (use_blocked(M) && linear_int8_blocked(w, xq, cq, M, bias, y)) return true;
   const bool vnni_bytes = simd_level() == Simd::Avx2 && avx_vnni() && w.bits > 1;
-  if (M >= avx2_blocked_min_rows(w.bits, vnni_bytes) && linear_int8_blocked_avx2(w, xq, cq, M, y)) return;
+  if (M >= avx2_blocked_min_rows(w.bits, vnni_bytes) && linear_int8_blocked_avx2(w, xq, cq, M, y)) return false;
   const Simd simd = simd_level();
   const bool vnni = simd == Simd::Avx2 && avx_vnni();
   WS_DISPATCH_BITS(w.bits, BITS, [&] {
@@ -297,16 +300,16 @@ void run_int8_kernels(const PackedLinear& w, const QuantizedX& xq, const Quantiz
       int8_rows_portable<BITS>(w, xq, cq, M, r0, r1, y);
     });
   });
+  return false;
 }
 
 }  // namespace
 
-void linear_int8(const PackedLinear& w, const at::Tensor& x_f32, float* y) {
+void linear_int8(const PackedLinear& w, const at::Tensor& x_f32, const float* bias, float* y) {
   const int64_t M = x_f32.size(0);
   const QuantizedX xq = quantize_x(x_f32, w.bits);
   const QuantizedCodebook cq = quantize_codebook(w);
-  run_int8_kernels(w, xq, cq, M, y);
-  add_int8_zero_terms(w, xq, cq, M, y);
+  if (!run_int8_kernels(w, xq, cq, M, bias, y)) add_int8_zero_terms(w, xq, cq, M, bias, y);
 }
 
 }  // namespace weightshare::cpu

@@ -80,9 +80,17 @@ struct QuantizedCodebook {
 
 QuantizedCodebook quantize_codebook(const PackedLinear& w);
 
-// y[m, r] += (scale_x[m] * zero[group]) * float(sum of x_q[m]): the zero points' term, added to the kernels'
-// float(acc) * (scale_x * scale_w) as the reference adds it (before the bias).
-void add_int8_zero_terms(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq, int64_t M, float* y);
+// y[m, r] = (y[m, r] + (scale_x[m] * zero[group]) * float(sum of x_q[m])) + bias[r]: the zero points' term, then
+// the bias (if not null), added to the kernels' float(acc) * (scale_x * scale_w) as the reference adds them.
+void add_int8_zero_terms(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq, int64_t M,
+                         const float* bias, float* y);
+
+// Per output row, its group's zero point, zero past the last row up to `padded` rows (as row_scales).
+inline std::vector<float> row_zeros(const PackedLinear& w, const QuantizedCodebook& cq, int64_t padded) {
+  std::vector<float> z(static_cast<size_t>(padded), 0.0f);
+  for (int64_t o = 0; o < w.out_features; ++o) z[o] = cq.zero[o / w.rows_per_group];
+  return z;
+}
 
 // Per output row, its group's codebook scale, zero past the last row up to `padded` rows (the blocked kernels scale
 // whole blocks of rows and store the valid ones).
@@ -97,10 +105,11 @@ inline float int8_output(int64_t acc, const QuantizedX& xq, const QuantizedCodeb
   return static_cast<float>(acc) * (xq.scale[m] * cq.scale[group]);
 }
 
-// y[M, out] = float(exact integer sum) * (scale_x * scale_w) by the blocked VNNI kernel; false (nothing written)
-// where it does not apply (no AVX-512 VNNI, or K so long an int32 accumulator could overflow).
+// y[M, out] by the whole int8 definition (the zero points' term and the bias, if not null, included: in the
+// kernel's epilogue, in add_int8_zero_terms' order) by the blocked VNNI kernel; false (nothing written) where it
+// does not apply (no AVX-512 VNNI, or K so long an int32 accumulator could overflow).
 bool linear_int8_blocked(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq, int64_t M,
-                         float* y);
+                         const float* bias, float* y);
 
 // The same by the AVX2 blocked kernel (int16 products, shared_linear_int8_blocked_avx2.cpp); false where it does not
 // apply (not the AVX2 path, 1-bit indices, or K above 65536).

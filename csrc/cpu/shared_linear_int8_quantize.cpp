@@ -722,7 +722,7 @@ WS_AVX2 void zero_points_avx2(const PackedLinear& w, const QuantizedCodebook& cq
 }  // namespace
 
 void add_int8_zero_terms(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq, int64_t M,
-                         float* y) {
+                         const float* bias, float* y) {
   at::parallel_for(0, M, std::max<int64_t>(1, 32768 / w.out_features), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const float sum = static_cast<float>(xq.sum[m]);
@@ -731,12 +731,15 @@ void add_int8_zero_terms(const PackedLinear& w, const QuantizedX& xq, const Quan
       const float sx = xq.scale[m];
       if (w.rows_per_group == 1) {  // a codebook per row: one vectorisable pass
         for (int64_t r = 0; r < w.out_features; ++r) row[r] += (sx * cq.zero[r]) * sum;
-        continue;
+      } else {
+        for (int64_t g = 0; g < w.groups; ++g) {
+          const float term = (sx * cq.zero[g]) * sum;
+          float* rows = row + g * w.rows_per_group;
+          for (int64_t r = 0; r < w.rows_per_group; ++r) rows[r] += term;
+        }
       }
-      for (int64_t g = 0; g < w.groups; ++g) {
-        const float term = (sx * cq.zero[g]) * sum;
-        float* rows = row + g * w.rows_per_group;
-        for (int64_t r = 0; r < w.rows_per_group; ++r) rows[r] += term;
+      if (bias != nullptr) {  // in the same pass over y (it was a pass of its own)
+        for (int64_t r = 0; r < w.out_features; ++r) row[r] += bias[r];
       }
     }
   });
