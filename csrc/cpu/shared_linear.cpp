@@ -353,18 +353,31 @@ void decode_panel(const PackedLinear& w, int64_t r0, int64_t r1, float* dst) {
   });
 }
 
-void linear_float(const PackedLinear& w, const float* x, int64_t M, float* y) {
+namespace {
+
+// y[M, out] += bias, after the product (a separate pass: the GEMV's rows and the ATen GEMM's output).
+void add_bias(const float* bias, int64_t M, int64_t out, float* y) {
+  at::parallel_for(0, M, std::max<int64_t>(1, 32768 / out), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t r = 0; r < out; ++r) y[m * out + r] += bias[r];
+  });
+}
+
+}  // namespace
+
+void linear_float(const PackedLinear& w, const float* x, int64_t M, const float* bias, float* y) {
   if (M <= kGemvRows) {
     // AVX-512 CPUs take the AVX-512 GEMV below; AVX2 ones theirs (shared_linear_gemv_avx2.cpp)
-    if (simd_level() == Simd::Avx2 && gemv_avx2(w, x, M, y)) return;
-    if (gemv_avx512_bytes(w, x, M, y)) return;  // 6- to 8-bit indices
-    WS_DISPATCH_BITS(w.bits, BITS, [&] { gemv<BITS>(w, x, M, y); });
+    if (!(simd_level() == Simd::Avx2 && gemv_avx2(w, x, M, y)) && !gemv_avx512_bytes(w, x, M, y)) {  // 6-8 bits
+      WS_DISPATCH_BITS(w.bits, BITS, [&] { gemv<BITS>(w, x, M, y); });
+    }
+    if (bias != nullptr) add_bias(bias, M, w.out_features, y);
     return;
   }
-  // Batched: the blocked kernel (shared_linear_blocked.cpp); WS_CPU_LINEAR=aten takes the decode + ATen GEMM path
-  // below instead (benchmarks compare the two), as does a CPU without AVX2.
+  // Batched: the blocked kernel (shared_linear_blocked.cpp), which adds the bias as it writes y; WS_CPU_LINEAR=aten
+  // takes the decode + ATen GEMM path below instead (benchmarks compare the two), as does a CPU without AVX2.
   const char* env = std::getenv("WS_CPU_LINEAR");
-  if (!(env && std::strcmp(env, "aten") == 0) && linear_float_blocked(w, x, M, y)) return;
+  if (!(env && std::strcmp(env, "aten") == 0) && linear_float_blocked(w, x, M, bias, y)) return;
   // Decode + ATen: y[:, r0:r1] = x @ panel^T, panel decoded once per call and reused for all M rows.
   const int64_t P = panel_rows(w);
   // the panel lives in this thread's reused buffer (decode_scratch.h): a fresh 8 MiB tensor per call is mapped and
@@ -377,6 +390,7 @@ void linear_float(const PackedLinear& w, const float* x, int64_t M, float* y) {
     decode_panel(w, r0, r1, panel.data_ptr<float>());
     yt.slice(1, r0, r1).copy_(at::mm(xt, panel.slice(0, 0, r1 - r0).t()));
   }
+  if (bias != nullptr) add_bias(bias, M, w.out_features, y);
 }
 
 }  // namespace weightshare::cpu
@@ -404,16 +418,10 @@ at::Tensor shared_linear_cpu(const at::Tensor& x, const at::Tensor& packed, cons
   float* yp = y.data_ptr<float>();
   const at::Tensor b = bias.has_value() ? as_contiguous_float(*bias) : at::Tensor();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  if (act == Activation::Float) {
-    cpu::linear_float(w, x2.data_ptr<float>(), M, yp);
+  if (act == Activation::Float) {  // each path adds the bias where it writes y, or in one last pass
+    cpu::linear_float(w, x2.data_ptr<float>(), M, bp, yp);
   } else {
-    cpu::linear_int8(w, x2, bp, yp);  // adds the bias in its own last pass or epilogue
-  }
-  if (bp != nullptr && act == Activation::Float) {
-    at::parallel_for(0, M, std::max<int64_t>(1, 32768 / out_features), [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m)
-        for (int64_t r = 0; r < out_features; ++r) yp[m * out_features + r] += bp[r];
-    });
+    cpu::linear_int8(w, x2, bp, yp);
   }
   if (x.dim() == 2 && x.scalar_type() == at::kFloat) return y;
   auto out_sizes = x.sizes().vec();

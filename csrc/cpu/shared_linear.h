@@ -35,15 +35,15 @@ struct GroupTable {
 PackedLinear make_packed_linear(const at::Tensor& packed, const at::Tensor& codebook_f32, const PackedWeight& pw,
                                 int64_t bits);
 
-// y[M, out] (fp32) = x[M, in] (fp32) @ W^T, exact fp32 accumulation.
-void linear_float(const PackedLinear& w, const float* x, int64_t M, float* y);
+// y[M, out] (fp32) = x[M, in] (fp32) @ W^T (+ bias, fp32 [out], if not null), exact fp32 accumulation.
+void linear_float(const PackedLinear& w, const float* x, int64_t M, const float* bias, float* y);
 
 // y[M, out] (fp32) by the int8 definition in reference.shared_linear, bias (fp32 [out], or null) included.
 void linear_int8(const PackedLinear& w, const at::Tensor& x_f32, const float* bias, float* y);
 
 // y[M, out] (fp32) = x[M, in] @ W^T by the blocked kernel (shared_linear_blocked.cpp), for batches; false (and
 // nothing written) on a CPU without AVX2.
-bool linear_float_blocked(const PackedLinear& w, const float* x, int64_t M, float* y);
+bool linear_float_blocked(const PackedLinear& w, const float* x, int64_t M, const float* bias, float* y);
 
 // The blocked kernel's core, for callers that lay out their own operands (the conv's im2col, blocked_conv.cpp):
 // y^T [out][Mp] = W [out][in] x x^T [in][Mp], x^T's columns past the real ones zero, Mp a multiple of

@@ -180,7 +180,7 @@ bool blocked_product(const PackedLinear& w, const float* xt, int64_t Mp, float* 
 #endif
 }
 
-bool linear_float_blocked(const PackedLinear& w, const float* x, int64_t M, float* y) {
+bool linear_float_blocked(const PackedLinear& w, const float* x, int64_t M, const float* bias, float* y) {
 #ifdef WS_X86
   const int64_t V = blocked_lanes();
   if (V == 0) return false;
@@ -205,12 +205,17 @@ bool linear_float_blocked(const PackedLinear& w, const float* x, int64_t M, floa
       }
     });
     blocked_product(w, xt, Mp, yt);
-    // y[m0 : m0 + Mc] = (y^T)^T, in 64-row strips of y^T
+    // y[m0 : m0 + Mc] = (y^T)^T (+ bias, added to each strip while it is in cache: a pass over y saved), in 64-row
+    // strips of y^T
     float* ym = y + m0 * O;
     at::parallel_for(0, (O + 63) / 64, 1, [&](int64_t s0, int64_t s1) {
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t o0 = s * 64, o1 = std::min(O, o0 + 64);
         transpose_f32(yt + o0 * Mp, Mp, ym + o0, O, o1 - o0, Mc);
+        if (bias != nullptr) {
+          for (int64_t m = 0; m < Mc; ++m)
+            for (int64_t o = o0; o < o1; ++o) ym[m * O + o] += bias[o];
+        }
       }
     });
   }
