@@ -12,7 +12,8 @@
 // 16 batch rows in registers; per 4 k: NR loads of x^T, 8 broadcasts of 4 panel bytes, 8 x NR vpdpbusd. K goes in
 // chunks of kKc (the panel, 8 KiB, stays in L1; the chunk of x^T in L2), accumulating in y^T between chunks; each
 // thread owns a range of output rows. The epilogue removes the +128 bias (128 x sum of the x row) and scales, as the
-// row kernels do, so both paths give the same bits.
+// row kernels do, then adds the zero points' term and the layer's bias as add_int8_zero_terms does: every path
+// gives the same bits.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -104,7 +105,7 @@ WS_AVX512 inline void transpose8_store(__m256 (&r)[8], float* y, int64_t ldy, in
 // y = (float(acc - xbias) * (xscale * wscale) + (xscale * wzero) * xsum) + bias, the row kernels' expression and
 // then add_int8_zero_terms', lane by lane (the same bits), scattered to y's batch rows; otherwise the int32 block
 // goes to c (y^T). Folding the zero points' term and the bias in here saves two passes over y and their thread
-// fork-joins (5 % of a 128 x 768 -> 3072 call's profile).
+// fork-joins: same-run A/B, 128 rows, 768 -> 2304 0.61 -> 0.54 ms, 768 -> 3072 0.84 -> 0.76 ms.
 template <int NR, bool kAccumulate, bool kFinal>
 WS_AVX512 void block_vnni(const uint8_t* a, const int32_t* b, int64_t ldb, int64_t kc4, int32_t* c, int64_t ldc,
                           int rows, const Epilogue& ep) {
