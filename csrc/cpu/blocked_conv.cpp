@@ -41,7 +41,10 @@ at::Tensor blocked_conv2d_f32(const at::Tensor& x, const at::Tensor& packed, con
                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const ConvKernels choice = conv_kernels();
   const int64_t V = blocked_lanes();
-  if (choice == ConvKernels::Never || V == 0 || groups != 1 || x.scalar_type() != at::kFloat ||
+  // WS_CPU_CONV=winograd / direct force those kernels wherever they apply (cpu_features.h): this path, tried
+  // before them, steps aside
+  const bool other_forced = choice == ConvKernels::Winograd || choice == ConvKernels::Direct;
+  if (choice == ConvKernels::Never || other_forced || V == 0 || groups != 1 || x.scalar_type() != at::kFloat ||
       !x.is_contiguous() || stride.size() != 2 || padding.size() != 2 || dilation.size() != 2) {
     return at::Tensor();
   }

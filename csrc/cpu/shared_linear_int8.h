@@ -85,19 +85,12 @@ QuantizedCodebook quantize_codebook(const PackedLinear& w);
 void add_int8_zero_terms(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq, int64_t M,
                          const float* bias, float* y);
 
-// Per output row, its group's zero point, zero past the last row up to `padded` rows (as row_scales).
-inline std::vector<float> row_zeros(const PackedLinear& w, const QuantizedCodebook& cq, int64_t padded) {
-  std::vector<float> z(static_cast<size_t>(padded), 0.0f);
-  for (int64_t o = 0; o < w.out_features; ++o) z[o] = cq.zero[o / w.rows_per_group];
-  return z;
-}
-
-// Per output row, its group's codebook scale, zero past the last row up to `padded` rows (the blocked kernels scale
-// whole blocks of rows and store the valid ones).
-inline std::vector<float> row_scales(const PackedLinear& w, const QuantizedCodebook& cq, int64_t padded) {
-  std::vector<float> s(static_cast<size_t>(padded), 0.0f);
-  for (int64_t o = 0; o < w.out_features; ++o) s[o] = cq.scale[o / w.rows_per_group];
-  return s;
+// Per output row, its group's value of `per_group` (cq.scale, cq.zero), zero past the last row up to `padded` rows
+// (the blocked kernels scale whole blocks of rows and store the valid ones).
+inline std::vector<float> per_output_row(const PackedLinear& w, const float* per_group, int64_t padded) {
+  std::vector<float> v(static_cast<size_t>(padded), 0.0f);
+  for (int64_t o = 0; o < w.out_features; ++o) v[o] = per_group[o / w.rows_per_group];
+  return v;
 }
 
 // The int8 path's output, exactly as the reference computes it: float(exact integer sum) * (scale_x * scale_w).

@@ -188,7 +188,8 @@ bool linear_int8_blocked(const PackedLinear& w, const QuantizedX& xq, const Quan
   // y^T holds the int32 sums between K chunks; a layer of one chunk writes y straight from the registers
   int32_t* yt = K > kKc ? grown(yt_buf, static_cast<size_t>(O * kMc)) : nullptr;
   const int64_t blocks = (O + kMR - 1) / kMR;
-  const std::vector<float> wscale = row_scales(w, cq, blocks * kMR), wzero = row_zeros(w, cq, blocks * kMR);
+  const std::vector<float> wscale = per_output_row(w, cq.scale, blocks * kMR);
+  const std::vector<float> wzero = per_output_row(w, cq.zero, blocks * kMR);
   std::vector<float> bias_padded;  // the epilogue reads a whole block's 8 entries
   if (bias != nullptr) {
     bias_padded.assign(static_cast<size_t>(blocks * kMR), 0.0f);

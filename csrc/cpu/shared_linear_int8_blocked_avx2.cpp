@@ -227,7 +227,7 @@ bool linear_int8_blocked_avx2(const PackedLinear& w, const QuantizedX& xq, const
   thread_local std::vector<int16_t> x_buf;
   int16_t* x16 = bytes ? nullptr : aligned64(grown(x_buf, static_cast<size_t>(kMc * K + 32)));
   const int64_t blocks = (O + kNR - 1) / kNR;
-  const std::vector<float> wscale = row_scales(w, cq, blocks * kNR);
+  const std::vector<float> wscale = per_output_row(w, cq.scale, blocks * kNR);
   std::vector<int32_t> offset(bytes ? blocks * kNR : 0, 0);
   for (int64_t o = 0; o < (bytes ? O : 0); ++o) offset[o] = cq.table_offset(o / w.rows_per_group);
   std::vector<float> xscale(kMc);

@@ -338,9 +338,9 @@ at::Tensor winograd3x3_conv2d_f32(const at::Tensor& x, const at::Tensor& w, cons
   // decode + oneDNN, two rounds) the fused form lost from 128 x 256 channels up: 0.78-0.84x at 256 x 256 and
   // 256 x 128 (14x14), 0.78-0.80x at 256 x 256 (7x7), 0.97-1.03x at 128 x 128 (14x14) but 0.76-0.85x (7x7),
   // 1.07-1.11x at 64 x 64. So AVX2, 128 x 128 channels and more (the smaller loss: up to 5-8 % there on the EPYC VM,
-  // 15-25 % here otherwise) and images of 65-99 tiles (not fused) decline. Large images, AVX2 as AVX-512: against oneDNN capped to AVX2,
-  // 1.21-1.26x at 56x56 and 28x28 in three processes once the phases were chunked (the whole-image form had swung
-  // between 0.7x and 1.34x).
+  // 15-25 % here otherwise) and images of 65-99 tiles (not fused) decline. Large images, AVX2 as AVX-512: against
+  // oneDNN capped to AVX2, 1.21-1.26x at 56x56 and 28x28 in three processes once the phases were chunked (the
+  // whole-image form had swung between 0.7x and 1.34x).
   const bool small_fused = N == 1 && e.T <= 64 && e.C * e.OC < 128 * 128 && simd == Simd::Avx512;
   if (choice == ConvKernels::Auto && (e.C < 16 || e.OC < 16 || (e.T < 100 && !small_fused))) {
     return at::Tensor();

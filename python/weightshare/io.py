@@ -636,18 +636,10 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> nn
     for key in sorted(needed):
         tensor, want = tensors[key], expected[key]
         if key in codebooks:
-            dtype = _CODEBOOK_DTYPES[specs[codebooks[key]]["codebook_dtype"]]
-            if tensor.dtype != dtype:
-                raise fail(f"tensor {key!r} is {tensor.dtype} but the metadata says {dtype}")
-            if not torch.isfinite(tensor).all():
-                raise fail(f"tensor {key!r}: the codebook holds NaN or Inf")
+            _check_values(key, tensor, specs[codebooks[key]]["codebook_dtype"], "the codebook holds", fail)
             tensor = tensor.float()
         elif key in hashed_dtypes:
-            dtype = _CODEBOOK_DTYPES[hashed_dtypes[key]]
-            if tensor.dtype != dtype:
-                raise fail(f"tensor {key!r} is {tensor.dtype} but the metadata says {dtype}")
-            if not torch.isfinite(tensor).all():
-                raise fail(f"tensor {key!r}: the HashedNets bucket values hold NaN or Inf")
+            _check_values(key, tensor, hashed_dtypes[key], "the HashedNets bucket values hold", fail)
             converted = tensor.to(want.dtype)
             if not torch.equal(converted.to(tensor.dtype), tensor):
                 raise fail(f"tensor {key!r}: its {tensor.dtype} values do not fit the model's {want.dtype} exactly")
@@ -681,6 +673,16 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> nn
                 setattr(parent, attr, layer)
     model.load_state_dict(state, strict=True, assign=skeleton)
     return model.eval() if rebuilt else model
+
+
+def _check_values(key: str, tensor: Tensor, dtype_name: str, what: str, fail) -> None:
+    """A stored table (a codebook, HashedNets bucket values; `what` names it with its verb): the dtype its
+    metadata names, and finite."""
+    dtype = _CODEBOOK_DTYPES[dtype_name]
+    if tensor.dtype != dtype:
+        raise fail(f"tensor {key!r} is {tensor.dtype} but the metadata says {dtype}")
+    if not torch.isfinite(tensor).all():
+        raise fail(f"tensor {key!r}: {what} NaN or Inf")
 
 
 def _check_skeleton(model: nn.Module, replaced: set[str]) -> None:
