@@ -1,70 +1,75 @@
 #!/usr/bin/env bash
-# The one GPU check, for a lent H200 (device tool): build for sm_90 with all cores, run the CUDA tests (and a
-# compute-sanitizer memcheck and racecheck passes over small kernel runs), run the GPU benchmarks; logs and JSON go to $OUT.
-#   device run:  bash benchmarks/gpu_check.sh [all|test|bench]     (default all; timeout_s ~ 590)
-# The whole check may need more than one device call's 600 s: then run `test` and, straight after (the warm machine
-# keeps the build; an idle one is released after ~30 s), `bench`. Each phase builds first (a no-op when built; the
-# first build took 138 s). The timeouts keep each phase within one call: test 460 s + the build, bench 540 s; logs
-# and JSON are written as they go, so a phase cut short still returns what it measured.
-# Then commit the JSON it returns under benchmarks/results/ with the date and the GPU.
+# The one GPU check, for a lent H200 (device tool): build for sm_90 with all cores, run the CUDA tests, a
+# compute-sanitizer memcheck and racecheck over small kernel runs, the GPU benchmarks and an ncu probe of the GEMVs.
+#   device run:  bash benchmarks/gpu_check.sh [all|test|bench] 2>&1 | tee $OUT/gpu_check.log    (timeout_s ~ 590)
+# A session has 15 minutes of device time in all, so one call does everything, against a deadline: every step is
+# cut to the time left before WS_GPU_DEADLINE (default 560 s after the start), skipped when under 20 s are left, and
+# the order puts first what a cut-short run must not lose (build, CUDA tests, the shared_linear benchmark). The
+# device tool returns at most 8 files: the benchmark JSON go straight to $OUT (written row by row), every log goes
+# into $OUT/logs.tar.gz, refreshed after each step. Then commit what returns under benchmarks/results/gpu/<date>-<GPU>.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/benchmarks/results/gpu}
+LOGS=$(mktemp -d)
 mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=$(nproc) WS_CUDA=1 PYTHONUNBUFFERED=1
 export WS_RESULTS_DIR="$OUT"
 PY=${PYTHON:-python3}
 PHASE=${1:-all}
+DEADLINE=${WS_GPU_DEADLINE:-560}
 case "$PHASE" in all|test|bench) ;; *) echo "usage: gpu_check.sh [all|test|bench]"; exit 2;; esac
 t0=$SECONDS
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; "$PY" -c "import torch; print(torch.__version__)"; } \
-  > "$OUT/env.txt" 2>&1
-"$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+
+pack_logs() { tar -C "$LOGS" -czf "$OUT/logs.tar.gz.tmp" . && mv "$OUT/logs.tar.gz.tmp" "$OUT/logs.tar.gz"; }
+
+# step NAME MAX_S CMD...: CMD under `timeout min(MAX_S, time left - 10 s)`; its output to $LOGS/NAME.log
+step() {
+  local name=$1 max=$2; shift 2
+  local left=$((DEADLINE - (SECONDS - t0) - 10))
+  local lim=$((max < left ? max : left))
+  if [ "$lim" -lt 20 ]; then echo "$name: skipped, $left s left"; return 0; fi
+  local s=$SECONDS
+  timeout "$lim" "$@" > "$LOGS/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc ($((SECONDS - s)) s of $lim): $(grep -v '^\s*$' "$LOGS/$name.log" | tail -1 | cut -c1-200)"
+  pack_logs
+  return 0
+}
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+  "$PY" -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])"
+  nproc; } 2>&1
+"$PY" -m pip install --no-build-isolation --no-deps -e . > "$LOGS/build.log" 2>&1 || { tail -60 "$LOGS/build.log"; pack_logs; exit 1; }
 echo "build: $((SECONDS - t0)) s"
-"$PY" -c "import weightshare as ws; assert ws.cuda_built(), 'CUDA kernels missing'; print('cuda kernels ok')"
+"$PY" -c "import weightshare as ws; assert ws.cuda_built(), 'CUDA kernels missing'; print('cuda kernels ok')" || exit 1
+
+# pytest-xdist there: a crash (segfault) loses one worker's test, not the run; pytest-timeout stops a hung kernel
+PYTEST=("$PY" -m pytest -q -rfE -p no:cacheprovider)
+"$PY" -c "import xdist, pytest_timeout" 2>/dev/null && PYTEST+=(-n 8 --timeout=120)
 if [ "$PHASE" != bench ]; then
-# CUDA tests: every test parametrised with device=cuda (or path=cuda), plus the cuda-only ones; up to 40 failures
-# reported, not the first only: the kernels written since the last GPU run have never run
-timeout 220 "$PY" -m pytest tests -q --maxfail=40 -k "cuda and not mma" -p no:cacheprovider > "$OUT/tests_cuda.log" 2>&1
-echo "cuda tests rc=$? ($(tail -1 "$OUT/tests_cuda.log"))"
-# the opt-in tensor-core GEMV (WS_CUDA_GEMV=mma), untested on a GPU before: every case, no stop at the first failure
-timeout 90 "$PY" -m pytest tests/test_shared_linear.py -q -k "mma" -p no:cacheprovider > "$OUT/tests_cuda_mma.log" 2>&1
-echo "mma GEMV tests rc=$? ($(tail -1 "$OUT/tests_cuda_mma.log"))"
-# every bad-input case on both devices (error messages that print shapes crashed this machine's torch 2.11 once)
-timeout 45 "$PY" -m pytest tests/test_bad_input.py -q -p no:cacheprovider > "$OUT/tests_bad_input.log" 2>&1
-echo "bad-input tests rc=$? ($(tail -1 "$OUT/tests_bad_input.log"))"
-if command -v compute-sanitizer >/dev/null; then
-  timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -c "
-import torch, weightshare as ws
-w = torch.randn(1000, 77, device='cuda'); cb = torch.randn(1, 16, device='cuda')
-i = ws.ops.assign(w, cb); p = ws.ops.pack(i, 4); ws.ops.unpack(p, 4, 77); ws.ops.kmeans_step(w, i, 16)
-ws.ops.loss_aware_assign(w, w, w.abs(), cb)
-x = torch.randn(3, 77, device='cuda', dtype=torch.float16)
-ws.ops.shared_linear(x, p, cb, 4, 1000, 77); ws.ops.shared_linear(x, p, cb, 4, 1000, 77, None, 'int8')
-wt = torch.randn(40, 8192, device='cuda'); pt = ws.ops.pack(ws.ops.assign(wt, cb), 4)  # thin rows: split-K + finalize
-xt = torch.randn(11, 8192, device='cuda'); ws.ops.shared_linear(xt[:1], pt, cb, 4, 40, 8192)
-ws.ops.shared_linear(xt, pt, cb, 4, 40, 8192, None, 'int8')
-import os; os.environ['WS_CUDA_GEMV'] = 'mma'  # the tensor-core GEMV: pair tables (4-bit) and per-row tables (3-bit)
-ws.ops.shared_linear(x, p, cb, 4, 1000, 77); cr = torch.randn(1000, 8, device='cuda')
-ws.ops.shared_linear(x[:, 1:].contiguous(), ws.ops.pack(ws.ops.assign(w[:, :76].contiguous(), cr), 3), cr, 3, 1000, 76)
-torch.cuda.synchronize(); print('memcheck workload done')" > "$OUT/memcheck.log" 2>&1
-  echo "memcheck rc=$? ($(grep -c 'ERROR SUMMARY: 0' "$OUT/memcheck.log") clean summaries)"
-  timeout 45 compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" -c "
-import torch, weightshare as ws
-w = torch.randn(512, 300, device='cuda'); cb = torch.randn(1, 16, device='cuda'); i = ws.ops.assign(w, cb)
-p = ws.ops.pack(i, 4); ws.ops.kmeans_step(w, i, 16)
-for m in (1, 64):
-    x = torch.randn(m, 300, device='cuda', dtype=torch.float16, requires_grad=True)
-    c = cb.half().clone().requires_grad_()
-    ws.ops.shared_linear(x, p, c, 4, 512, 300).sum().backward()
-torch.cuda.synchronize(); print('racecheck workload done')" > "$OUT/racecheck.log" 2>&1
-  echo "racecheck rc=$? ($(grep -c 'ERROR SUMMARY: 0' "$OUT/racecheck.log") clean summaries)"
-fi
+  # every test parametrised with device=cuda (or path=cuda), the cuda-only ones and the tensor-core GEMV (WS_CUDA_GEMV=mma)
+  step tests_cuda 200 "${PYTEST[@]}" tests -k "cuda or mma"
 fi
 if [ "$PHASE" != test ]; then
-timeout 120 "$PY" benchmarks/bench_assign.py --cuda 2>&1 | tail -4
-timeout 280 "$PY" benchmarks/bench_shared_linear.py --cuda 2>&1 | tail -32
-timeout 80 "$PY" benchmarks/bench_shared_conv.py --cuda 2>&1 | tail -9
-timeout 60 "$PY" benchmarks/bench_resnet.py --cuda 2>&1 | tail -3
+  # the issue's targets first: a run cut short by the deadline keeps the rows written so far
+  step bench_shared_linear 170 "$PY" benchmarks/bench_shared_linear.py --cuda
 fi
+if [ "$PHASE" != bench ]; then
+  # every bad-input case on both devices (error messages that printed shapes crashed the torch 2.11 there once)
+  step tests_bad_input 60 "${PYTEST[@]}" tests/test_bad_input.py
+  if command -v compute-sanitizer >/dev/null; then
+    step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" benchmarks/gpu_sanitize_workload.py full
+    step racecheck 45 compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" benchmarks/gpu_sanitize_workload.py small
+  fi
+fi
+if [ "$PHASE" != test ]; then
+  step bench_assign 60 "$PY" benchmarks/bench_assign.py --cuda
+  step bench_shared_conv 70 "$PY" benchmarks/bench_shared_conv.py --cuda
+  step bench_resnet 50 "$PY" benchmarks/bench_resnet.py --cuda
+  if command -v ncu >/dev/null; then  # DRAM throughput, occupancy, registers of the batch-1 GEMVs (not timings)
+    step ncu_gemv 60 ncu --clock-control none -k regex:gemv -c 4 --section SpeedOfLight --section Occupancy \
+      --section LaunchStats --section MemoryWorkloadAnalysis "$PY" benchmarks/gpu_sanitize_workload.py gemv
+  fi
+fi
+pack_logs
 echo "gpu_check total $((SECONDS - t0)) s"

@@ -31,7 +31,8 @@ def capture(fn):
 
 def replay_matches(fn, inputs, fresh):
     """Capture fn over `inputs` (a list of CUDA tensors), then copy `fresh` into them, replay, and compare with fn
-    run eagerly on the fresh values (equal up to float summation order: some kernels accumulate with atomics)."""
+    run eagerly on the fresh values (equal up to float summation order: grad_codebook accumulates with float atomics,
+    whose order differs between runs: 3.7e-6 relative on the H200, past assert_close's fp32 default of 1.3e-6)."""
     graph, out = capture(fn)
     for dst, src in zip(inputs, fresh):
         dst.copy_(src)
@@ -40,7 +41,7 @@ def replay_matches(fn, inputs, fresh):
     want = fn()
     outs, wants = (out, want) if isinstance(out, tuple) else ((out,), (want,))
     for got, ref in zip(outs, wants):
-        torch.testing.assert_close(got, ref)
+        torch.testing.assert_close(got, ref, rtol=2e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("M", [1, 8, 40, 300])  # the GEMV, its split-K form's sizes, panels + cuBLAS above

@@ -33,22 +33,22 @@ at::Tensor dequantize(const at::Tensor& packed, const at::Tensor& codebook, int6
 at::Tensor shared_conv2d(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook, int64_t bits,
                          at::IntArrayRef weight_shape, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK_VALUE(weight_shape.size() == 4, "weightshare: weight_shape must be [out, in/groups, kh, kw], got ",
+  WS_CHECK_VALUE(weight_shape.size() == 4, "weightshare: weight_shape must be [out, in/groups, kh, kw], got ",
                     shape_str(weight_shape));
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+  WS_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
                    "weightshare: x must be float32, float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() == 4 || x.dim() == 3, "weightshare: x must be [N, C, H, W] or [C, H, W], got ",
+  WS_CHECK_VALUE(x.dim() == 4 || x.dim() == 3, "weightshare: x must be [N, C, H, W] or [C, H, W], got ",
                     shape_str(x.sizes()));
-  TORCH_CHECK(packed.device() == x.device(), "weightshare: packed is on ", packed.device(), " but x is on ",
+  WS_CHECK(packed.device() == x.device(), "weightshare: packed is on ", packed.device(), " but x is on ",
               x.device(), "; all inputs must be on the same device");
   const int64_t out = weight_shape[0], cin_g = weight_shape[1];
-  TORCH_CHECK_VALUE(groups >= 1 && out % groups == 0, "weightshare: groups=", groups,
+  WS_CHECK_VALUE(groups >= 1 && out % groups == 0, "weightshare: groups=", groups,
                     " must divide the output channels ", out);
-  TORCH_CHECK_VALUE(x.size(-3) == cin_g * groups, "weightshare: x has ", x.size(-3), " channels but weight_shape ",
+  WS_CHECK_VALUE(x.size(-3) == cin_g * groups, "weightshare: x has ", x.size(-3), " channels but weight_shape ",
                     shape_str(weight_shape), " with groups=", groups, " expects ", cin_g * groups);
   const PackedWeight pw = check_dequantize(packed, codebook, bits, weight_shape);
   if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out, "weightshare: bias must be [", out, "], got ",
+    WS_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out, "weightshare: bias must be [", out, "], got ",
                       shape_str(bias->sizes()));
   }
   const int64_t out_per_group = out / groups;

@@ -16,18 +16,18 @@ namespace {
 constexpr int64_t kChunkBytes = int64_t(64) << 20;
 
 at::Tensor sq_grad_accum(const at::Tensor& x, const at::Tensor& grad_out) {
-  TORCH_CHECK_TYPE(x.is_floating_point() && grad_out.is_floating_point(),
+  WS_CHECK_TYPE(x.is_floating_point() && grad_out.is_floating_point(),
                    "weightshare: x and grad_out must be floating point, got ", x.scalar_type(), " and ",
                    grad_out.scalar_type());
-  TORCH_CHECK(x.device() == grad_out.device(), "weightshare: grad_out is on ", grad_out.device(), " but x is on ",
+  WS_CHECK(x.device() == grad_out.device(), "weightshare: grad_out is on ", grad_out.device(), " but x is on ",
               x.device(), "; all inputs must be on the same device");
-  TORCH_CHECK_VALUE((x.dim() == 2 || x.dim() == 3) && grad_out.dim() == x.dim(),
+  WS_CHECK_VALUE((x.dim() == 2 || x.dim() == 3) && grad_out.dim() == x.dim(),
                     "weightshare: x and grad_out must both be [N, features] or [N, T, features], got ",
                     shape_str(x.sizes()), " and ", shape_str(grad_out.sizes()));
-  TORCH_CHECK_VALUE(x.size(0) == grad_out.size(0) && (x.dim() == 2 || x.size(1) == grad_out.size(1)),
+  WS_CHECK_VALUE(x.size(0) == grad_out.size(0) && (x.dim() == 2 || x.size(1) == grad_out.size(1)),
                     "weightshare: x ", shape_str(x.sizes()), " and grad_out ", shape_str(grad_out.sizes()),
                     " must agree on the sample (and sequence) dimensions");
-  TORCH_CHECK_VALUE(x.numel() > 0 && grad_out.numel() > 0, "weightshare: x and grad_out must be non-empty");
+  WS_CHECK_VALUE(x.numel() > 0 && grad_out.numel() > 0, "weightshare: x and grad_out must be non-empty");
   const at::Tensor xf = x.to(at::kFloat);
   const at::Tensor gf = grad_out.to(at::kFloat);
   if (x.dim() == 2) return at::mm(gf.square().t(), xf.square());

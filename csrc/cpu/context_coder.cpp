@@ -120,7 +120,7 @@ class RangeEncoder {
 class RangeDecoder {
  public:
   RangeDecoder(const uint8_t* data, int64_t size) : data_(data), size_(size) {
-    TORCH_CHECK_VALUE(size_ >= 5 && data_[0] == 0,
+    WS_CHECK_VALUE(size_ >= 5 && data_[0] == 0,
                       "weightshare: context_decode: stream is not a context-coded index stream (bad coder start)");
     pos_ = 1;
     for (int i = 0; i < 4; ++i) code_ = (code_ << 8) | next();
@@ -147,7 +147,7 @@ class RangeDecoder {
 
   // The encoder's flush makes the stream exactly as long as the decoder reads: anything else is corruption.
   void check_consumed_all() const {
-    TORCH_CHECK_VALUE(pos_ == size_, "weightshare: context_decode: stream is ", size_ > pos_ ? "longer" : "shorter",
+    WS_CHECK_VALUE(pos_ == size_, "weightshare: context_decode: stream is ", size_ > pos_ ? "longer" : "shorter",
                       " than its coded symbols (", size_, " bytes, ", pos_, " used): corrupt or truncated");
   }
 
@@ -223,7 +223,7 @@ int most_frequent_below_k(const uint8_t* idx, int64_t rows, int64_t cols, int64_
     if (hist[s] == 0) continue;
     int64_t i = 0;  // an error path: find the first offender to name it
     while (idx[i] != s) ++i;
-    TORCH_CHECK_VALUE(false, "weightshare: context_encode: indices[", i / cols, ", ", i % cols, "] = ", s,
+    WS_CHECK_VALUE(false, "weightshare: context_encode: indices[", i / cols, ", ", i % cols, "] = ", s,
                       " is not below k = ", k);
   }
   int best = 0;
@@ -272,7 +272,7 @@ void walk(int64_t rows, int64_t cols, int k, int mode, const uint8_t* truth, int
     if (mode & kRowFlags) {
       previous_row = occ.rows[r] = static_cast<uint8_t>(bit(model.row_occupied[previous_row], occ.rows[r]));
       if (!previous_row) continue;
-      TORCH_CHECK_VALUE(occ.last_col >= 0, "weightshare: context_decode: an occupied row but no occupied column "
+      WS_CHECK_VALUE(occ.last_col >= 0, "weightshare: context_decode: an occupied row but no occupied column "
                         "(corrupt stream)");
     }
     RowState state;
@@ -338,16 +338,16 @@ at::Tensor context_decode_cpu(const at::Tensor& stream, int64_t rows, int64_t co
   check_context_decode(stream, rows, cols, k);
   const uint8_t* data = stream.data_ptr<uint8_t>();
   const int64_t size = stream.numel();
-  TORCH_CHECK_VALUE(size >= 2 && (data[0] == 1 || data[0] == kStreamVersion),
+  WS_CHECK_VALUE(size >= 2 && (data[0] == 1 || data[0] == kStreamVersion),
                     "weightshare: context_decode: stream version ", size ? int(data[0]) : -1, " is not 1 or ",
                     int(kStreamVersion));
   const int background = data[1];
-  TORCH_CHECK_VALUE(background < k, "weightshare: context_decode: background symbol ", background,
+  WS_CHECK_VALUE(background < k, "weightshare: context_decode: background symbol ", background,
                     " is not below k = ", k);
   const int64_t head = data[0] == 1 ? 2 : 3;  // version 1 has no mode byte (mode 0)
-  TORCH_CHECK_VALUE(size >= head, "weightshare: context_decode: stream is shorter than its header");
+  WS_CHECK_VALUE(size >= head, "weightshare: context_decode: stream is shorter than its header");
   const int mode = head == 3 ? data[2] : 0;
-  TORCH_CHECK_VALUE(mode < kModes, "weightshare: context_decode: mode ", mode, " is not below ", kModes);
+  WS_CHECK_VALUE(mode < kModes, "weightshare: context_decode: mode ", mode, " is not below ", kModes);
   at::Tensor indices = at::empty({rows, cols}, stream.options());
   uint8_t* idx = indices.data_ptr<uint8_t>();
   std::fill(idx, idx + rows * cols, static_cast<uint8_t>(background));
@@ -359,7 +359,7 @@ at::Tensor context_decode_cpu(const at::Tensor& stream, int64_t rows, int64_t co
          int node = 1;
          for (int level = model.depth - 1; level >= 0; --level) node = 2 * node + dec.decode(model.tree[node]);
          const int rank = node - (1 << model.depth);
-         TORCH_CHECK_VALUE(rank < k - 1, "weightshare: context_decode: decoded symbol rank ", rank,
+         WS_CHECK_VALUE(rank < k - 1, "weightshare: context_decode: decoded symbol rank ", rank,
                            " is not below k - 1 = ", k - 1, " (corrupt stream)");
          idx[r * cols + c] = static_cast<uint8_t>(rank < background ? rank : rank + 1);
        });

@@ -126,14 +126,14 @@ std::tuple<at::Tensor, at::Tensor> kmeans1d_optimal_cpu(const at::Tensor& values
   const double* w = weights.data_ptr<double>();
   double wsum = 0, xsum = 0;
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK_VALUE(std::isfinite(x[i]), "weightshare: values must be finite");
-    TORCH_CHECK_VALUE(std::isfinite(w[i]) && w[i] >= 0, "weightshare: weights must be finite and >= 0");
-    TORCH_CHECK_VALUE(i == 0 || x[i] > x[i - 1], "weightshare: values must be sorted ascending and distinct");
+    WS_CHECK_VALUE(std::isfinite(x[i]), "weightshare: values must be finite");
+    WS_CHECK_VALUE(std::isfinite(w[i]) && w[i] >= 0, "weightshare: weights must be finite and >= 0");
+    WS_CHECK_VALUE(i == 0 || x[i] > x[i - 1], "weightshare: values must be sorted ascending and distinct");
     wsum += w[i];
     xsum += w[i] * x[i];
   }
   const int64_t m = std::min<int64_t>(k, n);
-  TORCH_CHECK_VALUE(m * n <= (int64_t(1) << 31), "weightshare: kmeans1d_optimal needs k*n <= 2**31 back-pointers (",
+  WS_CHECK_VALUE(m * n <= (int64_t(1) << 31), "weightshare: kmeans1d_optimal needs k*n <= 2**31 back-pointers (",
                     m, " x ", n, "); histogram the values first");
   const double shift = wsum > 0 ? xsum / wsum : x[0];
   Prefix pre;

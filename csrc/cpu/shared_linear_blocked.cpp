@@ -136,7 +136,7 @@ bool blocked_product(const PackedLinear& w, const float* xt, int64_t Mp, float* 
   if (simd == Simd::Scalar) return false;
   const int MR = simd == Simd::Avx512 ? 8 : 4;
   const int64_t V = simd == Simd::Avx512 ? 16 : 8;
-  TORCH_CHECK(Mp > 0 && Mp % V == 0 && Mp <= kBlockedMaxLanes, "weightshare: blocked_product needs 0 < Mp <= ",
+  WS_CHECK(Mp > 0 && Mp % V == 0 && Mp <= kBlockedMaxLanes, "weightshare: blocked_product needs 0 < Mp <= ",
               kBlockedMaxLanes, " in whole vectors of ", V, ", got ", Mp);
   const int64_t K = w.in_features, O = w.out_features;
   const int64_t blocks = (O + MR - 1) / MR;

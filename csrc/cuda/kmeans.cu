@@ -60,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kmeans_step_cuda(const at::Tensor
   const c10::cuda::CUDAGuard guard(w.device());
   const int K = static_cast<int>(k);
   const int64_t tiles = (gr.group_numel + kTile - 1) / kTile;
-  TORCH_CHECK(gr.groups * tiles <= INT32_MAX, "weightshare: kmeans_step: too many tiles for one launch");
+  WS_CHECK(gr.groups * tiles <= INT32_MAX, "weightshare: kmeans_step: too many tiles for one launch");
   const auto opts = w.options().dtype(at::kDouble);  // three separate outputs: the schema promises no aliasing
   at::Tensor out[3] = {at::zeros({gr.groups, K}, opts), at::zeros({gr.groups, K}, opts),
                        at::zeros({gr.groups, K}, opts)};

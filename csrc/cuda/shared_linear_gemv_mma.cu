@@ -259,7 +259,7 @@ void launch_gemv_mma(const PackedRows& w, const at::Tensor& x, int64_t x_ld, int
   const at::Tensor workspace = set_splits(out, splits, false, x);
   a.out = out;
   check_grid(splits, mblocks);
-  TORCH_CHECK_VALUE(nblocks <= 0x7fffffffLL, "weightshare: shared_linear has too many output rows for one launch");
+  WS_CHECK_VALUE(nblocks <= 0x7fffffffLL, "weightshare: shared_linear has too many output rows for one launch");
   // One codebook per block (all of it, or whole multiples of 16 rows per codebook) lets BITS <= 4 use pair tables.
   const bool one_group = w.rows_per_group == w.N || w.rows_per_group % kBlockRows == 0;
   const dim3 grid(static_cast<unsigned>(nblocks), static_cast<unsigned>(splits), static_cast<unsigned>(mblocks));

@@ -1,13 +1,16 @@
 #pragma once
 // One input check per op, shared by the CPU and CUDA implementations (compiled once, in common/checks.cpp).
-// Each failure raises through TORCH_CHECK_* with a message naming the argument:
-//   TypeError  (TORCH_CHECK_TYPE)  wrong dtype
-//   ValueError (TORCH_CHECK_VALUE) wrong shape, size, range, empty, non-contiguous
-//   RuntimeError (TORCH_CHECK)     device mismatch
+// Each failure raises through WS_CHECK_* (message.h: TORCH_CHECK_* with the message built without ostreams),
+// with a message naming the argument:
+//   TypeError  (WS_CHECK_TYPE)  wrong dtype
+//   ValueError (WS_CHECK_VALUE) wrong shape, size, range, empty, non-contiguous
+//   RuntimeError (WS_CHECK)     device mismatch
 #include <ATen/core/Tensor.h>
 
 #include <optional>
 #include <string>
+
+#include "weightshare/message.h"
 
 namespace weightshare {
 
@@ -52,12 +55,6 @@ PackedWeight check_shared_linear(const at::Tensor& x, const at::Tensor& packed, 
 PackedWeight check_shared_linear_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& packed,
                                           const at::Tensor& codebook, int64_t bits, int64_t out_features,
                                           int64_t in_features);
-
-// "[4, 8]": a shape for an error message, formatted here rather than by streaming an IntArrayRef into c10::str.
-// On the H200 machine (torch 2.11 wheel) every message that streamed `t.sizes()` segfaulted while building the
-// message (CPU tensors too), while messages of strings, numbers, dtypes and devices raised fine; plain std::string
-// pieces avoid that path on every torch version.
-std::string shape_str(at::IntArrayRef shape);
 
 // Raised after a kernel reports a bad value it found in the data (NaN weight, index out of range, ...).
 [[noreturn]] void fail_value(const std::string& message);

@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "weightshare/cuda_decode.h"
+#include "weightshare/message.h"
 #include "weightshare/cuda_utils.h"
 
 namespace weightshare::cuda {
@@ -149,7 +150,7 @@ inline void finalize(const Epilogue& e, bool int8) {
 }
 
 inline void check_grid(int64_t y, int64_t z, int64_t x = 1) {
-  TORCH_CHECK_VALUE(x <= INT32_MAX && y <= 65535 && z <= 65535,
+  WS_CHECK_VALUE(x <= INT32_MAX && y <= 65535 && z <= 65535,
                     "weightshare: shared_linear is too large for one launch (grid ", x, " x ", y, " x ", z, ")");
 }
 

@@ -2,6 +2,8 @@
 // Turns runtime values into compile-time constants so kernels specialise (shifts, masks and loop counts fold).
 #include <c10/util/Exception.h>
 
+#include "weightshare/message.h"
+
 // Calls __VA_ARGS__ with `constexpr int NAME` = bits (1..8).
 #define WS_DISPATCH_BITS(bits, NAME, ...)                                                        \
   [&] {                                                                                          \
@@ -14,7 +16,7 @@
       case 6: { constexpr int NAME = 6; return __VA_ARGS__(); }                                  \
       case 7: { constexpr int NAME = 7; return __VA_ARGS__(); }                                  \
       case 8: { constexpr int NAME = 8; return __VA_ARGS__(); }                                  \
-      default: TORCH_CHECK_VALUE(false, "weightshare: bits must be in 1..8, got ", bits);        \
+      default: WS_CHECK_VALUE(false, "weightshare: bits must be in 1..8, got ", bits);        \
     }                                                                                            \
   }()
 
@@ -31,7 +33,7 @@
       case 64: { constexpr int NAME = 64; return __VA_ARGS__(); }                                \
       case 128: { constexpr int NAME = 128; return __VA_ARGS__(); }                              \
       case 256: { constexpr int NAME = 256; return __VA_ARGS__(); }                              \
-      default: TORCH_CHECK(false, "weightshare: internal error, table size ", p);                \
+      default: WS_CHECK(false, "weightshare: internal error, table size ", p);                \
     }                                                                                            \
   }()
 

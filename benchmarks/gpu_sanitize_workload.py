@@ -1,0 +1,74 @@
+"""Small CUDA workloads for the tools of benchmarks/gpu_check.sh that watch a process from outside.
+
+    python benchmarks/gpu_sanitize_workload.py full    # every CUDA kernel once, small shapes (compute-sanitizer memcheck)
+    python benchmarks/gpu_sanitize_workload.py small   # forward + backward of shared_linear (racecheck: slow tool)
+    python benchmarks/gpu_sanitize_workload.py gemv    # batch-1 GEMVs of an 8192x8192 4-bit layer (ncu probe)
+"""
+import os
+import sys
+
+import torch
+
+import weightshare as ws
+
+
+def full() -> None:
+    w = torch.randn(1000, 77, device="cuda")
+    cb = torch.randn(1, 16, device="cuda")
+    i = ws.ops.assign(w, cb)
+    p = ws.ops.pack(i, 4)
+    ws.ops.unpack(p, 4, 77)
+    ws.ops.kmeans_step(w, i, 16)
+    ws.ops.loss_aware_assign(w, w, w.abs(), cb)
+    x = torch.randn(3, 77, device="cuda", dtype=torch.float16)
+    ws.ops.shared_linear(x, p, cb, 4, 1000, 77)
+    ws.ops.shared_linear(x, p, cb, 4, 1000, 77, None, "int8")
+    wt = torch.randn(40, 8192, device="cuda")  # thin rows: split-K + finalize
+    pt = ws.ops.pack(ws.ops.assign(wt, cb), 4)
+    xt = torch.randn(11, 8192, device="cuda")
+    ws.ops.shared_linear(xt[:1], pt, cb, 4, 40, 8192)
+    ws.ops.shared_linear(xt, pt, cb, 4, 40, 8192, None, "int8")
+    xb = torch.randn(96, 77, device="cuda", dtype=torch.float16)  # past the GEMV: the panels (decode + cuBLAS)
+    ws.ops.shared_linear(xb, p, cb, 4, 1000, 77)
+    os.environ["WS_CUDA_GEMV"] = "mma"  # the tensor-core GEMV: pair tables (4-bit) and per-row tables (3-bit)
+    ws.ops.shared_linear(x, p, cb, 4, 1000, 77)
+    cr = torch.randn(1000, 8, device="cuda")
+    ws.ops.shared_linear(x[:, 1:].contiguous(), ws.ops.pack(ws.ops.assign(w[:, :76].contiguous(), cr), 3), cr, 3,
+                         1000, 76)
+    torch.cuda.synchronize()
+    print("memcheck workload done")
+
+
+def small() -> None:
+    w = torch.randn(512, 300, device="cuda")
+    cb = torch.randn(1, 16, device="cuda")
+    i = ws.ops.assign(w, cb)
+    p = ws.ops.pack(i, 4)
+    ws.ops.kmeans_step(w, i, 16)
+    for m in (1, 64):
+        x = torch.randn(m, 300, device="cuda", dtype=torch.float16, requires_grad=True)
+        c = cb.half().clone().requires_grad_()
+        ws.ops.shared_linear(x, p, c, 4, 512, 300).sum().backward()
+    torch.cuda.synchronize()
+    print("racecheck workload done")
+
+
+def gemv() -> None:
+    n = 8192
+    cb = (torch.randn(1, 16) * 0.02).half().cuda()
+    p = ws.ops.pack(torch.randint(0, 16, (n, n), dtype=torch.uint8, device="cuda"), 4)
+    x = torch.randn(1, n, device="cuda", dtype=torch.float16)
+    for mode in ("default", "mma"):
+        if mode == "mma":
+            os.environ["WS_CUDA_GEMV"] = "mma"
+        for _ in range(2):
+            ws.ops.shared_linear(x, p, cb, 4, n, n)
+    torch.cuda.synchronize()
+    print("gemv workload done")
+
+
+if __name__ == "__main__":
+    modes = {"full": full, "small": small, "gemv": gemv}
+    if len(sys.argv) != 2 or sys.argv[1] not in modes:
+        sys.exit(__doc__)
+    modes[sys.argv[1]]()
