@@ -114,7 +114,8 @@ def run() -> dict:
 
 
 def run_cuda() -> dict:
-    """H200 targets (issue): fp16 activations, 8192x8192 and 28672x8192, batch 1/16/256, 4-bit and 2-bit indices,
+    """H200 targets (issue): fp16 activations, 8192x8192 and 28672x8192, batch 1/16/256 (and 4 / 64, the ends of the
+    SIMT and tensor-core GEMVs), 4-bit and 2-bit indices,
     against cuBLAS fp16 (F.linear) on the dequantised weight. The ratio is taken from CUDA-graph replays (no host
     overhead) with each side rotating through enough copies of its weight that the weight comes from HBM on every
     call, not from the 60 MB L2 (cold_l2_copies); the eager times (one call between two events, host dispatch
@@ -131,7 +132,7 @@ def run_cuda() -> dict:
             dense = ws.ops.dequantize(packed, cb, bits, (out_f, in_f))
             dense_copies = [dense] + [dense.clone() for _ in range(cold_l2_copies(dense.nbytes) - 1)]
             packed_copies = [packed] + [packed.clone() for _ in range(cold_l2_copies(packed.nbytes) - 1)]
-            for M in (1, 16, 256):
+            for M in (1, 4, 16, 64, 256):
                 x = torch.randn(M, in_f, device="cuda", dtype=torch.float16)
                 dense_fns = [(lambda d: lambda: F.linear(x, d))(d) for d in dense_copies]
                 ws_fns = [(lambda p: lambda: ws.ops.shared_linear(x, p, cb, bits, out_f, in_f))(p)
@@ -140,26 +141,33 @@ def run_cuda() -> dict:
                 e_dense, e_ws = time_cuda(dense_fns, graph=False), time_cuda(ws_fns, graph=False)
                 ref = F.linear(x.float(), dense.float())
                 err = float((ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f).float() - ref).norm() / ref.norm())
-                extra = {}  # the other paths: the tile kernel (M > 8) and the opt-in mma GEMV (M <= 64)
-                if M > 8:  # the tile kernel the panels (decode + cuBLAS) replaced as default
-                    os.environ["WS_CUDA_LINEAR"] = "tiles"
+                extra = {}  # the other paths, each forced by its switch (gemv_mma_takes, panels_enabled)
+
+                def timed(env: dict, fns=ws_fns) -> float:
+                    os.environ.update(env)
                     try:
-                        t_tiles = time_cuda(ws_fns)
+                        return time_cuda(fns)
                     finally:
-                        os.environ.pop("WS_CUDA_LINEAR", None)
-                    extra.update({"ws_tiles_ms": t_tiles * 1e3, "tiles_speedup_vs_cublas": t_dense / t_tiles})
-                # the int8 path on the GPU (never measured there: its per-call tables, zero points and the single-block
-                # index sampling of zero_weights_kernel are part of every call)
+                        for key in env:
+                            os.environ.pop(key, None)
+                if M > 8:  # the 16-bit default is the tensor-core GEMV up to 64 rows, the panels above
+                    extra["ws_tiles_ms"] = timed({"WS_CUDA_GEMV": "off", "WS_CUDA_LINEAR": "tiles"}) * 1e3
+                    extra["tiles_speedup_vs_cublas"] = t_dense * 1e3 / extra["ws_tiles_ms"]
+                if 8 < M <= 64:
+                    extra["ws_panels_ms"] = timed({"WS_CUDA_GEMV": "off"}) * 1e3
+                    extra["panels_speedup_vs_cublas"] = t_dense * 1e3 / extra["ws_panels_ms"]
+                # the int8 path on the GPU: its per-call tables, zero points and the single-block index sampling of
+                # zero_weights_kernel are part of every call
                 int8_fns = [(lambda p: lambda: ws.ops.shared_linear(x, p, cb, bits, out_f, in_f, None, "int8"))(p)
                             for p in packed_copies]
                 t_int8 = time_cuda(int8_fns)
                 y_int8 = ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f, None, "int8").float()
                 extra.update({"ws_int8_ms": t_int8 * 1e3, "int8_speedup_vs_cublas": t_dense / t_int8,
                               "int8_rel_err": float((y_int8 - ref).norm() / ref.norm())})
-                if M <= 64:  # the tensor-core GEMV, opt-in until measured (WS_CUDA_GEMV=mma)
+                if M <= 8:  # the tensor-core GEMV where the SIMT GEMV is the default
+                    t_mma = timed({"WS_CUDA_GEMV": "mma"})
                     os.environ["WS_CUDA_GEMV"] = "mma"
                     try:
-                        t_mma = time_cuda(ws_fns)
                         y_mma = ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f).float()
                     finally:
                         os.environ.pop("WS_CUDA_GEMV", None)
@@ -169,11 +177,6 @@ def run_cuda() -> dict:
                 if M <= 16 and out_f == 8192:  # where the time of a call goes: its kernels, one by one
                     breakdown = {"cublas": cuda_kernel_breakdown(dense_fns), "ws": cuda_kernel_breakdown(ws_fns),
                                  "ws_int8": cuda_kernel_breakdown(int8_fns)}
-                    os.environ["WS_CUDA_GEMV"] = "mma"
-                    try:
-                        breakdown["ws_mma"] = cuda_kernel_breakdown(ws_fns)
-                    finally:
-                        os.environ.pop("WS_CUDA_GEMV", None)
                     extra["kernels_us"] = breakdown
                     print(f"  kernels (us per call): {json.dumps(breakdown)}", flush=True)
                 row = {"shape": [out_f, in_f], "bits": bits, "batch": M, "cublas_fp16_ms": t_dense * 1e3,
@@ -190,6 +193,8 @@ def run_cuda() -> dict:
                       f"{e_dense*1e3:.4f} / {e_ws*1e3:.4f} ms ({e_dense / e_ws:.2f}x) | err {err:.1e}"
                       + (f" | mma {extra['ws_mma_ms']:.4f} ms ({extra['mma_speedup_vs_cublas']:.2f}x, err "
                          f"{extra['mma_rel_err']:.1e})" if "ws_mma_ms" in extra else "")
+                      + (f" | panels {extra['ws_panels_ms']:.4f} ms ({extra['panels_speedup_vs_cublas']:.2f}x)"
+                         if "ws_panels_ms" in extra else "")
                       + (f" | tiles {extra['ws_tiles_ms']:.4f} ms ({extra['tiles_speedup_vs_cublas']:.2f}x)"
                          if "ws_tiles_ms" in extra else "")
                       + f" | int8 {extra['ws_int8_ms']:.4f} ms ({extra['int8_speedup_vs_cublas']:.2f}x, err "

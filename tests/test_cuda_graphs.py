@@ -44,7 +44,8 @@ def replay_matches(fn, inputs, fresh):
         torch.testing.assert_close(got, ref, rtol=2e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("M", [1, 8, 40, 300])  # the GEMV, its split-K form's sizes, panels + cuBLAS above
+# the GEMV (fp16: the tensor-core GEMV at 8 rows), its split-K form's sizes, panels + cuBLAS above
+@pytest.mark.parametrize("M", [1, 8, 40, 300])
 @pytest.mark.parametrize("activation", ["float", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cuda_graph_shared_linear(M, activation, dtype):

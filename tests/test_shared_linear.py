@@ -612,44 +612,49 @@ def test_double_backward_matches_the_dense_layer(groups, device):
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
-def test_cuda_mma_gemv_runs_when_asked(monkeypatch, gen):
-    """WS_CUDA_GEMV=mma takes the tensor-core GEMV on sm_80+ (gemv_mma_takes): were it to fall back to the SIMT
-    GEMV, the "mma" cases of the tests here would still pass without running it. The profiler's kernel names say
-    which ran; without the variable the tensor-core kernel does not."""
+def test_cuda_mma_gemv_takes_the_calls_it_should(monkeypatch, gen):
+    """gemv_mma_takes on sm_80+: the tensor-core GEMV runs 16-bit calls of 2 to 16 rows by default, 1 to 64 rows
+    under WS_CUDA_GEMV=mma, none under WS_CUDA_GEMV=off; were it to fall back to another kernel, the "mma" cases
+    of the tests here would still pass without running it. The profiler's kernel names say which ran."""
     if torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("the tensor-core GEMV needs sm_80 or newer")
     from torch.profiler import ProfilerActivity, profile
 
     packed, cb, _ = make_weight(64, 256, 4, 1, gen)
-    x = torch.randn(2, 256, generator=gen).half().cuda()
 
-    def kernels():
+    def ran_mma(M):
+        x = torch.randn(M, 256, generator=gen).half().cuda()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             ws.ops.shared_linear(x, packed.cuda(), cb.cuda(), 4, 64, 256)
             torch.cuda.synchronize()
-        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        if not names:
+            pytest.skip("the profiler recorded no CUDA kernels (no CUPTI)")
+        return any("gemv_mma_kernel" in n for n in names)
 
-    default = kernels()
-    if not default:
-        pytest.skip("the profiler recorded no CUDA kernels (no CUPTI)")
-    assert not any("gemv_mma_kernel" in n for n in default), default
+    assert [ran_mma(M) for M in (1, 2, 16, 17)] == [False, True, True, False]
     monkeypatch.setenv("WS_CUDA_GEMV", "mma")
-    assert any("gemv_mma_kernel" in n for n in kernels())
+    assert [ran_mma(M) for M in (1, 64, 65)] == [True, True, False]
+    monkeypatch.setenv("WS_CUDA_GEMV", "off")
+    assert not ran_mma(16)
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
-@pytest.mark.parametrize("gemv", ["default", "mma", "tiles"])
+@pytest.mark.parametrize("gemv", ["default", "mma", "panels", "tiles"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("M", [1, 5, 16, 17, 40])
 @pytest.mark.parametrize("groups", ["one", "per_row", "three"])
 def test_cuda_16bit_few_rows(gemv, dtype, bits, M, groups, monkeypatch, gen):
     # The CUDA GEMV paths for fp16/bf16 x (WS_CUDA_GEMV=mma: the tensor-core kernel, shared_linear_gemv_mma.cu)
-    # against fp32 products with the weight rounded to x's dtype: a whole 128-k unit plus a partial one (in_f 300),
-    # output rows not a multiple of 16, one / three / per-row codebooks, bias, x rows of M that span 1-3 blocks
-    # default: the SIMT GEMV up to 8 rows, decoded panels + cuBLAS above; tiles: the tile kernel above 8 rows
+    # against fp32 products with the weight rounded to x's dtype: a whole 256-index span plus a partial one (in_f
+    # 300), output rows not a multiple of 16, one / three / per-row codebooks, bias, x rows of M that span 1-3 blocks.
+    # default: the SIMT GEMV at 1 row, the tensor-core GEMV for 2-16, the panels above; mma: the tensor-core GEMV
+    # for all; panels / tiles: the SIMT GEMV up to 8 rows, decoded panels + cuBLAS / the tile kernel above
     if gemv == "mma":
         monkeypatch.setenv("WS_CUDA_GEMV", "mma")
+    if gemv in ("panels", "tiles"):
+        monkeypatch.setenv("WS_CUDA_GEMV", "off")
     if gemv == "tiles":
         monkeypatch.setenv("WS_CUDA_LINEAR", "tiles")
     out_f, in_f = 48 if groups == "three" else 37, 300
@@ -671,8 +676,9 @@ def test_cuda_16bit_few_rows(gemv, dtype, bits, M, groups, monkeypatch, gen):
 def test_thin_long_layers_split_k(bits, path, device, monkeypatch, gen):
     """Layers with few output rows and long rows, where the CUDA kernels split K over several blocks and sum the
     partials in a finalize kernel (the shapes elsewhere, in_f <= 300 or thousands of rows, never split): the SIMT
-    GEMV (fp32 x, 1 and 5 rows; int8 1 and 11 rows), the tensor-core GEMV (fp16, 3 rows), the tile kernel (40 rows,
-    fp32, fp16 and int8). int8 is bit-exact; the float paths match the reference at their dtype's precision."""
+    GEMV (fp32 x, 1 and 5 rows; fp16 1 row; int8 1 and 11 rows), the tensor-core GEMV (fp16 3, bf16 5 rows), the
+    tile kernel (40 rows, fp32, fp16 and int8). int8 is bit-exact; the float paths match the reference at their
+    dtype's precision."""
     if device == "cpu" and path != "default":
         pytest.skip("WS_CUDA_GEMV / WS_CUDA_LINEAR choose CUDA kernels only")
     if path == "mma":
@@ -682,7 +688,7 @@ def test_thin_long_layers_split_k(bits, path, device, monkeypatch, gen):
     out_f, in_f = 40, 8192
     packed, cb, _ = make_weight(out_f, in_f, bits, 1, gen)
     bias = torch.randn(out_f, generator=gen)
-    cases = {"default": [(torch.float32, 1), (torch.float32, 5), (torch.float16, 3)],
+    cases = {"default": [(torch.float32, 1), (torch.float32, 5), (torch.float16, 1)],
              "mma": [(torch.float16, 3), (torch.bfloat16, 5)],
              "tiles": [(torch.float32, 40), (torch.float16, 40)]}[path]
     for dtype, M in cases:

@@ -3,13 +3,17 @@
 //
 // Paths (the size thresholds are first guesses for the H200, to be tuned by measurement):
 //  * gemv_kernel, few rows of x (float: M <= 16 for fp32 x, <= 8 for fp16/bf16; int8: M <= 16): 8 warps per block,
-//    each warp owns 2 output rows and spreads their k-range over its lanes in units of 128 indices (= BITS 16-byte
-//    loads per row); codebooks in per-warp shared tables (float: staged straight from the codebook, so a float call
-//    of few rows is one launch); each decoded weight is applied to up to 8 rows of x (read through L1; grid.z takes
-//    further groups of 8 rows); fp32 FMA or dp4a; warp-shuffle reduction. Split-K over grid.y when the rows alone
-//    do not fill the GPU. One lookup per weight: the first H200 run timed it equal at 2 and 4 bits, so it is bound
-//    by its instructions, not by the index stream (the tensor-core GEMV below looks up pairs).
-//  * the tensor-core GEMV (shared_linear_gemv_mma.cu) for fp16/bf16 x up to 64 rows, opt-in (WS_CUDA_GEMV=mma).
+//    each warp owns 2 output rows and walks them 256 indices at a time, lane l taking indices [8 l, 8 l + 8)
+//    (LaneSpan, packing.h), so a warp's loads of x are one contiguous run and its index loads consecutive words;
+//    codebooks in per-warp shared tables (float: staged straight from the codebook, so a float call of few rows is
+//    one launch); each decoded weight is applied to up to 8 rows of x (read through L1; grid.z takes further groups
+//    of 8 rows); fp32 FMA or dp4a; warp-shuffle reduction. Split-K over grid.y when the rows alone do not fill the
+//    GPU. The first layout (a lane per 128 consecutive indices) made every warp load of x touch 32 cache lines: the
+//    H200 run of 2026-11-30 found it L1-bound (ncu: L1 86 % busy, DRAM 19 %) at 1.08x cuBLAS for batch 1; this
+//    layout ran 1.46-1.67x cuBLAS there (fp16, 8192 and 28672 x 8192, 4 and 2 bits), bound by its instructions
+//    (ncu: SM 70 %, L1 66 %, DRAM 29 %, 64 registers, one wave of 4 blocks per SM).
+//  * the tensor-core GEMV (shared_linear_gemv_mma.cu) for fp16/bf16 x of 2 to 16 rows (gemv_mma_takes), so 16-bit x
+//    takes the SIMT GEMV at 1 row only.
 //  * forward with more rows (float activations): decoded panels + cuBLAS (shared_linear_panels.cu), unless
 //    WS_CUDA_LINEAR=tiles selects the tile kernel below (the int8 forward and the backward always use tiles).
 //  * forward_tile_kernel / grad_x_tile_kernel / grad_w_tile_kernel, many rows: 64x64 output tiles, 128 threads,
@@ -45,7 +49,7 @@ using namespace cuda;  // the device helpers and tile building blocks of cuda_de
 constexpr int kGemvWarps = 8;
 constexpr int kGemvRows = 2;    // output rows per warp: each loaded x value feeds both
 constexpr int kGemvMaxMT = 8;   // x rows per GEMV block
-constexpr int kUnit = 128;      // indices per lane per GEMV step: 4 chunks, BITS 16-byte words
+constexpr int kSpan = LaneSpan<1>::kSpan;  // indices of a row per GEMV warp step (packing.h)
 
 
 // ----------------------------------------------------------------------------------------------- tables, int8 x
@@ -197,7 +201,7 @@ __global__ void prepare_tables_kernel(const C* __restrict__ cb, int64_t G, int K
 }
 
 // One block per row of x: max|x| (NaN-propagating, as torch.amax), then the int8 row, zero padded to kp bytes (a
-// multiple of kUnit, so the int8 kernels read whole 16-byte groups without bounds checks).
+// multiple of kSpan, so the int8 GEMV reads whole spans without bounds checks).
 template <typename T>
 __global__ void __launch_bounds__(256) quantize_rows_kernel(const T* __restrict__ x, int64_t M, int64_t kin,
                                                             int64_t kp, int8_t* __restrict__ xq, float* sx,
@@ -267,69 +271,62 @@ __device__ __forceinline__ void load_x8(const T* p, bool vec, float (&v)[8]) {
   for (int e = 0; e < 8; ++e) v[e] = to_float(p[e]);
 }
 
-// One chunk (32 indices, words w[r][0 .. BITS-1]) of both rows against mc (<= MT) rows of x, 8 indices at a time.
+// The lane's 8 indices (v: LaneSpan's bits from bit 0) of both rows against mc (<= MT) rows of x[., k .. k+8).
 template <typename T, int BITS, int MT>
-__device__ __forceinline__ void gemv_chunk_float(const uint32_t (&w)[kGemvRows][4 * BITS],
-                                                 const float (*tab)[1 << BITS], const T* x, int64_t x_ld, int mc,
-                                                 bool x_vec, int64_t k, float (&acc)[kGemvRows][MT]) {
+__device__ __forceinline__ void gemv_lane_float(const uint32_t (&v)[kGemvRows][LaneSpan<BITS>::kWords],
+                                                const float (*tab)[1 << BITS], const T* x, int64_t x_ld, int mc,
+                                                bool x_vec, int64_t k, float (&acc)[kGemvRows][MT]) {
+  float wv[kGemvRows][8];
 #pragma unroll
-  for (int h = 0; h < 4; ++h) {
-    float wv[kGemvRows][8];
+  for (int r = 0; r < kGemvRows; ++r) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) wv[r][e] = tab[r][chunk_index<BITS>(v[r], e)];
+  }
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    if (m >= mc) break;
+    float xv[8];
+    load_x8<T>(x + m * x_ld + k, x_vec, xv);
 #pragma unroll
     for (int r = 0; r < kGemvRows; ++r) {
 #pragma unroll
-      for (int e = 0; e < 8; ++e) wv[r][e] = tab[r][chunk_index<BITS>(w[r], h * 8 + e)];
-    }
-#pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      if (m >= mc) break;
-      float xv[8];
-      load_x8<T>(x + m * x_ld + k + h * 8, x_vec, xv);
-#pragma unroll
-      for (int r = 0; r < kGemvRows; ++r) {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[r][m] = fmaf(wv[r][e], xv[e], acc[r][m]);
-      }
+      for (int e = 0; e < 8; ++e) acc[r][m] = fmaf(wv[r][e], xv[e], acc[r][m]);
     }
   }
 }
 
-// The int8 twin: 4 weights per dp4a operand, 8 int8 activations per load.
+// The int8 twin: the 8 weights as two dp4a operands, 8 int8 activations per load.
 template <int BITS, int MT>
-__device__ __forceinline__ void gemv_chunk_int8(const uint32_t (&w)[kGemvRows][4 * BITS], const int (*tab)[1 << BITS],
-                                                const int8_t* xq, int64_t x_ld, int mc, int64_t k,
-                                                int (&acc)[kGemvRows][MT]) {
+__device__ __forceinline__ void gemv_lane_int8(const uint32_t (&v)[kGemvRows][LaneSpan<BITS>::kWords],
+                                               const int (*tab)[1 << BITS], const int8_t* xq, int64_t x_ld, int mc,
+                                               int64_t k, int (&acc)[kGemvRows][MT]) {
+  int wq[kGemvRows][2];
 #pragma unroll
-  for (int h = 0; h < 4; ++h) {
-    int wq[kGemvRows][2];
+  for (int r = 0; r < kGemvRows; ++r) {
+#pragma unroll
+    for (int d = 0; d < 2; ++d) {
+      wq[r][d] = pack4_s8(tab[r][chunk_index<BITS>(v[r], 4 * d)], tab[r][chunk_index<BITS>(v[r], 4 * d + 1)],
+                          tab[r][chunk_index<BITS>(v[r], 4 * d + 2)], tab[r][chunk_index<BITS>(v[r], 4 * d + 3)]);
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    if (m >= mc) break;
+    const uint2 xv = __ldg(reinterpret_cast<const uint2*>(xq + m * x_ld + k));
 #pragma unroll
     for (int r = 0; r < kGemvRows; ++r) {
-#pragma unroll
-      for (int d = 0; d < 2; ++d) {
-        const int j = h * 8 + d * 4;
-        wq[r][d] = pack4_s8(tab[r][chunk_index<BITS>(w[r], j)], tab[r][chunk_index<BITS>(w[r], j + 1)],
-                            tab[r][chunk_index<BITS>(w[r], j + 2)], tab[r][chunk_index<BITS>(w[r], j + 3)]);
-      }
-    }
-#pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      if (m >= mc) break;
-      const uint2 xv = __ldg(reinterpret_cast<const uint2*>(xq + m * x_ld + k + h * 8));
-#pragma unroll
-      for (int r = 0; r < kGemvRows; ++r) {
-        acc[r][m] = __dp4a(static_cast<int>(xv.x), wq[r][0], acc[r][m]);
-        acc[r][m] = __dp4a(static_cast<int>(xv.y), wq[r][1], acc[r][m]);
-      }
+      acc[r][m] = __dp4a(static_cast<int>(xv.x), wq[r][0], acc[r][m]);
+      acc[r][m] = __dp4a(static_cast<int>(xv.y), wq[r][1], acc[r][m]);
     }
   }
 }
 
-// The last, partial unit of a float row, index by index (short; keeps the hot loop free of bounds checks, and keeps
-// the padding bits, which decode to index 0, out of the sums).
+// The last, partial span of a float row, index by index, the lanes 32 indices apart (short; keeps the hot loop free
+// of bounds checks, and keeps the padding bits, which decode to index 0, out of the sums).
 template <typename T, int BITS, int MT>
 __device__ void gemv_tail_float(const uint32_t* const (&rows)[kGemvRows], const float (*tab)[1 << BITS], const T* x,
-                                int64_t x_ld, int mc, int64_t k0, int64_t kin, float (&acc)[kGemvRows][MT]) {
-  for (int64_t k = k0; k < kin; ++k) {
+                                int64_t x_ld, int mc, int64_t k_first, int64_t kin, float (&acc)[kGemvRows][MT]) {
+  for (int64_t k = k_first; k < kin; k += 32) {
     float wv[kGemvRows];
 #pragma unroll
     for (int r = 0; r < kGemvRows; ++r) wv[r] = tab[r][unpack_one(reinterpret_cast<const uint8_t*>(rows[r]), k, BITS)];
@@ -343,11 +340,15 @@ __device__ void gemv_tail_float(const uint32_t* const (&rows)[kGemvRows], const 
   }
 }
 
-// grid: (ceil(N / (8 warps * 2 rows)), splits, ceil(M / MT)).
+// grid: (ceil(N / (8 warps * 2 rows)), splits, ceil(M / MT)). A warp walks its rows' spans (LaneSpan: lane l takes
+// indices [8 l, 8 l + 8) of each 256, so the warp's x loads are one contiguous run and its index loads consecutive
+// words), kAhead spans' words loaded before the first is used (the bytes in flight that hide HBM latency).
 template <typename T, int BITS, int MT, bool INT8>
 __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const GemvArgs a) {
   constexpr int TS = 1 << BITS;
   using Acc = std::conditional_t<INT8, int, float>;
+  using Lane = LaneSpan<BITS>;
+  constexpr int kAhead = 8 / Lane::kLoad;  // 8, 4 or 2 spans: 8 to 12 words per row in flight per lane
   __shared__ Acc s_tab[kGemvWarps][kGemvRows][TS];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t n_first = (int64_t(blockIdx.x) * kGemvWarps + warp) * kGemvRows;
@@ -375,31 +376,42 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const GemvArgs a)
   const T* x = INT8 ? nullptr : static_cast<const T*>(a.x) + m0 * a.x_ld;
   const int8_t* xq = INT8 ? static_cast<const int8_t*>(a.x) + m0 * a.x_ld : nullptr;
   Acc acc[kGemvRows][MT] = {};
-  const int64_t u_end = min(a.units, (blockIdx.y + 1) * a.units_per_split);
-  for (int64_t u = blockIdx.y * a.units_per_split + lane; u < u_end; u += 32) {
-    // int8 rows of x are zero padded to whole units, so only the float path has a partial last unit.
-    if (!INT8 && (u + 1) * kUnit > a.w.kin) {
-      if constexpr (!INT8) gemv_tail_float<T, BITS, MT>(rows, s_tab[warp], x, a.x_ld, mc, u * kUnit, a.w.kin, acc);
-      continue;
-    }
-    // All four chunks' words in flight at once (BITS 16-byte loads per row when aligned), then one chunk at a
-    // time: the loop is not unrolled (code size), so the next chunk's words shift down into w[r][0 .. BITS-1].
-    uint32_t w[kGemvRows][4 * BITS];
+  const int64_t sp_begin = int64_t(blockIdx.y) * a.units_per_split;
+  const int64_t sp_end = min(a.units, sp_begin + a.units_per_split);
+  // int8 rows of x are zero padded to whole spans (words past a row's end read 0), so only the float path has a
+  // partial last span
+  const int64_t full_end = INT8 ? sp_end : min(sp_end, a.w.kin / Lane::kSpan);
+  const int64_t lane_word = Lane::first_word(lane);
+  const int shift = Lane::shift(lane);
+  for (int64_t sp = sp_begin; sp < full_end; sp += kAhead) {
+    uint32_t w[kAhead][kGemvRows][Lane::kLoad];
 #pragma unroll
-    for (int r = 0; r < kGemvRows; ++r) load_words(rows[r], u * 4 * BITS, a.w.row_words, a.w.row_align, w[r]);
-#pragma unroll 1
-    for (int q = 0; q < 4; ++q) {
-      const int64_t k = u * kUnit + q * 32;
-      if constexpr (INT8) {
-        gemv_chunk_int8<BITS, MT>(w, s_tab[warp], xq, a.x_ld, mc, k, acc);
-      } else {
-        gemv_chunk_float<T, BITS, MT>(w, s_tab[warp], x, a.x_ld, mc, a.x_vec, k, acc);
-      }
+    for (int t = 0; t < kAhead; ++t) {
+      const int64_t q = (sp + t) * Lane::kSpanWords + lane_word;
+      const bool live = sp + t < full_end;
 #pragma unroll
       for (int r = 0; r < kGemvRows; ++r) {
 #pragma unroll
-        for (int i = 0; i < 3 * BITS; ++i) w[r][i] = w[r][i + BITS];
+        for (int i = 0; i < Lane::kLoad; ++i) w[t][r][i] = live && q + i < a.w.row_words ? __ldg(rows[r] + q + i) : 0u;
       }
+    }
+#pragma unroll
+    for (int t = 0; t < kAhead; ++t) {
+      if (sp + t >= full_end) break;
+      uint32_t v[kGemvRows][Lane::kWords];
+#pragma unroll
+      for (int r = 0; r < kGemvRows; ++r) Lane::align(w[t][r], shift, v[r]);
+      const int64_t k = (sp + t) * Lane::kSpan + 8 * lane;
+      if constexpr (INT8) {
+        gemv_lane_int8<BITS, MT>(v, s_tab[warp], xq, a.x_ld, mc, k, acc);
+      } else {
+        gemv_lane_float<T, BITS, MT>(v, s_tab[warp], x, a.x_ld, mc, a.x_vec, k, acc);
+      }
+    }
+  }
+  if constexpr (!INT8) {
+    if (full_end < sp_end) {
+      gemv_tail_float<T, BITS, MT>(rows, s_tab[warp], x, a.x_ld, mc, full_end * Lane::kSpan + lane, a.w.kin, acc);
     }
   }
 #pragma unroll
@@ -592,8 +604,8 @@ void launch_gemv(GemvArgs a, int sms, const at::Tensor& like) {
   // Two specialisations: M = 1 (the decode case) and up to 8 rows per block (the kernel stops at the real count).
   const int mt = M == 1 ? 1 : kGemvMaxMT;
   const int64_t mblocks = ceil_div(M, mt), nblocks = ceil_div(a.w.N, kGemvWarps * kGemvRows);
-  a.units = ceil_div(a.w.kin, kUnit);
-  const auto [splits, per] = split_k(nblocks * mblocks, a.units, 16, sms);
+  a.units = ceil_div(a.w.kin, kSpan);
+  const auto [splits, per] = split_k(nblocks * mblocks, a.units, 8, sms);  // >= 2048 indices per split
   a.units_per_split = per;
   const at::Tensor ws = set_splits(a.out, splits, INT8, like);
   check_grid(splits, mblocks, nblocks);
@@ -631,8 +643,8 @@ at::Tensor shared_linear_cuda(const at::Tensor& x, const at::Tensor& packed, con
   auto sizes = x.sizes().vec();
   sizes.back() = out_features;
   at::Tensor y = at::empty(sizes, x.options());
-  // the path: the tensor-core GEMV (opt-in), the float GEMV (up to 16 rows of fp32 x, 8 of 16-bit x), else the
-  // panels (or the tiles); int8 takes its GEMV or tiles below
+  // the path: the tensor-core GEMV (2 to 16 rows of 16-bit x), the float GEMV (up to 16 rows of fp32 x, 8 of
+  // 16-bit x), else the panels (or the tiles); int8 takes its GEMV or tiles below
   const bool mma = !int8 && gemv_mma_takes(x.scalar_type(), M, x.get_device());
   const bool float_gemv = M <= (x.scalar_type() == at::kFloat ? 2 * kGemvMaxMT : kGemvMaxMT);
   const Tables tables = int8 ? Tables::Int8 : (mma || float_gemv ? Tables::None : Tables::Float);
@@ -677,7 +689,7 @@ at::Tensor shared_linear_cuda(const at::Tensor& x, const at::Tensor& packed, con
   }
 
   // int8: x quantized per row (zero padded to whole GEMV units), then integer products against the int8 tables.
-  const int64_t kp = ceil_div(in_features, kUnit) * kUnit;
+  const int64_t kp = ceil_div(in_features, kSpan) * kSpan;
   at::Tensor xq = at::empty({M, kp}, x.options().dtype(at::kChar));
   at::Tensor sx = at::empty({M}, x.options().dtype(at::kFloat));
   at::Tensor xsum = at::empty({M}, x.options().dtype(at::kLong));
@@ -697,7 +709,7 @@ at::Tensor shared_linear_cuda(const at::Tensor& x, const at::Tensor& packed, con
   ga.x = ta.x = xq.data_ptr();
   ga.x_ld = kp;
   ta.x_cols = kp / 4;  // xq rows as int words of 4 activations
-  ta.x_vec = true;     // fresh allocation, rows of a multiple of kUnit bytes
+  ta.x_vec = true;     // fresh allocation, rows of a multiple of kSpan bytes
   ga.out = ta.out = e;
   WS_DISPATCH_BITS(bits, BITS, [&] {
     if (M <= 2 * kGemvMaxMT) {

@@ -241,8 +241,11 @@ bool mma_compiled() {
 
 bool gemv_mma_takes(at::ScalarType x_dtype, int64_t M, int device) {
   const char* sw = std::getenv("WS_CUDA_GEMV");
-  if (sw == nullptr || std::string_view(sw) != "mma") return false;
-  return (x_dtype == at::kHalf || x_dtype == at::kBFloat16) && M >= 1 && M <= kGemvMmaMaxM &&
+  const std::string_view mode = sw == nullptr ? std::string_view() : std::string_view(sw);
+  if (mode == "off") return false;
+  const bool asked = mode == "mma";
+  if (M < (asked ? 1 : kGemvMmaFirstM) || M > (asked ? kGemvMmaMaxM : kGemvMmaLastM)) return false;
+  return (x_dtype == at::kHalf || x_dtype == at::kBFloat16) &&
          device_attribute<cudaDevAttrComputeCapabilityMajor>(device) >= 8 && mma_compiled();
 }
 

@@ -54,4 +54,26 @@ WS_HD uint32_t pack_word(const uint8_t* idx_row, int64_t n, int bits, int64_t w,
   return word;
 }
 
+// Where one of 32 lanes finds its indices when a warp reads a packed row 256 indices (a "span", 8 * BITS words) at a
+// time and lane l takes indices [8 l, 8 l + 8) of each span, so that the lanes' reads of the matching activations
+// are contiguous (the CUDA GEMV). Those 8 indices are the span's stream bits [8 l BITS, 8 (l + 1) BITS): they start
+// at bit shift(l) of word first_word(l), and kLoad words from there hold them all.
+template <int BITS>
+struct LaneSpan {
+  static constexpr int kSpan = 256;
+  static constexpr int kSpanWords = 8 * BITS;
+  static constexpr int kShiftMax = BITS % 4 == 0 ? 0 : (BITS % 2 == 0 ? 16 : 24);
+  static constexpr int kLoad = (kShiftMax + 8 * BITS + 31) / 32;  // words a lane reads (1, 2 or 3)
+  static constexpr int kWords = (8 * BITS + 31) / 32;             // words its 8 indices fill from bit 0
+  WS_HD static int64_t first_word(int lane) { return (lane * BITS) >> 2; }
+  WS_HD static int shift(int lane) { return 8 * ((lane * BITS) & 3); }
+  // v = the lane's 8 * BITS bits from bit 0, out of the kLoad words w read at first_word (shift = shift(lane)).
+  WS_HD static void align(const uint32_t (&w)[kLoad], int shift, uint32_t (&v)[kWords]) {
+    for (int i = 0; i < kWords; ++i) {
+      const uint64_t pair = w[i] | (i + 1 < kLoad ? uint64_t{w[i + 1]} << 32 : 0);
+      v[i] = static_cast<uint32_t>(pair >> shift);
+    }
+  }
+};
+
 }  // namespace weightshare
