@@ -141,7 +141,8 @@ def run_cuda() -> dict:
                 e_dense, e_ws = time_cuda(dense_fns, graph=False), time_cuda(ws_fns, graph=False)
                 ref = F.linear(x.float(), dense.float())
                 err = float((ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f).float() - ref).norm() / ref.norm())
-                extra = {}  # the other paths, each forced by its switch (gemv_mma_takes, panels_enabled)
+                extra = {}  # every path that can take M rows, each forced by its switch (gemv_mma_takes,
+                # panels_enabled), so the figures say where the default's thresholds belong
 
                 def timed(env: dict, fns=ws_fns) -> float:
                     os.environ.update(env)
@@ -150,12 +151,14 @@ def run_cuda() -> dict:
                     finally:
                         for key in env:
                             os.environ.pop(key, None)
-                if M > 8:  # the 16-bit default is the tensor-core GEMV up to 64 rows, the panels above
-                    extra["ws_tiles_ms"] = timed({"WS_CUDA_GEMV": "off", "WS_CUDA_LINEAR": "tiles"}) * 1e3
-                    extra["tiles_speedup_vs_cublas"] = t_dense * 1e3 / extra["ws_tiles_ms"]
-                if 8 < M <= 64:
-                    extra["ws_panels_ms"] = timed({"WS_CUDA_GEMV": "off"}) * 1e3
-                    extra["panels_speedup_vs_cublas"] = t_dense * 1e3 / extra["ws_panels_ms"]
+                paths = {"simt": ({"WS_CUDA_GEMV": "off"}, M <= 8), "mma": ({"WS_CUDA_GEMV": "mma"}, M <= 64),
+                         "panels": ({"WS_CUDA_GEMV": "off"}, M > 8),
+                         "tiles": ({"WS_CUDA_GEMV": "off", "WS_CUDA_LINEAR": "tiles"}, M > 8)}
+                for name, (env, applies) in paths.items():
+                    if applies:
+                        t = timed(env)
+                        extra[f"ws_{name}_ms"] = t * 1e3
+                        extra[f"{name}_speedup_vs_cublas"] = t_dense / t
                 # the int8 path on the GPU: its per-call tables, zero points and the single-block index sampling of
                 # zero_weights_kernel are part of every call
                 int8_fns = [(lambda p: lambda: ws.ops.shared_linear(x, p, cb, bits, out_f, in_f, None, "int8"))(p)
@@ -164,16 +167,13 @@ def run_cuda() -> dict:
                 y_int8 = ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f, None, "int8").float()
                 extra.update({"ws_int8_ms": t_int8 * 1e3, "int8_speedup_vs_cublas": t_dense / t_int8,
                               "int8_rel_err": float((y_int8 - ref).norm() / ref.norm())})
-                if M <= 8:  # the tensor-core GEMV where the SIMT GEMV is the default
-                    t_mma = timed({"WS_CUDA_GEMV": "mma"})
+                if M <= 64:  # the tensor-core GEMV's error (its fp16 weights)
                     os.environ["WS_CUDA_GEMV"] = "mma"
                     try:
                         y_mma = ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f).float()
                     finally:
                         os.environ.pop("WS_CUDA_GEMV", None)
-                    extra.update({"ws_mma_ms": t_mma * 1e3, "mma_speedup_vs_cublas": t_dense / t_mma,
-                                  "mma_index_gb_s": packed.nbytes / t_mma / 1e9,
-                                  "mma_rel_err": float((y_mma - ref).norm() / ref.norm())})
+                    extra["mma_rel_err"] = float((y_mma - ref).norm() / ref.norm())
                 if M <= 16 and out_f == 8192:  # where the time of a call goes: its kernels, one by one
                     breakdown = {"cublas": cuda_kernel_breakdown(dense_fns), "ws": cuda_kernel_breakdown(ws_fns),
                                  "ws_int8": cuda_kernel_breakdown(int8_fns)}
@@ -191,12 +191,8 @@ def run_cuda() -> dict:
                 print(f"cuda {out_f}x{in_f} {bits}-bit M={M}: graph cuBLAS {t_dense*1e3:.4f} ms ws {t_ws*1e3:.4f} ms "
                       f"({t_dense / t_ws:.2f}x, {row['ws_index_gb_s']:.0f} GB/s of indices) | eager "
                       f"{e_dense*1e3:.4f} / {e_ws*1e3:.4f} ms ({e_dense / e_ws:.2f}x) | err {err:.1e}"
-                      + (f" | mma {extra['ws_mma_ms']:.4f} ms ({extra['mma_speedup_vs_cublas']:.2f}x, err "
-                         f"{extra['mma_rel_err']:.1e})" if "ws_mma_ms" in extra else "")
-                      + (f" | panels {extra['ws_panels_ms']:.4f} ms ({extra['panels_speedup_vs_cublas']:.2f}x)"
-                         if "ws_panels_ms" in extra else "")
-                      + (f" | tiles {extra['ws_tiles_ms']:.4f} ms ({extra['tiles_speedup_vs_cublas']:.2f}x)"
-                         if "ws_tiles_ms" in extra else "")
+                      + "".join(f" | {name} {extra[f'ws_{name}_ms']:.4f} ms ({extra[f'{name}_speedup_vs_cublas']:.2f}x)"
+                                for name in paths if f"ws_{name}_ms" in extra)
                       + f" | int8 {extra['ws_int8_ms']:.4f} ms ({extra['int8_speedup_vs_cublas']:.2f}x, err "
                         f"{extra['int8_rel_err']:.1e})", flush=True)
             del dense, dense_copies, packed_copies

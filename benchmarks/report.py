@@ -211,6 +211,25 @@ def ops_table(r):
     return "\n".join(out)
 
 
+def cuda_linear_table(r):
+    """The CUDA shared_linear against cuBLAS on the dequantised weight: the default path's time and each path timed
+    with its switch (the SIMT GEMV, the tensor-core GEMV, decoded panels + cuBLAS, the tile kernel), plus int8."""
+    m = r["machine"]
+    out = [f"Shared Linear on the GPU, fp16 x, per-layer codebook ({m.get('gpu', 'GPU')}, torch {m['torch']}, "
+           f"{m['date']}; {r['protocol']})", "",
+           "| layer | bits | batch | cuBLAS fp16 | ws default | SIMT GEMV | tensor-core GEMV | panels + cuBLAS | "
+           "tiles | ws int8 |", "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(x, name):
+        ms, speedup = x.get(f"ws_{name}_ms"), x.get(f"{name}_speedup_vs_cublas")
+        return f"{ms:.4f} ms ({speedup:.2f}x)" if ms is not None else ""
+    for x in r["results"]:
+        out.append(f"| {x['shape'][0]}x{x['shape'][1]} | {x['bits']} | {x['batch']} | {x['cublas_fp16_ms']:.4f} ms | "
+                   f"{x['ws_ms']:.4f} ms ({x['speedup_vs_cublas']:.2f}x) | " +
+                   " | ".join(cell(x, name) for name in ("simt", "mma", "panels", "tiles", "int8")) + " |")
+    return "\n".join(out)
+
+
 def demo_table(records):
     out = ["| model | method | validation error (dense -> file; the constraint) | baseline test error | test error | "
            "compression ratio (file) | file bytes | bits per layer | batch-1 dense / compressed |",
@@ -397,7 +416,8 @@ def main():
                      ("qat_lenet300100_mixed.json", qat_table), ("qat_lenet300100_uniform.json", qat_table),
                      ("pruned_lenet300100_f085.json", pruned_table), ("qat_lenet300100_gradual.json", qat_table),
                      ("pruned_lenet300100_e60.json", pruned_table), ("qat_lenet300100_e60.json", qat_table),
-                     ("context_coder_cpu.json", context_coder_table), ("memory_cpu.json", memory_table)):
+                     ("context_coder_cpu.json", context_coder_table), ("memory_cpu.json", memory_table),
+                     ("gpu/2026-11-30-H200/shared_linear_cuda.json", cuda_linear_table)):
         r = _load(name)
         if r:
             print(fn(r), end="\n\n")

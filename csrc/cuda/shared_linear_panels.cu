@@ -25,9 +25,12 @@
 #include "weightshare/cuda_linear.h"
 #include "weightshare/cuda_utils.h"
 #include "weightshare/dispatch.h"
+#include "weightshare/packing.h"
 
 namespace weightshare::cuda {
 namespace {
+
+constexpr int kDecodeWarps = 8;  // rows decoded at once per block
 
 // Four consecutive 32-bit words of output (16 bytes) from values v[0 .. 16/sizeof(T)).
 template <typename T>
@@ -42,36 +45,65 @@ __device__ __forceinline__ uint4 pack16(const T* v) {
   }
 }
 
-// Rows [r0, r0 + rows) of W into out [rows, kin], one 32-index chunk per thread (BITS words, one load when aligned).
-// vec16: every output row starts 16-byte aligned, so whole chunks are written with 16-byte stores.
+// Rows [r0, r0 + rows) of W into out [rows, kin]: a warp per row (grid-stride), its codebook table staged in shared
+// memory, the row walked 256 indices at a time with lane l on indices [8 l, 8 l + 8) (LaneSpan), so the warp reads
+// consecutive index words and writes one contiguous run of 512 (16-bit) or 1024 (fp32) bytes per span.
+// vec16: every output row starts 16-byte aligned, so each lane writes its 8 values with 16-byte stores.
+// The first form (a thread per 32-index chunk, table entries read through L1) wrote 64-byte strided runs and took
+// 92 us for 8192x8192 4-bit on the H200 (2026-11-30), 1.7 TB/s of traffic.
 template <typename T, int BITS>
-__global__ void __launch_bounds__(256) decode_panel_kernel(const PackedRows w, int64_t r0, int64_t rows,
-                                                           T* __restrict__ out, bool vec16) {
+__global__ void __launch_bounds__(kDecodeWarps * 32) decode_panel_kernel(const PackedRows w, int64_t r0,
+                                                                          int64_t rows, T* __restrict__ out,
+                                                                          bool vec16) {
   constexpr int TS = 1 << BITS;
-  constexpr int kPer = 16 / int(sizeof(T));  // values per 16-byte store
-  const int64_t chunks = (w.kin + 31) / 32;
-  const int64_t total = rows * chunks;
+  using Lane = LaneSpan<BITS>;
+  constexpr int kAhead = 8 / Lane::kLoad;  // spans whose words are loaded before the first is decoded
+  __shared__ float s_tab[kDecodeWarps][TS];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const float* table = static_cast<const float*>(w.table);
-  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < total; t += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = t / chunks, ch = t - r * chunks, n = r0 + r;
-    uint32_t words[BITS];
-    load_words(w.packed + n * w.row_words, ch * BITS, w.row_words, w.row_align, words);
-    const float* g = table + (n / w.rows_per_group) * TS;
-    T* o = out + r * w.kin + ch * 32;
-    const int64_t valid = w.kin - ch * 32;
-    if (valid >= 32 && vec16) {
+  const int64_t full = w.kin / Lane::kSpan;
+  const int64_t lane_word = Lane::first_word(lane);
+  const int shift = Lane::shift(lane);
+  for (int64_t r = int64_t(blockIdx.x) * kDecodeWarps + warp; r < rows; r += int64_t(gridDim.x) * kDecodeWarps) {
+    const int64_t n = r0 + r;
+    const uint32_t* row = w.packed + n * w.row_words;
+    __syncwarp();  // every lane is done with the previous row's table
+    for (int j = lane; j < TS; j += 32) s_tab[warp][j] = table[(n / w.rows_per_group) * TS + j];
+    __syncwarp();
+    T* o = out + r * w.kin;
+    for (int64_t sp = 0; sp < full; sp += kAhead) {
+      uint32_t words[kAhead][Lane::kLoad];
 #pragma unroll
-      for (int s = 0; s < 32 / kPer; ++s) {
-        T v[kPer];
+      for (int t = 0; t < kAhead; ++t) {
+        const int64_t q = (sp + t) * Lane::kSpanWords + lane_word;
 #pragma unroll
-        for (int e = 0; e < kPer; ++e) v[e] = from_float<T>(__ldg(g + chunk_index<BITS>(words, s * kPer + e)));
-        *reinterpret_cast<uint4*>(o + s * kPer) = pack16<T>(v);
+        for (int i = 0; i < Lane::kLoad; ++i) {
+          words[t][i] = sp + t < full && q + i < w.row_words ? __ldg(row + q + i) : 0u;
+        }
       }
-    } else {
 #pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        if (j < valid) o[j] = from_float<T>(__ldg(g + chunk_index<BITS>(words, j)));
+      for (int t = 0; t < kAhead; ++t) {
+        if (sp + t >= full) break;
+        uint32_t v[Lane::kWords];
+        Lane::align(words[t], shift, v);
+        T vals[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) vals[e] = from_float<T>(s_tab[warp][chunk_index<BITS>(v, e)]);
+        T* dst = o + (sp + t) * Lane::kSpan + 8 * lane;
+        if (vec16) {
+#pragma unroll
+          for (int h = 0; h < 8 * int(sizeof(T)) / 16; ++h) {
+            reinterpret_cast<uint4*>(dst)[h] = pack16<T>(vals + h * (16 / int(sizeof(T))));
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) dst[e] = vals[e];
+        }
       }
+    }
+    // the last, partial span, index by index (the padding bits past kin decode to index 0 and are not written)
+    for (int64_t k = full * Lane::kSpan + lane; k < w.kin; k += 32) {
+      o[k] = from_float<T>(s_tab[warp][unpack_one(reinterpret_cast<const uint8_t*>(row), k, BITS)]);
     }
   }
 }
@@ -99,7 +131,8 @@ void linear_by_panels(const PackedRows& w, int bits, const at::Tensor& x2d, cons
     WS_DISPATCH_FLOAT(x2d.scalar_type(), "weightshare::shared_linear_panels", [&] {
       using T = native_t<scalar_t>;
       WS_DISPATCH_BITS(bits, BITS, [&] {
-        decode_panel_kernel<T, BITS><<<blocks_for(rows * ((kin + 31) / 32)), 256, 0, stream()>>>(
+        const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(rows, kDecodeWarps), 65535));
+        decode_panel_kernel<T, BITS><<<blocks, kDecodeWarps * 32, 0, stream()>>>(
             w, r0, rows, reinterpret_cast<T*>(panel.data_ptr<scalar_t>()), vec16);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
