@@ -1,8 +1,9 @@
 // CUDA shared_linear (float and int8 activations) and shared_linear_backward: W [N, Kin] is read only in its packed
 // form (packing.h) and decoded on the fly through per-group tables; the dense W is never materialised.
 //
-// Paths (the size thresholds are first guesses for the H200, to be tuned by measurement):
-//  * gemv_kernel, few rows of x (float: M <= 16 for fp32 x, <= 8 for fp16/bf16; int8: M <= 16): 8 warps per block,
+// Paths (the 16-bit thresholds measured on the H200, 2026-11-30; the fp32 and int8 ones first guesses):
+//  * gemv_kernel, few rows of x (float: M <= 16 for fp32 x, <= 8 for fp16/bf16 that the tensor-core GEMV does not
+//    take, so 1 row by default; int8: M <= 16): 8 warps per block,
 //    each warp owns 2 output rows and walks them 256 indices at a time, lane l taking indices [8 l, 8 l + 8)
 //    (LaneSpan, packing.h), so a warp's loads of x are one contiguous run and its index loads consecutive words;
 //    codebooks in per-warp shared tables (float: staged straight from the codebook, so a float call of few rows is
@@ -11,7 +12,10 @@
 //    GPU. The first layout (a lane per 128 consecutive indices) made every warp load of x touch 32 cache lines: the
 //    H200 run of 2026-11-30 found it L1-bound (ncu: L1 86 % busy, DRAM 19 %) at 1.08x cuBLAS for batch 1; this
 //    layout ran 1.46-1.67x cuBLAS there (fp16, 8192 and 28672 x 8192, 4 and 2 bits), bound by its instructions
-//    (ncu: SM 70 %, L1 66 %, DRAM 29 %, 64 registers, one wave of 4 blocks per SM).
+//    (ncu: SM 70 %, L1 66 %, DRAM 29 %, 64 registers, one wave of 4 blocks per SM). Since then, not yet run on a
+//    GPU: the x-alignment flag as a template parameter (XV), lookups addressed by OR (entry_address) and spans
+//    loaded without bounds checks where they lie inside the row cut the fp16 4-bit batch-1 loop from 995 to 673
+//    SASS instructions per 128 weights (5.3 per weight: shift, LOP3, LDS, FFMA, half an fp16 conversion, 0.8 other).
 //  * the tensor-core GEMV (shared_linear_gemv_mma.cu) for fp16/bf16 x of 2 to 16 rows (gemv_mma_takes), so 16-bit x
 //    takes the SIMT GEMV at 1 row only.
 //  * forward with more rows (float activations): decoded panels + cuBLAS (shared_linear_panels.cu), unless
@@ -271,22 +275,46 @@ __device__ __forceinline__ void load_x8(const T* p, bool vec, float (&v)[8]) {
   for (int e = 0; e < 8; ++e) v[e] = to_float(p[e]);
 }
 
-// The lane's 8 indices (v: LaneSpan's bits from bit 0) of both rows against mc (<= MT) rows of x[., k .. k+8).
-template <typename T, int BITS, int MT>
-__device__ __forceinline__ void gemv_lane_float(const uint32_t (&v)[kGemvRows][LaneSpan<BITS>::kWords],
-                                                const float (*tab)[1 << BITS], const T* x, int64_t x_ld, int mc,
-                                                bool x_vec, int64_t k, float (&acc)[kGemvRows][MT]) {
+// Shared-memory address of table entry [index e of v] in a float table at `base`, which is aligned to 4 * 2**BITS
+// bytes, so the entry's byte offset ORs into it: a shift and one LOP3 (and-or) per lookup, no separate add (the
+// compiler's own form: shift, mask, add the table's address).
+template <int BITS>
+__device__ __forceinline__ uint32_t entry_address(const uint32_t* v, int e, uint32_t base) {
+  constexpr uint32_t kMask = ((1u << BITS) - 1u) << 2;
+  const int bit = e * BITS, word = bit >> 5, shift = bit & 31;
+  uint32_t off;
+  if (shift + BITS > 32) {
+    off = __funnelshift_r(v[word], v[word + 1], shift - 2);  // straddles two words (shift >= 25)
+  } else {
+    off = shift >= 2 ? v[word] >> (shift - 2) : v[word] << (2 - shift);
+  }
+  return (off & kMask) | base;
+}
+
+__device__ __forceinline__ float lds_f32(uint32_t address) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(address) : "memory");
+  return v;
+}
+
+// The lane's 8 indices (v: LaneSpan's bits from bit 0) of both rows against mc (<= MT) rows of x[., k .. k+8);
+// tab: the shared address of the rows' float tables (row r's at tab + 4 r 2**BITS). XV: x rows 16-byte aligned (a
+// template flag: as a run-time one, both load forms were issued, the unused one predicated off, on every span).
+template <typename T, int BITS, int MT, bool XV>
+__device__ __forceinline__ void gemv_lane_float(const uint32_t (&v)[kGemvRows][LaneSpan<BITS>::kWords], uint32_t tab,
+                                                const T* x, int64_t x_ld, int mc, int64_t k,
+                                                float (&acc)[kGemvRows][MT]) {
   float wv[kGemvRows][8];
 #pragma unroll
   for (int r = 0; r < kGemvRows; ++r) {
 #pragma unroll
-    for (int e = 0; e < 8; ++e) wv[r][e] = tab[r][chunk_index<BITS>(v[r], e)];
+    for (int e = 0; e < 8; ++e) wv[r][e] = lds_f32(entry_address<BITS>(v[r], e, tab + 4u * r * (1u << BITS)));
   }
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
     if (m >= mc) break;
     float xv[8];
-    load_x8<T>(x + m * x_ld + k, x_vec, xv);
+    load_x8<T>(x + m * x_ld + k, XV, xv);
 #pragma unroll
     for (int r = 0; r < kGemvRows; ++r) {
 #pragma unroll
@@ -343,13 +371,14 @@ __device__ void gemv_tail_float(const uint32_t* const (&rows)[kGemvRows], const 
 // grid: (ceil(N / (8 warps * 2 rows)), splits, ceil(M / MT)). A warp walks its rows' spans (LaneSpan: lane l takes
 // indices [8 l, 8 l + 8) of each 256, so the warp's x loads are one contiguous run and its index loads consecutive
 // words), kAhead spans' words loaded before the first is used (the bytes in flight that hide HBM latency).
-template <typename T, int BITS, int MT, bool INT8>
+template <typename T, int BITS, int MT, bool INT8, bool XV>
 __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const GemvArgs a) {
   constexpr int TS = 1 << BITS;
   using Acc = std::conditional_t<INT8, int, float>;
   using Lane = LaneSpan<BITS>;
   constexpr int kAhead = 8 / Lane::kLoad;  // 8, 4 or 2 spans: 8 to 12 words per row in flight per lane
-  __shared__ Acc s_tab[kGemvWarps][kGemvRows][TS];
+  // aligned to a whole table pair, so each table's address has zeros where entry_address ORs in the offset
+  __shared__ __align__(8 * TS) Acc s_tab[kGemvWarps][kGemvRows][TS];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t n_first = (int64_t(blockIdx.x) * kGemvWarps + warp) * kGemvRows;
   if (n_first >= a.w.N) return;  // whole warps only: no block-wide barrier below
@@ -383,7 +412,11 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const GemvArgs a)
   const int64_t full_end = INT8 ? sp_end : min(sp_end, a.w.kin / Lane::kSpan);
   const int64_t lane_word = Lane::first_word(lane);
   const int shift = Lane::shift(lane);
-  for (int64_t sp = sp_begin; sp < full_end; sp += kAhead) {
+  const uint32_t tab = static_cast<uint32_t>(__cvta_generic_to_shared(s_tab[warp]));
+  // kAhead spans from sp: all their words loaded, then each decoded. GUARD: some of them may lie past full_end or
+  // read past the row's last word; without it, plain loads at constant offsets (no compares on the hot path)
+  auto spans = [&](int64_t sp, auto guard) {
+    constexpr bool GUARD = decltype(guard)::value;
     uint32_t w[kAhead][kGemvRows][Lane::kLoad];
 #pragma unroll
     for (int t = 0; t < kAhead; ++t) {
@@ -392,12 +425,14 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const GemvArgs a)
 #pragma unroll
       for (int r = 0; r < kGemvRows; ++r) {
 #pragma unroll
-        for (int i = 0; i < Lane::kLoad; ++i) w[t][r][i] = live && q + i < a.w.row_words ? __ldg(rows[r] + q + i) : 0u;
+        for (int i = 0; i < Lane::kLoad; ++i) {
+          w[t][r][i] = !GUARD || (live && q + i < a.w.row_words) ? __ldg(rows[r] + q + i) : 0u;
+        }
       }
     }
 #pragma unroll
     for (int t = 0; t < kAhead; ++t) {
-      if (sp + t >= full_end) break;
+      if (GUARD && sp + t >= full_end) break;
       uint32_t v[kGemvRows][Lane::kWords];
 #pragma unroll
       for (int r = 0; r < kGemvRows; ++r) Lane::align(w[t][r], shift, v[r]);
@@ -405,10 +440,15 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const GemvArgs a)
       if constexpr (INT8) {
         gemv_lane_int8<BITS, MT>(v, s_tab[warp], xq, a.x_ld, mc, k, acc);
       } else {
-        gemv_lane_float<T, BITS, MT>(v, s_tab[warp], x, a.x_ld, mc, a.x_vec, k, acc);
+        gemv_lane_float<T, BITS, MT, XV>(v, tab, x, a.x_ld, mc, k, acc);
       }
     }
-  }
+  };
+  // spans whose words all lie inside the row, the one a lane reads past its indices included (kLoad > 1)
+  const int64_t safe_end = min(full_end, (a.w.row_words - (Lane::kLoad > 1 ? 1 : 0)) / Lane::kSpanWords);
+  int64_t sp = sp_begin;
+  for (; sp + kAhead <= safe_end; sp += kAhead) spans(sp, std::false_type{});
+  for (; sp < full_end; sp += kAhead) spans(sp, std::true_type{});
   if constexpr (!INT8) {
     if (full_end < sp_end) {
       gemv_tail_float<T, BITS, MT>(rows, s_tab[warp], x, a.x_ld, mc, full_end * Lane::kSpan + lane, a.w.kin, acc);
@@ -609,7 +649,17 @@ void launch_gemv(GemvArgs a, int sms, const at::Tensor& like) {
   a.units_per_split = per;
   const at::Tensor ws = set_splits(a.out, splits, INT8, like);
   check_grid(splits, mblocks, nblocks);
-  auto* kernel = mt == 1 ? gemv_kernel<T, BITS, 1, INT8> : gemv_kernel<T, BITS, kGemvMaxMT, INT8>;
+  // float x rows 16-byte aligned or not (int8 rows are padded: always)
+  auto* kernel = [&] {
+    if constexpr (INT8) {
+      return mt == 1 ? gemv_kernel<T, BITS, 1, true, true> : gemv_kernel<T, BITS, kGemvMaxMT, true, true>;
+    } else {
+      if (a.x_vec) {
+        return mt == 1 ? gemv_kernel<T, BITS, 1, false, true> : gemv_kernel<T, BITS, kGemvMaxMT, false, true>;
+      }
+      return mt == 1 ? gemv_kernel<T, BITS, 1, false, false> : gemv_kernel<T, BITS, kGemvMaxMT, false, false>;
+    }
+  }();
   kernel<<<dim3(static_cast<unsigned>(nblocks), splits, static_cast<unsigned>(mblocks)), kGemvWarps * 32, 0,
            cuda::stream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
