@@ -26,6 +26,7 @@
 
 #include <cstdlib>
 #include <string_view>
+#include <type_traits>
 
 #include "weightshare/dispatch.h"
 
@@ -67,15 +68,45 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
 #endif
 }
 
-// x[k .. k+4) of one row as two half2 words (k is a multiple of 4); past kin reads 0 (PARTIAL units only).
-template <typename T, bool PARTIAL>
-__device__ __forceinline__ uint2 load_x4(const T* row, int64_t k, int64_t kin, bool vec8) {
-  if (!PARTIAL && vec8) return __ldg(reinterpret_cast<const uint2*>(row + k));
-  const uint16_t* r = reinterpret_cast<const uint16_t*>(row);
-  uint32_t e[4];
+// x[k .. k+4) of one row as two half2 words (k is a multiple of 4); past kin reads 0 (PARTIAL units only). XV8: the
+// rows are 8-byte aligned (a template flag: as a run-time one, both load forms sat in the loop).
+template <typename T, bool PARTIAL, bool XV8>
+__device__ __forceinline__ uint2 load_x4(const T* row, int64_t k, int64_t kin) {
+  if constexpr (!PARTIAL && XV8) {
+    return __ldg(reinterpret_cast<const uint2*>(row + k));
+  } else {
+    const uint16_t* r = reinterpret_cast<const uint16_t*>(row);
+    uint32_t e[4];
 #pragma unroll
-  for (int j = 0; j < 4; ++j) e[j] = (!PARTIAL || k + j < kin) ? uint32_t(r[k + j]) : 0u;
-  return make_uint2(e[0] | (e[1] << 16), e[2] | (e[3] << 16));
+    for (int j = 0; j < 4; ++j) e[j] = (!PARTIAL || k + j < kin) ? uint32_t(r[k + j]) : 0u;
+    return make_uint2(e[0] | (e[1] << 16), e[2] | (e[3] << 16));
+  }
+}
+
+// Byte offset, in the replicated pair table, of the entry for index pair j (2 BITS bits) of the chunk in w, less the
+// lane's column: entry p, lane l sits at word 32 p + l, byte (p << 7) + (l << 2), so the pair's bits are shifted
+// to bit 7 and masked (a shift and one LOP3); the caller adds its lane's column and the table's address, one
+// register for the whole loop. (The table's shared address on sm_90 carries the CTA's cluster id and is not a
+// link-time constant, so it cannot be folded into the load; the form through chunk_index spent a shift, a mask,
+// another shift, an OR and the add.)
+template <int BITS>
+__device__ __forceinline__ uint32_t pair_offset(const uint32_t* w, int j) {
+  constexpr int PB = 2 * BITS;
+  constexpr uint32_t kMask = ((1u << PB) - 1u) << 7;
+  const int bit = j * PB, word = bit >> 5, shift = bit & 31;
+  uint32_t v;
+  if (shift + PB > 32) {
+    v = __funnelshift_r(w[word], w[word + 1], shift - 7);  // straddles two words (shift >= 27)
+  } else {
+    v = shift >= 7 ? w[word] >> (shift - 7) : w[word] << (7 - shift);
+  }
+  return v & kMask;
+}
+
+__device__ __forceinline__ uint32_t lds_u32(uint32_t address) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(address) : "memory");
+  return v;
 }
 
 template <typename T, int BITS, bool PAIR>
@@ -88,26 +119,56 @@ struct Tables {
   uint16_t single[PAIR ? TS : 1];
 };
 
-template <typename T, int BITS, bool PARTIAL, bool PAIR>
+// A register holding an unspecified value, made without an instruction: the A fragment's rows 8-15 when no row of
+// x lands there (an A row reaches only its own D row, and rows past M are never stored).
+__device__ __forceinline__ uint32_t unspecified() {
+  uint32_t v;
+  asm volatile("" : "=r"(v));
+  return v;
+}
+
+// One 128-k unit. Rows of x past M are read from a valid row (x_lo / x_hi clamped) rather than zeroed, for the
+// reason above. HI: some row of x lands in fragment rows 8-15 (M > 8 in this block). On whole units with aligned
+// x rows the fragment registers are loaded 4 bytes at a time straight into their slots ({row g, row g + 8} x
+// {k 0-1, k 2-3}): assembling them from two 8-byte loads cost four register moves per mma (SASS, sm_90).
+template <typename T, int BITS, bool PARTIAL, bool PAIR, bool XV8, bool HI>
 __device__ __forceinline__ void mma_unit(const MmaGemvArgs& a, const Tables<T, BITS, PAIR>& tabs,
                                          const uint32_t (&w)[kRowBlocks][BITS], const int (&tbase)[kRowBlocks],
-                                         const T* x_lo, const T* x_hi, bool has_lo, bool has_hi, int64_t u, int t,
-                                         int lane, float (&acc)[kRowBlocks][4]) {
+                                         const T* x_lo, const T* x_hi, int64_t u, int t, uint32_t pair_base,
+                                         float (&acc)[kRowBlocks][4]) {
   const int64_t kt = u * kUnitK + 32 * t;  // this lane's 32 physical k
   const uint16_t* single = reinterpret_cast<const uint16_t*>(tabs.words);
 #pragma unroll
   for (int s = 0; s < 8; ++s) {
     const int64_t k = kt + 4 * s;
-    const uint2 lo = has_lo ? load_x4<T, PARTIAL>(x_lo, k, a.w.kin, a.x_vec8) : make_uint2(0u, 0u);
-    const uint2 hi = has_hi ? load_x4<T, PARTIAL>(x_hi, k, a.w.kin, a.x_vec8) : make_uint2(0u, 0u);
-    const uint32_t af[4] = {lo.x, hi.x, lo.y, hi.y};
+    uint32_t af[4];
+    if constexpr (!PARTIAL && XV8) {
+      const uint32_t* lo = reinterpret_cast<const uint32_t*>(x_lo + k);
+      af[0] = __ldg(lo);
+      af[2] = __ldg(lo + 1);
+      if constexpr (HI) {
+        const uint32_t* hi = reinterpret_cast<const uint32_t*>(x_hi + k);
+        af[1] = __ldg(hi);
+        af[3] = __ldg(hi + 1);
+      } else {
+        af[1] = unspecified();
+        af[3] = unspecified();
+      }
+    } else {
+      const uint2 lo = load_x4<T, PARTIAL, XV8>(x_lo, k, a.w.kin);
+      const uint2 hi = load_x4<T, PARTIAL, XV8>(x_hi, k, a.w.kin);
+      af[0] = lo.x;
+      af[1] = hi.x;
+      af[2] = lo.y;
+      af[3] = hi.y;
+    }
 #pragma unroll
     for (int nb = 0; nb < kRowBlocks; ++nb) {
       uint32_t b[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         if constexpr (PAIR) {
-          b[h] = tabs.words[(chunk_index<2 * BITS>(w[nb], 2 * s + h) << 5) | lane];
+          b[h] = lds_u32(pair_base + pair_offset<BITS>(w[nb], 2 * s + h));
         } else {
           const uint32_t e0 = single[tbase[nb] + chunk_index<BITS>(w[nb], 4 * s + 2 * h)];
           const uint32_t e1 = single[tbase[nb] + chunk_index<BITS>(w[nb], 4 * s + 2 * h + 1)];
@@ -125,7 +186,7 @@ __device__ __forceinline__ void mma_unit(const MmaGemvArgs& a, const Tables<T, B
 }
 
 // grid: (ceil(N / 16), splits of the 128-k units, ceil(M / 16)); 4 warps.
-template <typename T, int BITS, bool PAIR>
+template <typename T, int BITS, bool PAIR, bool XV8>
 __global__ void __launch_bounds__(kWarps * 32) gemv_mma_kernel(const MmaGemvArgs a) {
   constexpr int TS = 1 << BITS;
   __shared__ __align__(16) Tables<T, BITS, PAIR> tabs;
@@ -146,10 +207,18 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_mma_kernel(const MmaGemvArgs
   }
   const int64_t u_begin = int64_t(blockIdx.y) * a.units_per_split;
   const int64_t u_end = min(a.units, u_begin + a.units_per_split);
+  const int64_t full_units = a.w.kin / kUnitK;
+  // a whole unit's words lie inside the row: plain loads (u is the same across the warp, so the branch is uniform)
   auto load = [&](int64_t u, uint32_t (&w)[kRowBlocks][BITS]) {
 #pragma unroll
     for (int nb = 0; nb < kRowBlocks; ++nb) {
-      load_words(rows[nb], (u * 4 + t) * BITS, a.w.row_words, a.w.row_align, w[nb]);
+      const int64_t w0 = (u * 4 + t) * BITS;
+      if (u < full_units) {
+#pragma unroll
+        for (int i = 0; i < BITS; ++i) w[nb][i] = __ldg(rows[nb] + w0 + i);
+      } else {
+        load_words(rows[nb], w0, a.w.row_words, a.w.row_align, w[nb]);
+      }
     }
   };
   uint32_t cur[kRowBlocks][BITS], nxt[kRowBlocks][BITS] = {};  // nxt: copied on the last pass too, unused
@@ -177,24 +246,32 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_mma_kernel(const MmaGemvArgs
   const int64_t m0 = int64_t(blockIdx.z) * kM;
   const int mc = static_cast<int>(a.out.M - m0 < kM ? a.out.M - m0 : kM);
   const T* x = static_cast<const T*>(a.x) + m0 * a.x_ld;
-  const bool has_lo = g < mc, has_hi = g + 8 < mc;
-  const T* x_lo = x + (has_lo ? g : 0) * a.x_ld;
-  const T* x_hi = x + (has_hi ? g + 8 : 0) * a.x_ld;
+  const T* x_lo = x + (g < mc ? g : 0) * a.x_ld;  // rows past M: any valid row (mma_unit)
+  const T* x_hi = x + (g + 8 < mc ? g + 8 : 0) * a.x_ld;
 
   float acc[kRowBlocks][4] = {};
-  const int64_t full_units = a.w.kin / kUnitK;
-  for (; u < u_end; u += kWarps) {
-    if (u + kWarps < u_end) load(u + kWarps, nxt);
-    if (u < full_units) {
-      mma_unit<T, BITS, false, PAIR>(a, tabs, cur, tbase, x_lo, x_hi, has_lo, has_hi, u, t, lane, acc);
-    } else {
-      mma_unit<T, BITS, true, PAIR>(a, tabs, cur, tbase, x_lo, x_hi, has_lo, has_hi, u, t, lane, acc);
-    }
+  // this lane's column of the pair table (PAIR): its address plus the lane's 4 bytes, added to each entry's offset
+  const uint32_t pair_base = static_cast<uint32_t>(__cvta_generic_to_shared(tabs.words)) + (uint32_t(lane) << 2);
+  auto run = [&](auto hi_tag) {
+    constexpr bool HI = decltype(hi_tag)::value;
+    for (; u < u_end; u += kWarps) {
+      if (u + kWarps < u_end) load(u + kWarps, nxt);
+      if (u < full_units) {
+        mma_unit<T, BITS, false, PAIR, XV8, HI>(a, tabs, cur, tbase, x_lo, x_hi, u, t, pair_base, acc);
+      } else {
+        mma_unit<T, BITS, true, PAIR, XV8, HI>(a, tabs, cur, tbase, x_lo, x_hi, u, t, pair_base, acc);
+      }
 #pragma unroll
-    for (int nb = 0; nb < kRowBlocks; ++nb) {
+      for (int nb = 0; nb < kRowBlocks; ++nb) {
 #pragma unroll
-      for (int i = 0; i < BITS; ++i) cur[nb][i] = nxt[nb][i];
+        for (int i = 0; i < BITS; ++i) cur[nb][i] = nxt[nb][i];
+      }
     }
+  };
+  if (mc > 8) {  // the same for the whole block
+    run(std::true_type{});
+  } else {
+    run(std::false_type{});
   }
 
   // Warps 1..3 hand their sums to warp 0, which adds them in warp order and stores. Accumulator r of row block nb:
@@ -228,7 +305,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_mma_kernel(const MmaGemvArgs
 bool mma_compiled() {
   static const bool ok = [] {
     cudaFuncAttributes attr{};
-    if (cudaFuncGetAttributes(&attr, gemv_mma_kernel<__half, 4, false>) != cudaSuccess) {
+    if (cudaFuncGetAttributes(&attr, gemv_mma_kernel<__half, 4, false, true>) != cudaSuccess) {
       (void)cudaGetLastError();  // clear the (non-sticky) error: the next launch check must not see it
       return false;
     }
@@ -267,20 +344,28 @@ void launch_gemv_mma(const PackedRows& w, const at::Tensor& x, int64_t x_ld, int
   const bool one_group = w.rows_per_group == w.N || w.rows_per_group % kBlockRows == 0;
   const dim3 grid(static_cast<unsigned>(nblocks), static_cast<unsigned>(splits), static_cast<unsigned>(mblocks));
   WS_DISPATCH_BITS(bits, BITS, [&] {
-    auto go = [&](auto t_tag) {
+    auto go = [&](auto t_tag, auto xv8_tag) {
       using T = decltype(t_tag);
+      constexpr bool XV8 = decltype(xv8_tag)::value;
       if constexpr (BITS <= 4) {
         if (one_group) {
-          gemv_mma_kernel<T, BITS, true><<<grid, kWarps * 32, 0, stream()>>>(a);
+          gemv_mma_kernel<T, BITS, true, XV8><<<grid, kWarps * 32, 0, stream()>>>(a);
           return;
         }
       }
-      gemv_mma_kernel<T, BITS, false><<<grid, kWarps * 32, 0, stream()>>>(a);
+      gemv_mma_kernel<T, BITS, false, XV8><<<grid, kWarps * 32, 0, stream()>>>(a);
+    };
+    auto go_x = [&](auto t_tag) {
+      if (a.x_vec8) {
+        go(t_tag, std::true_type{});
+      } else {
+        go(t_tag, std::false_type{});
+      }
     };
     if (x.scalar_type() == at::kHalf) {
-      go(__half{});
+      go_x(__half{});
     } else {
-      go(__nv_bfloat16{});
+      go_x(__nv_bfloat16{});
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
