@@ -60,22 +60,31 @@ constexpr int kSpan = LaneSpan<1>::kSpan;  // indices of a row per GEMV warp ste
 // The int8 zero points' index frequencies (reference.int8_sample_rows: whole rows spread evenly over the layer,
 // about 8192 indices, the first 2**20 columns of each), as the integer weights of reference.int8_zero_weights:
 // w[k] = round(2**14 * count[k] / total) (half up) for k < K, total counting indices < K only. One block.
+// Each thread takes whole 32-index chunks (BITS words, loaded together before any is counted). The first form read
+// index by index (a dependent global load before each shared atomic) and took 14 us of an int8 call at batch 1
+// (8192 x 8192, H200, 2026-11-30: one sampled row, 32 byte loads each followed by an atomic per thread); this
+// form is compiled, not yet run.
 constexpr int64_t kSampleTarget = 8192, kSampleMaxCols = int64_t{1} << 20;
 
+template <int BITS>
 __global__ void __launch_bounds__(256) zero_weights_kernel(const uint8_t* __restrict__ packed, int64_t row_bytes,
-                                                           int64_t rows, int64_t n, int64_t cols, int bits, int K,
+                                                           int64_t rows, int64_t n, int64_t cols, int K,
                                                            int* __restrict__ weights) {
   __shared__ unsigned int hist[256];
   __shared__ long long total;
   for (int k = threadIdx.x; k < 256; k += blockDim.x) hist[k] = 0;
   __syncthreads();
-  // Each sampled row is read by tpr threads (the block, or a power of two <= 32 for thin rows), so a row's offset
-  // costs one 64-bit division per row, not two per index.
-  const int tpr = cols >= blockDim.x ? blockDim.x : min(32, 1 << (32 - __clz(static_cast<int>(cols) - 1)));
-  const int slots = blockDim.x / tpr, slot = threadIdx.x / tpr, col0 = threadIdx.x % tpr;
-  for (int64_t i = slot; i < n; i += slots) {
-    const uint8_t* row = packed + i * rows / n * row_bytes;
-    for (int64_t j = col0; j < cols; j += tpr) atomicAdd(&hist[unpack_one(row, j, bits)], 1u);
+  const int64_t chunks = (cols + 31) / 32, row_words = row_bytes / 4;
+  for (int64_t c = threadIdx.x; c < n * chunks; c += blockDim.x) {
+    const int64_t i = c / chunks, ch = c - i * chunks;
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(packed + i * rows / n * row_bytes);
+    uint32_t w[BITS];
+    load_words(row, ch * BITS, row_words, 4, w);  // words past the row read 0; indices past cols are not counted
+    const int64_t valid = cols - ch * 32;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      if (j < valid) atomicAdd(&hist[chunk_index<BITS>(w, j)], 1u);
+    }
   }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -620,8 +629,10 @@ Prepared prepare(const at::Tensor& packed, const at::Tensor& codebook, int bits,
     weights = at::empty({256}, codebook.options().dtype(at::kInt));
     const int64_t cols = std::min(pw.cols, kSampleMaxCols);
     const int64_t n = std::min(pw.rows, std::max<int64_t>(1, (kSampleTarget + cols - 1) / cols));
-    zero_weights_kernel<<<1, 256, 0, cuda::stream()>>>(p.packed.data_ptr<uint8_t>(), pw.row_bytes, pw.rows, n, cols,
-                                                       bits, static_cast<int>(pw.K), weights.data_ptr<int>());
+    WS_DISPATCH_BITS(bits, BITS, [&] {
+      zero_weights_kernel<BITS><<<1, 256, 0, cuda::stream()>>>(p.packed.data_ptr<uint8_t>(), pw.row_bytes, pw.rows, n,
+                                                               cols, static_cast<int>(pw.K), weights.data_ptr<int>());
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   WS_DISPATCH_FLOAT(codebook.scalar_type(), "weightshare::shared_linear_tables", [&] {

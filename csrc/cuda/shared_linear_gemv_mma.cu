@@ -9,7 +9,7 @@
 // lane with t = lane % 4 holds logical k {2t, 2t+1, 2t+8, 2t+9} of both operands. The products do not care which
 // physical k a logical k stands for, as long as A and B agree. So lane t owns a whole 32-index chunk of its row
 // (one BITS-word load), and in k-step s (0..7) of a 128-k unit it supplies physical k = 32t + 4s + {0, 1, 2, 3}:
-// B = two index pairs looked up as half2, A = one 8-byte load of 4 consecutive x values per row of x.
+// B = two index pairs looked up as half2, A = 4 consecutive x values per row of x (two 4-byte loads).
 //
 // Work split. A block owns 16 output rows (2 blocks of 8, the mma's n) and 16 rows of x (grid.z for more); its 4
 // warps take the 128-k units of its k-range in turn (grid.y splits k further when the rows alone do not fill the
