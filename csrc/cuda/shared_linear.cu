@@ -289,15 +289,7 @@ __device__ __forceinline__ void load_x8(const T* p, bool vec, float (&v)[8]) {
 // compiler's own form: shift, mask, add the table's address).
 template <int BITS>
 __device__ __forceinline__ uint32_t entry_address(const uint32_t* v, int e, uint32_t base) {
-  constexpr uint32_t kMask = ((1u << BITS) - 1u) << 2;
-  const int bit = e * BITS, word = bit >> 5, shift = bit & 31;
-  uint32_t off;
-  if (shift + BITS > 32) {
-    off = __funnelshift_r(v[word], v[word + 1], shift - 2);  // straddles two words (shift >= 25)
-  } else {
-    off = shift >= 2 ? v[word] >> (shift - 2) : v[word] << (2 - shift);
-  }
-  return (off & kMask) | base;
+  return field_at<BITS, 2>(v, e) | base;
 }
 
 __device__ __forceinline__ float lds_f32(uint32_t address) {

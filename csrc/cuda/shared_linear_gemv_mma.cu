@@ -29,6 +29,7 @@
 #include <type_traits>
 
 #include "weightshare/dispatch.h"
+#include "weightshare/packing.h"
 
 namespace weightshare::cuda {
 namespace {
@@ -91,16 +92,7 @@ __device__ __forceinline__ uint2 load_x4(const T* row, int64_t k, int64_t kin) {
 // another shift, an OR and the add.)
 template <int BITS>
 __device__ __forceinline__ uint32_t pair_offset(const uint32_t* w, int j) {
-  constexpr int PB = 2 * BITS;
-  constexpr uint32_t kMask = ((1u << PB) - 1u) << 7;
-  const int bit = j * PB, word = bit >> 5, shift = bit & 31;
-  uint32_t v;
-  if (shift + PB > 32) {
-    v = __funnelshift_r(w[word], w[word + 1], shift - 7);  // straddles two words (shift >= 27)
-  } else {
-    v = shift >= 7 ? w[word] >> (shift - 7) : w[word] << (7 - shift);
-  }
-  return v & kMask;
+  return field_at<2 * BITS, 7>(w, j);
 }
 
 __device__ __forceinline__ uint32_t lds_u32(uint32_t address) {

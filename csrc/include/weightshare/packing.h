@@ -76,4 +76,21 @@ struct LaneSpan {
   }
 };
 
+// Field e of B bits of the little-endian bit string in v (bits [e B, e B + B)), moved to bit AT and masked there:
+// the byte offset of entry `field` in a table of 2**AT-byte entries, which the CUDA GEMVs OR or add into a table's
+// address (entry_address, pair_offset). A field that straddles two words is one funnel shift.
+template <int B, int AT>
+WS_HD uint32_t field_at(const uint32_t* v, int e) {
+  static_assert(B >= 1 && B <= 16 && AT >= 0 && AT <= 8, "a field of at most 16 bits, moved by at most 8");
+  constexpr uint32_t kMask = ((1u << B) - 1u) << AT;
+  const int bit = e * B, word = bit >> 5, shift = bit & 31;
+  uint32_t r;
+  if (shift + B > 32) {  // then shift >= 17 > AT
+    r = static_cast<uint32_t>(((uint64_t{v[word + 1]} << 32) | v[word]) >> (shift - AT));
+  } else {
+    r = shift >= AT ? v[word] >> (shift - AT) : v[word] << (AT - shift);
+  }
+  return r & kMask;
+}
+
 }  // namespace weightshare
