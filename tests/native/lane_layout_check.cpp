@@ -1,6 +1,6 @@
-// Host check of the index arithmetic the CUDA GEMVs use (packing.h): LaneSpan (which packed words lane l of a warp
-// reads for indices [8 l, 8 l + 8) of a 256-index span, and where its bits start) and field_at (an index moved to a
-// table entry's byte offset), against unpack_one, the layout's definition. Built and run by test_lane_layout.py;
+// Host check of the index arithmetic the CUDA kernels use (packing.h): LaneSpan (which packed words lane l of a warp
+// reads for indices [8 l, 8 l + 8) of a 256-index span, and where its bits start; dequantize applies it to any group
+// of 8) and field_at (an index moved to a table entry's byte offset), against unpack_one, the layout's definition. Built and run by test_lane_layout.py;
 // exits non-zero and names the first failure.
 #include <cstdio>
 #include <cstdint>
@@ -59,6 +59,29 @@ static void check_lane_span(std::mt19937& gen) {
   }
 }
 
+// dequantize's threads: group g of 8 indices anywhere in a row (LaneSpan's formulas with g for the lane), the last
+// group partial, words past the row reading 0.
+template <int BITS>
+static void check_groups(std::mt19937& gen) {
+  using L = LaneSpan<BITS>;
+  for (int n : {8, 27, 256, 1030, 4608}) {
+    const std::vector<uint32_t> words = random_row(n, BITS, gen, 0);
+    const auto* bytes = reinterpret_cast<const uint8_t*>(words.data());
+    const int64_t row_words = packed_row_words(n, BITS);
+    for (int64_t g = 0; 8 * g < n; ++g) {
+      const int64_t q = (g * BITS) >> 2;
+      const int shift = 8 * static_cast<int>((g * BITS) & 3);
+      uint32_t w[L::kLoad], v[L::kWords];
+      for (int i = 0; i < L::kLoad; ++i) w[i] = q + i < row_words ? words[q + i] : 0u;
+      L::align(w, shift, v);
+      for (int e = 0; e < 8 && 8 * g + e < n; ++e) {
+        const uint32_t want = unpack_one(bytes, 8 * g + e, BITS);
+        if (field_at<BITS, 0>(v, e) != want) fail("group of 8", BITS, 8 * g + e, want);
+      }
+    }
+  }
+}
+
 // The tensor-core GEMV's pair lookups: pair j (2 BITS bits) of a 32-index chunk (BITS words) as a byte offset into
 // a table of 128-byte rows (entry p = i0 | i1 << BITS at p << 7).
 template <int BITS>
@@ -78,6 +101,7 @@ static void check_pairs(std::mt19937& gen) {
 template <int BITS>
 static void check(std::mt19937& gen) {
   check_lane_span<BITS>(gen);
+  check_groups<BITS>(gen);
   check_pairs<BITS>(gen);
 }
 
