@@ -30,6 +30,15 @@ static std::vector<uint32_t> random_row(int n, int bits, std::mt19937& gen, int 
   return words;
 }
 
+// The kLoad words from word q of a row (past the row: 0, as the kernels' guarded loads), aligned from bit `shift`.
+template <int BITS>
+static void load_aligned(const std::vector<uint32_t>& words, int64_t row_words, int64_t q, int shift,
+                         uint32_t (&v)[LaneSpan<BITS>::kWords]) {
+  uint32_t w[LaneSpan<BITS>::kLoad];
+  for (int i = 0; i < LaneSpan<BITS>::kLoad; ++i) w[i] = q + i < row_words ? words[q + i] : 0u;
+  LaneSpan<BITS>::align(w, shift, v);
+}
+
 template <int BITS>
 static void check_lane_span(std::mt19937& gen) {
   using L = LaneSpan<BITS>;
@@ -40,9 +49,8 @@ static void check_lane_span(std::mt19937& gen) {
     for (int sp = 0; sp < n / L::kSpan; ++sp) {
       for (int lane = 0; lane < 32; ++lane) {
         const int64_t q = sp * L::kSpanWords + L::first_word(lane);
-        uint32_t w[L::kLoad], v[L::kWords];
-        for (int i = 0; i < L::kLoad; ++i) w[i] = words[q + i];
-        L::align(w, L::shift(lane), v);
+        uint32_t v[L::kWords];
+        load_aligned<BITS>(words, row_words, q, L::shift(lane), v);
         for (int e = 0; e < 8; ++e) {
           const uint32_t want = unpack_one(bytes, sp * L::kSpan + 8 * lane + e, BITS);
           if (field_at<BITS, 0>(v, e) != want) fail("LaneSpan index", BITS, sp * L::kSpan + 8 * lane + e, want);
@@ -69,11 +77,8 @@ static void check_groups(std::mt19937& gen) {
     const auto* bytes = reinterpret_cast<const uint8_t*>(words.data());
     const int64_t row_words = packed_row_words(n, BITS);
     for (int64_t g = 0; 8 * g < n; ++g) {
-      const int64_t q = (g * BITS) >> 2;
-      const int shift = 8 * static_cast<int>((g * BITS) & 3);
-      uint32_t w[L::kLoad], v[L::kWords];
-      for (int i = 0; i < L::kLoad; ++i) w[i] = q + i < row_words ? words[q + i] : 0u;
-      L::align(w, shift, v);
+      uint32_t v[L::kWords];
+      load_aligned<BITS>(words, row_words, (g * BITS) >> 2, 8 * static_cast<int>((g * BITS) & 3), v);
       for (int e = 0; e < 8 && 8 * g + e < n; ++e) {
         const uint32_t want = unpack_one(bytes, 8 * g + e, BITS);
         if (field_at<BITS, 0>(v, e) != want) fail("group of 8", BITS, 8 * g + e, want);
