@@ -46,9 +46,8 @@ __global__ void __launch_bounds__(256) dequantize_kernel(const uint8_t* __restri
   const int64_t k0 = 8 * g8;
   if (k0 >= n) return;
   const int64_t row_words = row_bytes / 4;
-  // LaneSpan's formulas hold for any group number, not only lanes 0-31: group g's bits start at bit 8 g BITS
-  const int64_t q = (g8 * BITS) >> 2;
-  const int shift = 8 * static_cast<int>((g8 * BITS) & 3);
+  const int64_t q = L::first_word(g8);  // LaneSpan's formulas hold for any group number, not only lanes 0-31
+  const int shift = L::shift(g8);
   const int valid = n - k0 < 8 ? static_cast<int>(n - k0) : 8;
   for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
     const uint32_t* row = reinterpret_cast<const uint32_t*>(packed + r * row_bytes);

@@ -78,7 +78,7 @@ static void check_groups(std::mt19937& gen) {
     const int64_t row_words = packed_row_words(n, BITS);
     for (int64_t g = 0; 8 * g < n; ++g) {
       uint32_t v[L::kWords];
-      load_aligned<BITS>(words, row_words, (g * BITS) >> 2, 8 * static_cast<int>((g * BITS) & 3), v);
+      load_aligned<BITS>(words, row_words, L::first_word(g), L::shift(g), v);
       for (int e = 0; e < 8 && 8 * g + e < n; ++e) {
         const uint32_t want = unpack_one(bytes, 8 * g + e, BITS);
         if (field_at<BITS, 0>(v, e) != want) fail("group of 8", BITS, 8 * g + e, want);

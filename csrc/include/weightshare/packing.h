@@ -65,8 +65,9 @@ struct LaneSpan {
   static constexpr int kShiftMax = BITS % 4 == 0 ? 0 : (BITS % 2 == 0 ? 16 : 24);
   static constexpr int kLoad = (kShiftMax + 8 * BITS + 31) / 32;  // words a lane reads (1, 2 or 3)
   static constexpr int kWords = (8 * BITS + 31) / 32;             // words its 8 indices fill from bit 0
-  WS_HD static int64_t first_word(int lane) { return (lane * BITS) >> 2; }
-  WS_HD static int shift(int lane) { return 8 * ((lane * BITS) & 3); }
+  // (the same for any group number g of 8 indices counted from a row's start, as dequantize uses them)
+  WS_HD static int64_t first_word(int64_t lane) { return (lane * BITS) >> 2; }
+  WS_HD static int shift(int64_t lane) { return 8 * static_cast<int>((lane * BITS) & 3); }
   // v = the lane's 8 * BITS bits from bit 0, out of the kLoad words w read at first_word (shift = shift(lane)).
   WS_HD static void align(const uint32_t (&w)[kLoad], int shift, uint32_t (&v)[kWords]) {
     for (int i = 0; i < kWords; ++i) {
