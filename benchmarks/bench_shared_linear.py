@@ -142,7 +142,7 @@ def run_cuda() -> dict:
                 ref = F.linear(x.float(), dense.float())
                 err = float((ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f).float() - ref).norm() / ref.norm())
                 extra = {}  # every path that can take M rows, each forced by its switch (gemv_mma_takes,
-                # panels_enabled), so the figures say where the default's thresholds belong
+                # panels_enabled, gemm_mma_takes), so the figures say where the default's thresholds belong
 
                 def timed(env: dict, fns=ws_fns) -> float:
                     os.environ.update(env)
@@ -153,7 +153,8 @@ def run_cuda() -> dict:
                             os.environ.pop(key, None)
                 paths = {"simt": ({"WS_CUDA_GEMV": "off"}, M <= 8), "mma": ({"WS_CUDA_GEMV": "mma"}, M <= 64),
                          "panels": ({"WS_CUDA_GEMV": "off"}, M > 8),
-                         "tiles": ({"WS_CUDA_GEMV": "off", "WS_CUDA_LINEAR": "tiles"}, M > 8)}
+                         "tiles": ({"WS_CUDA_GEMV": "off", "WS_CUDA_LINEAR": "tiles"}, M > 8),
+                         "fused": ({"WS_CUDA_LINEAR": "fused"}, M > 1)}
                 for name, (env, applies) in paths.items():
                     if applies:
                         t = timed(env)
@@ -167,13 +168,15 @@ def run_cuda() -> dict:
                 y_int8 = ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f, None, "int8").float()
                 extra.update({"ws_int8_ms": t_int8 * 1e3, "int8_speedup_vs_cublas": t_dense / t_int8,
                               "int8_rel_err": float((y_int8 - ref).norm() / ref.norm())})
-                if M <= 64:  # the tensor-core GEMV's error (its fp16 weights)
-                    os.environ["WS_CUDA_GEMV"] = "mma"
-                    try:
-                        y_mma = ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f).float()
-                    finally:
-                        os.environ.pop("WS_CUDA_GEMV", None)
-                    extra["mma_rel_err"] = float((y_mma - ref).norm() / ref.norm())
+                # the tensor-core kernels' errors (their fp16 weights)
+                for name, (key, value) in {"mma": ("WS_CUDA_GEMV", "mma"), "fused": ("WS_CUDA_LINEAR", "fused")}.items():
+                    if paths[name][1]:
+                        os.environ[key] = value
+                        try:
+                            y_tc = ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f).float()
+                        finally:
+                            os.environ.pop(key, None)
+                        extra[f"{name}_rel_err"] = float((y_tc - ref).norm() / ref.norm())
                 if M <= 16 and out_f == 8192:  # where the time of a call goes: its kernels, one by one
                     breakdown = {"cublas": cuda_kernel_breakdown(dense_fns), "ws": cuda_kernel_breakdown(ws_fns),
                                  "ws_int8": cuda_kernel_breakdown(int8_fns)}

@@ -68,8 +68,8 @@ if [ "$PHASE" != test ]; then
   step bench_assign 60 "$PY" benchmarks/bench_assign.py --cuda
   step bench_shared_conv 70 "$PY" benchmarks/bench_shared_conv.py --cuda
   step bench_resnet 50 "$PY" benchmarks/bench_resnet.py --cuda
-  if command -v ncu >/dev/null; then  # DRAM throughput, occupancy, registers of the batch-1 GEMVs (not timings)
-    step ncu_gemv 60 ncu --clock-control none -k regex:gemv -c 4 --section SpeedOfLight --section Occupancy \
+  if command -v ncu >/dev/null; then  # DRAM throughput, occupancy, registers of the GEMVs and the fused GEMM
+    step ncu_gemv 60 ncu --clock-control none -k regex:"gemv|gemm_mma" -c 6 --section SpeedOfLight --section Occupancy \
       --section LaunchStats --section MemoryWorkloadAnalysis "$PY" benchmarks/gpu_sanitize_workload.py gemv
   fi
 fi

@@ -2,7 +2,8 @@
 
     python benchmarks/gpu_sanitize_workload.py full    # every CUDA kernel once, small shapes (compute-sanitizer memcheck)
     python benchmarks/gpu_sanitize_workload.py small   # forward + backward of shared_linear (racecheck: slow tool)
-    python benchmarks/gpu_sanitize_workload.py gemv    # batch-1 GEMVs of an 8192x8192 4-bit layer (ncu probe)
+    python benchmarks/gpu_sanitize_workload.py gemv    # an 8192x8192 4-bit layer: the batch-1 GEMVs, the fused GEMM
+                                                       # at 256 rows (ncu probe)
 """
 import os
 import sys
@@ -35,8 +36,24 @@ def full() -> None:
     cr = torch.randn(1000, 8, device="cuda")
     ws.ops.shared_linear(x[:, 1:].contiguous(), ws.ops.pack(ws.ops.assign(w[:, :76].contiguous(), cr), 3), cr, 3,
                          1000, 76)
+    os.environ.pop("WS_CUDA_GEMV")
+    fused()
     torch.cuda.synchronize()
     print("memcheck workload done")
+
+
+def fused() -> None:
+    """The fused tensor-core GEMM (WS_CUDA_LINEAR=fused): pair codes (4-bit) and single codes (8-bit), a last
+    block of output rows and of x rows that end inside it, and the split-K form (40 rows of 4096)."""
+    os.environ["WS_CUDA_LINEAR"] = "fused"
+    try:
+        for bits, (out_f, in_f), m in ((4, (300, 256), 70), (8, (300, 384), 130), (4, (40, 4096), 40)):
+            cb = torch.randn(1, 1 << bits, device="cuda")
+            p = ws.ops.pack(torch.randint(0, 1 << bits, (out_f, in_f), dtype=torch.uint8, device="cuda"), bits)
+            x = torch.randn(m, in_f, device="cuda", dtype=torch.float16)
+            ws.ops.shared_linear(x, p, cb, bits, out_f, in_f)
+    finally:
+        os.environ.pop("WS_CUDA_LINEAR")
 
 
 def small() -> None:
@@ -49,6 +66,7 @@ def small() -> None:
         x = torch.randn(m, 300, device="cuda", dtype=torch.float16, requires_grad=True)
         c = cb.half().clone().requires_grad_()
         ws.ops.shared_linear(x, p, c, 4, 512, 300).sum().backward()
+    fused()  # its shared-memory pipeline: x stages, code buffers, tables
     torch.cuda.synchronize()
     print("racecheck workload done")
 
@@ -63,6 +81,10 @@ def gemv() -> None:
             os.environ["WS_CUDA_GEMV"] = "mma"
         for _ in range(2):
             ws.ops.shared_linear(x, p, cb, 4, n, n)
+    os.environ["WS_CUDA_LINEAR"] = "fused"  # and the fused GEMM at 256 rows (the batch-256 target)
+    xb = torch.randn(256, n, device="cuda", dtype=torch.float16)
+    for _ in range(2):
+        ws.ops.shared_linear(xb, p, cb, 4, n, n)
     torch.cuda.synchronize()
     print("gemv workload done")
 

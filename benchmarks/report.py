@@ -213,12 +213,18 @@ def ops_table(r):
 
 def cuda_linear_table(r):
     """The CUDA shared_linear against cuBLAS on the dequantised weight: the default path's time and each path timed
-    with its switch (the SIMT GEMV, the tensor-core GEMV, decoded panels + cuBLAS, the tile kernel), plus int8."""
+    with its switch (the SIMT GEMV, the tensor-core GEMV, decoded panels + cuBLAS, the tile kernel, the fused
+    tensor-core GEMM where the run has it), plus int8."""
     m = r["machine"]
     out = [f"Shared Linear on the GPU, fp16 x, per-layer codebook ({m.get('gpu', 'GPU')}, torch {m['torch']}, "
            f"{m['date']}; {r['protocol']})", "",
            "| layer | bits | batch | cuBLAS fp16 | ws default | SIMT GEMV | tensor-core GEMV | panels + cuBLAS | "
            "tiles | ws int8 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    names = ["simt", "mma", "panels", "tiles", "int8"]
+    if any("ws_fused_ms" in x for x in r["results"]):
+        out[2] = out[2].replace(" ws int8 |", " fused GEMM | ws int8 |")
+        out[3] += "---|"
+        names.insert(4, "fused")
 
     def cell(x, name):
         ms, speedup = x.get(f"ws_{name}_ms"), x.get(f"{name}_speedup_vs_cublas")
@@ -226,7 +232,7 @@ def cuda_linear_table(r):
     for x in r["results"]:
         out.append(f"| {x['shape'][0]}x{x['shape'][1]} | {x['bits']} | {x['batch']} | {x['cublas_fp16_ms']:.4f} ms | "
                    f"{x['ws_ms']:.4f} ms ({x['speedup_vs_cublas']:.2f}x) | " +
-                   " | ".join(cell(x, name) for name in ("simt", "mma", "panels", "tiles", "int8")) + " |")
+                   " | ".join(cell(x, name) for name in names) + " |")
     return "\n".join(out)
 
 

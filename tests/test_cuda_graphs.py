@@ -105,3 +105,18 @@ def test_cuda_graph_assign_pack_and_statistics():
         ws.ops.assign(torch.full((4, 4), float("nan"), device="cuda"), cb)
     with pytest.raises(ValueError, match="cannot be packed"):
         ws.ops.pack(torch.full((4, 8), 200, dtype=torch.uint8, device="cuda"), 4)
+
+
+# the fused tensor-core GEMM (asked for: not yet a default), with and without its split-K workspace
+@pytest.mark.parametrize("shape", [(300, 512), (40, 4096)])
+def test_cuda_graph_fused_gemm(shape, monkeypatch):
+    monkeypatch.setenv("WS_CUDA_LINEAR", "fused")
+    g = torch.Generator().manual_seed(0)
+    (out_f, in_f), bits, M = shape, 4, 70
+    idx = torch.randint(0, 16, (out_f, in_f), generator=g, dtype=torch.uint8)
+    packed = ws.ops.pack(idx, bits).cuda()
+    cb = (torch.randn(1, 16, generator=g) * 0.1).cuda()
+    bias = torch.randn(out_f, generator=g).cuda().half()
+    x = torch.randn(M, in_f, generator=g).cuda().half()
+    fresh = torch.randn(M, in_f, generator=g).cuda().half()
+    replay_matches(lambda: ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f, bias), [x], [fresh])

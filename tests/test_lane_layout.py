@@ -1,5 +1,7 @@
-"""The index arithmetic of the CUDA GEMVs (LaneSpan and field_at in packing.h) checked on the host, so that CI,
-which has no GPU, tests it: tests/native/lane_layout_check.cpp is built with the system C++ compiler and run."""
+"""The index arithmetic of the CUDA kernels checked on the host, so that CI, which has no GPU, tests it: each
+program under tests/native/ is built with the system C++ compiler and run. lane_layout_check: the GEMVs' LaneSpan
+and field_at (packing.h). fused_gemm_layout_check: one block of the fused tensor-core GEMM run through its layout
+(fused_gemm_layout.h) with ldmatrix and mma.m16n8k16 emulated, against x W^T, plus its bank-conflict claims."""
 import shutil
 import subprocess
 from pathlib import Path
@@ -9,12 +11,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_lane_layout_matches_the_packing(tmp_path):
+@pytest.mark.parametrize("program", ["lane_layout_check", "fused_gemm_layout_check"])
+def test_native_layout_check(program, tmp_path):
     cxx = shutil.which("c++") or shutil.which("g++")
     if cxx is None:
         pytest.skip("no C++ compiler")
-    exe = tmp_path / "lane_layout_check"
+    exe = tmp_path / program
     subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Werror", f"-I{ROOT / 'csrc' / 'include'}",
-                    str(ROOT / "tests" / "native" / "lane_layout_check.cpp"), "-o", str(exe)], check=True)
-    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+                    str(ROOT / "tests" / "native" / f"{program}.cpp"), "-o", str(exe)], check=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr

@@ -793,3 +793,69 @@ def test_cuda_many_rows_in_several_panels(dtype, gen):
     want = F.linear(x.float(), w, bias)
     tol = (1e-5, 1e-4) if dtype == torch.float32 else TOL[dtype]
     torch.testing.assert_close(y.float(), want, rtol=tol[0], atol=tol[1])
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("M", [1, 17, 40, 64, 65, 200])
+@pytest.mark.parametrize("shape", [(300, 256), (40, 4096), (512, 384)])
+def test_cuda_fused_gemm(dtype, bits, M, shape, monkeypatch, gen):
+    """The fused tensor-core GEMM (WS_CUDA_LINEAR=fused, shared_linear_gemm_mma.cu) against fp32 products with the
+    weight rounded to x's dtype: output rows that end inside a block (300, 40), a layer of 40 rows and 32 units that
+    splits K over many blocks, two codebooks of 256 rows (512 x 384: one per block at every width), rows of x that
+    fill 1 to 4 of its 8-row tile groups, with bias; test_cuda_fused_gemm_takes_the_calls_it_should proves it ran."""
+    monkeypatch.setenv("WS_CUDA_LINEAR", "fused")
+    out_f, in_f = shape
+    groups = 2 if out_f == 512 else 1
+    packed, cb, _ = make_weight(out_f, in_f, bits, groups, gen)
+    x = torch.randn(M, in_f, generator=gen).to(dtype)
+    bias = torch.randn(out_f, generator=gen)
+    y = ws.ops.shared_linear(x.cuda(), packed.cuda(), cb.cuda(), bits, out_f, in_f, bias.cuda()).cpu()
+    w = ws.ops.dequantize(packed, cb, bits, (out_f, in_f)).to(dtype).float()
+    want = F.linear(x.float(), w, bias)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), want, rtol=TOL[dtype][0], atol=TOL[dtype][1])
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
+def test_cuda_fused_gemm_bad_indices_and_3d_x(monkeypatch, gen):
+    # indices >= K decode to NaN exactly in the output columns of the rows that hold them; x of shape [2, 33, in_f]
+    monkeypatch.setenv("WS_CUDA_LINEAR", "fused")
+    out_f, in_f, bits = 70, 256, 4
+    idx = torch.randint(0, 10, (out_f, in_f), generator=gen, dtype=torch.uint8)
+    idx[5, 200] = 12  # K = 10: no entry
+    packed, cb = ws.ops.pack(idx, bits), torch.randn(1, 10, generator=gen) * 0.1
+    x = torch.randn(2, 33, in_f, generator=gen).half()
+    y = ws.ops.shared_linear(x.cuda(), packed.cuda(), cb.cuda(), bits, out_f, in_f).float().cpu()
+    keep = [i for i in range(out_f) if i != 5]
+    assert torch.isnan(y[..., 5]).all() and not torch.isnan(y[..., keep]).any()
+    want = F.linear(x.float(), cb[0, idx.clamp(max=9).long()].half().float())
+    torch.testing.assert_close(y[..., keep], want[..., keep], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
+def test_cuda_fused_gemm_takes_the_calls_it_should(monkeypatch, gen):
+    """gemm_mma_takes on sm_80+: only when asked (WS_CUDA_LINEAR=fused), and then only where its shape rules allow:
+    in_features a multiple of 128, one codebook per block of output rows, 16-bit x. Otherwise the call falls back
+    to the other paths (whose results the tests above check), which the fused tests could not tell apart from it;
+    the profiler's kernel names can."""
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the fused GEMM needs sm_80 or newer")
+    from torch.profiler import ProfilerActivity, profile
+
+    def ran_fused(in_f=256, groups=1, dtype=torch.float16, M=40):
+        packed, cb, _ = make_weight(64, in_f, 4, groups, gen)
+        x = torch.randn(M, in_f, generator=gen).to(dtype).cuda()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            ws.ops.shared_linear(x, packed.cuda(), cb.cuda(), 4, 64, in_f)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        if not names:
+            pytest.skip("the profiler recorded no CUDA kernels (no CUPTI)")
+        return any("gemm_mma_kernel" in n for n in names)
+
+    assert not ran_fused()
+    monkeypatch.setenv("WS_CUDA_LINEAR", "fused")
+    assert ran_fused() and ran_fused(M=1) and ran_fused(dtype=torch.bfloat16)
+    assert not ran_fused(in_f=300) and not ran_fused(groups=64) and not ran_fused(dtype=torch.float32)

@@ -18,6 +18,8 @@
 //    SASS instructions per 128 weights (5.3 per weight: shift, LOP3, LDS, FFMA, half an fp16 conversion, 0.8 other).
 //  * the tensor-core GEMV (shared_linear_gemv_mma.cu) for fp16/bf16 x of 2 to 16 rows (gemv_mma_takes), so 16-bit x
 //    takes the SIMT GEMV at 1 row only.
+//  * WS_CUDA_LINEAR=fused: the fused tensor-core GEMM (shared_linear_gemm_mma.cu) for fp16/bf16 x of any number of
+//    rows where its shape rules allow (gemm_mma_takes); not yet run on a GPU, so taken only when asked.
 //  * forward with more rows (float activations): decoded panels + cuBLAS (shared_linear_panels.cu), unless
 //    WS_CUDA_LINEAR=tiles selects the tile kernel below (the int8 forward and the backward always use tiles).
 //  * forward_tile_kernel / grad_x_tile_kernel / grad_w_tile_kernel, many rows: 64x64 output tiles, 128 threads,
@@ -42,6 +44,7 @@
 #include "weightshare/cuda_utils.h"
 #include "weightshare/dispatch.h"
 #include "weightshare/packing.h"
+#include "shared_linear_gemm_mma.h"
 #include "shared_linear_gemv_mma.h"
 #include "shared_linear_panels.h"
 
@@ -698,9 +701,10 @@ at::Tensor shared_linear_cuda(const at::Tensor& x, const at::Tensor& packed, con
   at::Tensor y = at::empty(sizes, x.options());
   // the path: the tensor-core GEMV (2 to 16 rows of 16-bit x), the float GEMV (up to 16 rows of fp32 x, 8 of
   // 16-bit x), else the panels (or the tiles); int8 takes its GEMV or tiles below
-  const bool mma = !int8 && gemv_mma_takes(x.scalar_type(), M, x.get_device());
+  const bool fused = !int8 && gemm_mma_takes(x, packed, bits, M, out_features, in_features, pw.rows / pw.groups);
+  const bool mma = !int8 && !fused && gemv_mma_takes(x.scalar_type(), M, x.get_device());
   const bool float_gemv = M <= (x.scalar_type() == at::kFloat ? 2 * kGemvMaxMT : kGemvMaxMT);
-  const Tables tables = int8 ? Tables::Int8 : (mma || float_gemv ? Tables::None : Tables::Float);
+  const Tables tables = int8 ? Tables::Int8 : (fused || mma || float_gemv ? Tables::None : Tables::Float);
   const Prepared w = prepare(packed, codebook, static_cast<int>(bits), pw, tables);
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();  // read in its dtype (Epilogue)
   const int sms = sm_count(x.get_device());
@@ -714,6 +718,10 @@ at::Tensor shared_linear_cuda(const at::Tensor& x, const at::Tensor& packed, con
   TileArgs ta{};
   ga.w = ta.w = w.rows;
   ta.M = M;
+  if (fused) {
+    launch_gemm_mma(w.rows, x, static_cast<int>(bits), e, sms);
+    return y;
+  }
   if (mma) {
     launch_gemv_mma(w.rows, x, in_features, static_cast<int>(bits), e, sms);
     return y;

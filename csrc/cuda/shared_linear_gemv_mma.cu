@@ -30,6 +30,7 @@
 
 #include "weightshare/dispatch.h"
 #include "weightshare/packing.h"
+#include "mma_ptx.h"
 
 namespace weightshare::cuda {
 namespace {
@@ -48,26 +49,6 @@ struct MmaGemvArgs {
   int64_t units, units_per_split;
   Epilogue out;
 };
-
-// d += A (16x16, row) * B (16x8, col), fp32 accumulation.
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if constexpr (std::is_same_v<T, __half>) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-#else
-  __trap();  // the host never launches this kernel below sm_80 (gemv_mma_takes)
-#endif
-}
 
 // x[k .. k+4) of one row as two half2 words (k is a multiple of 4); past kin reads 0 (PARTIAL units only). XV8: the
 // rows are 8-byte aligned (a template flag: as a run-time one, both load forms sat in the loop).
@@ -93,12 +74,6 @@ __device__ __forceinline__ uint2 load_x4(const T* row, int64_t k, int64_t kin) {
 template <int BITS>
 __device__ __forceinline__ uint32_t pair_offset(const uint32_t* w, int j) {
   return field_at<2 * BITS, 7>(w, j);
-}
-
-__device__ __forceinline__ uint32_t lds_u32(uint32_t address) {
-  uint32_t v;
-  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(address) : "memory");
-  return v;
 }
 
 template <typename T, int BITS, bool PAIR>
@@ -243,7 +218,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_mma_kernel(const MmaGemvArgs
 
   float acc[kRowBlocks][4] = {};
   // this lane's column of the pair table (PAIR): its address plus the lane's 4 bytes, added to each entry's offset
-  const uint32_t pair_base = static_cast<uint32_t>(__cvta_generic_to_shared(tabs.words)) + (uint32_t(lane) << 2);
+  const uint32_t pair_base = shared_address(tabs.words) + (uint32_t(lane) << 2);
   auto run = [&](auto hi_tag) {
     constexpr bool HI = decltype(hi_tag)::value;
     for (; u < u_end; u += kWarps) {

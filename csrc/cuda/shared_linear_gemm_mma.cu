@@ -1,0 +1,324 @@
+// shared_linear for fp16/bf16 activations and many rows of x on tensor cores, fused: each block decodes its packed
+// indices into mma.sync A fragments in registers (through per-lane table codes, fused_gemm_layout.h), multiplies
+// them with x tiles that cp.async streams into shared memory, and writes y. No decoded weight is ever stored.
+//
+// Why: the panels path (decode a panel of W to memory, then cuBLAS) ran 0.22-0.32x cuBLAS at 16-256 rows on the
+// H200 (2026-11-30), its decode writing and reading back 2 bytes per weight; the tile kernels (64x64 tiles, one
+// warp's wmma per 16x16) 0.10-0.25x. Here each weight costs its share of a 4-byte table load per index pair (once
+// per 64 rows of x), and each 16-byte x chunk feeds 4 m16 tiles of W from registers; with 64x64 warp tiles and
+// three x stages in flight the kernel has the shape of a CUTLASS sm80 GEMM, the index stream replacing B's loads.
+//
+// Layout and data flow: fused_gemm_layout.h (checked on the host by tests/native/fused_gemm_layout_check.cpp).
+// Per 128-index unit: a barrier; x of the unit kStages - 1 ahead is issued by cp.async; the block's 8 warps run the
+// unit's 8 k16 steps (per step: ldmatrix.x4 for two 8-row tiles of x, per 16-row W tile two code loads and four
+// table loads into A, then an mma per x tile); then the next unit's indices, loaded into registers one unit
+// earlier, become codes in the other code buffer, and the unit after next is loaded. Split-K over grid.y, the
+// partial sums summed in a fixed order by finalize (deterministic).
+//
+// Status: written and compiled for sm_90 (2026-12-01) with the layout checked on the host; not yet run on a GPU,
+// so no call takes it unless WS_CUDA_LINEAR=fused (gemm_mma_takes).
+#include "shared_linear_gemm_mma.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <string_view>
+
+#include "weightshare/dispatch.h"
+#include "weightshare/fused_gemm_layout.h"
+#include "weightshare/packing.h"
+#include "mma_ptx.h"
+
+namespace weightshare::cuda {
+namespace {
+
+struct FusedArgs {
+  PackedRows w;
+  const void* x;  // T [M, kin], 16-byte aligned
+  int64_t units, units_per_split;
+  int64_t mblocks;  // blocks along the rows of x: blockIdx.x = output block * mblocks + x block (neighbours share W)
+  Epilogue out;
+};
+
+// grid: (output blocks x x blocks, splits of the 128-index units); L::kThreads threads; L::kSmemBytes dynamic.
+template <typename T, int BITS, int NT>
+__global__ void __launch_bounds__(FusedGemmLayout<BITS, NT>::kThreads, 1) gemm_mma_kernel(const FusedArgs a) {
+  using L = FusedGemmLayout<BITS, NT>;
+  constexpr int MT = L::kTilesM, CW = L::kCodeWords, S = L::kStages;
+  extern __shared__ __align__(16) uint32_t smem[];
+  __shared__ uint16_t values[1 << BITS];
+  uint32_t* const tab = smem;
+  uint32_t* const codes = smem + L::kTableWords;
+  unsigned char* const xs = reinterpret_cast<unsigned char*>(codes + 2 * L::kCodeBufferWords);
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int wo = warp % L::kWarpsOut, wb = warp / L::kWarpsOut;
+  const int64_t n0 = int64_t(blockIdx.x / a.mblocks) * L::kBlockOut;
+  const int64_t m0 = int64_t(blockIdx.x % a.mblocks) * L::kBlockBatch;
+  const int64_t M = a.out.M, N = a.w.N, kin = a.w.kin;
+  const int64_t u_begin = int64_t(blockIdx.y) * a.units_per_split;
+  const int nu = static_cast<int>(min(a.units - u_begin, a.units_per_split));  // >= 1: no split is empty
+
+  // This thread's staging items (block row, quarter of a unit): a row past N repeats the last one (loaded, its
+  // outputs never stored). Unit u's BITS words of an item start u * 4 * BITS words further.
+  const uint32_t* item_src[L::kItems];
+#pragma unroll
+  for (int v = 0; v < L::kItems; ++v) {
+    const int64_t n = min(n0 + L::item_row(tid, v), N - 1);
+    item_src[v] = a.w.packed + n * a.w.row_words + L::item_quarter(tid, v) * BITS;
+  }
+  uint32_t staged[L::kItems][BITS];
+  // Whole units only (kin % 128 == 0, rows 16-byte aligned: gemm_mma_takes), so the loads need no bounds and the
+  // widths with 4 | BITS (2 | BITS) read 16 (8) bytes at a time.
+  auto load_indices = [&](int64_t u) {
+#pragma unroll
+    for (int v = 0; v < L::kItems; ++v) {
+      const uint32_t* p = item_src[v] + u * (4 * BITS);
+      if constexpr (BITS % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < BITS / 4; ++i) {
+          const uint4 q = __ldg(reinterpret_cast<const uint4*>(p) + i);
+          staged[v][4 * i] = q.x;
+          staged[v][4 * i + 1] = q.y;
+          staged[v][4 * i + 2] = q.z;
+          staged[v][4 * i + 3] = q.w;
+        }
+      } else if constexpr (BITS % 2 == 0) {
+#pragma unroll
+        for (int i = 0; i < BITS / 2; ++i) {
+          const uint2 q = __ldg(reinterpret_cast<const uint2*>(p) + i);
+          staged[v][2 * i] = q.x;
+          staged[v][2 * i + 1] = q.y;
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < BITS; ++i) staged[v][i] = __ldg(p + i);
+      }
+    }
+  };
+  auto store_codes = [&](uint32_t* buffer) {
+#pragma unroll
+    for (int v = 0; v < L::kItems; ++v) {
+      const int row = L::item_row(tid, v);
+      uint32_t out[8 * CW];
+      L::quarter_codes(staged[v], row, out);
+      uint4* dst = reinterpret_cast<uint4*>(buffer + L::code_word(row, 2 * L::item_quarter(tid, v), 0));
+#pragma unroll
+      for (int i = 0; i < 2 * CW; ++i) dst[i] = make_uint4(out[4 * i], out[4 * i + 1], out[4 * i + 2], out[4 * i + 3]);
+    }
+  };
+  const uint32_t xs_base = shared_address(xs);
+  // Unit u of x into stage `stage`: rows past M repeat row M - 1 (their outputs are never stored).
+  auto load_x = [&](int64_t u, int stage) {
+    const uint32_t dst = xs_base + stage * L::kXBytes;
+    static_assert(L::kXChunks % L::kThreads == 0, "whole copies per thread");
+#pragma unroll
+    for (int v = 0; v < L::kXChunks / L::kThreads; ++v) {
+      const int c = tid + v * L::kThreads, row = c >> 4, chunk = c & 15;
+      const int64_t m = min(m0 + row, M - 1);
+      cp_async16(dst + 16 * L::x_chunk_slot(row, chunk),
+                 static_cast<const T*>(a.x) + m * kin + u * L::kUnitK + 8 * chunk);
+    }
+  };
+
+  // Prologue: x of the first S - 1 units in flight, the first unit's indices (while the tables are staged).
+#pragma unroll
+  for (int st = 0; st < S - 1; ++st) {
+    if (st < nu) load_x(u_begin + st, st);
+    cp_async_commit();  // one group per unit, empty ones too: the waits below count groups
+  }
+  load_indices(u_begin);
+  const int64_t group = n0 / a.w.rows_per_group;  // the block's one codebook (gemm_mma_takes)
+  for (int i = tid; i < (1 << BITS); i += L::kThreads) {
+    values[i] = bits_of(from_float<T>(codebook_entry(a.w, group, i)));
+  }
+  __syncthreads();
+  for (int i = tid; i < L::kTableWords; i += L::kThreads) tab[i] = L::table_word(values, i >> 5);
+  store_codes(codes);
+  if (nu > 1) load_indices(u_begin + 1);
+
+  const uint32_t tab_base = shared_address(tab);
+  const uint32_t codes_base = shared_address(codes);
+  float acc[MT][NT][4] = {};
+  for (int it = 0; it < nu; ++it) {
+    cp_async_wait<S - 2>();  // this thread's copies of unit it have landed
+    __syncthreads();         // everyone's, and unit it's codes; everyone is done with unit it - 1's buffers
+    if (it + S - 1 < nu) load_x(u_begin + it + S - 1, (it + S - 1) % S);  // into unit it - 1's stage
+    cp_async_commit();
+
+    const uint32_t cbuf = codes_base + 4u * (it & 1) * L::kCodeBufferWords;
+    const uint32_t xbuf = xs_base + (it % S) * L::kXBytes;
+#pragma unroll
+    for (int s = 0; s < L::kSteps; ++s) {
+      uint32_t b[NT][2];
+#pragma unroll
+      for (int jj = 0; jj < NT / 2; ++jj) {
+        uint32_t r[4];
+        ldmatrix_x4(xbuf + 16 * L::ldmatrix_slot(lane, wb, jj, s), r);
+        b[2 * jj][0] = r[0];
+        b[2 * jj][1] = r[1];
+        b[2 * jj + 1][0] = r[2];
+        b[2 * jj + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        const int row = wo * L::kWarpOut + 16 * i + g;
+        uint32_t c0[CW], c1[CW];
+        if constexpr (CW == 1) {
+          c0[0] = lds_u32(cbuf + 4 * L::code_word(row, s, t));
+          c1[0] = lds_u32(cbuf + 4 * L::code_word(row + 8, s, t));
+        } else {
+          const uint2 v0 = lds_u64(cbuf + 4 * L::code_word(row, s, t));
+          const uint2 v1 = lds_u64(cbuf + 4 * L::code_word(row + 8, s, t));
+          c0[0] = v0.x;
+          c0[1] = v0.y;
+          c1[0] = v1.x;
+          c1[1] = v1.y;
+        }
+        uint32_t af[4];
+        L::decode_a(c0, c1, [&](uint32_t offset) { return lds_u32(tab_base + offset); }, af);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) mma16816<T>(acc[i][j], af, b[j][0], b[j][1]);
+      }
+    }
+
+    if (it + 1 < nu) {
+      store_codes(codes + ((it + 1) & 1) * L::kCodeBufferWords);  // read last in unit it - 1: past the barrier
+      if (it + 2 < nu) load_indices(u_begin + it + 2);
+    }
+  }
+
+  // D of tile (i, j): rows = output rows 16 i + g (+8 for r >= 2), columns = rows of x 8 j + 2t + (r & 1).
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int64_t n = n0 + wo * L::kWarpOut + 16 * i + g + (r >= 2 ? 8 : 0);
+        const int64_t m = m0 + wb * L::kWarpBatch + 8 * j + 2 * t + (r & 1);
+        if (m < M && n < N) a.out.put(blockIdx.y, m, n, acc[i][j][r]);
+      }
+    }
+  }
+}
+
+int tiles_n_for(int64_t M) { return M <= 32 ? 2 : (M <= 64 ? 4 : 8); }
+
+// Calls f.template operator()<BITS, NT>() for run-time bits and a run-time 8-row tile count.
+template <typename F>
+void dispatch_shape(int64_t bits, int nt, F&& f) {
+  WS_DISPATCH_BITS(bits, BITS, [&] {
+    if (nt == 2) {
+      f.template operator()<BITS, 2>();
+    } else if (nt == 4) {
+      f.template operator()<BITS, 4>();
+    } else {
+      f.template operator()<BITS, 8>();
+    }
+  });
+}
+
+int smem_bytes(int64_t bits, int nt) {
+  int bytes = 0;
+  dispatch_shape(bits, nt, [&]<int BITS, int NT>() {
+    bytes = FusedGemmLayout<BITS, NT>::kSmemBytes + int(sizeof(uint16_t)) * (1 << BITS);
+  });
+  return bytes;
+}
+
+// Whether the loaded device code has the sm_80 instructions (mma_ptx.h traps below sm_80): a build from PTX for an
+// older arch, JIT-compiled for a newer GPU, must not take this path.
+bool gemm_compiled() {
+  static const bool ok = [] {
+    cudaFuncAttributes attr{};
+    if (cudaFuncGetAttributes(&attr, gemm_mma_kernel<__half, 4, 8>) != cudaSuccess) {
+      (void)cudaGetLastError();  // clear the (non-sticky) error: the next launch check must not see it
+      return false;
+    }
+    return attr.ptxVersion >= 80 && attr.binaryVersion >= 80;
+  }();
+  return ok;
+}
+
+// Splits of the units when the blocks alone leave block slots of the GPU empty: the count with the fewest waves per
+// unit of work, a split only where it saves 5 % (each writes and reads back an fp32 copy of y and adds the finalize
+// kernel, so a full GPU is never split: at 28672 x 8192 and 256 rows, 1.8 waves instead of 2 would cost 5 fp32
+// copies of y, 147 MB).
+int choose_splits(int64_t blocks, int64_t units, int64_t slots) {
+  if (blocks >= slots) return 1;
+  int best = 1;
+  double best_cost = 1.0;
+  for (int s = 2; s <= 16 && units / s >= 2 && blocks * s <= 2 * slots; ++s) {
+    const double cost = double(ceil_div(blocks * s, slots)) / s;
+    if (cost < 0.95 * best_cost) {
+      best = s;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
+
+}  // namespace
+
+bool gemm_mma_takes(const at::Tensor& x, const at::Tensor& packed, int64_t bits, int64_t M, int64_t out_features,
+                    int64_t in_features, int64_t rows_per_group) {
+  const char* sw = std::getenv("WS_CUDA_LINEAR");
+  if (sw == nullptr || std::string_view(sw) != "fused") return false;
+  if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) return false;
+  if (M < 1 || in_features % 128 != 0 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) return false;
+  if (reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 != 0) return false;  // rows: 16 BITS bytes per unit
+  const int64_t block_out = bits <= 4 ? 256 : 128;
+  if (rows_per_group != out_features && rows_per_group % block_out != 0) return false;
+  const int device = x.get_device();
+  if (device_attribute<cudaDevAttrComputeCapabilityMajor>(device) < 8 || !gemm_compiled()) return false;
+  const int nt = tiles_n_for(M);
+  const int64_t blocks = ceil_div(out_features, block_out) * ceil_div(M, 8 * 2 * nt);
+  return smem_bytes(bits, nt) <= device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device) &&
+         blocks <= INT32_MAX;
+}
+
+void launch_gemm_mma(const PackedRows& w, const at::Tensor& x, int bits, Epilogue out, int sms) {
+  const int device = x.get_device();
+  const int nt = tiles_n_for(out.M);
+  dispatch_shape(bits, nt, [&]<int BITS, int NT>() {
+    using L = FusedGemmLayout<BITS, NT>;
+    auto go = [&](auto t_tag) {
+      using T = decltype(t_tag);
+      auto* kernel = gemm_mma_kernel<T, BITS, NT>;
+      // once per instantiation and device: the opt-in above 48 KB of dynamic shared memory, and how many blocks of
+      // this kernel an SM holds (for the split-K choice)
+      static std::atomic<int> slots_per_sm[64];
+      int per_sm = device < 64 ? slots_per_sm[device].load(std::memory_order_relaxed) : 0;
+      if (per_sm == 0) {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSmemBytes));
+        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, L::kThreads, L::kSmemBytes));
+        WS_CHECK_VALUE(per_sm > 0, "weightshare: the fused shared_linear kernel does not fit on this GPU");
+        if (device < 64) slots_per_sm[device].store(per_sm, std::memory_order_relaxed);
+      }
+      FusedArgs a{};
+      a.w = w;
+      a.x = x.data_ptr();
+      a.units = w.kin / L::kUnitK;
+      a.mblocks = ceil_div(out.M, L::kBlockBatch);
+      const int64_t blocks = ceil_div(w.N, L::kBlockOut) * a.mblocks;
+      const int splits_wanted = choose_splits(blocks, a.units, int64_t(per_sm) * sms);
+      a.units_per_split = ceil_div(a.units, splits_wanted);
+      const int splits = static_cast<int>(ceil_div(a.units, a.units_per_split));  // none empty
+      const at::Tensor workspace = set_splits(out, splits, false, x);
+      a.out = out;
+      check_grid(splits, 1, blocks);
+      kernel<<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(splits)), L::kThreads, L::kSmemBytes,
+               stream()>>>(a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      finalize(out, false);
+    };
+    if (x.scalar_type() == at::kHalf) {
+      go(__half{});
+    } else {
+      go(__nv_bfloat16{});
+    }
+  });
+}
+
+}  // namespace weightshare::cuda
