@@ -121,11 +121,13 @@ __global__ void __launch_bounds__(FusedGemmLayout<BITS, NT>::kThreads, 1) gemm_m
     }
   };
 
-  // Prologue: x of the first S - 1 units in flight, the first unit's indices (while the tables are staged).
+  // Prologue: x of the first S - 1 units in flight, the first unit's indices (while the tables are staged). Loads
+  // of units past the split's last one load that last unit again, into a stage or code buffer nobody reads: no
+  // branch, so the loop body below is one basic block and ptxas overlaps these loads and stores with the mma.
 #pragma unroll
   for (int st = 0; st < S - 1; ++st) {
-    if (st < nu) load_x(u_begin + st, st);
-    cp_async_commit();  // one group per unit, empty ones too: the waits below count groups
+    load_x(u_begin + min(st, nu - 1), st);
+    cp_async_commit();  // one group per unit: the waits below count groups
   }
   load_indices(u_begin);
   const int64_t group = n0 / a.w.rows_per_group;  // the block's one codebook (gemm_mma_takes)
@@ -135,7 +137,7 @@ __global__ void __launch_bounds__(FusedGemmLayout<BITS, NT>::kThreads, 1) gemm_m
   __syncthreads();
   for (int i = tid; i < L::kTableWords; i += L::kThreads) tab[i] = L::table_word(values, i >> 5);
   store_codes(codes);
-  if (nu > 1) load_indices(u_begin + 1);
+  load_indices(u_begin + min(1, nu - 1));
 
   const uint32_t tab_base = shared_address(tab);
   const uint32_t codes_base = shared_address(codes);
@@ -143,7 +145,7 @@ __global__ void __launch_bounds__(FusedGemmLayout<BITS, NT>::kThreads, 1) gemm_m
   for (int it = 0; it < nu; ++it) {
     cp_async_wait<S - 2>();  // this thread's copies of unit it have landed
     __syncthreads();         // everyone's, and unit it's codes; everyone is done with unit it - 1's buffers
-    if (it + S - 1 < nu) load_x(u_begin + it + S - 1, (it + S - 1) % S);  // into unit it - 1's stage
+    load_x(u_begin + min(it + S - 1, nu - 1), (it + S - 1) % S);  // into unit it - 1's stage
     cp_async_commit();
 
     const uint32_t cbuf = codes_base + 4u * (it & 1) * L::kCodeBufferWords;
@@ -182,22 +184,35 @@ __global__ void __launch_bounds__(FusedGemmLayout<BITS, NT>::kThreads, 1) gemm_m
       }
     }
 
-    if (it + 1 < nu) {
-      store_codes(codes + ((it + 1) & 1) * L::kCodeBufferWords);  // read last in unit it - 1: past the barrier
-      if (it + 2 < nu) load_indices(u_begin + it + 2);
-    }
+    store_codes(codes + ((it + 1) & 1) * L::kCodeBufferWords);  // read last in unit it - 1: past the barrier
+    load_indices(u_begin + min(it + 2, nu - 1));
   }
 
-  // D of tile (i, j): rows = output rows 16 i + g (+8 for r >= 2), columns = rows of x 8 j + 2t + (r & 1).
+  // D of tile (i, j): rows = output rows 16 i + g (+8 for r >= 2), columns = rows of x 8 j + 2t + (r & 1). What
+  // Epilogue::put does, unrolled for this kernel (y is x's dtype here: launch_gemm_mma) with one bias load per
+  // output row: through put, a thread's 128 outputs cost ~1700 instructions (a dtype switch and a bias load each).
+  // (A bias array filled before these loops pushed the 4-bit, 8-tile kernel past 255 registers into spills.)
+  const bool direct = a.out.splits == 1;
 #pragma unroll
   for (int i = 0; i < MT; ++i) {
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
+    for (int h = 0; h < 2; ++h) {
+      const int64_t n = n0 + wo * L::kWarpOut + 16 * i + g + 8 * h;
+      if (n >= N) continue;
+      const float b = direct && a.out.bias != nullptr ? a.out.bias_at(n) : 0.0f;
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int64_t n = n0 + wo * L::kWarpOut + 16 * i + g + (r >= 2 ? 8 : 0);
-        const int64_t m = m0 + wb * L::kWarpBatch + 8 * j + 2 * t + (r & 1);
-        if (m < M && n < N) a.out.put(blockIdx.y, m, n, acc[i][j][r]);
+      for (int j = 0; j < NT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int64_t m = m0 + wb * L::kWarpBatch + 8 * j + 2 * t + e;
+          if (m >= M) continue;
+          const float v = acc[i][j][2 * h + e];
+          if (direct) {
+            static_cast<T*>(a.out.y)[m * a.out.ld + n] = from_float<T>(a.out.bias != nullptr ? v + b : v);  // finish
+          } else {
+            static_cast<float*>(a.out.partial)[(int64_t(blockIdx.y) * M + m) * a.out.ld + n] = v;
+          }
+        }
       }
     }
   }
@@ -296,6 +311,7 @@ void launch_gemm_mma(const PackedRows& w, const at::Tensor& x, int bits, Epilogu
         WS_CHECK_VALUE(per_sm > 0, "weightshare: the fused shared_linear kernel does not fit on this GPU");
         if (device < 64) slots_per_sm[device].store(per_sm, std::memory_order_relaxed);
       }
+      WS_CHECK_VALUE(out.kind == out_kind(x.scalar_type()), "weightshare: the fused GEMM writes y in x's dtype");
       FusedArgs a{};
       a.w = w;
       a.x = x.data_ptr();
