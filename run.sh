@@ -4,7 +4,7 @@
 #   bash run.sh test [args]   set up (idempotent), then run the test suite: python -m pytest tests [args]
 #   bash run.sh setup         only the set-up: torch 2.14.1 + build/test dependencies, then the native build
 # Environment: WS_CUDA=auto|1|0 (CUDA kernels; auto = when torch is a CUDA build and nvcc is on the PATH),
-#              TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (parallel compile jobs), PYTHON (interpreter).
+#              TORCH_CUDA_ARCH_LIST (default 9.0a), MAX_JOBS (parallel compile jobs), PYTHON (interpreter).
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}

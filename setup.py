@@ -2,7 +2,8 @@
 
 Switches (environment variables):
   WS_CUDA=auto|1|0   build the CUDA kernels: auto = when torch is a CUDA build and nvcc is found (default)
-  TORCH_CUDA_ARCH_LIST   CUDA architectures, default "9.0" (H100/H200); "9.0a" enables sm_90a-only code
+  TORCH_CUDA_ARCH_LIST   CUDA architectures, default "9.0a" (H100/H200, with their sm_90a-only wgmma); "9.0" for
+                         sm_90 code without it, "8.0;9.0a" etc. for more GPUs
   MAX_JOBS           parallel compile jobs (default: all cores)
   WS_BUILD_TYPE      CMake build type, default Release (Debug, RelWithDebInfo, ASan, UBSan also accepted)
 Edit loop: `WS_CUDA=0 pip install --no-build-isolation -e .` rebuilds only what changed, CPU only, in build/cpu.
@@ -114,7 +115,7 @@ class CMakeBuild(build_ext):
             args += ["-DCMAKE_CXX_COMPILER_LAUNCHER=ccache", "-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache"]
         env = dict(os.environ)
         if use_cuda:
-            env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+            env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
             env["CUDACXX"] = str(Path(cuda_home) / "bin" / "nvcc")
             env["CUDA_HOME"] = cuda_home
             args += [f"-DCUDAToolkit_ROOT={cuda_home}", f"-DCMAKE_CUDA_COMPILER={env['CUDACXX']}"]

@@ -123,6 +123,21 @@ def run_cuda() -> dict:
     from _common import cold_l2_copies, cuda_kernel_breakdown, time_cuda
     out = {"machine": machine(), "protocol": "CUDA graph of 32 calls, median of 20 replays; weights rotated over "
            "copies spanning 2x L2; eager: median of 20 single calls between events", "results": []}
+    # the fused GEMMs are asked for by WS_CUDA_LINEAR; where one cannot take these calls (wgmma: a build without
+    # sm_90a code, or another GPU) the switch would time a fallback under its name: its column is left out instead
+    probe_w = ws.ops.pack(torch.randint(0, 16, (256, 256), dtype=torch.uint8, device="cuda"), 4)
+    probe_x = torch.randn(40, 256, device="cuda", dtype=torch.float16)
+    probe_cb = torch.randn(1, 16, device="cuda").half()
+    fused_kernels = {}
+    for name, kernel in (("fused", "gemm_mma_kernel"), ("wgmma", "gemm_wgmma_kernel")):
+        os.environ["WS_CUDA_LINEAR"] = name
+        try:
+            ran = cuda_kernel_breakdown(lambda: ws.ops.shared_linear(probe_x, probe_w, probe_cb, 4, 256, 256), calls=1)
+        finally:
+            os.environ.pop("WS_CUDA_LINEAR", None)
+        fused_kernels[name] = any(kernel in key for key in ran)
+    out["fused_kernels_taken"] = fused_kernels
+    print(f"fused kernels that take these calls: {fused_kernels}", flush=True)
     for out_f, in_f in [(8192, 8192), (28672, 8192)]:
         for bits in (4, 2):
             g = torch.Generator().manual_seed(0)
@@ -154,7 +169,8 @@ def run_cuda() -> dict:
                 paths = {"simt": ({"WS_CUDA_GEMV": "off"}, M <= 8), "mma": ({"WS_CUDA_GEMV": "mma"}, M <= 64),
                          "panels": ({"WS_CUDA_GEMV": "off"}, M > 8),
                          "tiles": ({"WS_CUDA_GEMV": "off", "WS_CUDA_LINEAR": "tiles"}, M > 8),
-                         "fused": ({"WS_CUDA_LINEAR": "fused"}, M > 1)}
+                         "fused": ({"WS_CUDA_LINEAR": "fused"}, M > 1 and fused_kernels["fused"]),
+                         "wgmma": ({"WS_CUDA_LINEAR": "wgmma"}, M > 1 and fused_kernels["wgmma"])}
                 for name, (env, applies) in paths.items():
                     if applies:
                         t = timed(env)
@@ -169,7 +185,8 @@ def run_cuda() -> dict:
                 extra.update({"ws_int8_ms": t_int8 * 1e3, "int8_speedup_vs_cublas": t_dense / t_int8,
                               "int8_rel_err": float((y_int8 - ref).norm() / ref.norm())})
                 # the tensor-core kernels' errors (their fp16 weights)
-                for name, (key, value) in {"mma": ("WS_CUDA_GEMV", "mma"), "fused": ("WS_CUDA_LINEAR", "fused")}.items():
+                for name, (key, value) in {"mma": ("WS_CUDA_GEMV", "mma"), "fused": ("WS_CUDA_LINEAR", "fused"),
+                                           "wgmma": ("WS_CUDA_LINEAR", "wgmma")}.items():
                     if paths[name][1]:
                         os.environ[key] = value
                         try:

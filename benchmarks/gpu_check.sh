@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/benchmarks/results/gpu}
 LOGS=$(mktemp -d)
 mkdir -p "$OUT"
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=$(nproc) WS_CUDA=1 PYTHONUNBUFFERED=1
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=$(nproc) WS_CUDA=1 PYTHONUNBUFFERED=1
 export WS_RESULTS_DIR="$OUT"
 PY=${PYTHON:-python3}
 PHASE=${1:-all}
@@ -69,7 +69,7 @@ if [ "$PHASE" != test ]; then
   step bench_shared_conv 70 "$PY" benchmarks/bench_shared_conv.py --cuda
   step bench_resnet 50 "$PY" benchmarks/bench_resnet.py --cuda
   if command -v ncu >/dev/null; then  # DRAM throughput, occupancy, registers of the GEMVs and the fused GEMM
-    step ncu_gemv 60 ncu --clock-control none -k regex:"gemv|gemm_mma" -c 6 --section SpeedOfLight --section Occupancy \
+    step ncu_gemv 60 ncu --clock-control none -k regex:"gemv|gemm_" -c 8 --section SpeedOfLight --section Occupancy \
       --section LaunchStats --section MemoryWorkloadAnalysis "$PY" benchmarks/gpu_sanitize_workload.py gemv
   fi
 fi

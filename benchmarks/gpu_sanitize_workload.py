@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_sanitize_workload.py full    # every CUDA kernel once, small shapes (compute-sanitizer memcheck)
     python benchmarks/gpu_sanitize_workload.py small   # forward + backward of shared_linear (racecheck: slow tool)
-    python benchmarks/gpu_sanitize_workload.py gemv    # an 8192x8192 4-bit layer: the batch-1 GEMVs, the fused GEMM
+    python benchmarks/gpu_sanitize_workload.py gemv    # an 8192x8192 4-bit layer: the batch-1 GEMVs, the fused GEMMs
                                                        # at 256 rows (ncu probe)
 """
 import os
@@ -43,17 +43,19 @@ def full() -> None:
 
 
 def fused() -> None:
-    """The fused tensor-core GEMM (WS_CUDA_LINEAR=fused): pair codes (4-bit) and single codes (8-bit), a last
-    block of output rows and of x rows that end inside it, and the split-K form (40 rows of 4096)."""
-    os.environ["WS_CUDA_LINEAR"] = "fused"
-    try:
-        for bits, (out_f, in_f), m in ((4, (300, 256), 70), (8, (300, 384), 130), (4, (40, 4096), 40)):
-            cb = torch.randn(1, 1 << bits, device="cuda")
-            p = ws.ops.pack(torch.randint(0, 1 << bits, (out_f, in_f), dtype=torch.uint8, device="cuda"), bits)
-            x = torch.randn(m, in_f, device="cuda", dtype=torch.float16)
-            ws.ops.shared_linear(x, p, cb, bits, out_f, in_f)
-    finally:
-        os.environ.pop("WS_CUDA_LINEAR")
+    """The fused tensor-core GEMMs (WS_CUDA_LINEAR=fused, and =wgmma where the build and GPU have sm_90a): pair
+    codes (4-bit) and single codes (8-bit, mma.sync only), a last block of output rows and of x rows that end inside
+    it, and the split-K form (40 rows of 4096)."""
+    for kernel in ("fused", "wgmma"):
+        os.environ["WS_CUDA_LINEAR"] = kernel
+        try:
+            for bits, (out_f, in_f), m in ((4, (300, 256), 70), (8, (300, 384), 130), (4, (40, 4096), 40)):
+                cb = torch.randn(1, 1 << bits, device="cuda")
+                p = ws.ops.pack(torch.randint(0, 1 << bits, (out_f, in_f), dtype=torch.uint8, device="cuda"), bits)
+                x = torch.randn(m, in_f, device="cuda", dtype=torch.float16)
+                ws.ops.shared_linear(x, p, cb, bits, out_f, in_f)
+        finally:
+            os.environ.pop("WS_CUDA_LINEAR")
 
 
 def small() -> None:
@@ -81,10 +83,11 @@ def gemv() -> None:
             os.environ["WS_CUDA_GEMV"] = "mma"
         for _ in range(2):
             ws.ops.shared_linear(x, p, cb, 4, n, n)
-    os.environ["WS_CUDA_LINEAR"] = "fused"  # and the fused GEMM at 256 rows (the batch-256 target)
     xb = torch.randn(256, n, device="cuda", dtype=torch.float16)
-    for _ in range(2):
-        ws.ops.shared_linear(xb, p, cb, 4, n, n)
+    for kernel in ("fused", "wgmma"):  # and the fused GEMMs at 256 rows (the batch-256 target)
+        os.environ["WS_CUDA_LINEAR"] = kernel
+        for _ in range(2):
+            ws.ops.shared_linear(xb, p, cb, 4, n, n)
     torch.cuda.synchronize()
     print("gemv workload done")
 

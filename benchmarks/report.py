@@ -214,17 +214,18 @@ def ops_table(r):
 def cuda_linear_table(r):
     """The CUDA shared_linear against cuBLAS on the dequantised weight: the default path's time and each path timed
     with its switch (the SIMT GEMV, the tensor-core GEMV, decoded panels + cuBLAS, the tile kernel, the fused
-    tensor-core GEMM where the run has it), plus int8."""
+    tensor-core GEMMs where the run has them), plus int8."""
     m = r["machine"]
     out = [f"Shared Linear on the GPU, fp16 x, per-layer codebook ({m.get('gpu', 'GPU')}, torch {m['torch']}, "
            f"{m['date']}; {r['protocol']})", "",
            "| layer | bits | batch | cuBLAS fp16 | ws default | SIMT GEMV | tensor-core GEMV | panels + cuBLAS | "
            "tiles | ws int8 |", "|---|---|---|---|---|---|---|---|---|---|"]
     names = ["simt", "mma", "panels", "tiles", "int8"]
-    if any("ws_fused_ms" in x for x in r["results"]):
-        out[2] = out[2].replace(" ws int8 |", " fused GEMM | ws int8 |")
-        out[3] += "---|"
-        names.insert(4, "fused")
+    for name, title in (("fused", "fused GEMM"), ("wgmma", "fused GEMM, wgmma")):  # where the run has them
+        if any(f"ws_{name}_ms" in x for x in r["results"]):
+            out[2] = out[2].replace(" ws int8 |", f" {title} | ws int8 |")
+            out[3] += "---|"
+            names.insert(len(names) - 1, name)
 
     def cell(x, name):
         ms, speedup = x.get(f"ws_{name}_ms"), x.get(f"{name}_speedup_vs_cublas")

@@ -107,10 +107,11 @@ def test_cuda_graph_assign_pack_and_statistics():
         ws.ops.pack(torch.full((4, 8), 200, dtype=torch.uint8, device="cuda"), 4)
 
 
-# the fused tensor-core GEMM (asked for: not yet a default), with and without its split-K workspace
+# the fused tensor-core GEMMs (asked for: not yet defaults), with and without their split-K workspace
+@pytest.mark.parametrize("kernel", ["fused", "wgmma"])
 @pytest.mark.parametrize("shape", [(300, 512), (40, 4096)])
-def test_cuda_graph_fused_gemm(shape, monkeypatch):
-    monkeypatch.setenv("WS_CUDA_LINEAR", "fused")
+def test_cuda_graph_fused_gemm(kernel, shape, monkeypatch):
+    monkeypatch.setenv("WS_CUDA_LINEAR", kernel)
     g = torch.Generator().manual_seed(0)
     (out_f, in_f), bits, M = shape, 4, 70
     idx = torch.randint(0, 16, (out_f, in_f), generator=g, dtype=torch.uint8)

@@ -796,16 +796,21 @@ def test_cuda_many_rows_in_several_panels(dtype, gen):
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("kernel", ["fused", "wgmma"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("M", [1, 17, 40, 64, 65, 200])
 @pytest.mark.parametrize("shape", [(300, 256), (40, 4096), (512, 384)])
-def test_cuda_fused_gemm(dtype, bits, M, shape, monkeypatch, gen):
-    """The fused tensor-core GEMM (WS_CUDA_LINEAR=fused, shared_linear_gemm_mma.cu) against fp32 products with the
-    weight rounded to x's dtype: output rows that end inside a block (300, 40), a layer of 40 rows and 32 units that
-    splits K over many blocks, two codebooks of 256 rows (512 x 384: one per block at every width), rows of x that
-    fill 1 to 4 of its 8-row tile groups, with bias; test_cuda_fused_gemm_takes_the_calls_it_should proves it ran."""
-    monkeypatch.setenv("WS_CUDA_LINEAR", "fused")
+def test_cuda_fused_gemm(kernel, dtype, bits, M, shape, monkeypatch, gen):
+    """The fused tensor-core GEMMs (WS_CUDA_LINEAR=fused: mma.sync, shared_linear_gemm_mma.cu; =wgmma: its sm_90a
+    form for 1-4 bits, shared_linear_gemm_wgmma.cu) against fp32 products with the weight rounded to x's dtype:
+    output rows that end inside a block (300, 40), a layer of 40 rows and 32 units that splits K over many blocks,
+    two codebooks of 256 rows (512 x 384: one per block at every width), rows of x that fill 1 to 4 of its 8-row
+    tile groups (1 or 2 wgmma blocks), with bias; test_cuda_fused_gemm_takes_the_calls_it_should proves they ran
+    (a call they do not take falls back to another path, also correct)."""
+    if kernel == "wgmma" and bits > 4:
+        pytest.skip("the wgmma kernel takes 1 to 4 bits")
+    monkeypatch.setenv("WS_CUDA_LINEAR", kernel)
     out_f, in_f = shape
     groups = 2 if out_f == 512 else 1
     packed, cb, _ = make_weight(out_f, in_f, bits, groups, gen)
@@ -819,9 +824,10 @@ def test_cuda_fused_gemm(dtype, bits, M, shape, monkeypatch, gen):
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
-def test_cuda_fused_gemm_bad_indices_and_3d_x(monkeypatch, gen):
+@pytest.mark.parametrize("kernel", ["fused", "wgmma"])
+def test_cuda_fused_gemm_bad_indices_and_3d_x(kernel, monkeypatch, gen):
     # indices >= K decode to NaN exactly in the output columns of the rows that hold them; x of shape [2, 33, in_f]
-    monkeypatch.setenv("WS_CUDA_LINEAR", "fused")
+    monkeypatch.setenv("WS_CUDA_LINEAR", kernel)
     out_f, in_f, bits = 70, 256, 4
     idx = torch.randint(0, 10, (out_f, in_f), generator=gen, dtype=torch.uint8)
     idx[5, 200] = 12  # K = 10: no entry
@@ -836,26 +842,36 @@ def test_cuda_fused_gemm_bad_indices_and_3d_x(monkeypatch, gen):
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
 def test_cuda_fused_gemm_takes_the_calls_it_should(monkeypatch, gen):
-    """gemm_mma_takes on sm_80+: only when asked (WS_CUDA_LINEAR=fused), and then only where its shape rules allow:
-    in_features a multiple of 128, one codebook per block of output rows, 16-bit x. Otherwise the call falls back
-    to the other paths (whose results the tests above check), which the fused tests could not tell apart from it;
-    the profiler's kernel names can."""
+    """gemm_mma_takes on sm_80+ / gemm_wgmma_takes on compute capability 9.0: only when asked (WS_CUDA_LINEAR=fused
+    / wgmma), and then only where their shape rules allow: in_features a multiple of 128, one codebook per block of
+    output rows, 16-bit x (wgmma: 1-4 bits). Otherwise the call falls back to the other paths (whose results the
+    tests above check), which the fused tests could not tell apart from them; the profiler's kernel names can."""
     if torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("the fused GEMM needs sm_80 or newer")
     from torch.profiler import ProfilerActivity, profile
 
-    def ran_fused(in_f=256, groups=1, dtype=torch.float16, M=40):
-        packed, cb, _ = make_weight(64, in_f, 4, groups, gen)
+    def ran(kernel="gemm_mma_kernel", in_f=256, groups=1, dtype=torch.float16, M=40, bits=4):
+        packed, cb, _ = make_weight(64, in_f, bits, groups, gen)
         x = torch.randn(M, in_f, generator=gen).to(dtype).cuda()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            ws.ops.shared_linear(x, packed.cuda(), cb.cuda(), 4, 64, in_f)
+            ws.ops.shared_linear(x, packed.cuda(), cb.cuda(), bits, 64, in_f)
             torch.cuda.synchronize()
         names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         if not names:
             pytest.skip("the profiler recorded no CUDA kernels (no CUPTI)")
-        return any("gemm_mma_kernel" in n for n in names)
+        return any(kernel in n for n in names)
 
-    assert not ran_fused()
+    assert not ran()
     monkeypatch.setenv("WS_CUDA_LINEAR", "fused")
-    assert ran_fused() and ran_fused(M=1) and ran_fused(dtype=torch.bfloat16)
-    assert not ran_fused(in_f=300) and not ran_fused(groups=64) and not ran_fused(dtype=torch.float32)
+    assert ran() and ran(M=1) and ran(dtype=torch.bfloat16) and ran(bits=8)
+    assert not ran(in_f=300) and not ran(groups=64) and not ran(dtype=torch.float32)
+    # the wgmma form: sm_90a code, so compute capability 9.0 and a build for "9.0a" (setup.py's default)
+    monkeypatch.setenv("WS_CUDA_LINEAR", "wgmma")
+    if torch.cuda.get_device_capability() != (9, 0):
+        assert not ran("gemm_wgmma_kernel")
+        return
+    if not ran("gemm_wgmma_kernel"):
+        pytest.skip("this build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a)")
+    assert ran("gemm_wgmma_kernel", M=200) and ran("gemm_wgmma_kernel", dtype=torch.bfloat16)
+    assert not ran("gemm_wgmma_kernel", bits=5) and not ran("gemm_wgmma_kernel", in_f=300)
+    assert not ran("gemm_mma_kernel")  # and nothing else takes a call it takes

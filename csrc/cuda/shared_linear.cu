@@ -20,6 +20,7 @@
 //    takes the SIMT GEMV at 1 row only.
 //  * WS_CUDA_LINEAR=fused: the fused tensor-core GEMM (shared_linear_gemm_mma.cu) for fp16/bf16 x of any number of
 //    rows where its shape rules allow (gemm_mma_takes); not yet run on a GPU, so taken only when asked.
+//    WS_CUDA_LINEAR=wgmma: its Hopper form (shared_linear_gemm_wgmma.cu; sm_90a builds, 1-4 bits), likewise.
 //  * forward with more rows (float activations): decoded panels + cuBLAS (shared_linear_panels.cu), unless
 //    WS_CUDA_LINEAR=tiles selects the tile kernel below (the int8 forward and the backward always use tiles).
 //  * forward_tile_kernel / grad_x_tile_kernel / grad_w_tile_kernel, many rows: 64x64 output tiles, 128 threads,
@@ -45,6 +46,7 @@
 #include "weightshare/dispatch.h"
 #include "weightshare/packing.h"
 #include "shared_linear_gemm_mma.h"
+#include "shared_linear_gemm_wgmma.h"
 #include "shared_linear_gemv_mma.h"
 #include "shared_linear_panels.h"
 
@@ -701,7 +703,9 @@ at::Tensor shared_linear_cuda(const at::Tensor& x, const at::Tensor& packed, con
   at::Tensor y = at::empty(sizes, x.options());
   // the path: the tensor-core GEMV (2 to 16 rows of 16-bit x), the float GEMV (up to 16 rows of fp32 x, 8 of
   // 16-bit x), else the panels (or the tiles); int8 takes its GEMV or tiles below
-  const bool fused = !int8 && gemm_mma_takes(x, packed, bits, M, out_features, in_features, pw.rows / pw.groups);
+  const bool wgmma = !int8 && gemm_wgmma_takes(x, packed, bits, M, out_features, in_features, pw.rows / pw.groups);
+  const bool fused =
+      !int8 && (wgmma || gemm_mma_takes(x, packed, bits, M, out_features, in_features, pw.rows / pw.groups));
   const bool mma = !int8 && !fused && gemv_mma_takes(x.scalar_type(), M, x.get_device());
   const bool float_gemv = M <= (x.scalar_type() == at::kFloat ? 2 * kGemvMaxMT : kGemvMaxMT);
   const Tables tables = int8 ? Tables::Int8 : (fused || mma || float_gemv ? Tables::None : Tables::Float);
@@ -719,7 +723,11 @@ at::Tensor shared_linear_cuda(const at::Tensor& x, const at::Tensor& packed, con
   ga.w = ta.w = w.rows;
   ta.M = M;
   if (fused) {
-    launch_gemm_mma(w.rows, x, static_cast<int>(bits), e, sms);
+    if (wgmma) {
+      launch_gemm_wgmma(w.rows, x, static_cast<int>(bits), e, sms);
+    } else {
+      launch_gemm_mma(w.rows, x, static_cast<int>(bits), e, sms);
+    }
     return y;
   }
   if (mma) {

@@ -27,18 +27,11 @@
 #include "weightshare/dispatch.h"
 #include "weightshare/fused_gemm_layout.h"
 #include "weightshare/packing.h"
+#include "fused_gemm_staging.h"
 #include "mma_ptx.h"
 
 namespace weightshare::cuda {
 namespace {
-
-struct FusedArgs {
-  PackedRows w;
-  const void* x;  // T [M, kin], 16-byte aligned
-  int64_t units, units_per_split;
-  int64_t mblocks;  // blocks along the rows of x: blockIdx.x = output block * mblocks + x block (neighbours share W)
-  Epilogue out;
-};
 
 // grid: (output blocks x x blocks, splits of the 128-index units); L::kThreads threads; L::kSmemBytes dynamic.
 template <typename T, int BITS, int NT>
@@ -59,54 +52,7 @@ __global__ void __launch_bounds__(FusedGemmLayout<BITS, NT>::kThreads, 1) gemm_m
   const int64_t u_begin = int64_t(blockIdx.y) * a.units_per_split;
   const int nu = static_cast<int>(min(a.units - u_begin, a.units_per_split));  // >= 1: no split is empty
 
-  // This thread's staging items (block row, quarter of a unit): a row past N repeats the last one (loaded, its
-  // outputs never stored). Unit u's BITS words of an item start u * 4 * BITS words further.
-  const uint32_t* item_src[L::kItems];
-#pragma unroll
-  for (int v = 0; v < L::kItems; ++v) {
-    const int64_t n = min(n0 + L::item_row(tid, v), N - 1);
-    item_src[v] = a.w.packed + n * a.w.row_words + L::item_quarter(tid, v) * BITS;
-  }
-  uint32_t staged[L::kItems][BITS];
-  // Whole units only (kin % 128 == 0, rows 16-byte aligned: gemm_mma_takes), so the loads need no bounds and the
-  // widths with 4 | BITS (2 | BITS) read 16 (8) bytes at a time.
-  auto load_indices = [&](int64_t u) {
-#pragma unroll
-    for (int v = 0; v < L::kItems; ++v) {
-      const uint32_t* p = item_src[v] + u * (4 * BITS);
-      if constexpr (BITS % 4 == 0) {
-#pragma unroll
-        for (int i = 0; i < BITS / 4; ++i) {
-          const uint4 q = __ldg(reinterpret_cast<const uint4*>(p) + i);
-          staged[v][4 * i] = q.x;
-          staged[v][4 * i + 1] = q.y;
-          staged[v][4 * i + 2] = q.z;
-          staged[v][4 * i + 3] = q.w;
-        }
-      } else if constexpr (BITS % 2 == 0) {
-#pragma unroll
-        for (int i = 0; i < BITS / 2; ++i) {
-          const uint2 q = __ldg(reinterpret_cast<const uint2*>(p) + i);
-          staged[v][2 * i] = q.x;
-          staged[v][2 * i + 1] = q.y;
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < BITS; ++i) staged[v][i] = __ldg(p + i);
-      }
-    }
-  };
-  auto store_codes = [&](uint32_t* buffer) {
-#pragma unroll
-    for (int v = 0; v < L::kItems; ++v) {
-      const int row = L::item_row(tid, v);
-      uint32_t out[8 * CW];
-      L::quarter_codes(staged[v], row, out);
-      uint4* dst = reinterpret_cast<uint4*>(buffer + L::code_word(row, 2 * L::item_quarter(tid, v), 0));
-#pragma unroll
-      for (int i = 0; i < 2 * CW; ++i) dst[i] = make_uint4(out[4 * i], out[4 * i + 1], out[4 * i + 2], out[4 * i + 3]);
-    }
-  };
+  IndexStager<L, BITS> stager(a.w, n0, tid);
   const uint32_t xs_base = shared_address(xs);
   // Unit u of x into stage `stage`: rows past M repeat row M - 1 (their outputs are never stored).
   auto load_x = [&](int64_t u, int stage) {
@@ -129,15 +75,10 @@ __global__ void __launch_bounds__(FusedGemmLayout<BITS, NT>::kThreads, 1) gemm_m
     load_x(u_begin + min(st, nu - 1), st);
     cp_async_commit();  // one group per unit: the waits below count groups
   }
-  load_indices(u_begin);
-  const int64_t group = n0 / a.w.rows_per_group;  // the block's one codebook (gemm_mma_takes)
-  for (int i = tid; i < (1 << BITS); i += L::kThreads) {
-    values[i] = bits_of(from_float<T>(codebook_entry(a.w, group, i)));
-  }
-  __syncthreads();
-  for (int i = tid; i < L::kTableWords; i += L::kThreads) tab[i] = L::table_word(values, i >> 5);
-  store_codes(codes);
-  load_indices(u_begin + min(1, nu - 1));
+  stager.load(u_begin);
+  stage_table<L, T, BITS>(a.w, n0 / a.w.rows_per_group, values, tab, tid);  // the block's one codebook
+  stager.store(codes, tid);
+  stager.load(u_begin + min(1, nu - 1));
 
   const uint32_t tab_base = shared_address(tab);
   const uint32_t codes_base = shared_address(codes);
@@ -184,8 +125,8 @@ __global__ void __launch_bounds__(FusedGemmLayout<BITS, NT>::kThreads, 1) gemm_m
       }
     }
 
-    store_codes(codes + ((it + 1) & 1) * L::kCodeBufferWords);  // read last in unit it - 1: past the barrier
-    load_indices(u_begin + min(it + 2, nu - 1));
+    stager.store(codes + ((it + 1) & 1) * L::kCodeBufferWords, tid);  // read last in unit it - 1: past the barrier
+    stager.load(u_begin + min(it + 2, nu - 1));
   }
 
   // D of tile (i, j): rows = output rows 16 i + g (+8 for r >= 2), columns = rows of x 8 j + 2t + (r & 1). What
@@ -256,6 +197,16 @@ bool gemm_compiled() {
   return ok;
 }
 
+}  // namespace
+
+bool fused_shape_ok(const at::Tensor& x, const at::Tensor& packed, int64_t M, int64_t out_features,
+                    int64_t in_features, int64_t rows_per_group, int64_t block_out) {
+  if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) return false;
+  if (M < 1 || in_features % 128 != 0 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) return false;
+  if (reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 != 0) return false;  // rows: 16 BITS bytes per unit
+  return rows_per_group == out_features || rows_per_group % block_out == 0;
+}
+
 // Splits of the units when the blocks alone leave block slots of the GPU empty: the count with the fewest waves per
 // unit of work, a split only where it saves 5 % (each writes and reads back an fp32 copy of y and adds the finalize
 // kernel, so a full GPU is never split: at 28672 x 8192 and 256 rows, 1.8 waves instead of 2 would cost 5 fp32
@@ -274,17 +225,20 @@ int choose_splits(int64_t blocks, int64_t units, int64_t slots) {
   return best;
 }
 
-}  // namespace
+at::Tensor plan_splits(FusedArgs& a, int64_t blocks, int per_sm, int sms, const at::Tensor& like) {
+  const int wanted = choose_splits(blocks, a.units, int64_t(per_sm) * sms);
+  a.units_per_split = ceil_div(a.units, wanted);
+  const int splits = static_cast<int>(ceil_div(a.units, a.units_per_split));  // none empty
+  check_grid(splits, 1, blocks);
+  return set_splits(a.out, splits, false, like);
+}
 
 bool gemm_mma_takes(const at::Tensor& x, const at::Tensor& packed, int64_t bits, int64_t M, int64_t out_features,
                     int64_t in_features, int64_t rows_per_group) {
   const char* sw = std::getenv("WS_CUDA_LINEAR");
   if (sw == nullptr || std::string_view(sw) != "fused") return false;
-  if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) return false;
-  if (M < 1 || in_features % 128 != 0 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) return false;
-  if (reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 != 0) return false;  // rows: 16 BITS bytes per unit
   const int64_t block_out = bits <= 4 ? 256 : 128;
-  if (rows_per_group != out_features && rows_per_group % block_out != 0) return false;
+  if (!fused_shape_ok(x, packed, M, out_features, in_features, rows_per_group, block_out)) return false;
   const int device = x.get_device();
   if (device_attribute<cudaDevAttrComputeCapabilityMajor>(device) < 8 || !gemm_compiled()) return false;
   const int nt = tiles_n_for(M);
@@ -317,17 +271,13 @@ void launch_gemm_mma(const PackedRows& w, const at::Tensor& x, int bits, Epilogu
       a.x = x.data_ptr();
       a.units = w.kin / L::kUnitK;
       a.mblocks = ceil_div(out.M, L::kBlockBatch);
-      const int64_t blocks = ceil_div(w.N, L::kBlockOut) * a.mblocks;
-      const int splits_wanted = choose_splits(blocks, a.units, int64_t(per_sm) * sms);
-      a.units_per_split = ceil_div(a.units, splits_wanted);
-      const int splits = static_cast<int>(ceil_div(a.units, a.units_per_split));  // none empty
-      const at::Tensor workspace = set_splits(out, splits, false, x);
       a.out = out;
-      check_grid(splits, 1, blocks);
-      kernel<<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(splits)), L::kThreads, L::kSmemBytes,
-               stream()>>>(a);
+      const int64_t blocks = ceil_div(w.N, L::kBlockOut) * a.mblocks;
+      const at::Tensor workspace = plan_splits(a, blocks, per_sm, sms, x);
+      const unsigned splits = static_cast<unsigned>(a.out.splits);
+      kernel<<<dim3(static_cast<unsigned>(blocks), splits), L::kThreads, L::kSmemBytes, stream()>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      finalize(out, false);
+      finalize(a.out, false);
     };
     if (x.scalar_type() == at::kHalf) {
       go(__half{});

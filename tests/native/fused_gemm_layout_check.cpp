@@ -1,4 +1,5 @@
-// Host run of one block of the fused tensor-core GEMM (csrc/cuda/shared_linear_gemm_mma.cu) through its layout
+// Host run of one block of the fused tensor-core GEMMs (csrc/cuda/shared_linear_gemm_mma.cu and its wgmma form,
+// shared_linear_gemm_wgmma.cu) through their layout
 // (fused_gemm_layout.h): the staging of packed indices into codes, the replicated tables, the swizzled x tile, each
 // lane's ldmatrix addresses and A-fragment decode, with ldmatrix and mma.m16n8k16 emulated as the PTX ISA defines
 // them, and the epilogue's (row, column) of every accumulator. Values are small integers, so the block's result
@@ -199,11 +200,136 @@ static void check(std::mt19937& gen) {
   if (L::kSmemBytes + 2 * (1 << BITS) > 227 * 1024) fail("shared memory within an H100/H200 block", BITS, NT, 0, 0);
 }
 
+// The wgmma form (shared_linear_gemm_wgmma.cu): the same codes and A fragments (FusedGemmLayout<BITS, 8>), x placed
+// by WgmmaTileLayout<NB> and read back as wgmma does through its descriptor (K-major, 128-byte swizzle: rows of 128
+// bytes, 8-row atoms `kAtomStride` apart, and the 16-byte chunk bits [4, 7) of an address XORed with its row bits
+// [7, 10) inside an atom that starts 1024-byte aligned), D of m64nNk16 distributed as the PTX ISA lays it out
+// (warp w of the warpgroup rows 16 w + g / +8, d[4 j + 2 h + e] at column 8 j + 2t + e), and the kernel's epilogue.
+template <int BITS, int NB>
+static void check_wgmma(std::mt19937& gen) {
+  using L = FusedGemmLayout<BITS, 8>;
+  using X = WgmmaTileLayout<NB>;
+  constexpr int kUnits = 2, kin = kUnits * L::kUnitK, N = L::kBlockOut, M = NB;
+  constexpr int row_words = kin * BITS / 32;
+  std::vector<uint32_t> idx(size_t(N) * kin), packed(size_t(N) * row_words, 0u);
+  for (int n = 0; n < N; ++n) {
+    for (int k = 0; k < kin; ++k) {
+      const uint32_t v = gen() & ((1u << BITS) - 1u);
+      idx[size_t(n) * kin + k] = v;
+      for (int b = 0; b < BITS; ++b) {
+        const int64_t bit = int64_t(k) * BITS + b;
+        if ((v >> b) & 1u) packed[size_t(n) * row_words + bit / 32] |= 1u << (bit % 32);
+      }
+    }
+  }
+  std::vector<uint16_t> values(1 << BITS);
+  for (auto& v : values) v = static_cast<uint16_t>(1 + gen() % 1000);
+  std::vector<uint16_t> x(size_t(M) * kin);
+  for (auto& v : x) v = static_cast<uint16_t>(gen() % 1000);
+  std::vector<uint32_t> tab(L::kTableWords);
+  for (int i = 0; i < L::kTableWords; ++i) tab[i] = L::table_word(values.data(), i >> 5);
+
+  std::vector<int64_t> D(size_t(N) * M, 0);  // D[block row][row of x], as the tensor cores accumulate it
+  for (int u = 0; u < kUnits; ++u) {
+    std::vector<uint32_t> codes(L::kCodeBufferWords, 0xdeadbeefu);
+    for (int tid = 0; tid < L::kThreads; ++tid) {
+      for (int v = 0; v < L::kItems; ++v) {
+        const int row = L::item_row(tid, v), q = L::item_quarter(tid, v);
+        uint32_t out[8 * L::kCodeWords];
+        L::quarter_codes(&packed[size_t(row) * row_words + u * 4 * BITS + q * BITS], row, out);
+        for (int e = 0; e < 8 * L::kCodeWords; ++e) codes[L::code_word(row, 2 * q, 0) + e] = out[e];
+      }
+    }
+    std::vector<uint16_t> stage(X::kStageBytes / 2, 0);
+    std::vector<int> covered(X::kStageBytes / 16, 0);
+    for (int c = 0; c < X::kChunks; ++c) {
+      const int row = c >> 4, chunk = c & 15, at = X::chunk_byte(row, chunk);
+      if (at % 16 != 0) fail("wgmma x chunk 16-byte aligned", BITS, NB, row, chunk);
+      covered[at / 16]++;
+      for (int e = 0; e < 8; ++e) stage[at / 2 + e] = x[size_t(row) * kin + u * 128 + 8 * chunk + e];
+    }
+    for (size_t i = 0; i < covered.size(); ++i) {
+      if (covered[i] != 1) fail("wgmma x stage covered once", BITS, NB, long(i), covered[i]);
+    }
+    for (int wg = 0; wg < 2; ++wg) {
+      for (int i = 0; i < 2; ++i) {
+        for (int s = 0; s < L::kSteps; ++s) {
+          // B (16 x NB) through the descriptor
+          std::vector<int64_t> B(size_t(16) * NB);
+          for (int n = 0; n < NB; ++n) {
+            for (int k = 0; k < 16; ++k) {
+              const int logical = X::step_start(s) + (n >> 3) * X::kAtomStride + (n & 7) * 128 + 2 * k;
+              const int physical = logical ^ (((logical >> 7) & 7) << 4);
+              B[size_t(k) * NB + n] = stage[physical / 2];
+            }
+          }
+          // A (64 x 16): warp j's 16 rows from its lanes' decoded registers
+          int64_t A[64][16];
+          for (int j = 0; j < 4; ++j) {
+            for (int l = 0; l < 32; ++l) {
+              const int g = l >> 2, t = l & 3, row = X::block_row(wg, i, j, g, 0);
+              const uint32_t c0[1] = {codes[L::code_word(row, s, t)]};
+              const uint32_t c1[1] = {codes[L::code_word(X::block_row(wg, i, j, g, 1), s, t)]};
+              uint32_t a[4];
+              L::decode_a(c0, c1, [&](uint32_t offset) -> uint32_t {
+                if ((offset >> 2) % 32 != uint32_t(l)) fail("wgmma table load in the lane's bank", BITS, NB, l, offset);
+                return tab[(offset >> 2) % L::kTableWords];
+              }, a);
+              A[16 * j + g][2 * t] = lo(a[0]);
+              A[16 * j + g][2 * t + 1] = hi(a[0]);
+              A[16 * j + g + 8][2 * t] = lo(a[1]);
+              A[16 * j + g + 8][2 * t + 1] = hi(a[1]);
+              A[16 * j + g][2 * t + 8] = lo(a[2]);
+              A[16 * j + g][2 * t + 9] = hi(a[2]);
+              A[16 * j + g + 8][2 * t + 8] = lo(a[3]);
+              A[16 * j + g + 8][2 * t + 9] = hi(a[3]);
+            }
+          }
+          for (int r = 0; r < 64; ++r) {
+            for (int n = 0; n < NB; ++n) {
+              int64_t sum = 0;
+              for (int k = 0; k < 16; ++k) sum += A[r][k] * B[size_t(k) * NB + n];
+              D[size_t(128 * wg + 64 * i + r) * M + n] += sum;  // the tile's rows are block rows 128 wg + 64 i + r
+            }
+          }
+        }
+      }
+    }
+  }
+  // D's registers per thread (PTX), mapped back by the kernel's epilogue, against x W^T
+  std::vector<int> seen(size_t(M) * N, 0);
+  for (int wg = 0; wg < 2; ++wg) {
+    for (int i = 0; i < 2; ++i) {
+      for (int j = 0; j < 4; ++j) {
+        for (int l = 0; l < 32; ++l) {
+          const int g = l >> 2, t = l & 3;
+          for (int reg = 0; reg < NB / 2; ++reg) {
+            const int jj = reg / 4, h = (reg / 2) % 2, e = reg % 2;
+            const int64_t value = D[size_t(128 * wg + 64 * i + 16 * j + g + 8 * h) * M + 8 * jj + 2 * t + e];  // PTX
+            const int n = X::block_row(wg, i, j, g, h), m = 8 * jj + 2 * t + e;                           // kernel
+            seen[size_t(m) * N + n]++;
+            int64_t want = 0;
+            for (int k = 0; k < kin; ++k) want += int64_t(x[size_t(m) * kin + k]) * values[idx[size_t(n) * kin + k]];
+            if (value != want) fail("wgmma y = x W^T", BITS, NB, m, n);
+          }
+        }
+      }
+    }
+  }
+  for (size_t e = 0; e < seen.size(); ++e) {
+    if (seen[e] != 1) fail("wgmma every output once", BITS, NB, long(e), seen[e]);
+  }
+}
+
 template <int BITS>
 static void check_widths(std::mt19937& gen) {
   check<BITS, 2>(gen);
   check<BITS, 4>(gen);
   check<BITS, 8>(gen);
+  if constexpr (BITS <= 4) {
+    check_wgmma<BITS, 64>(gen);
+    check_wgmma<BITS, 128>(gen);
+  }
 }
 
 int main() {

@@ -131,4 +131,27 @@ struct FusedGemmLayout {
   static constexpr int kSmemBytes = 4 * (kTableWords + 2 * kCodeBufferWords) + kStages * kXBytes;
 };
 
+// The wgmma form (shared_linear_gemm_wgmma.cu, sm_90a, <= 4 bits): the same block rows, codes and tables as
+// FusedGemmLayout<BITS, 8> (256 output rows), but 2 warpgroups of 4 warps, warpgroup w owning block rows
+// [128 w, 128 w + 128) as two 64-row wgmma tiles, warp j of a warpgroup rows 16 j + {g, g + 8} of each tile; and
+// NB rows of x per block (the wgmma's N), which the tensor cores read from shared memory themselves. There x sits
+// K-major in the 128-byte swizzle the descriptor names: a unit's tile is two halves of 64 k; in a half, row r's 128
+// bytes start at 128 r and its 16-byte chunk c sits at chunk c ^ (r & 7) (8 rows make one 1024-byte atom, atoms
+// consecutive along the rows).
+template <int NB>
+struct WgmmaTileLayout {
+  static_assert(NB == 64 || NB == 128, "the wgmma widths instantiated");
+  static constexpr int kThreads = 256;
+  static constexpr int kStageBytes = NB * 256;  // a multiple of 1024: every stage starts an atom
+  static constexpr int kChunks = NB * 16;       // cp.async copies per unit
+  static constexpr int kStages = 3;
+  // Byte offset in a stage of 16-byte chunk c (k 8c .. 8c + 8 of the unit) of row r.
+  WS_HD static int chunk_byte(int row, int c) { return (c >> 3) * NB * 128 + row * 128 + (((c & 7) ^ (row & 7)) << 4); }
+  // The descriptor's start (byte offset in the stage) for k16 step s: its half, then 32 bytes per step inside the atom.
+  WS_HD static int step_start(int s) { return (s >> 2) * NB * 128 + (s & 3) * 32; }
+  static constexpr int kAtomStride = 1024;  // the descriptor's stride byte offset
+  // The block row of warp j of warpgroup wg in 64-row tile i, fragment row g (+8 when h).
+  WS_HD static int block_row(int wg, int i, int j, int g, int h) { return 128 * wg + 64 * i + 16 * j + g + 8 * h; }
+};
+
 }  // namespace weightshare

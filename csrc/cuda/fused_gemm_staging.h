@@ -1,0 +1,102 @@
+#pragma once
+// What the two fused GEMM kernels of shared_linear (shared_linear_gemm_mma.cu: mma.sync; shared_linear_gemm_wgmma.cu:
+// wgmma) share: the per-thread staging of a block's packed indices into table codes (fused_gemm_layout.h), the
+// replicated tables, the launch arguments, and the host's shape rules and split-K choice.
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+#include "weightshare/cuda_linear.h"
+#include "weightshare/fused_gemm_layout.h"
+
+namespace weightshare::cuda {
+
+struct FusedArgs {
+  PackedRows w;
+  const void* x;  // T [M, kin], 16-byte aligned
+  int64_t units, units_per_split;
+  int64_t mblocks;  // blocks along the rows of x: blockIdx.x = output block * mblocks + x block (neighbours share W)
+  Epilogue out;
+};
+
+// One thread's share of staging a block's packed indices: items (block row, quarter of a 128-index unit) of layout L
+// (a FusedGemmLayout), loaded into registers a unit ahead and stored as codes. A row past N repeats the last one
+// (loaded, its outputs never stored).
+template <typename L, int BITS>
+struct IndexStager {
+  const uint32_t* src[L::kItems];
+  uint32_t words[L::kItems][BITS];
+
+  __device__ __forceinline__ IndexStager(const PackedRows& w, int64_t n0, int tid) {
+#pragma unroll
+    for (int v = 0; v < L::kItems; ++v) {
+      const int64_t n = min(n0 + L::item_row(tid, v), w.N - 1);
+      src[v] = w.packed + n * w.row_words + L::item_quarter(tid, v) * BITS;
+    }
+  }
+  // Unit u's BITS words of each item (u * 4 BITS words into the row). Whole units only (kin % 128 == 0, rows 16-byte
+  // aligned: fused_shape_ok), so no bounds, and widths with 4 | BITS (2 | BITS) read 16 (8) bytes at a time.
+  __device__ __forceinline__ void load(int64_t u) {
+#pragma unroll
+    for (int v = 0; v < L::kItems; ++v) {
+      const uint32_t* p = src[v] + u * (4 * BITS);
+      if constexpr (BITS % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < BITS / 4; ++i) {
+          const uint4 q = __ldg(reinterpret_cast<const uint4*>(p) + i);
+          words[v][4 * i] = q.x;
+          words[v][4 * i + 1] = q.y;
+          words[v][4 * i + 2] = q.z;
+          words[v][4 * i + 3] = q.w;
+        }
+      } else if constexpr (BITS % 2 == 0) {
+#pragma unroll
+        for (int i = 0; i < BITS / 2; ++i) {
+          const uint2 q = __ldg(reinterpret_cast<const uint2*>(p) + i);
+          words[v][2 * i] = q.x;
+          words[v][2 * i + 1] = q.y;
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < BITS; ++i) words[v][i] = __ldg(p + i);
+      }
+    }
+  }
+  // The loaded unit's codes into `buffer` (L::kCodeBufferWords words, 16-byte aligned).
+  __device__ __forceinline__ void store(uint32_t* buffer, int tid) const {
+    constexpr int CW = L::kCodeWords;
+#pragma unroll
+    for (int v = 0; v < L::kItems; ++v) {
+      const int row = L::item_row(tid, v);
+      uint32_t out[8 * CW];
+      L::quarter_codes(words[v], row, out);
+      uint4* dst = reinterpret_cast<uint4*>(buffer + L::code_word(row, 2 * L::item_quarter(tid, v), 0));
+#pragma unroll
+      for (int i = 0; i < 2 * CW; ++i) dst[i] = make_uint4(out[4 * i], out[4 * i + 1], out[4 * i + 2], out[4 * i + 3]);
+    }
+  }
+};
+
+// The block's replicated table (L::kTableWords words) from codebook `group` in x's dtype T, through `values`
+// (2**BITS 16-bit entries of shared memory). Ends with the table written by this thread, not yet published.
+template <typename L, typename T, int BITS>
+__device__ __forceinline__ void stage_table(const PackedRows& w, int64_t group, uint16_t* values, uint32_t* tab,
+                                            int tid) {
+  for (int i = tid; i < (1 << BITS); i += L::kThreads) values[i] = bits_of(from_float<T>(codebook_entry(w, group, i)));
+  __syncthreads();
+  for (int i = tid; i < L::kTableWords; i += L::kThreads) tab[i] = L::table_word(values, i >> 5);
+}
+
+// The shape rules of both fused kernels: 16-bit x whose data is 16-byte aligned, in_features a multiple of 128,
+// a 16-byte aligned packed tensor (its rows then are too), one codebook per block of block_out output rows.
+bool fused_shape_ok(const at::Tensor& x, const at::Tensor& packed, int64_t M, int64_t out_features,
+                    int64_t in_features, int64_t rows_per_group, int64_t block_out);
+
+// Splits of the units when the blocks alone leave block slots of the GPU empty (shared_linear_gemm_mma.cu).
+int choose_splits(int64_t blocks, int64_t units, int64_t slots);
+
+// Waves of `blocks` blocks of a kernel that holds `per_sm` blocks per SM -> FusedArgs' split fields and the
+// workspace of `out` (returned: keep it alive across the launch).
+at::Tensor plan_splits(FusedArgs& a, int64_t blocks, int per_sm, int sms, const at::Tensor& like);
+
+}  // namespace weightshare::cuda

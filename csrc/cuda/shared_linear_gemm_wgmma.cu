@@ -1,0 +1,244 @@
+// shared_linear for fp16/bf16 activations and many rows of x with Hopper's warpgroup mma (sm_90a, <= 4 bits): the
+// fused GEMM of shared_linear_gemm_mma.cu with wgmma in place of mma.sync. The packed indices become the same codes
+// and the same A fragments in registers (FusedGemmLayout<BITS, 8>); x is no longer loaded into registers by
+// ldmatrix: the tensor cores read it from shared memory through a matrix descriptor (128-byte swizzle,
+// WgmmaTileLayout), one m64nNk16 instruction per warpgroup, 64-row tile and k16 step, asynchronously while the next
+// step's A fragments are decoded.
+//
+// Why: mma.sync is issued per warp per 16x8x16 tile with its B fragment in registers, and on Hopper it reaches only
+// part of the tensor cores' rate; cuBLAS's fp16 GEMMs there use wgmma. For 256 rows of x the product is compute-bound
+// (cuBLAS: 50 us at 8192 x 8192 on the H200, ~690 TFLOPS; the index stream is 8 us of HBM), so the fused kernel
+// can only approach cuBLAS with the same instruction.
+//
+// Per 128-index unit: cp.async of x (3 stages, each thread fencing its copies into the async proxy before the
+// barrier); per k16 step: decode the step's A fragments (two 64-row tiles) into one of two register sets, fence,
+// issue the two wgmma, commit, and wait until at most this step's group runs (so the other register set is free);
+// the unit ends waiting for all groups (its x stage may then be overwritten) and staging the next unit's codes.
+//
+// Status: written and compiled for sm_90a (2026-12-01), its layout checked on the host
+// (tests/native/fused_gemm_layout_check.cpp); not yet run on a GPU, so only WS_CUDA_LINEAR=wgmma takes it, and only
+// in a build for "9.0a" (WS_SM90A).
+#include "shared_linear_gemm_wgmma.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <string_view>
+
+#include "weightshare/dispatch.h"
+#include "weightshare/fused_gemm_layout.h"
+#include "fused_gemm_staging.h"
+#include "mma_ptx.h"
+#include "wgmma_ptx.h"
+
+namespace weightshare::cuda {
+namespace {
+
+template <int BITS, int NB>
+constexpr int wgmma_smem_bytes() {
+  using L = FusedGemmLayout<BITS, 8>;
+  using X = WgmmaTileLayout<NB>;
+  return 1024 + X::kStages * X::kStageBytes + 4 * (L::kTableWords + 2 * L::kCodeBufferWords);  // 1024: alignment
+}
+
+// grid: (output blocks of 256 rows x blocks of NB rows of x, splits of the units); 256 threads.
+template <typename T, int BITS, int NB>
+__global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(const FusedArgs a) {
+  using L = FusedGemmLayout<BITS, 8>;
+  using X = WgmmaTileLayout<NB>;
+  static_assert(L::kPair && L::kBlockOut == 256 && L::kThreads == X::kThreads, "pair codes for 256 rows");
+  constexpr int S = X::kStages, R = NB / 2;  // R: accumulator registers per 64-row tile
+  extern __shared__ __align__(16) uint32_t smem[];
+  __shared__ uint16_t values[1 << BITS];
+  const uint32_t smem_base = shared_address(smem);
+  const uint32_t pad = ((smem_base + 1023u) & ~1023u) - smem_base;  // x's atoms start 1024-byte aligned
+  const uint32_t xs_base = smem_base + pad;
+  uint32_t* const tab = smem + (pad + S * X::kStageBytes) / 4;
+  uint32_t* const codes = tab + L::kTableWords;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int wg = warp >> 2, wj = warp & 3;
+  const int64_t n0 = int64_t(blockIdx.x / a.mblocks) * L::kBlockOut;
+  const int64_t m0 = int64_t(blockIdx.x % a.mblocks) * NB;
+  const int64_t M = a.out.M, N = a.w.N, kin = a.w.kin;
+  const int64_t u_begin = int64_t(blockIdx.y) * a.units_per_split;
+  const int nu = static_cast<int>(min(a.units - u_begin, a.units_per_split));  // >= 1: no split is empty
+
+  IndexStager<L, BITS> stager(a.w, n0, tid);
+  // Unit u of x into stage `stage`: rows past M repeat row M - 1 (their outputs are never stored).
+  auto load_x = [&](int64_t u, int stage) {
+    const uint32_t dst = xs_base + stage * X::kStageBytes;
+    static_assert(X::kChunks % X::kThreads == 0, "whole copies per thread");
+#pragma unroll
+    for (int v = 0; v < X::kChunks / X::kThreads; ++v) {
+      const int c = tid + v * X::kThreads, row = c >> 4, chunk = c & 15;
+      const int64_t m = min(m0 + row, M - 1);
+      cp_async16(dst + X::chunk_byte(row, chunk), static_cast<const T*>(a.x) + m * kin + u * L::kUnitK + 8 * chunk);
+    }
+  };
+
+  // Prologue as the mma.sync kernel's: loads past the split's last unit reload that unit into space nobody reads.
+#pragma unroll
+  for (int st = 0; st < S - 1; ++st) {
+    load_x(u_begin + min(st, nu - 1), st);
+    cp_async_commit();
+  }
+  stager.load(u_begin);
+  stage_table<L, T, BITS>(a.w, n0 / a.w.rows_per_group, values, tab, tid);  // the block's one codebook
+  stager.store(codes, tid);
+  stager.load(u_begin + min(1, nu - 1));
+
+  const uint32_t tab_base = shared_address(tab);
+  const uint32_t codes_base = shared_address(codes);
+  float acc[2][R];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[i][r] = 0.0f;
+  }
+  for (int it = 0; it < nu; ++it) {
+    cp_async_wait<S - 2>();      // this thread's copies of unit it have landed
+    fence_proxy_async_shared();  // ... and are visible to the tensor cores' reads
+    __syncthreads();             // everyone's; unit it's codes; unit it - 1's wgmma all done (wait below)
+    load_x(u_begin + min(it + S - 1, nu - 1), (it + S - 1) % S);  // into unit it - 1's stage
+    cp_async_commit();
+
+    const uint32_t cbuf = codes_base + 4u * (it & 1) * L::kCodeBufferWords;
+    const uint32_t xstage = xs_base + (it % S) * X::kStageBytes;
+    uint32_t af[2][2][4];  // [step parity][64-row tile]: a step's registers stay untouched while its wgmma runs
+#pragma unroll
+    for (int s = 0; s < L::kSteps; ++s) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int row = X::block_row(wg, i, wj, g, 0);
+        const uint32_t c0[1] = {lds_u32(cbuf + 4 * L::code_word(row, s, t))};
+        const uint32_t c1[1] = {lds_u32(cbuf + 4 * L::code_word(row + 8, s, t))};
+        L::decode_a(c0, c1, [&](uint32_t offset) { return lds_u32(tab_base + offset); }, af[s & 1][i]);
+      }
+      wgmma_fence();
+      const uint64_t desc = sw128_descriptor(xstage + X::step_start(s), X::kAtomStride);
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        pin_registers(acc[i]);
+        wgmma_rs<T, NB>(acc[i], af[s & 1][i], desc);
+        pin_registers(acc[i]);
+      }
+      wgmma_commit();
+      wgmma_wait<1>();  // step s - 1's group is done: its register set is written next step
+    }
+    wgmma_wait<0>();
+#pragma unroll
+    for (int i = 0; i < 2; ++i) pin_registers(acc[i]);
+    stager.store(codes + ((it + 1) & 1) * L::kCodeBufferWords, tid);  // read last in unit it - 1: past the barrier
+    stager.load(u_begin + min(it + 2, nu - 1));
+  }
+
+  // D of tile i: d[4 j + 2 h + e] = (block row of fragment row g + 8 h, row of x 8 j + 2t + e). As the mma.sync
+  // kernel's epilogue: y in x's dtype, one bias load per output row, fp32 partials under split-K.
+  const bool direct = a.out.splits == 1;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t n = n0 + X::block_row(wg, i, wj, g, h);
+      if (n >= N) continue;
+      const float b = direct && a.out.bias != nullptr ? a.out.bias_at(n) : 0.0f;
+#pragma unroll
+      for (int j = 0; j < NB / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int64_t m = m0 + 8 * j + 2 * t + e;
+          if (m >= M) continue;
+          const float v = acc[i][4 * j + 2 * h + e];
+          if (direct) {
+            static_cast<T*>(a.out.y)[m * a.out.ld + n] = from_float<T>(a.out.bias != nullptr ? v + b : v);  // finish
+          } else {
+            static_cast<float*>(a.out.partial)[(int64_t(blockIdx.y) * M + m) * a.out.ld + n] = v;
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename F>
+void dispatch_wgmma(int64_t bits, int nb, F&& f) {
+  auto widths = [&]<int BITS>() {
+    if (nb == 64) {
+      f.template operator()<BITS, 64>();
+    } else {
+      f.template operator()<BITS, 128>();
+    }
+  };
+  switch (bits) {
+    case 1: widths.template operator()<1>(); break;
+    case 2: widths.template operator()<2>(); break;
+    case 3: widths.template operator()<3>(); break;
+    case 4: widths.template operator()<4>(); break;
+    default: WS_CHECK_VALUE(false, "weightshare: the wgmma GEMM takes 1 to 4 bits, got ", bits);
+  }
+}
+
+int rows_of_x_per_block(int64_t M) { return M <= 64 ? 64 : 128; }
+
+}  // namespace
+
+bool gemm_wgmma_takes(const at::Tensor& x, const at::Tensor& packed, int64_t bits, int64_t M, int64_t out_features,
+                      int64_t in_features, int64_t rows_per_group) {
+  const char* sw = std::getenv("WS_CUDA_LINEAR");
+  if (sw == nullptr || std::string_view(sw) != "wgmma" || bits > 4) return false;
+#if defined(WS_SM90A)
+  if (!fused_shape_ok(x, packed, M, out_features, in_features, rows_per_group, 256)) return false;
+  const int device = x.get_device();
+  if (device_attribute<cudaDevAttrComputeCapabilityMajor>(device) != 9 ||
+      device_attribute<cudaDevAttrComputeCapabilityMinor>(device) != 0) {
+    return false;  // sm_90a code runs on compute capability 9.0 only
+  }
+  int bytes = 0;
+  dispatch_wgmma(bits, rows_of_x_per_block(M), [&]<int BITS, int NB>() {
+    bytes = wgmma_smem_bytes<BITS, NB>() + int(sizeof(uint16_t)) * (1 << BITS);
+  });
+  const int64_t blocks = ceil_div(out_features, 256) * ceil_div(M, rows_of_x_per_block(M));
+  return bytes <= device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device) && blocks <= INT32_MAX;
+#else
+  return false;  // built without sm_90a (TORCH_CUDA_ARCH_LIST="9.0a")
+#endif
+}
+
+void launch_gemm_wgmma(const PackedRows& w, const at::Tensor& x, int bits, Epilogue out, int sms) {
+  const int device = x.get_device();
+  WS_CHECK_VALUE(out.kind == out_kind(x.scalar_type()), "weightshare: the wgmma GEMM writes y in x's dtype");
+  dispatch_wgmma(bits, rows_of_x_per_block(out.M), [&]<int BITS, int NB>() {
+    constexpr int kSmem = wgmma_smem_bytes<BITS, NB>();
+    auto go = [&](auto t_tag) {
+      using T = decltype(t_tag);
+      auto* kernel = gemm_wgmma_kernel<T, BITS, NB>;
+      static std::atomic<int> slots_per_sm[64];  // per instantiation and device, as launch_gemm_mma
+      int per_sm = device < 64 ? slots_per_sm[device].load(std::memory_order_relaxed) : 0;
+      if (per_sm == 0) {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 256, kSmem));
+        WS_CHECK_VALUE(per_sm > 0, "weightshare: the wgmma shared_linear kernel does not fit on this GPU");
+        if (device < 64) slots_per_sm[device].store(per_sm, std::memory_order_relaxed);
+      }
+      FusedArgs a{};
+      a.w = w;
+      a.x = x.data_ptr();
+      a.units = w.kin / 128;
+      a.mblocks = ceil_div(out.M, NB);
+      a.out = out;
+      const int64_t blocks = ceil_div(w.N, 256) * a.mblocks;
+      const at::Tensor workspace = plan_splits(a, blocks, per_sm, sms, x);
+      const unsigned splits = static_cast<unsigned>(a.out.splits);
+      kernel<<<dim3(static_cast<unsigned>(blocks), splits), 256, kSmem, stream()>>>(a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      finalize(a.out, false);
+    };
+    if (x.scalar_type() == at::kHalf) {
+      go(__half{});
+    } else {
+      go(__nv_bfloat16{});
+    }
+  });
+}
+
+}  // namespace weightshare::cuda
