@@ -128,6 +128,7 @@ __global__ void __launch_bounds__(FusedGemmLayout<BITS, NT>::kThreads, 1) gemm_m
     stager.store(codes + ((it + 1) & 1) * L::kCodeBufferWords, tid);  // read last in unit it - 1: past the barrier
     stager.load(u_begin + min(it + 2, nu - 1));
   }
+  cp_async_wait<0>();  // the reloads past the split's end: none in flight at exit
 
   // D of tile (i, j): rows = output rows 16 i + g (+8 for r >= 2), columns = rows of x 8 j + 2t + (r & 1). What
   // Epilogue::put does, unrolled for this kernel (y is x's dtype here: launch_gemm_mma) with one bias load per

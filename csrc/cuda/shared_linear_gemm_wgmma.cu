@@ -131,6 +131,7 @@ __global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(const FusedArgs a) {
     stager.store(codes + ((it + 1) & 1) * L::kCodeBufferWords, tid);  // read last in unit it - 1: past the barrier
     stager.load(u_begin + min(it + 2, nu - 1));
   }
+  cp_async_wait<0>();  // the reloads past the split's end: none in flight at exit
 
   // D of tile i: d[4 j + 2 h + e] = (block row of fragment row g + 8 h, row of x 8 j + 2t + e). As the mma.sync
   // kernel's epilogue: y in x's dtype, one bias load per output row, fp32 partials under split-K.
