@@ -44,13 +44,14 @@ def full() -> None:
 
 def fused() -> None:
     """The fused tensor-core GEMMs (WS_CUDA_LINEAR=fused, and =wgmma where the build and GPU have sm_90a): pair
-    codes (4-bit) and single codes (8-bit, mma.sync only), a last block of output rows and of x rows that end inside
-    it, and the split-K form (40 rows of 4096)."""
+    codes (4-bit), single codes (8-bit) and per-row tables (3-bit; mma.sync only), a last block of output rows and
+    of x rows that end inside it, and the split-K form (40 rows of 4096)."""
     for kernel in ("fused", "wgmma"):
         os.environ["WS_CUDA_LINEAR"] = kernel
         try:
-            for bits, (out_f, in_f), m in ((4, (300, 256), 70), (8, (300, 384), 130), (4, (40, 4096), 40)):
-                cb = torch.randn(1, 1 << bits, device="cuda")
+            for bits, (out_f, in_f), m, g in ((4, (300, 256), 70, 1), (8, (300, 384), 130, 1), (4, (40, 4096), 40, 1),
+                                              (3, (300, 256), 70, 300)):  # the last: per-row tables (mma.sync)
+                cb = torch.randn(g, 1 << bits, device="cuda")
                 p = ws.ops.pack(torch.randint(0, 1 << bits, (out_f, in_f), dtype=torch.uint8, device="cuda"), bits)
                 x = torch.randn(m, in_f, device="cuda", dtype=torch.float16)
                 ws.ops.shared_linear(x, p, cb, bits, out_f, in_f)

@@ -824,6 +824,25 @@ def test_cuda_fused_gemm(kernel, dtype, bits, M, shape, monkeypatch, gen):
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("M", [17, 130])
+@pytest.mark.parametrize("shape", [(300, 256), (40, 4096)])
+def test_cuda_fused_gemm_per_row_codebooks(dtype, bits, M, shape, monkeypatch, gen):
+    """The mma.sync fused GEMM with a codebook per output row (its per-row tables, 2-byte lookups; 5 bits has none
+    and falls back to the panels), in x's dtype as an fp16/bf16 model holds it, with bias, split-K included."""
+    monkeypatch.setenv("WS_CUDA_LINEAR", "fused")
+    out_f, in_f = shape
+    packed, cb, _ = make_weight(out_f, in_f, bits, out_f, gen)
+    cb = cb.to(dtype)
+    x = torch.randn(M, in_f, generator=gen).to(dtype)
+    bias = torch.randn(out_f, generator=gen)
+    y = ws.ops.shared_linear(x.cuda(), packed.cuda(), cb.cuda(), bits, out_f, in_f, bias.cuda()).cpu()
+    w = ws.ops.dequantize(packed, cb, bits, (out_f, in_f)).float()
+    torch.testing.assert_close(y.float(), F.linear(x.float(), w, bias), rtol=TOL[dtype][0], atol=TOL[dtype][1])
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
 @pytest.mark.parametrize("kernel", ["fused", "wgmma"])
 def test_cuda_fused_gemm_bad_indices_and_3d_x(kernel, monkeypatch, gen):
     # indices >= K decode to NaN exactly in the output columns of the rows that hold them; x of shape [2, 33, in_f]
@@ -864,7 +883,8 @@ def test_cuda_fused_gemm_takes_the_calls_it_should(monkeypatch, gen):
     assert not ran()
     monkeypatch.setenv("WS_CUDA_LINEAR", "fused")
     assert ran() and ran(M=1) and ran(dtype=torch.bfloat16) and ran(bits=8)
-    assert not ran(in_f=300) and not ran(groups=64) and not ran(dtype=torch.float32)
+    assert ran(groups=64) and ran(groups=64, bits=8)  # per-row tables at 2, 3, 4, 8 bits
+    assert not ran(in_f=300) and not ran(groups=64, bits=5) and not ran(dtype=torch.float32)
     # the wgmma form: sm_90a code, so compute capability 9.0 and a build for "9.0a" (setup.py's default)
     monkeypatch.setenv("WS_CUDA_LINEAR", "wgmma")
     if torch.cuda.get_device_capability() != (9, 0):
@@ -874,4 +894,5 @@ def test_cuda_fused_gemm_takes_the_calls_it_should(monkeypatch, gen):
         pytest.skip("this build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a)")
     assert ran("gemm_wgmma_kernel", M=200) and ran("gemm_wgmma_kernel", dtype=torch.bfloat16)
     assert not ran("gemm_wgmma_kernel", bits=5) and not ran("gemm_wgmma_kernel", in_f=300)
+    assert not ran("gemm_wgmma_kernel", groups=64)  # one codebook per 256 rows only
     assert not ran("gemm_mma_kernel")  # and nothing else takes a call it takes

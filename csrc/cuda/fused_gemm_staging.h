@@ -87,10 +87,24 @@ __device__ __forceinline__ void stage_table(const PackedRows& w, int64_t group, 
   for (int i = tid; i < L::kTableWords; i += L::kThreads) tab[i] = L::table_word(values, i >> 5);
 }
 
+// ROWS layouts: each block row's own table (its row's codebook, rows past N repeating the last one), 2**BITS
+// halfwords per row. Not yet published.
+template <typename L, typename T, int BITS>
+__device__ __forceinline__ void stage_row_tables(const PackedRows& w, int64_t n0, uint32_t* tab, int tid) {
+  uint16_t* entries = reinterpret_cast<uint16_t*>(tab);
+  for (int i = tid; i < L::kBlockOut << BITS; i += L::kThreads) {
+    const int64_t n = min(n0 + (i >> BITS), w.N - 1);
+    entries[i] = bits_of(from_float<T>(codebook_entry(w, n / w.rows_per_group, i & ((1 << BITS) - 1))));
+  }
+}
+
 // The shape rules of both fused kernels: 16-bit x whose data is 16-byte aligned, in_features a multiple of 128,
-// a 16-byte aligned packed tensor (its rows then are too), one codebook per block of block_out output rows.
-bool fused_shape_ok(const at::Tensor& x, const at::Tensor& packed, int64_t M, int64_t out_features,
-                    int64_t in_features, int64_t rows_per_group, int64_t block_out);
+// a 16-byte aligned packed tensor (its rows then are too).
+bool fused_shape_ok(const at::Tensor& x, const at::Tensor& packed, int64_t M, int64_t in_features);
+// Whether every block of block_out output rows has one codebook (else the ROWS layouts).
+inline bool one_codebook_per_block(int64_t out_features, int64_t rows_per_group, int64_t block_out) {
+  return rows_per_group == out_features || rows_per_group % block_out == 0;
+}
 
 // Splits of the units when the blocks alone leave block slots of the GPU empty (shared_linear_gemm_mma.cu).
 int choose_splits(int64_t blocks, int64_t units, int64_t slots);

@@ -49,6 +49,12 @@ __device__ __forceinline__ uint32_t lds_u32(uint32_t address) {
   return v;
 }
 
+__device__ __forceinline__ uint32_t lds_u16(uint32_t address) {
+  uint16_t v;
+  asm volatile("ld.shared.u16 %0, [%1];" : "=h"(v) : "r"(address) : "memory");
+  return v;
+}
+
 __device__ __forceinline__ uint2 lds_u64(uint32_t address) {
   uint2 v;
   asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(address) : "memory");

@@ -34,9 +34,9 @@ namespace weightshare::cuda {
 namespace {
 
 // grid: (output blocks x x blocks, splits of the 128-index units); L::kThreads threads; L::kSmemBytes dynamic.
-template <typename T, int BITS, int NT>
-__global__ void __launch_bounds__(FusedGemmLayout<BITS, NT>::kThreads, 1) gemm_mma_kernel(const FusedArgs a) {
-  using L = FusedGemmLayout<BITS, NT>;
+template <typename T, int BITS, int NT, bool ROWS>
+__global__ void __launch_bounds__(FusedGemmLayout<BITS, NT, ROWS>::kThreads, 1) gemm_mma_kernel(const FusedArgs a) {
+  using L = FusedGemmLayout<BITS, NT, ROWS>;
   constexpr int MT = L::kTilesM, CW = L::kCodeWords, S = L::kStages;
   extern __shared__ __align__(16) uint32_t smem[];
   __shared__ uint16_t values[1 << BITS];
@@ -76,7 +76,11 @@ __global__ void __launch_bounds__(FusedGemmLayout<BITS, NT>::kThreads, 1) gemm_m
     cp_async_commit();  // one group per unit: the waits below count groups
   }
   stager.load(u_begin);
-  stage_table<L, T, BITS>(a.w, n0 / a.w.rows_per_group, values, tab, tid);  // the block's one codebook
+  if constexpr (ROWS) {
+    stage_row_tables<L, T, BITS>(a.w, n0, tab, tid);
+  } else {
+    stage_table<L, T, BITS>(a.w, n0 / a.w.rows_per_group, values, tab, tid);  // the block's one codebook
+  }
   stager.store(codes, tid);
   stager.load(u_begin + min(1, nu - 1));
 
@@ -119,7 +123,13 @@ __global__ void __launch_bounds__(FusedGemmLayout<BITS, NT>::kThreads, 1) gemm_m
           c1[1] = v1.y;
         }
         uint32_t af[4];
-        L::decode_a(c0, c1, [&](uint32_t offset) { return lds_u32(tab_base + offset); }, af);
+        L::decode_a(c0, c1, [&](uint32_t offset) {
+          if constexpr (ROWS) {
+            return lds_u16(tab_base + offset);
+          } else {
+            return lds_u32(tab_base + offset);
+          }
+        }, af);
 #pragma unroll
         for (int j = 0; j < NT; ++j) mma16816<T>(acc[i][j], af, b[j][0], b[j][1]);
       }
@@ -162,26 +172,44 @@ __global__ void __launch_bounds__(FusedGemmLayout<BITS, NT>::kThreads, 1) gemm_m
 
 int tiles_n_for(int64_t M) { return M <= 32 ? 2 : (M <= 64 ? 4 : 8); }
 
-// Calls f.template operator()<BITS, NT>() for run-time bits and a run-time 8-row tile count.
+// Per-row tables (ROWS) are instantiated for the widths the op promises fast (2, 3, 4, 8); other widths with
+// codebooks that split blocks take the panels.
+constexpr bool rows_instantiated(int64_t bits) { return bits == 2 || bits == 3 || bits == 4 || bits == 8; }
+
+// Calls f.template operator()<BITS, NT, ROWS>() for run-time bits, 8-row tile count and table kind.
 template <typename F>
-void dispatch_shape(int64_t bits, int nt, F&& f) {
+void dispatch_shape(int64_t bits, int nt, bool rows, F&& f) {
   WS_DISPATCH_BITS(bits, BITS, [&] {
+    auto tables = [&]<int NT>() {
+      if constexpr (rows_instantiated(BITS)) {
+        if (rows) {
+          f.template operator()<BITS, NT, true>();
+          return;
+        }
+      }
+      f.template operator()<BITS, NT, false>();
+    };
     if (nt == 2) {
-      f.template operator()<BITS, 2>();
+      tables.template operator()<2>();
     } else if (nt == 4) {
-      f.template operator()<BITS, 4>();
+      tables.template operator()<4>();
     } else {
-      f.template operator()<BITS, 8>();
+      tables.template operator()<8>();
     }
   });
 }
 
-int smem_bytes(int64_t bits, int nt) {
+int smem_bytes(int64_t bits, int nt, bool rows) {
   int bytes = 0;
-  dispatch_shape(bits, nt, [&]<int BITS, int NT>() {
-    bytes = FusedGemmLayout<BITS, NT>::kSmemBytes + int(sizeof(uint16_t)) * (1 << BITS);
+  dispatch_shape(bits, nt, rows, [&]<int BITS, int NT, bool ROWS>() {
+    bytes = FusedGemmLayout<BITS, NT, ROWS>::kSmemBytes + int(sizeof(uint16_t)) * (1 << BITS);
   });
   return bytes;
+}
+
+// Whether a layer's codebooks need the per-row tables: some block of the one-table layout would span two.
+bool needs_row_tables(int64_t bits, int64_t out_features, int64_t rows_per_group) {
+  return !one_codebook_per_block(out_features, rows_per_group, bits <= 4 ? 256 : 128);
 }
 
 // Whether the loaded device code has the sm_80 instructions (mma_ptx.h traps below sm_80): a build from PTX for an
@@ -189,7 +217,7 @@ int smem_bytes(int64_t bits, int nt) {
 bool gemm_compiled() {
   static const bool ok = [] {
     cudaFuncAttributes attr{};
-    if (cudaFuncGetAttributes(&attr, gemm_mma_kernel<__half, 4, 8>) != cudaSuccess) {
+    if (cudaFuncGetAttributes(&attr, gemm_mma_kernel<__half, 4, 8, false>) != cudaSuccess) {
       (void)cudaGetLastError();  // clear the (non-sticky) error: the next launch check must not see it
       return false;
     }
@@ -200,12 +228,10 @@ bool gemm_compiled() {
 
 }  // namespace
 
-bool fused_shape_ok(const at::Tensor& x, const at::Tensor& packed, int64_t M, int64_t out_features,
-                    int64_t in_features, int64_t rows_per_group, int64_t block_out) {
+bool fused_shape_ok(const at::Tensor& x, const at::Tensor& packed, int64_t M, int64_t in_features) {
   if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) return false;
   if (M < 1 || in_features % 128 != 0 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) return false;
-  if (reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 != 0) return false;  // rows: 16 BITS bytes per unit
-  return rows_per_group == out_features || rows_per_group % block_out == 0;
+  return reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0;  // rows: 16 BITS bytes per unit
 }
 
 // Splits of the units when the blocks alone leave block slots of the GPU empty: the count with the fewest waves per
@@ -238,24 +264,27 @@ bool gemm_mma_takes(const at::Tensor& x, const at::Tensor& packed, int64_t bits,
                     int64_t in_features, int64_t rows_per_group) {
   const char* sw = std::getenv("WS_CUDA_LINEAR");
   if (sw == nullptr || std::string_view(sw) != "fused") return false;
-  const int64_t block_out = bits <= 4 ? 256 : 128;
-  if (!fused_shape_ok(x, packed, M, out_features, in_features, rows_per_group, block_out)) return false;
+  if (!fused_shape_ok(x, packed, M, in_features)) return false;
+  const bool rows = needs_row_tables(bits, out_features, rows_per_group);
+  if (rows && !rows_instantiated(bits)) return false;
   const int device = x.get_device();
   if (device_attribute<cudaDevAttrComputeCapabilityMajor>(device) < 8 || !gemm_compiled()) return false;
   const int nt = tiles_n_for(M);
+  const int64_t block_out = bits <= 4 && !rows ? 256 : 128;
   const int64_t blocks = ceil_div(out_features, block_out) * ceil_div(M, 8 * 2 * nt);
-  return smem_bytes(bits, nt) <= device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device) &&
+  return smem_bytes(bits, nt, rows) <= device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device) &&
          blocks <= INT32_MAX;
 }
 
 void launch_gemm_mma(const PackedRows& w, const at::Tensor& x, int bits, Epilogue out, int sms) {
   const int device = x.get_device();
   const int nt = tiles_n_for(out.M);
-  dispatch_shape(bits, nt, [&]<int BITS, int NT>() {
-    using L = FusedGemmLayout<BITS, NT>;
+  const bool rows = needs_row_tables(bits, w.N, w.rows_per_group);
+  dispatch_shape(bits, nt, rows, [&]<int BITS, int NT, bool ROWS>() {
+    using L = FusedGemmLayout<BITS, NT, ROWS>;
     auto go = [&](auto t_tag) {
       using T = decltype(t_tag);
-      auto* kernel = gemm_mma_kernel<T, BITS, NT>;
+      auto* kernel = gemm_mma_kernel<T, BITS, NT, ROWS>;
       // once per instantiation and device: the opt-in above 48 KB of dynamic shared memory, and how many blocks of
       // this kernel an SM holds (for the split-K choice)
       static std::atomic<int> slots_per_sm[64];

@@ -188,7 +188,9 @@ bool gemm_wgmma_takes(const at::Tensor& x, const at::Tensor& packed, int64_t bit
   const char* sw = std::getenv("WS_CUDA_LINEAR");
   if (sw == nullptr || std::string_view(sw) != "wgmma" || bits > 4) return false;
 #if defined(WS_SM90A)
-  if (!fused_shape_ok(x, packed, M, out_features, in_features, rows_per_group, 256)) return false;
+  if (!fused_shape_ok(x, packed, M, in_features) || !one_codebook_per_block(out_features, rows_per_group, 256)) {
+    return false;
+  }
   const int device = x.get_device();
   if (device_attribute<cudaDevAttrComputeCapabilityMajor>(device) != 9 ||
       device_attribute<cudaDevAttrComputeCapabilityMinor>(device) != 0) {

@@ -8,6 +8,7 @@
 // tests/test_lane_layout.py; prints "ok" or the first failures.
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -25,9 +26,9 @@ static void fail(const char* what, int bits, int nt, long a, long b) {
 static int64_t lo(uint32_t r) { return r & 0xffffu; }
 static int64_t hi(uint32_t r) { return r >> 16; }
 
-template <int BITS, int NT>
+template <int BITS, int NT, bool ROWS = false>
 static void check(std::mt19937& gen) {
-  using L = FusedGemmLayout<BITS, NT>;
+  using L = FusedGemmLayout<BITS, NT, ROWS>;
   constexpr int kUnits = 2, kin = kUnits * L::kUnitK, N = L::kBlockOut, M = L::kBlockBatch;
   constexpr int row_words = kin * BITS / 32;
   // W: indices packed as packing.h defines (little-endian bit stream per row), codebook values, x.
@@ -42,13 +43,19 @@ static void check(std::mt19937& gen) {
       }
     }
   }
-  std::vector<uint16_t> values(1 << BITS);
+  // codebook values: one table (ROWS: one per row, as the kernel stages them: row r's entry e at halfword r 2**BITS + e)
+  std::vector<uint16_t> values(size_t(ROWS ? N : 1) << BITS);
   for (auto& v : values) v = static_cast<uint16_t>(1 + gen() % 1000);
+  auto value = [&](int n, uint32_t e) { return values[(size_t(ROWS ? n : 0) << BITS) + e]; };
   std::vector<uint16_t> x(size_t(M) * kin);
   for (auto& v : x) v = static_cast<uint16_t>(gen() % 1000);
 
   std::vector<uint32_t> tab(L::kTableWords);
-  for (int i = 0; i < L::kTableWords; ++i) tab[i] = L::table_word(values.data(), i >> 5);
+  if constexpr (ROWS) {
+    std::memcpy(tab.data(), values.data(), values.size() * 2);  // little-endian halfwords, as shared memory
+  } else {
+    for (int i = 0; i < L::kTableWords; ++i) tab[i] = L::table_word(values.data(), i >> 5);
+  }
 
   std::vector<int64_t> acc(size_t(L::kWarps) * 32 * L::kTilesM * NT * 4, 0);
   auto acc_at = [&](int warp, int lane, int i, int j, int r) -> int64_t& {
@@ -130,6 +137,11 @@ static void check(std::mt19937& gen) {
               code_banks |= 1u << ((l >> 4) * 16 + (L::code_word(row, s, t) / 2) % 16);
             }
             auto lds = [&](uint32_t offset) -> uint32_t {
+              if constexpr (ROWS) {  // a 2-byte load of the row's table (which row: the code's, checked by y below)
+                if (offset % 2 != 0 || offset / 4 >= uint32_t(L::kTableWords)) fail("16-bit table load", BITS, NT, l,
+                                                                                      offset);
+                return (tab[(offset / 4) % L::kTableWords] >> (8 * (offset % 4))) & 0xffffu;
+              }
               if (offset % 4 != 0 || (offset >> 2) % 32 != uint32_t(l)) fail("table load in the lane's bank", BITS,
                                                                                 NT, l, offset);
               return tab[(offset >> 2) % L::kTableWords];
@@ -187,8 +199,8 @@ static void check(std::mt19937& gen) {
             const int m = wb * L::kWarpBatch + 8 * j + 2 * t + (r & 1);
             seen[size_t(m) * N + n]++;
             int64_t want = 0;
-            for (int k = 0; k < kin; ++k) want += int64_t(x[size_t(m) * kin + k]) * values[idx[size_t(n) * kin + k]];
-            if (acc_at(warp, l, i, j, r) != want) fail("y = x W^T", BITS, NT, m, n);
+            for (int k = 0; k < kin; ++k) want += int64_t(x[size_t(m) * kin + k]) * value(n, idx[size_t(n) * kin + k]);
+            if (acc_at(warp, l, i, j, r) != want) fail(ROWS ? "y = x W^T (ROWS)" : "y = x W^T", BITS, NT, m, n);
           }
         }
       }
@@ -326,6 +338,8 @@ static void check_widths(std::mt19937& gen) {
   check<BITS, 2>(gen);
   check<BITS, 4>(gen);
   check<BITS, 8>(gen);
+  check<BITS, 2, true>(gen);
+  check<BITS, 8, true>(gen);
   if constexpr (BITS <= 4) {
     check_wgmma<BITS, 64>(gen);
     check_wgmma<BITS, 128>(gen);

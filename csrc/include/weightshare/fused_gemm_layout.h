@@ -31,11 +31,15 @@
 
 namespace weightshare {
 
-template <int BITS, int NT>
+// ROWS: a codebook per output row (or any groups that do not cover whole blocks): one 16-bit table per block row,
+// not replicated (2**BITS x 256 rows would not fit), codes (row * 2**BITS + idx) << 1, the byte offset of the entry;
+// lookups are 2-byte loads that may meet in a bank (8 rows' tables per warp load).
+template <int BITS, int NT, bool ROWS = false>
 struct FusedGemmLayout {
   static_assert(BITS >= 1 && BITS <= 8, "1 to 8 bits");
   static_assert(NT == 2 || NT == 4 || NT == 8, "8-row tiles of x per warp: ldmatrix.x4 takes two at a time");
-  static constexpr bool kPair = BITS <= 4;
+  static constexpr bool kRows = ROWS;
+  static constexpr bool kPair = !ROWS && BITS <= 4;
   static constexpr int kWarpsOut = 4, kWarpsBatch = 2, kWarps = kWarpsOut * kWarpsBatch, kThreads = 32 * kWarps;
   // 16-row tiles of W per warp: 4 with pair codes (one 4-byte load per half2), 2 with single codes (two per half2)
   static constexpr int kTilesM = kPair ? 4 : 2;
@@ -77,7 +81,15 @@ struct FusedGemmLayout {
         } else {
           for (int h = 0; h < 2; ++h) {  // chunk 2a + h: indices 8 (2a + h) + 2t and + 1
             const int e = 8 * (2 * a + h) + 2 * t;
-            const uint32_t i0 = field_at<BITS, 7>(w, e) | lane, i1 = field_at<BITS, 7>(w, e + 1) | lane;
+            uint32_t i0, i1;
+            if constexpr (ROWS) {
+              const uint32_t table = static_cast<uint32_t>(row) << (BITS + 1);
+              i0 = field_at<BITS, 1>(w, e) | table;
+              i1 = field_at<BITS, 1>(w, e + 1) | table;
+            } else {
+              i0 = field_at<BITS, 7>(w, e) | lane;
+              i1 = field_at<BITS, 7>(w, e + 1) | lane;
+            }
             out[2 * (4 * a + t) + h] = i0 | (i1 << 16);
           }
         }
@@ -86,8 +98,10 @@ struct FusedGemmLayout {
   }
 
   // ---- tables: kTableEntries entries x 32 lanes of 4 bytes; entry p of lane l at byte (p << 7) | (l << 2).
+  // ROWS: 2**BITS 16-bit entries per block row, row r's entry e at byte (r << (BITS + 1)) | (e << 1).
   static constexpr int kTableEntries = kPair ? (1 << (2 * BITS)) : (1 << BITS);
-  static constexpr int kTableWords = kTableEntries * 32;
+  static constexpr int kTableWords = ROWS ? kBlockOut * (1 << BITS) / 2 : kTableEntries * 32;
+  static_assert(!ROWS || kBlockOut * (2 << BITS) <= 65536, "ROWS codes are 16-bit byte offsets");
   // The 32-bit word of entry p given the 16-bit values of the codebook in x's dtype (indices >= K: NaN's bits).
   WS_HD static uint32_t table_word(const uint16_t* values, int p) {
     if constexpr (kPair) {
@@ -126,9 +140,11 @@ struct FusedGemmLayout {
     return x_chunk_slot(row, 2 * s + (m & 1));
   }
 
-  // ---- shared memory: tables, two code buffers, kStages x tiles
-  static constexpr int kStages = 3;
-  static constexpr int kSmemBytes = 4 * (kTableWords + 2 * kCodeBufferWords) + kStages * kXBytes;
+  // ---- shared memory: tables, two code buffers, kStages x tiles: 3 stages where they fit in the 227 KiB of an
+  // H100/H200 block (with the 2**BITS halfwords of static staging), else 2 (per-row tables at 8 bits)
+  static constexpr int kFixedBytes = 4 * (kTableWords + 2 * kCodeBufferWords);
+  static constexpr int kStages = kFixedBytes + 3 * kXBytes + (2 << BITS) <= 227 * 1024 ? 3 : 2;
+  static constexpr int kSmemBytes = kFixedBytes + kStages * kXBytes;
 };
 
 // The wgmma form (shared_linear_gemm_wgmma.cu, sm_90a, <= 4 bits): the same block rows, codes and tables as
