@@ -4,10 +4,12 @@
 // replicated tables, the launch arguments, and the host's shape rules and split-K choice.
 #include <ATen/core/Tensor.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "weightshare/cuda_linear.h"
 #include "weightshare/fused_gemm_layout.h"
+#include "mma_ptx.h"
 
 namespace weightshare::cuda {
 
@@ -77,6 +79,21 @@ struct IndexStager {
   }
 };
 
+// Unit u's tile of x (ROWS rows from m0, 128 values = 16 chunks of 16 bytes each) by cp.async into the stage at
+// shared address `stage`, chunk c of tile row r at byte place(r, c). Rows past M repeat row M - 1 (their outputs
+// are never stored).
+template <typename T, int THREADS, int ROWS, typename Place>
+__device__ __forceinline__ void load_x_tile(uint32_t stage, const T* x, int64_t m0, int64_t M, int64_t kin, int64_t u,
+                                            int tid, Place place) {
+  static_assert(ROWS * 16 % THREADS == 0, "whole copies per thread");
+#pragma unroll
+  for (int v = 0; v < ROWS * 16 / THREADS; ++v) {
+    const int c = tid + v * THREADS, row = c >> 4, chunk = c & 15;
+    const int64_t m = min(m0 + row, M - 1);
+    cp_async16(stage + place(row, chunk), x + m * kin + u * 128 + 8 * chunk);
+  }
+}
+
 // The block's replicated table (L::kTableWords words) from codebook `group` in x's dtype T, through `values`
 // (2**BITS 16-bit entries of shared memory). Ends with the table written by this thread, not yet published.
 template <typename L, typename T, int BITS>
@@ -112,5 +129,34 @@ int choose_splits(int64_t blocks, int64_t units, int64_t slots);
 // Waves of `blocks` blocks of a kernel that holds `per_sm` blocks per SM -> FusedArgs' split fields and the
 // workspace of `out` (returned: keep it alive across the launch).
 at::Tensor plan_splits(FusedArgs& a, int64_t blocks, int per_sm, int sms, const at::Tensor& like);
+
+// Launches one fused kernel: y = x W^T over blocks of block_out output rows x block_batch rows of x, split-K as
+// plan_splits chooses, then the finaliser. Once per kernel and device: its opt-in to `smem` bytes of dynamic shared
+// memory (above the default 48 KiB) and how many of its blocks an SM holds (the split choice counts block slots).
+template <auto KERNEL>
+void launch_fused(const PackedRows& w, const at::Tensor& x, const Epilogue& out, int threads, int smem,
+                  int64_t block_out, int64_t block_batch, int sms) {
+  WS_CHECK_VALUE(out.kind == out_kind(x.scalar_type()), "weightshare: the fused GEMMs write y in x's dtype");
+  static std::atomic<int> slots_per_sm[64];
+  const int device = x.get_device();
+  int per_sm = device < 64 ? slots_per_sm[device].load(std::memory_order_relaxed) : 0;
+  if (per_sm == 0) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, KERNEL, threads, smem));
+    WS_CHECK_VALUE(per_sm > 0, "weightshare: a fused shared_linear kernel does not fit on this GPU");
+    if (device < 64) slots_per_sm[device].store(per_sm, std::memory_order_relaxed);
+  }
+  FusedArgs a{};
+  a.w = w;
+  a.x = x.data_ptr();
+  a.units = w.kin / 128;
+  a.mblocks = ceil_div(out.M, block_batch);
+  a.out = out;
+  const int64_t blocks = ceil_div(w.N, block_out) * a.mblocks;
+  const at::Tensor workspace = plan_splits(a, blocks, per_sm, sms, x);  // alive until the launch is queued
+  KERNEL<<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(a.out.splits)), threads, smem, stream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  finalize(a.out, false);
+}
 
 }  // namespace weightshare::cuda

@@ -19,8 +19,6 @@
 // so no call takes it unless WS_CUDA_LINEAR=fused (gemm_mma_takes).
 #include "shared_linear_gemm_mma.h"
 
-#include <algorithm>
-#include <atomic>
 #include <cstdlib>
 #include <string_view>
 
@@ -54,17 +52,9 @@ __global__ void __launch_bounds__(FusedGemmLayout<BITS, NT, ROWS>::kThreads, 1) 
 
   IndexStager<L, BITS> stager(a.w, n0, tid);
   const uint32_t xs_base = shared_address(xs);
-  // Unit u of x into stage `stage`: rows past M repeat row M - 1 (their outputs are never stored).
-  auto load_x = [&](int64_t u, int stage) {
-    const uint32_t dst = xs_base + stage * L::kXBytes;
-    static_assert(L::kXChunks % L::kThreads == 0, "whole copies per thread");
-#pragma unroll
-    for (int v = 0; v < L::kXChunks / L::kThreads; ++v) {
-      const int c = tid + v * L::kThreads, row = c >> 4, chunk = c & 15;
-      const int64_t m = min(m0 + row, M - 1);
-      cp_async16(dst + 16 * L::x_chunk_slot(row, chunk),
-                 static_cast<const T*>(a.x) + m * kin + u * L::kUnitK + 8 * chunk);
-    }
+  auto load_x = [&](int64_t u, int stage) {  // unit u of x into a stage, chunks in their swizzled slots
+    load_x_tile<T, L::kThreads, L::kBlockBatch>(xs_base + stage * L::kXBytes, static_cast<const T*>(a.x), m0, M, kin,
+                                                u, tid, [](int r, int c) { return 16 * L::x_chunk_slot(r, c); });
   };
 
   // Prologue: x of the first S - 1 units in flight, the first unit's indices (while the tables are staged). Loads
@@ -277,42 +267,15 @@ bool gemm_mma_takes(const at::Tensor& x, const at::Tensor& packed, int64_t bits,
 }
 
 void launch_gemm_mma(const PackedRows& w, const at::Tensor& x, int bits, Epilogue out, int sms) {
-  const int device = x.get_device();
-  const int nt = tiles_n_for(out.M);
   const bool rows = needs_row_tables(bits, w.N, w.rows_per_group);
-  dispatch_shape(bits, nt, rows, [&]<int BITS, int NT, bool ROWS>() {
+  dispatch_shape(bits, tiles_n_for(out.M), rows, [&]<int BITS, int NT, bool ROWS>() {
     using L = FusedGemmLayout<BITS, NT, ROWS>;
-    auto go = [&](auto t_tag) {
-      using T = decltype(t_tag);
-      auto* kernel = gemm_mma_kernel<T, BITS, NT, ROWS>;
-      // once per instantiation and device: the opt-in above 48 KB of dynamic shared memory, and how many blocks of
-      // this kernel an SM holds (for the split-K choice)
-      static std::atomic<int> slots_per_sm[64];
-      int per_sm = device < 64 ? slots_per_sm[device].load(std::memory_order_relaxed) : 0;
-      if (per_sm == 0) {
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSmemBytes));
-        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, L::kThreads, L::kSmemBytes));
-        WS_CHECK_VALUE(per_sm > 0, "weightshare: the fused shared_linear kernel does not fit on this GPU");
-        if (device < 64) slots_per_sm[device].store(per_sm, std::memory_order_relaxed);
-      }
-      WS_CHECK_VALUE(out.kind == out_kind(x.scalar_type()), "weightshare: the fused GEMM writes y in x's dtype");
-      FusedArgs a{};
-      a.w = w;
-      a.x = x.data_ptr();
-      a.units = w.kin / L::kUnitK;
-      a.mblocks = ceil_div(out.M, L::kBlockBatch);
-      a.out = out;
-      const int64_t blocks = ceil_div(w.N, L::kBlockOut) * a.mblocks;
-      const at::Tensor workspace = plan_splits(a, blocks, per_sm, sms, x);
-      const unsigned splits = static_cast<unsigned>(a.out.splits);
-      kernel<<<dim3(static_cast<unsigned>(blocks), splits), L::kThreads, L::kSmemBytes, stream()>>>(a);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      finalize(a.out, false);
-    };
     if (x.scalar_type() == at::kHalf) {
-      go(__half{});
+      launch_fused<gemm_mma_kernel<__half, BITS, NT, ROWS>>(w, x, out, L::kThreads, L::kSmemBytes, L::kBlockOut,
+                                                            L::kBlockBatch, sms);
     } else {
-      go(__nv_bfloat16{});
+      launch_fused<gemm_mma_kernel<__nv_bfloat16, BITS, NT, ROWS>>(w, x, out, L::kThreads, L::kSmemBytes,
+                                                                   L::kBlockOut, L::kBlockBatch, sms);
     }
   });
 }

@@ -20,7 +20,6 @@
 // in a build for "9.0a" (WS_SM90A).
 #include "shared_linear_gemm_wgmma.h"
 
-#include <atomic>
 #include <cstdlib>
 #include <string_view>
 
@@ -64,16 +63,9 @@ __global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(const FusedArgs a) {
   const int nu = static_cast<int>(min(a.units - u_begin, a.units_per_split));  // >= 1: no split is empty
 
   IndexStager<L, BITS> stager(a.w, n0, tid);
-  // Unit u of x into stage `stage`: rows past M repeat row M - 1 (their outputs are never stored).
-  auto load_x = [&](int64_t u, int stage) {
-    const uint32_t dst = xs_base + stage * X::kStageBytes;
-    static_assert(X::kChunks % X::kThreads == 0, "whole copies per thread");
-#pragma unroll
-    for (int v = 0; v < X::kChunks / X::kThreads; ++v) {
-      const int c = tid + v * X::kThreads, row = c >> 4, chunk = c & 15;
-      const int64_t m = min(m0 + row, M - 1);
-      cp_async16(dst + X::chunk_byte(row, chunk), static_cast<const T*>(a.x) + m * kin + u * L::kUnitK + 8 * chunk);
-    }
+  auto load_x = [&](int64_t u, int stage) {  // unit u of x into a stage, K-major in the 128-byte swizzle
+    load_x_tile<T, X::kThreads, NB>(xs_base + stage * X::kStageBytes, static_cast<const T*>(a.x), m0, M, kin, u, tid,
+                                    [](int r, int c) { return X::chunk_byte(r, c); });
   };
 
   // Prologue as the mma.sync kernel's: loads past the split's last unit reload that unit into space nobody reads.
@@ -208,38 +200,12 @@ bool gemm_wgmma_takes(const at::Tensor& x, const at::Tensor& packed, int64_t bit
 }
 
 void launch_gemm_wgmma(const PackedRows& w, const at::Tensor& x, int bits, Epilogue out, int sms) {
-  const int device = x.get_device();
-  WS_CHECK_VALUE(out.kind == out_kind(x.scalar_type()), "weightshare: the wgmma GEMM writes y in x's dtype");
   dispatch_wgmma(bits, rows_of_x_per_block(out.M), [&]<int BITS, int NB>() {
     constexpr int kSmem = wgmma_smem_bytes<BITS, NB>();
-    auto go = [&](auto t_tag) {
-      using T = decltype(t_tag);
-      auto* kernel = gemm_wgmma_kernel<T, BITS, NB>;
-      static std::atomic<int> slots_per_sm[64];  // per instantiation and device, as launch_gemm_mma
-      int per_sm = device < 64 ? slots_per_sm[device].load(std::memory_order_relaxed) : 0;
-      if (per_sm == 0) {
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 256, kSmem));
-        WS_CHECK_VALUE(per_sm > 0, "weightshare: the wgmma shared_linear kernel does not fit on this GPU");
-        if (device < 64) slots_per_sm[device].store(per_sm, std::memory_order_relaxed);
-      }
-      FusedArgs a{};
-      a.w = w;
-      a.x = x.data_ptr();
-      a.units = w.kin / 128;
-      a.mblocks = ceil_div(out.M, NB);
-      a.out = out;
-      const int64_t blocks = ceil_div(w.N, 256) * a.mblocks;
-      const at::Tensor workspace = plan_splits(a, blocks, per_sm, sms, x);
-      const unsigned splits = static_cast<unsigned>(a.out.splits);
-      kernel<<<dim3(static_cast<unsigned>(blocks), splits), 256, kSmem, stream()>>>(a);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      finalize(a.out, false);
-    };
     if (x.scalar_type() == at::kHalf) {
-      go(__half{});
+      launch_fused<gemm_wgmma_kernel<__half, BITS, NB>>(w, x, out, 256, kSmem, 256, NB, sms);
     } else {
-      go(__nv_bfloat16{});
+      launch_fused<gemm_wgmma_kernel<__nv_bfloat16, BITS, NB>>(w, x, out, 256, kSmem, 256, NB, sms);
     }
   });
 }

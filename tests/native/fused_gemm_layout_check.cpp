@@ -26,24 +26,33 @@ static void fail(const char* what, int bits, int nt, long a, long b) {
 static int64_t lo(uint32_t r) { return r & 0xffffu; }
 static int64_t hi(uint32_t r) { return r >> 16; }
 
+// N rows of kin random indices (idx, row-major) and their packing (packing.h: a little-endian bit stream per row).
+static void random_weight(int N, int kin, int bits, std::mt19937& gen, std::vector<uint32_t>& idx,
+                          std::vector<uint32_t>& packed) {
+  const int row_words = kin * bits / 32;
+  idx.assign(size_t(N) * kin, 0u);
+  packed.assign(size_t(N) * row_words, 0u);
+  for (int n = 0; n < N; ++n) {
+    for (int k = 0; k < kin; ++k) {
+      const uint32_t v = gen() & ((1u << bits) - 1u);
+      idx[size_t(n) * kin + k] = v;
+      for (int b = 0; b < bits; ++b) {
+        const int64_t bit = int64_t(k) * bits + b;
+        if ((v >> b) & 1u) packed[size_t(n) * row_words + bit / 32] |= 1u << (bit % 32);
+      }
+    }
+  }
+}
+
 template <int BITS, int NT, bool ROWS = false>
 static void check(std::mt19937& gen) {
   using L = FusedGemmLayout<BITS, NT, ROWS>;
   constexpr int kUnits = 2, kin = kUnits * L::kUnitK, N = L::kBlockOut, M = L::kBlockBatch;
   constexpr int row_words = kin * BITS / 32;
-  // W: indices packed as packing.h defines (little-endian bit stream per row), codebook values, x.
-  std::vector<uint32_t> idx(size_t(N) * kin), packed(size_t(N) * row_words, 0u);
-  for (int n = 0; n < N; ++n) {
-    for (int k = 0; k < kin; ++k) {
-      const uint32_t v = gen() & ((1u << BITS) - 1u);
-      idx[size_t(n) * kin + k] = v;
-      for (int b = 0; b < BITS; ++b) {
-        const int64_t bit = int64_t(k) * BITS + b;
-        if ((v >> b) & 1u) packed[size_t(n) * row_words + bit / 32] |= 1u << (bit % 32);
-      }
-    }
-  }
-  // codebook values: one table (ROWS: one per row, as the kernel stages them: row r's entry e at halfword r 2**BITS + e)
+  std::vector<uint32_t> idx, packed;
+  random_weight(N, kin, BITS, gen, idx, packed);
+  // codebook values: one table (ROWS: one per row, as the kernel stages them, row r's entry e at halfword
+  // r 2**BITS + e)
   std::vector<uint16_t> values(size_t(ROWS ? N : 1) << BITS);
   for (auto& v : values) v = static_cast<uint16_t>(1 + gen() % 1000);
   auto value = [&](int n, uint32_t e) { return values[(size_t(ROWS ? n : 0) << BITS) + e]; };
@@ -223,17 +232,8 @@ static void check_wgmma(std::mt19937& gen) {
   using X = WgmmaTileLayout<NB>;
   constexpr int kUnits = 2, kin = kUnits * L::kUnitK, N = L::kBlockOut, M = NB;
   constexpr int row_words = kin * BITS / 32;
-  std::vector<uint32_t> idx(size_t(N) * kin), packed(size_t(N) * row_words, 0u);
-  for (int n = 0; n < N; ++n) {
-    for (int k = 0; k < kin; ++k) {
-      const uint32_t v = gen() & ((1u << BITS) - 1u);
-      idx[size_t(n) * kin + k] = v;
-      for (int b = 0; b < BITS; ++b) {
-        const int64_t bit = int64_t(k) * BITS + b;
-        if ((v >> b) & 1u) packed[size_t(n) * row_words + bit / 32] |= 1u << (bit % 32);
-      }
-    }
-  }
+  std::vector<uint32_t> idx, packed;
+  random_weight(N, kin, BITS, gen, idx, packed);
   std::vector<uint16_t> values(1 << BITS);
   for (auto& v : values) v = static_cast<uint16_t>(1 + gen() % 1000);
   std::vector<uint16_t> x(size_t(M) * kin);
