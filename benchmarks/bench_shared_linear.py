@@ -167,7 +167,7 @@ def run_cuda() -> dict:
                         for key in env:
                             os.environ.pop(key, None)
                 paths = {"simt": ({"WS_CUDA_GEMV": "off"}, M <= 8), "mma": ({"WS_CUDA_GEMV": "mma"}, M <= 64),
-                         "panels": ({"WS_CUDA_GEMV": "off"}, M > 8),
+                         "panels": ({"WS_CUDA_GEMV": "off", "WS_CUDA_LINEAR": "panels"}, M > 8),
                          "tiles": ({"WS_CUDA_GEMV": "off", "WS_CUDA_LINEAR": "tiles"}, M > 8),
                          "fused": ({"WS_CUDA_LINEAR": "fused"}, M > 1 and fused_kernels["fused"]),
                          "wgmma": ({"WS_CUDA_LINEAR": "wgmma"}, M > 1 and fused_kernels["wgmma"])}

@@ -115,6 +115,15 @@ __device__ __forceinline__ void stage_row_tables(const PackedRows& w, int64_t n0
   }
 }
 
+// WS_CUDA_LINEAR, read per call: "fused" / "wgmma" ask for that fused GEMM wherever it can take a call (any number
+// of rows); "panels" / "tiles" refuse both; otherwise (unset) each takes the calls of at least kFusedDefaultFirstM
+// rows it can, the wgmma form first.
+enum class FusedAsk { Mma, Wgmma, Refused, Default };
+FusedAsk fused_ask();
+// Disabled (no default call takes them) until a GPU run has measured them: the first H200 run sets it to where they
+// overtake the tensor-core GEMV and the panels (bench_shared_linear.py --cuda times every path per batch).
+constexpr int64_t kFusedDefaultFirstM = INT64_MAX;
+
 // The shape rules of both fused kernels: 16-bit x whose data is 16-byte aligned, in_features a multiple of 128,
 // a 16-byte aligned packed tensor (its rows then are too).
 bool fused_shape_ok(const at::Tensor& x, const at::Tensor& packed, int64_t M, int64_t in_features);

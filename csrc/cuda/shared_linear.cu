@@ -22,7 +22,8 @@
 //    rows where its shape rules allow (gemm_mma_takes); not yet run on a GPU, so taken only when asked.
 //    WS_CUDA_LINEAR=wgmma: its Hopper form (shared_linear_gemm_wgmma.cu; sm_90a builds, 1-4 bits), likewise.
 //  * forward with more rows (float activations): decoded panels + cuBLAS (shared_linear_panels.cu), unless
-//    WS_CUDA_LINEAR=tiles selects the tile kernel below (the int8 forward and the backward always use tiles).
+//    WS_CUDA_LINEAR=tiles selects the tile kernel below (the int8 forward and the backward always use tiles),
+//    =panels the panels even where a fused GEMM would take the call by default.
 //  * forward_tile_kernel / grad_x_tile_kernel / grad_w_tile_kernel, many rows: 64x64 output tiles, 128 threads,
 //    reduction steps of 64. Each step decodes a 64x64 W tile once into shared memory (one 32-index chunk per
 //    thread) and multiplies it with a 64x64 tile of x / grad_out: tensor cores (wmma, fp32 accumulate) for

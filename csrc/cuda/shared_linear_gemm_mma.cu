@@ -218,6 +218,15 @@ bool gemm_compiled() {
 
 }  // namespace
 
+FusedAsk fused_ask() {
+  const char* sw = std::getenv("WS_CUDA_LINEAR");
+  if (sw == nullptr) return FusedAsk::Default;
+  const std::string_view mode(sw);
+  if (mode == "fused") return FusedAsk::Mma;
+  if (mode == "wgmma") return FusedAsk::Wgmma;
+  return mode == "panels" || mode == "tiles" ? FusedAsk::Refused : FusedAsk::Default;
+}
+
 bool fused_shape_ok(const at::Tensor& x, const at::Tensor& packed, int64_t M, int64_t in_features) {
   if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) return false;
   if (M < 1 || in_features % 128 != 0 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) return false;
@@ -252,8 +261,8 @@ at::Tensor plan_splits(FusedArgs& a, int64_t blocks, int per_sm, int sms, const 
 
 bool gemm_mma_takes(const at::Tensor& x, const at::Tensor& packed, int64_t bits, int64_t M, int64_t out_features,
                     int64_t in_features, int64_t rows_per_group) {
-  const char* sw = std::getenv("WS_CUDA_LINEAR");
-  if (sw == nullptr || std::string_view(sw) != "fused") return false;
+  const FusedAsk ask = fused_ask();
+  if (ask != FusedAsk::Mma && (ask != FusedAsk::Default || M < kFusedDefaultFirstM)) return false;
   if (!fused_shape_ok(x, packed, M, in_features)) return false;
   const bool rows = needs_row_tables(bits, out_features, rows_per_group);
   if (rows && !rows_instantiated(bits)) return false;

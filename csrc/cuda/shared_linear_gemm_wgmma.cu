@@ -20,9 +20,6 @@
 // in a build for "9.0a" (WS_SM90A).
 #include "shared_linear_gemm_wgmma.h"
 
-#include <cstdlib>
-#include <string_view>
-
 #include "weightshare/dispatch.h"
 #include "weightshare/fused_gemm_layout.h"
 #include "fused_gemm_staging.h"
@@ -177,8 +174,9 @@ int rows_of_x_per_block(int64_t M) { return M <= 64 ? 64 : 128; }
 
 bool gemm_wgmma_takes(const at::Tensor& x, const at::Tensor& packed, int64_t bits, int64_t M, int64_t out_features,
                       int64_t in_features, int64_t rows_per_group) {
-  const char* sw = std::getenv("WS_CUDA_LINEAR");
-  if (sw == nullptr || std::string_view(sw) != "wgmma" || bits > 4) return false;
+  const FusedAsk ask = fused_ask();
+  if (ask != FusedAsk::Wgmma && (ask != FusedAsk::Default || M < kFusedDefaultFirstM)) return false;
+  if (bits > 4) return false;
 #if defined(WS_SM90A)
   if (!fused_shape_ok(x, packed, M, in_features) || !one_codebook_per_block(out_features, rows_per_group, 256)) {
     return false;

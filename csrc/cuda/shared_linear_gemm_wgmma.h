@@ -6,7 +6,7 @@
 
 namespace weightshare::cuda {
 
-// Whether it takes a forward call: asked for (WS_CUDA_LINEAR=wgmma, read per call: not yet run on a GPU), a build
+// Whether it takes a forward call: asked for (WS_CUDA_LINEAR=wgmma; by default none yet: kFusedDefaultFirstM), a build
 // with sm_90a code (WS_SM90A: TORCH_CUDA_ARCH_LIST="9.0a"), a compute capability 9.0 device, bits <= 4, and the
 // fused kernels' shape rules (fused_shape_ok) with one codebook per 256 output rows.
 bool gemm_wgmma_takes(const at::Tensor& x, const at::Tensor& packed, int64_t bits, int64_t M, int64_t out_features,
