@@ -803,13 +803,11 @@ def test_cuda_many_rows_in_several_panels(dtype, gen):
 @pytest.mark.parametrize("shape", [(300, 256), (40, 4096), (512, 384)])
 def test_cuda_fused_gemm(kernel, dtype, bits, M, shape, monkeypatch, gen):
     """The fused tensor-core GEMMs (WS_CUDA_LINEAR=fused: mma.sync, shared_linear_gemm_mma.cu; =wgmma: its sm_90a
-    form for 1-4 bits, shared_linear_gemm_wgmma.cu) against fp32 products with the weight rounded to x's dtype:
+    form, shared_linear_gemm_wgmma.cu) against fp32 products with the weight rounded to x's dtype:
     output rows that end inside a block (300, 40), a layer of 40 rows and 32 units that splits K over many blocks,
     two codebooks of 256 rows (512 x 384: one per block at every width), rows of x that fill 1 to 4 of its 8-row
     tile groups (1 or 2 wgmma blocks), with bias; test_cuda_fused_gemm_takes_the_calls_it_should proves they ran
     (a call they do not take falls back to another path, also correct)."""
-    if kernel == "wgmma" and bits > 4:
-        pytest.skip("the wgmma kernel takes 1 to 4 bits")
     monkeypatch.setenv("WS_CUDA_LINEAR", kernel)
     out_f, in_f = shape
     groups = 2 if out_f == 512 else 1
@@ -863,7 +861,7 @@ def test_cuda_fused_gemm_bad_indices_and_3d_x(kernel, monkeypatch, gen):
 def test_cuda_fused_gemm_takes_the_calls_it_should(monkeypatch, gen):
     """gemm_mma_takes on sm_80+ / gemm_wgmma_takes on compute capability 9.0: only when asked (WS_CUDA_LINEAR=fused
     / wgmma), and then only where their shape rules allow: in_features a multiple of 128, one codebook per block of
-    output rows, 16-bit x (wgmma: 1-4 bits). Otherwise the call falls back to the other paths (whose results the
+    output rows, 16-bit x. Otherwise the call falls back to the other paths (whose results the
     tests above check), which the fused tests could not tell apart from them; the profiler's kernel names can."""
     if torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("the fused GEMM needs sm_80 or newer")
@@ -895,6 +893,6 @@ def test_cuda_fused_gemm_takes_the_calls_it_should(monkeypatch, gen):
     if not ran("gemm_wgmma_kernel"):
         pytest.skip("this build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a)")
     assert ran("gemm_wgmma_kernel", M=200) and ran("gemm_wgmma_kernel", dtype=torch.bfloat16)
-    assert not ran("gemm_wgmma_kernel", bits=5) and not ran("gemm_wgmma_kernel", in_f=300)
-    assert not ran("gemm_wgmma_kernel", groups=64)  # one codebook per 256 rows only
+    assert ran("gemm_wgmma_kernel", bits=8) and not ran("gemm_wgmma_kernel", in_f=300)
+    assert not ran("gemm_wgmma_kernel", groups=64)  # one codebook per block only
     assert not ran("gemm_mma_kernel")  # and nothing else takes a call it takes

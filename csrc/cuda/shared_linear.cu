@@ -20,7 +20,7 @@
 //    takes the SIMT GEMV at 1 row only.
 //  * WS_CUDA_LINEAR=fused: the fused tensor-core GEMM (shared_linear_gemm_mma.cu) for fp16/bf16 x of any number of
 //    rows where its shape rules allow (gemm_mma_takes); not yet run on a GPU, so taken only when asked.
-//    WS_CUDA_LINEAR=wgmma: its Hopper form (shared_linear_gemm_wgmma.cu; sm_90a builds, 1-4 bits), likewise.
+//    WS_CUDA_LINEAR=wgmma: its Hopper form (shared_linear_gemm_wgmma.cu; sm_90a builds), likewise.
 //  * forward with more rows (float activations): decoded panels + cuBLAS (shared_linear_panels.cu), unless
 //    WS_CUDA_LINEAR=tiles selects the tile kernel below (the int8 forward and the backward always use tiles),
 //    =panels the panels even where a fused GEMM would take the call by default.

@@ -1,9 +1,9 @@
-// shared_linear for fp16/bf16 activations and many rows of x with Hopper's warpgroup mma (sm_90a, <= 4 bits): the
+// shared_linear for fp16/bf16 activations and many rows of x with Hopper's warpgroup mma (sm_90a, 1-8 bits): the
 // fused GEMM of shared_linear_gemm_mma.cu with wgmma in place of mma.sync. The packed indices become the same codes
 // and the same A fragments in registers (FusedGemmLayout<BITS, 8>); x is no longer loaded into registers by
 // ldmatrix: the tensor cores read it from shared memory through a matrix descriptor (128-byte swizzle,
-// WgmmaTileLayout), one m64nNk16 instruction per warpgroup, 64-row tile and k16 step, asynchronously while the next
-// step's A fragments are decoded.
+// WgmmaTileLayout), one m64nNk16 instruction per warpgroup, 64-row tile (two per warpgroup with pair codes, one
+// with the single codes of 5-8 bits) and k16 step, asynchronously while the next step's A fragments are decoded.
 //
 // Why: mma.sync is issued per warp per 16x8x16 tile with its B fragment in registers, and on Hopper it reaches only
 // part of the tensor cores' rate; cuBLAS's fp16 GEMMs there use wgmma. For 256 rows of x the product is compute-bound
@@ -11,7 +11,7 @@
 // can only approach cuBLAS with the same instruction.
 //
 // Per 128-index unit: cp.async of x (3 stages, each thread fencing its copies into the async proxy before the
-// barrier); per k16 step: decode the step's A fragments (two 64-row tiles) into one of two register sets, fence,
+// barrier); per k16 step: decode the step's A fragments (its 64-row tiles) into one of two register sets, fence,
 // issue the two wgmma, commit, and wait until at most this step's group runs (so the other register set is free);
 // the unit ends waiting for all groups (its x stage may then be overwritten) and staging the next unit's codes.
 //
@@ -32,17 +32,17 @@ namespace {
 template <int BITS, int NB>
 constexpr int wgmma_smem_bytes() {
   using L = FusedGemmLayout<BITS, 8>;
-  using X = WgmmaTileLayout<NB>;
+  using X = WgmmaLayoutFor<BITS, NB>;
   return 1024 + X::kStages * X::kStageBytes + 4 * (L::kTableWords + 2 * L::kCodeBufferWords);  // 1024: alignment
 }
 
-// grid: (output blocks of 256 rows x blocks of NB rows of x, splits of the units); 256 threads.
+// grid: (output blocks of 256 / 128 rows x blocks of NB rows of x, splits of the units); 256 threads.
 template <typename T, int BITS, int NB>
 __global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(const FusedArgs a) {
   using L = FusedGemmLayout<BITS, 8>;
-  using X = WgmmaTileLayout<NB>;
-  static_assert(L::kPair && L::kBlockOut == 256 && L::kThreads == X::kThreads, "pair codes for 256 rows");
-  constexpr int S = X::kStages, R = NB / 2;  // R: accumulator registers per 64-row tile
+  using X = WgmmaLayoutFor<BITS, NB>;
+  static_assert(L::kBlockOut == X::kBlockOut && L::kThreads == X::kThreads, "the code layout's block rows");
+  constexpr int S = X::kStages, R = NB / 2, TILES = X::kTiles, CW = L::kCodeWords;  // R: registers per tile
   extern __shared__ __align__(16) uint32_t smem[];
   __shared__ uint16_t values[1 << BITS];
   const uint32_t smem_base = shared_address(smem);
@@ -78,9 +78,9 @@ __global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(const FusedArgs a) {
 
   const uint32_t tab_base = shared_address(tab);
   const uint32_t codes_base = shared_address(codes);
-  float acc[2][R];
+  float acc[TILES][R];
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < TILES; ++i) {
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[i][r] = 0.0f;
   }
@@ -93,20 +93,30 @@ __global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(const FusedArgs a) {
 
     const uint32_t cbuf = codes_base + 4u * (it & 1) * L::kCodeBufferWords;
     const uint32_t xstage = xs_base + (it % S) * X::kStageBytes;
-    uint32_t af[2][2][4];  // [step parity][64-row tile]: a step's registers stay untouched while its wgmma runs
+    uint32_t af[2][TILES][4];  // [step parity][64-row tile]: a step's registers stay untouched while its wgmma runs
 #pragma unroll
     for (int s = 0; s < L::kSteps; ++s) {
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
+      for (int i = 0; i < TILES; ++i) {
         const int row = X::block_row(wg, i, wj, g, 0);
-        const uint32_t c0[1] = {lds_u32(cbuf + 4 * L::code_word(row, s, t))};
-        const uint32_t c1[1] = {lds_u32(cbuf + 4 * L::code_word(row + 8, s, t))};
+        uint32_t c0[CW], c1[CW];
+        if constexpr (CW == 1) {
+          c0[0] = lds_u32(cbuf + 4 * L::code_word(row, s, t));
+          c1[0] = lds_u32(cbuf + 4 * L::code_word(row + 8, s, t));
+        } else {
+          const uint2 v0 = lds_u64(cbuf + 4 * L::code_word(row, s, t));
+          const uint2 v1 = lds_u64(cbuf + 4 * L::code_word(row + 8, s, t));
+          c0[0] = v0.x;
+          c0[1] = v0.y;
+          c1[0] = v1.x;
+          c1[1] = v1.y;
+        }
         L::decode_a(c0, c1, [&](uint32_t offset) { return lds_u32(tab_base + offset); }, af[s & 1][i]);
       }
       wgmma_fence();
       const uint64_t desc = sw128_descriptor(xstage + X::step_start(s), X::kAtomStride);
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
+      for (int i = 0; i < TILES; ++i) {
         pin_registers(acc[i]);
         wgmma_rs<T, NB>(acc[i], af[s & 1][i], desc);
         pin_registers(acc[i]);
@@ -116,7 +126,7 @@ __global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(const FusedArgs a) {
     }
     wgmma_wait<0>();
 #pragma unroll
-    for (int i = 0; i < 2; ++i) pin_registers(acc[i]);
+    for (int i = 0; i < TILES; ++i) pin_registers(acc[i]);
     stager.store(codes + ((it + 1) & 1) * L::kCodeBufferWords, tid);  // read last in unit it - 1: past the barrier
     stager.load(u_begin + min(it + 2, nu - 1));
   }
@@ -126,7 +136,7 @@ __global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(const FusedArgs a) {
   // kernel's epilogue: y in x's dtype, one bias load per output row, fp32 partials under split-K.
   const bool direct = a.out.splits == 1;
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < TILES; ++i) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t n = n0 + X::block_row(wg, i, wj, g, h);
@@ -152,20 +162,13 @@ __global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(const FusedArgs a) {
 
 template <typename F>
 void dispatch_wgmma(int64_t bits, int nb, F&& f) {
-  auto widths = [&]<int BITS>() {
+  WS_DISPATCH_BITS(bits, BITS, [&] {
     if (nb == 64) {
       f.template operator()<BITS, 64>();
     } else {
       f.template operator()<BITS, 128>();
     }
-  };
-  switch (bits) {
-    case 1: widths.template operator()<1>(); break;
-    case 2: widths.template operator()<2>(); break;
-    case 3: widths.template operator()<3>(); break;
-    case 4: widths.template operator()<4>(); break;
-    default: WS_CHECK_VALUE(false, "weightshare: the wgmma GEMM takes 1 to 4 bits, got ", bits);
-  }
+  });
 }
 
 int rows_of_x_per_block(int64_t M) { return M <= 64 ? 64 : 128; }
@@ -176,9 +179,10 @@ bool gemm_wgmma_takes(const at::Tensor& x, const at::Tensor& packed, int64_t bit
                       int64_t in_features, int64_t rows_per_group) {
   const FusedAsk ask = fused_ask();
   if (ask != FusedAsk::Wgmma && (ask != FusedAsk::Default || M < kFusedDefaultFirstM)) return false;
-  if (bits > 4) return false;
+  const int64_t block_out = bits <= 4 ? 256 : 128;
 #if defined(WS_SM90A)
-  if (!fused_shape_ok(x, packed, M, in_features) || !one_codebook_per_block(out_features, rows_per_group, 256)) {
+  if (!fused_shape_ok(x, packed, M, in_features) ||
+      !one_codebook_per_block(out_features, rows_per_group, block_out)) {
     return false;
   }
   const int device = x.get_device();
@@ -190,7 +194,7 @@ bool gemm_wgmma_takes(const at::Tensor& x, const at::Tensor& packed, int64_t bit
   dispatch_wgmma(bits, rows_of_x_per_block(M), [&]<int BITS, int NB>() {
     bytes = wgmma_smem_bytes<BITS, NB>() + int(sizeof(uint16_t)) * (1 << BITS);
   });
-  const int64_t blocks = ceil_div(out_features, 256) * ceil_div(M, rows_of_x_per_block(M));
+  const int64_t blocks = ceil_div(out_features, block_out) * ceil_div(M, rows_of_x_per_block(M));
   return bytes <= device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device) && blocks <= INT32_MAX;
 #else
   return false;  // built without sm_90a (TORCH_CUDA_ARCH_LIST="9.0a")
@@ -199,11 +203,11 @@ bool gemm_wgmma_takes(const at::Tensor& x, const at::Tensor& packed, int64_t bit
 
 void launch_gemm_wgmma(const PackedRows& w, const at::Tensor& x, int bits, Epilogue out, int sms) {
   dispatch_wgmma(bits, rows_of_x_per_block(out.M), [&]<int BITS, int NB>() {
-    constexpr int kSmem = wgmma_smem_bytes<BITS, NB>();
+    constexpr int kSmem = wgmma_smem_bytes<BITS, NB>(), kOut = WgmmaLayoutFor<BITS, NB>::kBlockOut;
     if (x.scalar_type() == at::kHalf) {
-      launch_fused<gemm_wgmma_kernel<__half, BITS, NB>>(w, x, out, 256, kSmem, 256, NB, sms);
+      launch_fused<gemm_wgmma_kernel<__half, BITS, NB>>(w, x, out, 256, kSmem, kOut, NB, sms);
     } else {
-      launch_fused<gemm_wgmma_kernel<__nv_bfloat16, BITS, NB>>(w, x, out, 256, kSmem, 256, NB, sms);
+      launch_fused<gemm_wgmma_kernel<__nv_bfloat16, BITS, NB>>(w, x, out, 256, kSmem, kOut, NB, sms);
     }
   });
 }

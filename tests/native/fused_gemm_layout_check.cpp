@@ -229,7 +229,8 @@ static void check(std::mt19937& gen) {
 template <int BITS, int NB>
 static void check_wgmma(std::mt19937& gen) {
   using L = FusedGemmLayout<BITS, 8>;
-  using X = WgmmaTileLayout<NB>;
+  using X = WgmmaLayoutFor<BITS, NB>;
+  if (L::kBlockOut != X::kBlockOut) fail("wgmma block rows = the code layout's", BITS, NB, X::kBlockOut, L::kBlockOut);
   constexpr int kUnits = 2, kin = kUnits * L::kUnitK, N = L::kBlockOut, M = NB;
   constexpr int row_words = kin * BITS / 32;
   std::vector<uint32_t> idx, packed;
@@ -264,7 +265,7 @@ static void check_wgmma(std::mt19937& gen) {
       if (covered[i] != 1) fail("wgmma x stage covered once", BITS, NB, long(i), covered[i]);
     }
     for (int wg = 0; wg < 2; ++wg) {
-      for (int i = 0; i < 2; ++i) {
+      for (int i = 0; i < X::kTiles; ++i) {
         for (int s = 0; s < L::kSteps; ++s) {
           // B (16 x NB) through the descriptor
           std::vector<int64_t> B(size_t(16) * NB);
@@ -280,8 +281,11 @@ static void check_wgmma(std::mt19937& gen) {
           for (int j = 0; j < 4; ++j) {
             for (int l = 0; l < 32; ++l) {
               const int g = l >> 2, t = l & 3, row = X::block_row(wg, i, j, g, 0);
-              const uint32_t c0[1] = {codes[L::code_word(row, s, t)]};
-              const uint32_t c1[1] = {codes[L::code_word(X::block_row(wg, i, j, g, 1), s, t)]};
+              uint32_t c0[L::kCodeWords], c1[L::kCodeWords];
+              for (int e = 0; e < L::kCodeWords; ++e) {
+                c0[e] = codes[L::code_word(row, s, t) + e];
+                c1[e] = codes[L::code_word(X::block_row(wg, i, j, g, 1), s, t) + e];
+              }
               uint32_t a[4];
               L::decode_a(c0, c1, [&](uint32_t offset) -> uint32_t {
                 if ((offset >> 2) % 32 != uint32_t(l)) fail("wgmma table load in the lane's bank", BITS, NB, l, offset);
@@ -301,7 +305,7 @@ static void check_wgmma(std::mt19937& gen) {
             for (int n = 0; n < NB; ++n) {
               int64_t sum = 0;
               for (int k = 0; k < 16; ++k) sum += A[r][k] * B[size_t(k) * NB + n];
-              D[size_t(128 * wg + 64 * i + r) * M + n] += sum;  // the tile's rows are block rows 128 wg + 64 i + r
+              D[size_t(64 * X::kTiles * wg + 64 * i + r) * M + n] += sum;  // tile rows: block rows from 64 (T wg + i)
             }
           }
         }
@@ -311,13 +315,14 @@ static void check_wgmma(std::mt19937& gen) {
   // D's registers per thread (PTX), mapped back by the kernel's epilogue, against x W^T
   std::vector<int> seen(size_t(M) * N, 0);
   for (int wg = 0; wg < 2; ++wg) {
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < X::kTiles; ++i) {
       for (int j = 0; j < 4; ++j) {
         for (int l = 0; l < 32; ++l) {
           const int g = l >> 2, t = l & 3;
           for (int reg = 0; reg < NB / 2; ++reg) {
             const int jj = reg / 4, h = (reg / 2) % 2, e = reg % 2;
-            const int64_t value = D[size_t(128 * wg + 64 * i + 16 * j + g + 8 * h) * M + 8 * jj + 2 * t + e];  // PTX
+            const int tile_row = 64 * X::kTiles * wg + 64 * i + 16 * j + g + 8 * h;                      // PTX
+            const int64_t value = D[size_t(tile_row) * M + 8 * jj + 2 * t + e];
             const int n = X::block_row(wg, i, j, g, h), m = 8 * jj + 2 * t + e;                           // kernel
             seen[size_t(m) * N + n]++;
             int64_t want = 0;
@@ -340,10 +345,8 @@ static void check_widths(std::mt19937& gen) {
   check<BITS, 8>(gen);
   check<BITS, 2, true>(gen);
   check<BITS, 8, true>(gen);
-  if constexpr (BITS <= 4) {
-    check_wgmma<BITS, 64>(gen);
-    check_wgmma<BITS, 128>(gen);
-  }
+  check_wgmma<BITS, 64>(gen);
+  check_wgmma<BITS, 128>(gen);
 }
 
 int main() {

@@ -147,16 +147,19 @@ struct FusedGemmLayout {
   static constexpr int kSmemBytes = kFixedBytes + kStages * kXBytes;
 };
 
-// The wgmma form (shared_linear_gemm_wgmma.cu, sm_90a, <= 4 bits): the same block rows, codes and tables as
-// FusedGemmLayout<BITS, 8> (256 output rows), but 2 warpgroups of 4 warps, warpgroup w owning block rows
-// [128 w, 128 w + 128) as two 64-row wgmma tiles, warp j of a warpgroup rows 16 j + {g, g + 8} of each tile; and
-// NB rows of x per block (the wgmma's N), which the tensor cores read from shared memory themselves. There x sits
-// K-major in the 128-byte swizzle the descriptor names: a unit's tile is two halves of 64 k; in a half, row r's 128
-// bytes start at 128 r and its 16-byte chunk c sits at chunk c ^ (r & 7) (8 rows make one 1024-byte atom, atoms
-// consecutive along the rows).
-template <int NB>
+// The wgmma form (shared_linear_gemm_wgmma.cu, sm_90a): the same block rows, codes and tables as
+// FusedGemmLayout<BITS, 8> (256 output rows with pair codes, 128 with single codes), but 2 warpgroups of 4 warps,
+// warpgroup w owning block rows [64 TILES w, 64 TILES (w + 1)) as TILES 64-row wgmma tiles (2 with pair codes, 1
+// with single ones), warp j of a warpgroup rows 16 j + {g, g + 8} of each tile; and NB rows of x per block (the
+// wgmma's N), which the tensor cores read from shared memory themselves. There x sits K-major in the 128-byte
+// swizzle the descriptor names: a unit's tile is two halves of 64 k; in a half, row r's 128 bytes start at 128 r
+// and its 16-byte chunk c sits at chunk c ^ (r & 7) (8 rows make one 1024-byte atom, atoms consecutive along the
+// rows).
+template <int NB, int TILES>
 struct WgmmaTileLayout {
   static_assert(NB == 64 || NB == 128, "the wgmma widths instantiated");
+  static_assert(TILES == 1 || TILES == 2, "64-row tiles per warpgroup");
+  static constexpr int kTiles = TILES, kBlockOut = 2 * 64 * TILES;
   static constexpr int kThreads = 256;
   static constexpr int kStageBytes = NB * 256;  // a multiple of 1024: every stage starts an atom
   static constexpr int kChunks = NB * 16;       // cp.async copies per unit
@@ -167,7 +170,14 @@ struct WgmmaTileLayout {
   WS_HD static int step_start(int s) { return (s >> 2) * NB * 128 + (s & 3) * 32; }
   static constexpr int kAtomStride = 1024;  // the descriptor's stride byte offset
   // The block row of warp j of warpgroup wg in 64-row tile i, fragment row g (+8 when h).
-  WS_HD static int block_row(int wg, int i, int j, int g, int h) { return 128 * wg + 64 * i + 16 * j + g + 8 * h; }
+  WS_HD static int block_row(int wg, int i, int j, int g, int h) {
+    return 64 * TILES * wg + 64 * i + 16 * j + g + 8 * h;
+  }
 };
+
+// The wgmma layout of a width: two 64-row tiles per warpgroup with pair codes (256-row blocks), one with single
+// codes (128), so that its block rows are FusedGemmLayout<BITS, 8>'s.
+template <int BITS, int NB>
+using WgmmaLayoutFor = WgmmaTileLayout<NB, FusedGemmLayout<BITS, 8>::kPair ? 2 : 1>;
 
 }  // namespace weightshare
