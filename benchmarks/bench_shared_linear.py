@@ -170,7 +170,9 @@ def run_cuda() -> dict:
                          "panels": ({"WS_CUDA_GEMV": "off", "WS_CUDA_LINEAR": "panels"}, M > 8),
                          "tiles": ({"WS_CUDA_GEMV": "off", "WS_CUDA_LINEAR": "tiles"}, M > 8),
                          "fused": ({"WS_CUDA_LINEAR": "fused"}, M > 1 and fused_kernels["fused"]),
-                         "wgmma": ({"WS_CUDA_LINEAR": "wgmma"}, M > 1 and fused_kernels["wgmma"])}
+                         "wgmma": ({"WS_CUDA_LINEAR": "wgmma"}, M > 1 and fused_kernels["wgmma"]),
+                         "wgmma_drain": ({"WS_CUDA_LINEAR": "wgmma", "WS_CUDA_WGMMA_DRAIN": "1"},
+                                         M > 16 and fused_kernels["wgmma"])}
                 for name, (env, applies) in paths.items():
                     if applies:
                         t = timed(env)

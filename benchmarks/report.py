@@ -221,7 +221,8 @@ def cuda_linear_table(r):
            "| layer | bits | batch | cuBLAS fp16 | ws default | SIMT GEMV | tensor-core GEMV | panels + cuBLAS | "
            "tiles | ws int8 |", "|---|---|---|---|---|---|---|---|---|---|"]
     names = ["simt", "mma", "panels", "tiles", "int8"]
-    for name, title in (("fused", "fused GEMM"), ("wgmma", "fused GEMM, wgmma")):  # where the run has them
+    for name, title in (("fused", "fused GEMM"), ("wgmma", "fused GEMM, wgmma"),  # where the run has them
+                        ("wgmma_drain", "wgmma, draining units")):
         if any(f"ws_{name}_ms" in x for x in r["results"]):
             out[2] = out[2].replace(" ws int8 |", f" {title} | ws int8 |")
             out[3] += "---|"

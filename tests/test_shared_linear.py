@@ -822,6 +822,24 @@ def test_cuda_fused_gemm(kernel, dtype, bits, M, shape, monkeypatch, gen):
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("M", [17, 200])
+@pytest.mark.parametrize("shape", [(300, 256), (40, 4096), (512, 384)])
+def test_cuda_wgmma_gemm_draining_form(bits, M, shape, monkeypatch, gen):
+    """The wgmma kernel's first form (WS_CUDA_WGMMA_DRAIN=1: every unit ends with wait_group 0), kept beside the
+    default one (groups in flight across units) to compare their speed; both must be right."""
+    monkeypatch.setenv("WS_CUDA_LINEAR", "wgmma")
+    monkeypatch.setenv("WS_CUDA_WGMMA_DRAIN", "1")
+    out_f, in_f = shape
+    packed, cb, _ = make_weight(out_f, in_f, bits, 2 if out_f == 512 else 1, gen)
+    x = torch.randn(M, in_f, generator=gen).half()
+    y = ws.ops.shared_linear(x.cuda(), packed.cuda(), cb.cuda(), bits, out_f, in_f).cpu()
+    w = ws.ops.dequantize(packed, cb, bits, (out_f, in_f)).half().float()
+    torch.testing.assert_close(y.float(), F.linear(x.float(), w), rtol=TOL[torch.float16][0],
+                               atol=TOL[torch.float16][1])
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
 @pytest.mark.parametrize("M", [17, 130])

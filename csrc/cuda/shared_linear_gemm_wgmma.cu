@@ -12,13 +12,17 @@
 //
 // Per 128-index unit: cp.async of x (3 stages, each thread fencing its copies into the async proxy before the
 // barrier); per k16 step: decode the step's A fragments (its 64-row tiles) into one of two register sets, fence,
-// issue the two wgmma, commit, and wait until at most this step's group runs (so the other register set is free);
-// the unit ends waiting for all groups (its x stage may then be overwritten) and staging the next unit's codes.
+// issue the step's wgmma, commit, and wait until at most this step's group runs (so the other register set is free);
+// after step 0 a second barrier (every warpgroup has then retired the previous unit's groups) and the refill of the
+// previous unit's x stage; the unit ends staging the next unit's codes, its last group still running.
 //
 // Status: written and compiled for sm_90a (2026-12-01), its layout checked on the host
 // (tests/native/fused_gemm_layout_check.cpp); not yet run on a GPU, so only WS_CUDA_LINEAR=wgmma takes it, and only
 // in a build for "9.0a" (WS_SM90A).
 #include "shared_linear_gemm_wgmma.h"
+
+#include <cstdlib>
+#include <string_view>
 
 #include "weightshare/dispatch.h"
 #include "weightshare/fused_gemm_layout.h"
@@ -37,7 +41,11 @@ constexpr int wgmma_smem_bytes() {
 }
 
 // grid: (output blocks of 256 / 128 rows x blocks of NB rows of x, splits of the units); 256 threads.
-template <typename T, int BITS, int NB>
+// PIPE: the tensor pipe is kept fed across units: a unit does not wait for its last group; the stage it read is
+// refilled only after a second barrier, behind the next unit's first step, by which every warpgroup has retired the
+// group (its wait_group 1 there). Else (WS_CUDA_WGMMA_DRAIN=1, the first form, kept to compare) each unit ends with
+// wait_group 0 and the next starts from an empty pipe.
+template <typename T, int BITS, int NB, bool PIPE>
 __global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(const FusedArgs a) {
   using L = FusedGemmLayout<BITS, 8>;
   using X = WgmmaLayoutFor<BITS, NB>;
@@ -78,22 +86,22 @@ __global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(const FusedArgs a) {
 
   const uint32_t tab_base = shared_address(tab);
   const uint32_t codes_base = shared_address(codes);
-  float acc[TILES][R];
-#pragma unroll
-  for (int i = 0; i < TILES; ++i) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) acc[i][r] = 0.0f;
-  }
+  float acc[TILES][R];  // no zeroing: the first wgmma overwrites (wgmma_rs's accumulate)
+  // [step parity][64-row tile]: a step's registers stay untouched while its wgmma runs (PIPE: into the next unit;
+  // 8 steps a unit, so the parity carries over)
+  uint32_t af[2][TILES][4];
   for (int it = 0; it < nu; ++it) {
     cp_async_wait<S - 2>();      // this thread's copies of unit it have landed
     fence_proxy_async_shared();  // ... and are visible to the tensor cores' reads
-    __syncthreads();             // everyone's; unit it's codes; unit it - 1's wgmma all done (wait below)
-    load_x(u_begin + min(it + S - 1, nu - 1), (it + S - 1) % S);  // into unit it - 1's stage
-    cp_async_commit();
+    __syncthreads();             // everyone's; unit it's codes; every decode of unit it - 1 done
+    auto refill = [&] {          // unit it + S - 1 into unit it - 1's stage, whose wgmma have all retired
+      load_x(u_begin + min(it + S - 1, nu - 1), (it + S - 1) % S);
+      cp_async_commit();
+    };
+    if constexpr (!PIPE) refill();  // (unit it - 1 ended with wait_group 0)
 
     const uint32_t cbuf = codes_base + 4u * (it & 1) * L::kCodeBufferWords;
     const uint32_t xstage = xs_base + (it % S) * X::kStageBytes;
-    uint32_t af[2][TILES][4];  // [step parity][64-row tile]: a step's registers stay untouched while its wgmma runs
 #pragma unroll
     for (int s = 0; s < L::kSteps; ++s) {
 #pragma unroll
@@ -118,18 +126,29 @@ __global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(const FusedArgs a) {
 #pragma unroll
       for (int i = 0; i < TILES; ++i) {
         pin_registers(acc[i]);
-        wgmma_rs<T, NB>(acc[i], af[s & 1][i], desc);
+        wgmma_rs<T, NB>(acc[i], af[s & 1][i], desc, it > 0 || s > 0);
         pin_registers(acc[i]);
       }
       wgmma_commit();
       wgmma_wait<1>();  // step s - 1's group is done: its register set is written next step
+      if constexpr (PIPE) {
+        if (s == 0) {       // this warpgroup's groups of unit it - 1 are done; after the barrier everyone's are
+          __syncthreads();
+          refill();
+        }
+      }
     }
-    wgmma_wait<0>();
+    if constexpr (!PIPE) {
+      wgmma_wait<0>();
 #pragma unroll
-    for (int i = 0; i < TILES; ++i) pin_registers(acc[i]);
+      for (int i = 0; i < TILES; ++i) pin_registers(acc[i]);
+    }
     stager.store(codes + ((it + 1) & 1) * L::kCodeBufferWords, tid);  // read last in unit it - 1: past the barrier
     stager.load(u_begin + min(it + 2, nu - 1));
   }
+  wgmma_wait<0>();
+#pragma unroll
+  for (int i = 0; i < TILES; ++i) pin_registers(acc[i]);
   cp_async_wait<0>();  // the reloads past the split's end: none in flight at exit
 
   // D of tile i: d[4 j + 2 h + e] = (block row of fragment row g + 8 h, row of x 8 j + 2t + e). As the mma.sync
@@ -202,12 +221,21 @@ bool gemm_wgmma_takes(const at::Tensor& x, const at::Tensor& packed, int64_t bit
 }
 
 void launch_gemm_wgmma(const PackedRows& w, const at::Tensor& x, int bits, Epilogue out, int sms) {
+  const char* drain = std::getenv("WS_CUDA_WGMMA_DRAIN");  // read per call: "1" times the first form
+  const bool pipe = drain == nullptr || std::string_view(drain) != "1";
   dispatch_wgmma(bits, rows_of_x_per_block(out.M), [&]<int BITS, int NB>() {
     constexpr int kSmem = wgmma_smem_bytes<BITS, NB>(), kOut = WgmmaLayoutFor<BITS, NB>::kBlockOut;
-    if (x.scalar_type() == at::kHalf) {
-      launch_fused<gemm_wgmma_kernel<__half, BITS, NB>>(w, x, out, 256, kSmem, kOut, NB, sms);
+    auto go = [&]<bool PIPE>() {
+      if (x.scalar_type() == at::kHalf) {
+        launch_fused<gemm_wgmma_kernel<__half, BITS, NB, PIPE>>(w, x, out, 256, kSmem, kOut, NB, sms);
+      } else {
+        launch_fused<gemm_wgmma_kernel<__nv_bfloat16, BITS, NB, PIPE>>(w, x, out, 256, kSmem, kOut, NB, sms);
+      }
+    };
+    if (pipe) {
+      go.template operator()<true>();
     } else {
-      launch_fused<gemm_wgmma_kernel<__nv_bfloat16, BITS, NB>>(w, x, out, 256, kSmem, kOut, NB, sms);
+      go.template operator()<false>();
     }
   });
 }

@@ -28,7 +28,8 @@ __host__ __device__ inline uint64_t sw128_descriptor(uint32_t shared_address, ui
 }
 
 // The asm of one m64nNk16 with A in registers for a PTX input type (f16, bf16): operands d[N / 2], a[4], desc, then
-// scale-d as a predicate (1: accumulate), scale-a = scale-b = 1, B not transposed (K-major).
+// scale-d as a predicate from `accumulate` (0: d = A B, ignoring d's registers), scale-a = scale-b = 1, B not
+// transposed (K-major).
 #define WS_WGMMA_RS_M64N64(TYPE) \
   asm volatile( \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" \
@@ -40,7 +41,7 @@ __host__ __device__ inline uint64_t sw128_descriptor(uint32_t shared_address, ui
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
         "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate))
 
 #define WS_WGMMA_RS_M64N128(TYPE) \
   asm volatile( \
@@ -59,12 +60,15 @@ __host__ __device__ inline uint64_t sw128_descriptor(uint32_t shared_address, ui
         "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
         "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate))
 
-// d (64 x N, fp32, rows 16 w + g / +8 of warp w at columns 8 j + 2t + {0, 1} in d[4 j .. 4 j + 4)) += A (64 x 16,
-// each warp's 16 rows in registers laid out as mma.m16n8k16's A) x B (16 x N, K-major, from the descriptor).
+// d (64 x N, fp32, rows 16 w + g / +8 of warp w at columns 8 j + 2t + {0, 1} in d[4 j .. 4 j + 4)) = (accumulate ?
+// d : 0) + A (64 x 16, each warp's 16 rows in registers laid out as mma.m16n8k16's A) x B (16 x N, K-major, from
+// the descriptor). The first wgmma of a kernel passes accumulate = 0 instead of zeroing d with other instructions:
+// a non-wgmma definition of d reaching a wgmma that is in flight across a loop's back edge makes ptxas serialise
+// every wgmma (C7515).
 template <typename T, int N>
-__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc) {
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc, int accumulate) {
   static_assert(N == 64 || N == 128, "the widths instantiated here");
 #if WS_PTX_SM90A
   constexpr bool kHalf = std::is_same_v<T, __half>;
