@@ -41,7 +41,7 @@ step() {
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
   "$PY" -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])"
   nproc; } 2>&1
-"$PY" -m pip install --no-build-isolation --no-deps -e . > "$LOGS/build.log" 2>&1 || { tail -60 "$LOGS/build.log"; pack_logs; exit 1; }
+"$PY" -m pip install -v --no-build-isolation --no-deps -e . > "$LOGS/build.log" 2>&1 || { tail -60 "$LOGS/build.log"; pack_logs; exit 1; }
 echo "build: $((SECONDS - t0)) s; ptxas C7515 (serialised wgmma) warnings: $(grep -c C7515 "$LOGS/build.log")"
 "$PY" -c "import weightshare as ws; assert ws.cuda_built(), 'CUDA kernels missing'; print('cuda kernels ok')" || exit 1
 
