@@ -20,9 +20,10 @@ setup() {
   "$PYTHON" -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
   echo "== building the native library (WS_CUDA=${WS_CUDA:-auto})"
   local tb=$SECONDS
-  # -v shows CMake/Ninja lines: which sources compiled (.cpp and .cu) and how long the native build took
+  # -v shows CMake/Ninja lines: which sources compiled (.cpp and .cu) and how long the native build took, and ptxas
+  # C7515 (a serialised wgmma pipeline, which ptxas reports only as "info")
   "$PYTHON" -m pip install --disable-pip-version-check --no-build-isolation --no-deps -v -e . 2>&1 \
-    | grep -E "weightshare:|Building (CXX|CUDA)|Linking|error|Error|warning: " || true
+    | grep -E "weightshare:|Building (CXX|CUDA)|Linking|error|Error|warning: |C7515" || true
   "$PYTHON" -c "import weightshare as ws; assert ws.NATIVE, ws.NATIVE_ERROR; print('== native library loaded; CUDA kernels built:', ws.cuda_built())"
   echo "== set-up took $((SECONDS - t0)) s (build step $((SECONDS - tb)) s)"
 }
