@@ -800,11 +800,12 @@ def test_cuda_many_rows_in_several_panels(dtype, gen):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("M", [1, 17, 40, 64, 65, 200])
-@pytest.mark.parametrize("shape", [(300, 256), (40, 4096), (512, 384)])
+@pytest.mark.parametrize("shape", [(300, 128), (300, 256), (40, 4096), (512, 384)])
 def test_cuda_fused_gemm(kernel, dtype, bits, M, shape, monkeypatch, gen):
     """The fused tensor-core GEMMs (WS_CUDA_LINEAR=fused: mma.sync, shared_linear_gemm_mma.cu; =wgmma: its sm_90a
     form, shared_linear_gemm_wgmma.cu) against fp32 products with the weight rounded to x's dtype:
-    output rows that end inside a block (300, 40), a layer of 40 rows and 32 units that splits K over many blocks,
+    output rows that end inside a block (300, 40), one 128-index unit (a pipeline that ends where it starts), a
+    layer of 40 rows and 32 units that splits K over many blocks,
     two codebooks of 256 rows (512 x 384: one per block at every width), rows of x that fill 1 to 4 of its 8-row
     tile groups (1 or 2 wgmma blocks), with bias; test_cuda_fused_gemm_takes_the_calls_it_should proves they ran
     (a call they do not take falls back to another path, also correct)."""
@@ -824,7 +825,7 @@ def test_cuda_fused_gemm(kernel, dtype, bits, M, shape, monkeypatch, gen):
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("M", [17, 200])
-@pytest.mark.parametrize("shape", [(300, 256), (40, 4096), (512, 384)])
+@pytest.mark.parametrize("shape", [(300, 128), (300, 256), (40, 4096), (512, 384)])
 def test_cuda_wgmma_gemm_draining_form(bits, M, shape, monkeypatch, gen):
     """The wgmma kernel's first form (WS_CUDA_WGMMA_DRAIN=1: every unit ends with wait_group 0), kept beside the
     default one (groups in flight across units) to compare their speed; both must be right."""

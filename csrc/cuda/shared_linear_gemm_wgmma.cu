@@ -94,11 +94,11 @@ __global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(const FusedArgs a) {
     cp_async_wait<S - 2>();      // this thread's copies of unit it have landed
     fence_proxy_async_shared();  // ... and are visible to the tensor cores' reads
     __syncthreads();             // everyone's; unit it's codes; every decode of unit it - 1 done
-    auto refill = [&] {          // unit it + S - 1 into unit it - 1's stage, whose wgmma have all retired
+    auto refill = [&] {          // unit it + S - 1 into unit it - 1's stage (call it once that stage's wgmma retired)
       load_x(u_begin + min(it + S - 1, nu - 1), (it + S - 1) % S);
       cp_async_commit();
     };
-    if constexpr (!PIPE) refill();  // (unit it - 1 ended with wait_group 0)
+    if constexpr (!PIPE) refill();  // unit it - 1 ended with wait_group 0 in every warpgroup, before the barrier
 
     const uint32_t cbuf = codes_base + 4u * (it & 1) * L::kCodeBufferWords;
     const uint32_t xstage = xs_base + (it % S) * X::kStageBytes;
@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(const FusedArgs a) {
       wgmma_commit();
       wgmma_wait<1>();  // step s - 1's group is done: its register set is written next step
       if constexpr (PIPE) {
-        if (s == 0) {       // this warpgroup's groups of unit it - 1 are done; after the barrier everyone's are
+        if (s == 0) {  // this warpgroup's groups of unit it - 1 are done; after the barrier everyone's are
           __syncthreads();
           refill();
         }
