@@ -79,6 +79,24 @@ struct IndexStager {
   }
 };
 
+// A lane's code words at step s for its A fragment's rows: block rows `row` (c0) and row + 8 (c1), column t, from
+// the code buffer at shared address cbuf (one 4-byte or 8-byte load each: conflict-free, fused_gemm_layout.h).
+template <typename L>
+__device__ __forceinline__ void load_codes(uint32_t cbuf, int row, int s, int t, uint32_t (&c0)[L::kCodeWords],
+                                           uint32_t (&c1)[L::kCodeWords]) {
+  if constexpr (L::kCodeWords == 1) {
+    c0[0] = lds_u32(cbuf + 4 * L::code_word(row, s, t));
+    c1[0] = lds_u32(cbuf + 4 * L::code_word(row + 8, s, t));
+  } else {
+    const uint2 v0 = lds_u64(cbuf + 4 * L::code_word(row, s, t));
+    const uint2 v1 = lds_u64(cbuf + 4 * L::code_word(row + 8, s, t));
+    c0[0] = v0.x;
+    c0[1] = v0.y;
+    c1[0] = v1.x;
+    c1[1] = v1.y;
+  }
+}
+
 // Unit u's tile of x (ROWS rows from m0, 128 values = 16 chunks of 16 bytes each) by cp.async into the stage at
 // shared address `stage`, chunk c of tile row r at byte place(r, c). Rows past M repeat row M - 1 (their outputs
 // are never stored).

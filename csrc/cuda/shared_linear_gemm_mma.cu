@@ -101,17 +101,7 @@ __global__ void __launch_bounds__(FusedGemmLayout<BITS, NT, ROWS>::kThreads, 1) 
       for (int i = 0; i < MT; ++i) {
         const int row = wo * L::kWarpOut + 16 * i + g;
         uint32_t c0[CW], c1[CW];
-        if constexpr (CW == 1) {
-          c0[0] = lds_u32(cbuf + 4 * L::code_word(row, s, t));
-          c1[0] = lds_u32(cbuf + 4 * L::code_word(row + 8, s, t));
-        } else {
-          const uint2 v0 = lds_u64(cbuf + 4 * L::code_word(row, s, t));
-          const uint2 v1 = lds_u64(cbuf + 4 * L::code_word(row + 8, s, t));
-          c0[0] = v0.x;
-          c0[1] = v0.y;
-          c1[0] = v1.x;
-          c1[1] = v1.y;
-        }
+        load_codes<L>(cbuf, row, s, t, c0, c1);
         uint32_t af[4];
         L::decode_a(c0, c1, [&](uint32_t offset) {
           if constexpr (ROWS) {
