@@ -142,6 +142,21 @@ FusedAsk fused_ask();
 // overtake the tensor-core GEMV and the panels (bench_shared_linear.py --cuda times every path per batch).
 constexpr int64_t kFusedDefaultFirstM = INT64_MAX;
 
+// The fused kernels' epilogue: Epilogue::put unrolled for them (y in x's dtype T, launch_fused checks it), with one
+// bias load per output row instead of one per element (through put, a thread's 128 outputs cost ~1700
+// instructions: a dtype switch and a bias load each).
+__device__ __forceinline__ float row_bias(const Epilogue& out, int64_t n) {  // 0 where split-K's finaliser adds it
+  return out.splits == 1 && out.bias != nullptr ? out.bias_at(n) : 0.0f;
+}
+template <typename T>
+__device__ __forceinline__ void put_output(const Epilogue& out, int64_t m, int64_t n, float v, float bias) {
+  if (out.splits == 1) {
+    static_cast<T*>(out.y)[m * out.ld + n] = from_float<T>(out.bias != nullptr ? v + bias : v);  // as finish
+  } else {
+    static_cast<float*>(out.partial)[(int64_t(blockIdx.y) * out.M + m) * out.ld + n] = v;
+  }
+}
+
 // The shape rules of both fused kernels: 16-bit x whose data is 16-byte aligned, in_features a multiple of 128,
 // a 16-byte aligned packed tensor (its rows then are too).
 bool fused_shape_ok(const at::Tensor& x, const at::Tensor& packed, int64_t M, int64_t in_features);

@@ -120,30 +120,21 @@ __global__ void __launch_bounds__(FusedGemmLayout<BITS, NT, ROWS>::kThreads, 1) 
   }
   cp_async_wait<0>();  // the reloads past the split's end: none in flight at exit
 
-  // D of tile (i, j): rows = output rows 16 i + g (+8 for r >= 2), columns = rows of x 8 j + 2t + (r & 1). What
-  // Epilogue::put does, unrolled for this kernel (y is x's dtype here: launch_gemm_mma) with one bias load per
-  // output row: through put, a thread's 128 outputs cost ~1700 instructions (a dtype switch and a bias load each).
-  // (A bias array filled before these loops pushed the 4-bit, 8-tile kernel past 255 registers into spills.)
-  const bool direct = a.out.splits == 1;
+  // D of tile (i, j): rows = output rows 16 i + g (+8 for r >= 2), columns = rows of x 8 j + 2t + (r & 1). (A bias
+  // array filled before these loops pushed the 4-bit, 8-tile kernel past 255 registers into spills.)
 #pragma unroll
   for (int i = 0; i < MT; ++i) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t n = n0 + wo * L::kWarpOut + 16 * i + g + 8 * h;
       if (n >= N) continue;
-      const float b = direct && a.out.bias != nullptr ? a.out.bias_at(n) : 0.0f;
+      const float b = row_bias(a.out, n);
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int64_t m = m0 + wb * L::kWarpBatch + 8 * j + 2 * t + e;
-          if (m >= M) continue;
-          const float v = acc[i][j][2 * h + e];
-          if (direct) {
-            static_cast<T*>(a.out.y)[m * a.out.ld + n] = from_float<T>(a.out.bias != nullptr ? v + b : v);  // finish
-          } else {
-            static_cast<float*>(a.out.partial)[(int64_t(blockIdx.y) * M + m) * a.out.ld + n] = v;
-          }
+          if (m < M) put_output<T>(a.out, m, n, acc[i][j][2 * h + e], b);
         }
       }
     }
@@ -192,17 +183,9 @@ bool needs_row_tables(int64_t bits, int64_t out_features, int64_t rows_per_group
   return !one_codebook_per_block(out_features, rows_per_group, bits <= 4 ? 256 : 128);
 }
 
-// Whether the loaded device code has the sm_80 instructions (mma_ptx.h traps below sm_80): a build from PTX for an
-// older arch, JIT-compiled for a newer GPU, must not take this path.
+// Whether the loaded device code has the sm_80 instructions (has_sm80_code), asked once.
 bool gemm_compiled() {
-  static const bool ok = [] {
-    cudaFuncAttributes attr{};
-    if (cudaFuncGetAttributes(&attr, gemm_mma_kernel<__half, 4, 8, false>) != cudaSuccess) {
-      (void)cudaGetLastError();  // clear the (non-sticky) error: the next launch check must not see it
-      return false;
-    }
-    return attr.ptxVersion >= 80 && attr.binaryVersion >= 80;
-  }();
+  static const bool ok = has_sm80_code(reinterpret_cast<const void*>(gemm_mma_kernel<__half, 4, 8, false>));
   return ok;
 }
 

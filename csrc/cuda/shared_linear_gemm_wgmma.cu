@@ -141,28 +141,20 @@ __global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(const FusedArgs a) {
   for (int i = 0; i < TILES; ++i) pin_registers(acc[i]);
   cp_async_wait<0>();  // the reloads past the split's end: none in flight at exit
 
-  // D of tile i: d[4 j + 2 h + e] = (block row of fragment row g + 8 h, row of x 8 j + 2t + e). As the mma.sync
-  // kernel's epilogue: y in x's dtype, one bias load per output row, fp32 partials under split-K.
-  const bool direct = a.out.splits == 1;
+  // D of tile i: d[4 j + 2 h + e] = (block row of fragment row g + 8 h, row of x 8 j + 2t + e).
 #pragma unroll
   for (int i = 0; i < TILES; ++i) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t n = n0 + X::block_row(wg, i, wj, g, h);
       if (n >= N) continue;
-      const float b = direct && a.out.bias != nullptr ? a.out.bias_at(n) : 0.0f;
+      const float b = row_bias(a.out, n);
 #pragma unroll
       for (int j = 0; j < NB / 8; ++j) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int64_t m = m0 + 8 * j + 2 * t + e;
-          if (m >= M) continue;
-          const float v = acc[i][4 * j + 2 * h + e];
-          if (direct) {
-            static_cast<T*>(a.out.y)[m * a.out.ld + n] = from_float<T>(a.out.bias != nullptr ? v + b : v);  // finish
-          } else {
-            static_cast<float*>(a.out.partial)[(int64_t(blockIdx.y) * M + m) * a.out.ld + n] = v;
-          }
+          if (m < M) put_output<T>(a.out, m, n, acc[i][4 * j + 2 * h + e], b);
         }
       }
     }

@@ -266,18 +266,9 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_mma_kernel(const MmaGemvArgs
   }
 }
 
-// Whether the kernel's loaded device code has the mma instructions: mma16816 compiles them only for sm_80+ and
-// traps otherwise, so a build from PTX for an older arch (TORCH_CUDA_ARCH_LIST="7.5+PTX"), JIT-compiled for an
-// H200, must not take this path (a trap would poison the CUDA context). Found by review, session 9.
+// Whether the loaded device code has the sm_80 instructions (has_sm80_code), asked once.
 bool mma_compiled() {
-  static const bool ok = [] {
-    cudaFuncAttributes attr{};
-    if (cudaFuncGetAttributes(&attr, gemv_mma_kernel<__half, 4, false, true>) != cudaSuccess) {
-      (void)cudaGetLastError();  // clear the (non-sticky) error: the next launch check must not see it
-      return false;
-    }
-    return attr.ptxVersion >= 80 && attr.binaryVersion >= 80;
-  }();
+  static const bool ok = has_sm80_code(reinterpret_cast<const void*>(gemv_mma_kernel<__half, 4, false, true>));
   return ok;
 }
 

@@ -89,6 +89,18 @@ inline int device_attribute(int device) {
   return v;
 }
 
+// Whether a kernel's loaded device code has sm_80 instructions (the tensor-core kernels trap below sm_80, mma_ptx.h):
+// a build from PTX for an older arch, JIT-compiled for a newer GPU, must not launch them (a trap poisons the CUDA
+// context). Found by review, session 9. Callers cache the answer.
+inline bool has_sm80_code(const void* kernel) {
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+    (void)cudaGetLastError();  // clear the (non-sticky) error: the next launch check must not see it
+    return false;
+  }
+  return attr.ptxVersion >= 80 && attr.binaryVersion >= 80;
+}
+
 inline int sm_count(int device) {
   const int v = device_attribute<cudaDevAttrMultiProcessorCount>(device);
   return v > 0 ? v : 132;

@@ -38,7 +38,6 @@ template <int BITS, int NT, bool ROWS = false>
 struct FusedGemmLayout {
   static_assert(BITS >= 1 && BITS <= 8, "1 to 8 bits");
   static_assert(NT == 2 || NT == 4 || NT == 8, "8-row tiles of x per warp: ldmatrix.x4 takes two at a time");
-  static constexpr bool kRows = ROWS;
   static constexpr bool kPair = !ROWS && BITS <= 4;
   static constexpr int kWarpsOut = 4, kWarpsBatch = 2, kWarps = kWarpsOut * kWarpsBatch, kThreads = 32 * kWarps;
   // 16-row tiles of W per warp: 4 with pair codes (one 4-byte load per half2), 2 with single codes (two per half2)
