@@ -9,9 +9,9 @@
 namespace weightshare::cuda {
 
 // Whether the fused GEMM takes a forward call: asked for (WS_CUDA_LINEAR=fused; by default none yet, as it has not
-// been run on a GPU: kFusedDefaultFirstM, fused_ask in fused_gemm_staging.h), fp16/bf16 x whose data is 16-byte aligned, in_features a multiple
-// of 128 (whole 128-index units: rows of every width then start 16-byte aligned), the packed rows 16-byte aligned,
-// an sm_80+ device with room for its shared memory. One codebook per block of output rows (the layer's, or groups
+// been run on a GPU: kFusedDefaultFirstM, fused_ask in fused_gemm_staging.h), fp16/bf16 x whose data is 16-byte
+// aligned, in_features a multiple of 128 (whole 128-index units: rows of every width then start 16-byte aligned),
+// the packed rows 16-byte aligned, an sm_80+ device with room for its shared memory. One codebook per block of output rows (the layer's, or groups
 // of a multiple of 256 rows at <= 4 bits, 128 at 5-8) takes replicated tables; other groupings (a codebook per
 // row) per-row tables, at 2, 3, 4 and 8 bits.
 bool gemm_mma_takes(const at::Tensor& x, const at::Tensor& packed, int64_t bits, int64_t M, int64_t out_features,
