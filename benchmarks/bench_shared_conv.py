@@ -102,11 +102,31 @@ def run() -> dict:
     return out
 
 
+def implicit_conv_taken() -> bool:
+    """Whether the implicit-GEMM conv (WS_CUDA_CONV=implicit) takes a channels-last fp16 call here (a build without
+    it, or an older GPU, would time the fallback under its name: its columns are left out instead)."""
+    from _common import cuda_kernel_breakdown
+    probe_w = ws.ops.pack(torch.randint(0, 16, (64, 64 * 9), dtype=torch.uint8, device="cuda"), 4)
+    probe_x = torch.randn(1, 64, 8, 8, device="cuda").half().contiguous(memory_format=torch.channels_last)
+    probe_cb = torch.randn(1, 16, device="cuda").half()
+    os.environ["WS_CUDA_CONV"] = "implicit"
+    try:
+        ran = cuda_kernel_breakdown(lambda: ws.ops.shared_conv2d(probe_x, probe_w, probe_cb, 4, [64, 64, 3, 3], None,
+                                                                 1, 1), calls=1)
+    finally:
+        os.environ.pop("WS_CUDA_CONV", None)
+    return any("conv_mma_kernel" in key for key in ran)
+
+
 def run_cuda() -> dict:
     """The issue's GPU conv target: at least parity with cuDNN fp16, batch 1 (and 8), the same convs, times from
-    CUDA-graph replays (time_cuda)."""
+    CUDA-graph replays (time_cuda). Per conv: cuDNN and ours on the input as listed (NCHW unless named channels-last:
+    decode + cuDNN); for groups-1 layers also both on channels-last x and weight, ours by the implicit GEMM
+    (WS_CUDA_CONV=implicit, csrc/cuda/shared_conv_implicit.cu) where it takes the calls."""
     from _common import time_cuda
-    out = {"machine": machine(), "bits": BITS, "dtype": "float16", "results": []}
+    implicit = implicit_conv_taken()
+    out = {"machine": machine(), "bits": BITS, "dtype": "float16", "implicit_conv_taken": implicit, "results": []}
+    print(f"implicit-GEMM conv takes these calls: {implicit}", flush=True)
     for name in CONVS:
         x, packed, cb, shape, dense, (s, p, d, g) = make(name)
         packed, cb = packed.cuda(), cb.half().cuda()
@@ -124,10 +144,26 @@ def run_cuda() -> dict:
             got = ws.ops.shared_conv2d(xc, packed, cb, BITS, shape, None, s, p, d, g).float()
             row = {"conv": name, "batch": n, "cudnn_fp16_ms": t_dense * 1e3, "ws_ms": t_ws * 1e3,
                    "ws_speed_vs_cudnn": t_dense / t_ws, "rel_err": float((got - ref).norm() / ref.norm())}
+            if implicit and g == 1:
+                xl = xc.contiguous(memory_format=torch.channels_last)
+                wl = dense.contiguous(memory_format=torch.channels_last)
+                t_dense_cl = time_cuda(lambda: F.conv2d(xl, wl, None, s, p, d, g))
+                os.environ["WS_CUDA_CONV"] = "implicit"  # read per call: at capture and in the check below
+                try:
+                    t_implicit = time_cuda(lambda: ws.ops.shared_conv2d(xl, packed, cb, BITS, shape, None, s, p, d, g))
+                    got = ws.ops.shared_conv2d(xl, packed, cb, BITS, shape, None, s, p, d, g).float()
+                finally:
+                    os.environ.pop("WS_CUDA_CONV", None)
+                row.update({"cudnn_channels_last_ms": t_dense_cl * 1e3, "ws_implicit_ms": t_implicit * 1e3,
+                            "implicit_speed_vs_cudnn_channels_last": t_dense_cl / t_implicit,
+                            "implicit_rel_err": float((got - ref).norm() / ref.norm())})
             out["results"].append(row)
             write_json("shared_conv_cuda.json", out)  # row by row: a run cut short by its timeout keeps them
+            extra = (f"; channels-last cuDNN {row['cudnn_channels_last_ms']:.4f} ms implicit "
+                     f"{row['ws_implicit_ms']:.4f} ms ({row['implicit_speed_vs_cudnn_channels_last']:.2f}x) err "
+                     f"{row['implicit_rel_err']:.1e}" if "ws_implicit_ms" in row else "")
             print(f"cuda {name:34s} N={n}: cuDNN {row['cudnn_fp16_ms']:.4f} ms ws {row['ws_ms']:.4f} ms "
-                  f"({row['ws_speed_vs_cudnn']:.2f}x) err {row['rel_err']:.1e}", flush=True)
+                  f"({row['ws_speed_vs_cudnn']:.2f}x) err {row['rel_err']:.1e}{extra}", flush=True)
     return out
 
 

@@ -57,6 +57,22 @@ def fused() -> None:
                 ws.ops.shared_linear(x, p, cb, bits, out_f, in_f)
         finally:
             os.environ.pop("WS_CUDA_LINEAR")
+    implicit_conv()
+
+
+def implicit_conv() -> None:
+    """The implicit-GEMM conv (WS_CUDA_CONV=implicit): its repack, padding taps (zero-filled copies), a partial last
+    unit (64 channels x 9 taps), rows past the pixels, split-K (512 channels at 7x7), a 1x1 layer without repack."""
+    os.environ["WS_CUDA_CONV"] = "implicit"
+    try:
+        for bits, (o, c, k), n, hw in ((4, (64, 64, 3), 1, 9), (8, (512, 512, 3), 1, 7), (3, (96, 128, 1), 2, 7)):
+            cb = torch.randn(1, 1 << bits, device="cuda")
+            p = ws.ops.pack(torch.randint(0, 1 << bits, (o, c * k * k), dtype=torch.uint8, device="cuda"), bits)
+            x = torch.randn(n, c, hw, hw, device="cuda", dtype=torch.float16).contiguous(
+                memory_format=torch.channels_last)
+            ws.ops.shared_conv2d(x, p, cb, bits, [o, c, k, k], None, 1, k // 2)
+    finally:
+        os.environ.pop("WS_CUDA_CONV")
 
 
 def small() -> None:
@@ -69,7 +85,7 @@ def small() -> None:
         x = torch.randn(m, 300, device="cuda", dtype=torch.float16, requires_grad=True)
         c = cb.half().clone().requires_grad_()
         ws.ops.shared_linear(x, p, c, 4, 512, 300).sum().backward()
-    fused()  # its shared-memory pipeline: x stages, code buffers, tables
+    fused()  # its shared-memory pipeline: x stages, code buffers, tables (and the implicit-GEMM conv's)
     torch.cuda.synchronize()
     print("racecheck workload done")
 

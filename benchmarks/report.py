@@ -238,6 +238,25 @@ def cuda_linear_table(r):
     return "\n".join(out)
 
 
+def cuda_conv_table(r):
+    """The CUDA shared_conv2d against cuDNN: decode + cuDNN on the input as listed, and where the run has them both
+    again on channels-last x, ours by the implicit GEMM."""
+    m = r["machine"]
+    implicit = any("ws_implicit_ms" in x for x in r["results"])
+    out = [f"Shared Conv2d on the GPU, {r['bits']}-bit, fp16 ({m.get('gpu', 'GPU')}, torch {m['torch']}, {m['date']}; "
+           "CUDA graphs)", "", "| conv | batch | cuDNN | ws (decode + cuDNN) |" +
+           (" cuDNN, channels-last | ws implicit GEMM, channels-last |" if implicit else ""),
+           "|---|---|---|---|" + ("---|---|" if implicit else "")]
+    for x in r["results"]:
+        row = (f"| {x['conv']} | {x['batch']} | {x['cudnn_fp16_ms']:.4f} ms | {x['ws_ms']:.4f} ms "
+               f"({x['ws_speed_vs_cudnn']:.2f}x) |")
+        if implicit:
+            row += (f" {x['cudnn_channels_last_ms']:.4f} ms | {x['ws_implicit_ms']:.4f} ms "
+                    f"({x['implicit_speed_vs_cudnn_channels_last']:.2f}x) |" if "ws_implicit_ms" in x else " | |")
+        out.append(row)
+    return "\n".join(out)
+
+
 def demo_table(records):
     out = ["| model | method | validation error (dense -> file; the constraint) | baseline test error | test error | "
            "compression ratio (file) | file bytes | bits per layer | batch-1 dense / compressed |",
@@ -425,7 +444,8 @@ def main():
                      ("pruned_lenet300100_f085.json", pruned_table), ("qat_lenet300100_gradual.json", qat_table),
                      ("pruned_lenet300100_e60.json", pruned_table), ("qat_lenet300100_e60.json", qat_table),
                      ("context_coder_cpu.json", context_coder_table), ("memory_cpu.json", memory_table),
-                     ("gpu/2026-11-30-H200/shared_linear_cuda.json", cuda_linear_table)):
+                     ("gpu/2026-11-30-H200/shared_linear_cuda.json", cuda_linear_table),
+                     ("gpu/2026-11-30-H200/shared_conv_cuda.json", cuda_conv_table)):
         r = _load(name)
         if r:
             print(fn(r), end="\n\n")

@@ -121,3 +121,22 @@ def test_cuda_graph_fused_gemm(kernel, shape, monkeypatch):
     x = torch.randn(M, in_f, generator=g).cuda().half()
     fresh = torch.randn(M, in_f, generator=g).cuda().half()
     replay_matches(lambda: ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f, bias), [x], [fresh])
+
+
+# the implicit-GEMM conv (asked for: not yet a default): its repack, GEMM and split-K finaliser in one graph
+@pytest.mark.parametrize("shape", [(64, 64, 3, 3), (512, 512, 3, 3)])
+def test_cuda_graph_implicit_gemm_conv(shape, monkeypatch):
+    monkeypatch.setenv("WS_CUDA_CONV", "implicit")
+    g = torch.Generator().manual_seed(4)
+    bits, hw = 4, 7
+    idx = torch.randint(0, 16, (shape[0], shape[1] * 9), generator=g, dtype=torch.uint8)
+    packed = ws.ops.pack(idx, bits).cuda()
+    cb = (torch.randn(1, 16, generator=g) * 0.1).cuda()
+    bias = torch.randn(shape[0], generator=g).cuda()
+
+    def image():
+        return torch.randn(1, shape[1], hw, hw, generator=g).cuda().half().contiguous(
+            memory_format=torch.channels_last)
+
+    x = image()
+    replay_matches(lambda: ws.ops.shared_conv2d(x, packed, cb, bits, list(shape), bias, 1, 1), [x], [image()])

@@ -331,3 +331,68 @@ def test_double_backward_matches_the_dense_conv(groups, codebook_groups, device)
         x, cb[rows[:, None], idx.long()].view(shape), None, 1, 1, 1, groups))
     for a, b in zip(ours, dense):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+IMPLICIT = [  # (batch, in, out, k, stride, padding, dilation, H, W): the implicit-GEMM conv on CUDA (groups 1)
+    (1, 64, 64, 3, 1, 1, 1, 14, 14),            # ResNet 3x3: K = 576, a partial last 128-index unit
+    (2, 8, 20, 3, 1, 1, 1, 9, 7),               # K = 72: one partial unit; out channels not a multiple of 16
+    (1, 24, 300, 5, 2, 2, 1, 13, 12),           # 5x5 stride 2; out channels past one block of 256
+    (1, 16, 40, 3, 1, (1, 2), (1, 2), 10, 11),  # dilation and padding per axis
+    (3, 128, 96, 1, 1, 0, 1, 7, 9),             # 1x1 of whole units (no repack), 189 pixels: several x blocks
+    (1, 256, 64, 1, 2, 0, 1, 8, 8),             # 1x1 stride 2
+    (1, 512, 512, 3, 1, 1, 1, 7, 7),            # ResNet's last stage: 49 pixels, K = 4608: split-K
+    (8, 64, 64, 3, 1, 1, 1, 8, 8),              # 512 pixels: 128-pixel blocks
+]
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("case", IMPLICIT)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_cuda_implicit_gemm_conv(case, dtype, bits, monkeypatch, gen):
+    """The implicit-GEMM conv (WS_CUDA_CONV=implicit, csrc/cuda/shared_conv_implicit.cu) on channels-last x against
+    fp32 F.conv2d with the weight rounded to x's dtype, with bias (fp32, as a model keeps it); y channels-last as
+    cuDNN gives it. test_cuda_implicit_gemm_conv_takes_the_calls_it_should proves it ran."""
+    monkeypatch.setenv("WS_CUDA_CONV", "implicit")
+    n, cin, out, k, s, p, d, h, w_ = case
+    idx = torch.randint(0, 1 << bits, (out, cin * k * k), generator=gen, dtype=torch.uint8)
+    cb = torch.randn(1, 1 << bits, generator=gen) * 0.2
+    packed, shape = ws.ops.pack(idx, bits), [out, cin, k, k]
+    w = ws.ops.dequantize(packed, cb, bits, shape).to(dtype).float()
+    x = torch.randn(n, cin, h, w_, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(out, generator=gen)
+    y = ws.ops.shared_conv2d(x.cuda(), packed.cuda(), cb.cuda(), bits, shape, b.cuda(), s, p, d, 1)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    tol = 2e-2 if dtype == torch.float16 else 5e-2
+    torch.testing.assert_close(y.cpu().float(), F.conv2d(x.float(), w, b, s, p, d), rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
+def test_cuda_implicit_gemm_conv_takes_the_calls_it_should(monkeypatch, gen):
+    """Which calls the implicit GEMM takes, by the profiler's kernel names: channels-last 16-bit x of groups-1
+    layers when asked; not NCHW x, grouped layers, per-channel codebooks, fp32 x or unasked calls (those take
+    decode + cuDNN, also correct)."""
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the tensor-core kernels need sm_80 or newer")
+    from torch.profiler import ProfilerActivity, profile
+
+    def ran(x, groups=1, per_channel=False):
+        packed, cb, shape, _ = make(32, 32, 3, groups, 4, per_channel, gen)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            ws.ops.shared_conv2d(x.cuda(), packed.cuda(), cb.cuda(), 4, shape, None, 1, 1, 1, groups)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        if not names:
+            pytest.skip("the profiler recorded no CUDA kernels (no CUPTI)")
+        return any("conv_mma_kernel" in name for name in names)
+
+    x = torch.randn(2, 32, 9, 9, generator=gen).half()
+    last = x.contiguous(memory_format=torch.channels_last)
+    assert not ran(last)
+    monkeypatch.setenv("WS_CUDA_CONV", "implicit")
+    assert ran(last)
+    assert ran(last.bfloat16())
+    assert not ran(x)
+    assert not ran(last, groups=2)
+    assert not ran(last, per_channel=True)
+    assert not ran(last.float())

@@ -1,5 +1,6 @@
 // shared_conv2d for every device, composed from the device's own dequantize kernel and ATen's convolution
-// (oneDNN on CPU, cuDNN on CUDA).
+// (oneDNN on CPU, cuDNN on CUDA), unless one of our direct kernels takes the call (CPU: below; CUDA: the implicit
+// GEMM of shared_conv_implicit.cu, opt-in until measured).
 //
 // Why decode-then-convolve is the fast path for convolutions: a conv weight is small (64x64x3x3 fp32 = 147 KB) and
 // each weight is reused at every output pixel, so decoding it is O(weights) next to the conv's O(weights x pixels)
@@ -18,6 +19,9 @@
 #include "../cpu/direct_conv.h"
 #include "../cpu/winograd_conv.h"
 #include "weightshare/checks.h"
+#ifdef WS_WITH_CUDA
+#include "../cuda/shared_conv_implicit.h"
+#endif
 
 namespace weightshare {
 namespace {
@@ -78,6 +82,13 @@ at::Tensor shared_conv2d(const at::Tensor& x, const at::Tensor& packed, const at
     return at::conv2d(xs, w.to(x.scalar_type()), b.has_value() ? b->to(x.scalar_type()) : at::Tensor(), stride,
                       padding, dilation, g);
   };
+#ifdef WS_WITH_CUDA
+  if (x.is_cuda()) {  // the implicit GEMM on tensor cores, where asked and its rules allow (shared_conv_implicit.h)
+    at::Tensor y = cuda::implicit_conv2d(x, packed, codebook, bits, weight_shape, bias, stride, padding, dilation,
+                                         groups);
+    if (y.defined()) return y;
+  }
+#endif
   if (x.is_cpu()) {  // images of few pixels: the blocked GEMM, decoding inside (blocked_conv.cpp says why)
     at::Tensor y = cpu::blocked_conv2d_f32(x, packed, codebook, pw, bits, weight_shape, bias, stride, padding,
                                            dilation, groups);

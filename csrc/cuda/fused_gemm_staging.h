@@ -9,6 +9,7 @@
 
 #include "weightshare/cuda_linear.h"
 #include "weightshare/fused_gemm_layout.h"
+#include "weightshare/implicit_conv.h"
 #include "mma_ptx.h"
 
 namespace weightshare::cuda {
@@ -19,6 +20,7 @@ struct FusedArgs {
   int64_t units, units_per_split;
   int64_t mblocks;  // blocks along the rows of x: blockIdx.x = output block * mblocks + x block (neighbours share W)
   Epilogue out;
+  ConvGeometry conv;  // the implicit-GEMM conv's kernel only: x is [N, H, W, C], its rows the output pixels
 };
 
 // One thread's share of staging a block's packed indices: items (block row, quarter of a 128-index unit) of layout L
@@ -112,6 +114,23 @@ __device__ __forceinline__ void load_x_tile(uint32_t stage, const T* x, int64_t 
   }
 }
 
+// The implicit-GEMM conv's form of load_x_tile (implicit_conv.h): row r of the tile is output pixel m0 + r, whose
+// origin the block keeps in origins[r]; chunk c of unit u is the 8 channels of reduction positions 128 u + 8 c, one
+// tap of that pixel, copied from x or zero-filled (padding, past K, rows past the pixels).
+template <typename T, int THREADS, int ROWS, typename Place>
+__device__ __forceinline__ void load_conv_tile(uint32_t stage, const T* x, const ConvGeometry& g,
+                                               const PixelOrigin* origins, int64_t u, int tid, Place place) {
+  static_assert(ROWS * 16 % THREADS == 0 && THREADS % 16 == 0, "whole copies per thread, one chunk column each");
+  const int chunk = tid & 15;  // the same for each of this thread's copies: one tap per unit
+  const ConvTap tap = conv_tap(g, static_cast<int32_t>(u * 128 + 8 * chunk));
+#pragma unroll
+  for (int v = 0; v < ROWS * 16 / THREADS; ++v) {
+    const int row = (tid + v * THREADS) >> 4;
+    const int64_t offset = tap_offset(g, origins[row], tap);
+    cp_async16_zfill(stage + place(row, chunk), offset >= 0 ? x + offset : x, offset >= 0);
+  }
+}
+
 // The block's replicated table (L::kTableWords words) from codebook `group` in x's dtype T, through `values`
 // (2**BITS 16-bit entries of shared memory). Ends with the table written by this thread, not yet published.
 template <typename L, typename T, int BITS>
@@ -165,6 +184,9 @@ inline bool one_codebook_per_block(int64_t out_features, int64_t rows_per_group,
   return rows_per_group == out_features || rows_per_group % block_out == 0;
 }
 
+// 8-row tiles of x per warp for M rows of x (blocks of 32, 64 or 128 rows).
+inline int tiles_n_for(int64_t M) { return M <= 32 ? 2 : (M <= 64 ? 4 : 8); }
+
 // Splits of the units when the blocks alone leave block slots of the GPU empty (shared_linear_gemm_mma.cu).
 int choose_splits(int64_t blocks, int64_t units, int64_t slots);
 
@@ -175,9 +197,10 @@ at::Tensor plan_splits(FusedArgs& a, int64_t blocks, int per_sm, int sms, const 
 // Launches one fused kernel: y = x W^T over blocks of block_out output rows x block_batch rows of x, split-K as
 // plan_splits chooses, then the finaliser. Once per kernel and device: its opt-in to `smem` bytes of dynamic shared
 // memory (above the default 48 KiB) and how many of its blocks an SM holds (the split choice counts block slots).
+// `conv`: the implicit-GEMM conv's geometry (out.M = its output pixels).
 template <auto KERNEL>
 void launch_fused(const PackedRows& w, const at::Tensor& x, const Epilogue& out, int threads, int smem,
-                  int64_t block_out, int64_t block_batch, int sms) {
+                  int64_t block_out, int64_t block_batch, int sms, const ConvGeometry& conv = {}) {
   WS_CHECK_VALUE(out.kind == out_kind(x.scalar_type()), "weightshare: the fused GEMMs write y in x's dtype");
   static std::atomic<int> slots_per_sm[64];
   const int device = x.get_device();
@@ -194,6 +217,7 @@ void launch_fused(const PackedRows& w, const at::Tensor& x, const Epilogue& out,
   a.units = w.kin / 128;
   a.mblocks = ceil_div(out.M, block_batch);
   a.out = out;
+  a.conv = conv;
   const int64_t blocks = ceil_div(w.N, block_out) * a.mblocks;
   const at::Tensor workspace = plan_splits(a, blocks, per_sm, sms, x);  // alive until the launch is queued
   KERNEL<<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(a.out.splits)), threads, smem, stream()>>>(a);

@@ -83,6 +83,15 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
 #endif
 }
 
+// The same, but 16 zero bytes instead where `copy` is false (src is then not read: the implicit-GEMM conv's padding).
+__device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, bool copy) {
+#if WS_PTX_SM80
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" : : "r"(dst), "l"(src), "r"(copy ? 16 : 0) : "memory");
+#else
+  __trap();
+#endif
+}
+
 __device__ __forceinline__ void cp_async_commit() {
 #if WS_PTX_SM80
   asm volatile("cp.async.commit_group;" : : : "memory");

@@ -25,6 +25,7 @@
 #include "weightshare/dispatch.h"
 #include "weightshare/fused_gemm_layout.h"
 #include "weightshare/packing.h"
+#include "fused_gemm_mma_body.h"
 #include "fused_gemm_staging.h"
 #include "mma_ptx.h"
 
@@ -34,114 +35,8 @@ namespace {
 // grid: (output blocks x x blocks, splits of the 128-index units); L::kThreads threads; L::kSmemBytes dynamic.
 template <typename T, int BITS, int NT, bool ROWS>
 __global__ void __launch_bounds__(FusedGemmLayout<BITS, NT, ROWS>::kThreads, 1) gemm_mma_kernel(const FusedArgs a) {
-  using L = FusedGemmLayout<BITS, NT, ROWS>;
-  constexpr int MT = L::kTilesM, CW = L::kCodeWords, S = L::kStages;
-  extern __shared__ __align__(16) uint32_t smem[];
-  __shared__ uint16_t values[1 << BITS];
-  uint32_t* const tab = smem;
-  uint32_t* const codes = smem + L::kTableWords;
-  unsigned char* const xs = reinterpret_cast<unsigned char*>(codes + 2 * L::kCodeBufferWords);
-
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  const int wo = warp % L::kWarpsOut, wb = warp / L::kWarpsOut;
-  const int64_t n0 = int64_t(blockIdx.x / a.mblocks) * L::kBlockOut;
-  const int64_t m0 = int64_t(blockIdx.x % a.mblocks) * L::kBlockBatch;
-  const int64_t M = a.out.M, N = a.w.N, kin = a.w.kin;
-  const int64_t u_begin = int64_t(blockIdx.y) * a.units_per_split;
-  const int nu = static_cast<int>(min(a.units - u_begin, a.units_per_split));  // >= 1: no split is empty
-
-  IndexStager<L, BITS> stager(a.w, n0, tid);
-  const uint32_t xs_base = shared_address(xs);
-  auto load_x = [&](int64_t u, int stage) {  // unit u of x into a stage, chunks in their swizzled slots
-    load_x_tile<T, L::kThreads, L::kBlockBatch>(xs_base + stage * L::kXBytes, static_cast<const T*>(a.x), m0, M, kin,
-                                                u, tid, [](int r, int c) { return 16 * L::x_chunk_slot(r, c); });
-  };
-
-  // Prologue: x of the first S - 1 units in flight, the first unit's indices (while the tables are staged). Loads
-  // of units past the split's last one load that last unit again, into a stage or code buffer nobody reads: no
-  // branch, so the loop body below is one basic block and ptxas overlaps these loads and stores with the mma.
-#pragma unroll
-  for (int st = 0; st < S - 1; ++st) {
-    load_x(u_begin + min(st, nu - 1), st);
-    cp_async_commit();  // one group per unit: the waits below count groups
-  }
-  stager.load(u_begin);
-  if constexpr (ROWS) {
-    stage_row_tables<L, T, BITS>(a.w, n0, tab, tid);
-  } else {
-    stage_table<L, T, BITS>(a.w, n0 / a.w.rows_per_group, values, tab, tid);  // the block's one codebook
-  }
-  stager.store(codes, tid);
-  stager.load(u_begin + min(1, nu - 1));
-
-  const uint32_t tab_base = shared_address(tab);
-  const uint32_t codes_base = shared_address(codes);
-  float acc[MT][NT][4] = {};
-  for (int it = 0; it < nu; ++it) {
-    cp_async_wait<S - 2>();  // this thread's copies of unit it have landed
-    __syncthreads();         // everyone's, and unit it's codes; everyone is done with unit it - 1's buffers
-    load_x(u_begin + min(it + S - 1, nu - 1), (it + S - 1) % S);  // into unit it - 1's stage
-    cp_async_commit();
-
-    const uint32_t cbuf = codes_base + 4u * (it & 1) * L::kCodeBufferWords;
-    const uint32_t xbuf = xs_base + (it % S) * L::kXBytes;
-#pragma unroll
-    for (int s = 0; s < L::kSteps; ++s) {
-      uint32_t b[NT][2];
-#pragma unroll
-      for (int jj = 0; jj < NT / 2; ++jj) {
-        uint32_t r[4];
-        ldmatrix_x4(xbuf + 16 * L::ldmatrix_slot(lane, wb, jj, s), r);
-        b[2 * jj][0] = r[0];
-        b[2 * jj][1] = r[1];
-        b[2 * jj + 1][0] = r[2];
-        b[2 * jj + 1][1] = r[3];
-      }
-#pragma unroll
-      for (int i = 0; i < MT; ++i) {
-        const int row = wo * L::kWarpOut + 16 * i + g;
-        uint32_t c0[CW], c1[CW];
-        load_codes<L>(cbuf, row, s, t, c0, c1);
-        uint32_t af[4];
-        L::decode_a(c0, c1, [&](uint32_t offset) {
-          if constexpr (ROWS) {
-            return lds_u16(tab_base + offset);
-          } else {
-            return lds_u32(tab_base + offset);
-          }
-        }, af);
-#pragma unroll
-        for (int j = 0; j < NT; ++j) mma16816<T>(acc[i][j], af, b[j][0], b[j][1]);
-      }
-    }
-
-    stager.store(codes + ((it + 1) & 1) * L::kCodeBufferWords, tid);  // read last in unit it - 1: past the barrier
-    stager.load(u_begin + min(it + 2, nu - 1));
-  }
-  cp_async_wait<0>();  // the reloads past the split's end: none in flight at exit
-
-  // D of tile (i, j): rows = output rows 16 i + g (+8 for r >= 2), columns = rows of x 8 j + 2t + (r & 1). (A bias
-  // array filled before these loops pushed the 4-bit, 8-tile kernel past 255 registers into spills.)
-#pragma unroll
-  for (int i = 0; i < MT; ++i) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t n = n0 + wo * L::kWarpOut + 16 * i + g + 8 * h;
-      if (n >= N) continue;
-      const float b = row_bias(a.out, n);
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int64_t m = m0 + wb * L::kWarpBatch + 8 * j + 2 * t + e;
-          if (m < M) put_output<T>(a.out, m, n, acc[i][j][2 * h + e], b);
-        }
-      }
-    }
-  }
+  fused_gemm_mma<T, BITS, NT, ROWS, false>(a);
 }
-
-int tiles_n_for(int64_t M) { return M <= 32 ? 2 : (M <= 64 ? 4 : 8); }
 
 // Per-row tables (ROWS) are instantiated for the widths the op promises fast (2, 3, 4, 8); other widths with
 // codebooks that split blocks take the panels.

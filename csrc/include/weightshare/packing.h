@@ -37,8 +37,10 @@ WS_HD uint32_t unpack_one(const uint8_t* row, int64_t i, int bits) {
   return (v >> shift) & ((1u << bits) - 1u);
 }
 
-// Word w (bits [32w, 32w+32) of the stream) of a row of n indices. Sets *bad when an index is >= 2**bits.
-WS_HD uint32_t pack_word(const uint8_t* idx_row, int64_t n, int bits, int64_t w, bool* bad) {
+// Word w (bits [32w, 32w+32) of the stream) of a row of n indices, index i being index(i). Sets *bad when an index
+// is >= 2**bits.
+template <typename Index>
+WS_HD uint32_t pack_word_of(Index index, int64_t n, int bits, int64_t w, bool* bad) {
   const int64_t first_bit = 32 * w;
   const int64_t first = first_bit / bits;
   int64_t last = (first_bit + 31) / bits;
@@ -46,12 +48,17 @@ WS_HD uint32_t pack_word(const uint8_t* idx_row, int64_t n, int bits, int64_t w,
   const uint32_t limit = 1u << bits;
   uint32_t word = 0;
   for (int64_t i = first; i <= last; ++i) {
-    const uint32_t v = idx_row[i];
+    const uint32_t v = index(i);
     if (v >= limit) *bad = true;
     const int64_t s = i * bits - first_bit;  // may be negative: the index started in the previous word
     word |= s >= 0 ? (v << s) : (v >> -s);
   }
   return word;
+}
+
+// The same from a row of indices, one byte each.
+WS_HD uint32_t pack_word(const uint8_t* idx_row, int64_t n, int bits, int64_t w, bool* bad) {
+  return pack_word_of([idx_row](int64_t i) { return uint32_t(idx_row[i]); }, n, bits, w, bad);
 }
 
 // Where one of 32 lanes finds its indices when a warp reads a packed row 256 indices (a "span", 8 * BITS words) at a

@@ -1,0 +1,183 @@
+// shared_conv2d on tensor cores as an implicit GEMM: the fused mma.sync GEMM of shared_linear
+// (fused_gemm_mma_body.h) with the output pixels as its rows of x, each 16-byte chunk of x copied by cp.async from
+// the input pixel and channels its tap reads (implicit_conv.h). Neither the dense weight nor an im2col matrix is
+// ever written: the weight stays packed indices decoded into A fragments in registers, as in the linear layers.
+//
+// Why: decode + cuDNN (csrc/common/shared_conv.cpp) ran 0.49-0.90x cuDNN fp16 on the H200 (2026-11-30); it can
+// never reach parity, as it runs cuDNN's whole convolution after writing the fp16 weight. Here the weight traffic
+// is the packed indices (a quarter of the fp16 bytes at 4 bits), read once per block of pixels.
+//
+// The one extra pass: the packed rows hold the indices in the weight's (c, r, s) order, and the GEMM needs them in
+// its reduction order (r, s, c), where 8 consecutive positions are 8 channels of one pixel. repack_kernel writes
+// that order (padded with index 0 to whole 128-index units, where x reads zeros), a read and a write of the packed
+// bytes; 1x1 convs whose channels fill whole units use the packed rows as they are.
+//
+// Status: written and compiled for sm_90 (2026-12-01); the index arithmetic checked on the host
+// (tests/native/implicit_conv_check.cpp), the GEMM's layout as shared_linear's. Not yet run on a GPU, so no call
+// takes it unless WS_CUDA_CONV=implicit.
+#include "shared_conv_implicit.h"
+
+#include <ATen/ops/empty.h>
+
+#include <cstdlib>
+#include <string_view>
+
+#include "weightshare/cuda_linear.h"
+#include "weightshare/dispatch.h"
+#include "weightshare/implicit_conv.h"
+#include "weightshare/packing.h"
+#include "fused_gemm_mma_body.h"
+#include "fused_gemm_staging.h"
+
+namespace weightshare::cuda {
+namespace {
+
+// grid: as gemm_mma_kernel's (launch_fused), rows of x = output pixels.
+template <typename T, int BITS, int NT>
+__global__ void __launch_bounds__(FusedGemmLayout<BITS, NT>::kThreads, 1) conv_mma_kernel(const FusedArgs a) {
+  fused_gemm_mma<T, BITS, NT, false, true>(a);
+}
+
+// The packed rows (src: `rows` rows of src_row_bytes, (c, r, s) order) in the GEMM's order (repacked_word): dst rows
+// of dst_row_words words = units * 128 indices.
+template <int BITS>
+__global__ void repack_kernel(const uint8_t* src, int64_t src_row_bytes, uint32_t* dst, int64_t dst_row_words,
+                              int64_t rows, const ConvGeometry g) {
+  const int64_t total = rows * dst_row_words, n = dst_row_words * 32 / BITS;
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < total; t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t o = t / dst_row_words;
+    dst[t] = repacked_word(g, src + o * src_row_bytes, BITS, n, t - o * dst_row_words);
+  }
+}
+
+// The widths the op promises fast; the others keep decode + cuDNN (24 kernels instead of 48).
+constexpr bool conv_bits_instantiated(int64_t bits) { return bits == 2 || bits == 3 || bits == 4 || bits == 8; }
+
+// Calls f.template operator()<BITS, NT>() for run-time bits (conv_bits_instantiated) and 8-row tile count.
+template <typename F>
+void dispatch_conv(int64_t bits, int nt, F&& f) {
+  auto tiles = [&]<int BITS>() {
+    if (nt == 2) {
+      f.template operator()<BITS, 2>();
+    } else if (nt == 4) {
+      f.template operator()<BITS, 4>();
+    } else {
+      f.template operator()<BITS, 8>();
+    }
+  };
+  switch (bits) {
+    case 2: tiles.template operator()<2>(); break;
+    case 3: tiles.template operator()<3>(); break;
+    case 4: tiles.template operator()<4>(); break;
+    default: tiles.template operator()<8>(); break;
+  }
+}
+
+bool conv_compiled() {
+  static const bool ok = has_sm80_code(reinterpret_cast<const void*>(conv_mma_kernel<__half, 4, 8>));
+  return ok;
+}
+
+bool asked() {
+  const char* sw = std::getenv("WS_CUDA_CONV");
+  return sw != nullptr && std::string_view(sw) == "implicit";
+}
+
+// stride / padding / dilation as conv2d takes them: one value for both axes, or two.
+bool pair_of(at::IntArrayRef v, int64_t lo, int32_t& h, int32_t& w) {
+  if (v.size() != 1 && v.size() != 2) return false;
+  const int64_t a = v[0], b = v.size() == 2 ? v[1] : v[0];
+  if (a < lo || b < lo || a > (1 << 20) || b > (1 << 20)) return false;
+  h = static_cast<int32_t>(a);
+  w = static_cast<int32_t>(b);
+  return true;
+}
+
+bool float_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
+
+}  // namespace
+
+at::Tensor implicit_conv2d(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook, int64_t bits,
+                           at::IntArrayRef weight_shape, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  if (!asked() || groups != 1 || x.dim() != 4 || !conv_bits_instantiated(bits)) return {};
+  if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) return {};
+  // channels-last as at::conv2d sees it (so y's layout is the one it, and the fake kernel, give)
+  if (x.suggest_memory_format() != at::MemoryFormat::ChannelsLast || !x.is_contiguous(at::MemoryFormat::ChannelsLast) ||
+      reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) {
+    return {};
+  }
+  if (bias.has_value() && (!float_dtype(bias->scalar_type()) || bias->device() != x.device())) return {};
+  ConvGeometry g{};
+  if (!pair_of(stride, 1, g.stride_h, g.stride_w) || !pair_of(padding, 0, g.pad_h, g.pad_w) ||
+      !pair_of(dilation, 1, g.dil_h, g.dil_w)) {
+    return {};
+  }
+  const int64_t batch = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t O = weight_shape[0], R = weight_shape[2], S = weight_shape[3];
+  const int64_t K = R * S * C;
+  if (C % 8 != 0 || x.numel() > INT32_MAX || K > INT32_MAX - 128) return {};
+  const int64_t Ho = (H + 2 * g.pad_h - g.dil_h * (R - 1) - 1) / g.stride_h + 1;
+  const int64_t Wo = (W + 2 * g.pad_w - g.dil_w * (S - 1) - 1) / g.stride_w + 1;
+  if (H + 2 * g.pad_h < g.dil_h * (R - 1) + 1 || W + 2 * g.pad_w < g.dil_w * (S - 1) + 1) return {};  // no output
+  const int64_t P = batch * Ho * Wo;
+  if (P < 1 || Ho > INT32_MAX || Wo > INT32_MAX) return {};
+  g.H = static_cast<int32_t>(H);
+  g.W = static_cast<int32_t>(W);
+  g.C = static_cast<int32_t>(C);
+  g.R = static_cast<int32_t>(R);
+  g.S = static_cast<int32_t>(S);
+  g.Ho = static_cast<int32_t>(Ho);
+  g.Wo = static_cast<int32_t>(Wo);
+  g.K = static_cast<int32_t>(K);
+  const int64_t rows_per_group = O / codebook.size(0);
+  if (!one_codebook_per_block(O, rows_per_group, bits <= 4 ? 256 : 128)) return {};
+  const int device = x.get_device();
+  if (device_attribute<cudaDevAttrComputeCapabilityMajor>(device) < 8 || !conv_compiled()) return {};
+  const int nt = tiles_n_for(P);
+  int smem = 0;
+  dispatch_conv(bits, nt, [&]<int BITS, int NT>() { smem = fused_mma_smem_bytes<BITS, NT, false, true>(); });
+  if (smem > device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device)) return {};
+  if (ceil_div(O, bits <= 4 ? 256 : 128) * ceil_div(P, 16 * nt) > INT32_MAX) return {};
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int b = static_cast<int>(bits);
+  const int64_t units = ceil_div(K, 128), row_words = units * 4 * b;  // 128 indices = 4 bits words
+  const int64_t src_row_bytes = packed_row_bytes(K, b);
+  at::Tensor rows = packed.contiguous();
+  if (R != 1 || S != 1 || C % 128 != 0 || reinterpret_cast<uintptr_t>(rows.data_ptr()) % 16 != 0) {
+    at::Tensor repacked = at::empty({O, row_words * 4}, packed.options());
+    WS_DISPATCH_BITS(b, BITS, [&] {
+      repack_kernel<BITS><<<blocks_for(O * row_words), kThreads, 0, stream()>>>(
+          rows.data_ptr<uint8_t>(), src_row_bytes, reinterpret_cast<uint32_t*>(repacked.data_ptr<uint8_t>()),
+          row_words, O, g);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    rows = repacked;
+  }
+  const at::Tensor cb = codebook.contiguous();
+  PackedRows w{reinterpret_cast<const uint32_t*>(rows.data_ptr<uint8_t>()), row_words, 16, O, units * 128,
+               rows_per_group, nullptr, static_cast<int>(cb.size(1)), cb.data_ptr(), out_kind(cb.scalar_type())};
+
+  at::Tensor y = at::empty({batch, Ho, Wo, O}, x.options());  // [P, O]: the output's channels-last layout
+  Epilogue e = make_epilogue(y, P, O);
+  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  e.bias = bc.defined() ? bc.data_ptr() : nullptr;
+  e.bias_kind = bc.defined() ? out_kind(bc.scalar_type()) : OutKind::Float;
+  e.rows_per_group = rows_per_group;
+  const int sms = sm_count(device);
+  dispatch_conv(bits, nt, [&]<int BITS, int NT>() {
+    using L = FusedGemmLayout<BITS, NT>;
+    constexpr int kSmem = fused_mma_smem_bytes<BITS, NT, false, true>();
+    if (x.scalar_type() == at::kHalf) {
+      launch_fused<conv_mma_kernel<__half, BITS, NT>>(w, x, e, L::kThreads, kSmem, L::kBlockOut, L::kBlockBatch, sms,
+                                                      g);
+    } else {
+      launch_fused<conv_mma_kernel<__nv_bfloat16, BITS, NT>>(w, x, e, L::kThreads, kSmem, L::kBlockOut,
+                                                             L::kBlockBatch, sms, g);
+    }
+  });
+  return y.permute({0, 3, 1, 2});
+}
+
+}  // namespace weightshare::cuda
