@@ -134,12 +134,16 @@ def run() -> dict:
 
 def run_cuda() -> dict:
     """The issue's GPU conv target on a whole network: fp16 on the GPU, the shared model against the dense one on
-    cuDNN, times from CUDA-graph replays of whole forwards (time_cuda), batch 1 and 8."""
+    cuDNN, times from CUDA-graph replays of whole forwards (time_cuda), batch 1 and 8; where the implicit-GEMM conv
+    takes channels-last calls, both models again in channels-last memory, ours with WS_CUDA_CONV=implicit."""
     from _common import time_cuda
+    from bench_shared_conv import implicit_conv_taken
+    implicit = implicit_conv_taken()  # then also both models channels-last, ours by the implicit-GEMM conv
     dense32, shared, replaced = build_pair()
     dense32 = dense32.cuda()
     dense, shared = copy.deepcopy(dense32).half(), shared.half().cuda()
-    out = {"machine": machine(), "bits": BITS, "dtype": "float16", **replaced, "rows": []}
+    out = {"machine": machine(), "bits": BITS, "dtype": "float16", **replaced, "implicit_conv_taken": implicit,
+           "rows": []}
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         for n in BATCHES:
@@ -150,9 +154,28 @@ def run_cuda() -> dict:
             t_dense, t_shared = time_cuda(lambda: dense(x)), time_cuda(lambda: shared(x))
             row = {"batch": n, "cudnn_fp16_ms": t_dense * 1e3, "shared_ms": t_shared * 1e3,
                    "speed_vs_cudnn": t_dense / t_shared, "rel_error_vs_fp32": err}
+            if implicit:  # both models channels-last, ours through the implicit GEMM where it takes a layer
+                # copies: Module.to converts in place, and the NCHW models are timed again at the next batch
+                dense_cl = copy.deepcopy(dense).to(memory_format=torch.channels_last)
+                shared_cl = copy.deepcopy(shared).to(memory_format=torch.channels_last)
+                xl = x.contiguous(memory_format=torch.channels_last)
+                t_dense_cl = time_cuda(lambda: dense_cl(xl))
+                os.environ["WS_CUDA_CONV"] = "implicit"  # read per call: at capture and in the check below
+                try:
+                    t_implicit = time_cuda(lambda: shared_cl(xl))
+                    err_implicit = float((shared_cl(xl).float() - ref).norm() / ref.norm())
+                finally:
+                    os.environ.pop("WS_CUDA_CONV", None)
+                row.update({"cudnn_channels_last_ms": t_dense_cl * 1e3, "shared_implicit_ms": t_implicit * 1e3,
+                            "implicit_speed_vs_cudnn_channels_last": t_dense_cl / t_implicit,
+                            "implicit_rel_error_vs_fp32": err_implicit})
             out["rows"].append(row)
+            extra = (f" | channels-last: cuDNN {row['cudnn_channels_last_ms']:.3f} ms, implicit GEMM "
+                     f"{row['shared_implicit_ms']:.3f} ms ({row['implicit_speed_vs_cudnn_channels_last']:.2f}x)"
+                     if implicit else "")
             print(f"cuda batch {n}: dense (cuDNN fp16) {row['cudnn_fp16_ms']:.3f} ms | shared "
-                  f"{row['shared_ms']:.3f} ms ({row['speed_vs_cudnn']:.2f}x) | rel. error vs fp32 {err}", flush=True)
+                  f"{row['shared_ms']:.3f} ms ({row['speed_vs_cudnn']:.2f}x) | rel. error vs fp32 {err}{extra}",
+                  flush=True)
     return out
 
 
