@@ -102,31 +102,56 @@ def run() -> dict:
     return out
 
 
-def implicit_conv_taken() -> bool:
-    """Whether the implicit-GEMM conv (WS_CUDA_CONV=implicit) takes a channels-last fp16 call here (a build without
-    it, or an older GPU, would time the fallback under its name: its columns are left out instead)."""
+def own_kernel_taken(mode: str, kernel: str, x: torch.Tensor, shape: list, groups: int) -> bool:
+    """Whether WS_CUDA_CONV=mode makes a 4-bit fp16 call on x (a layer of weight `shape`) run the CUDA kernel whose
+    name contains `kernel` (a build without it, or an older GPU, would time the fallback under its name: its
+    columns are left out instead)."""
     from _common import cuda_kernel_breakdown
-    probe_w = ws.ops.pack(torch.randint(0, 16, (64, 64 * 9), dtype=torch.uint8, device="cuda"), 4)
-    probe_x = torch.randn(1, 64, 8, 8, device="cuda").half().contiguous(memory_format=torch.channels_last)
+    out, cin_g, kh, kw = shape
+    probe_w = ws.ops.pack(torch.randint(0, 16, (out, cin_g * kh * kw), dtype=torch.uint8, device="cuda"), 4)
     probe_cb = torch.randn(1, 16, device="cuda").half()
-    os.environ["WS_CUDA_CONV"] = "implicit"
+    os.environ["WS_CUDA_CONV"] = mode
     try:
-        ran = cuda_kernel_breakdown(lambda: ws.ops.shared_conv2d(probe_x, probe_w, probe_cb, 4, [64, 64, 3, 3], None,
-                                                                 1, 1), calls=1)
+        ran = cuda_kernel_breakdown(lambda: ws.ops.shared_conv2d(x, probe_w, probe_cb, 4, shape, None, 1, 1, 1,
+                                                                 groups), calls=1)
     finally:
         os.environ.pop("WS_CUDA_CONV", None)
-    return any("conv_mma_kernel" in key for key in ran)
+    return any(kernel in key for key in ran)
+
+
+def implicit_conv_taken() -> bool:
+    """Whether the implicit-GEMM conv (WS_CUDA_CONV=implicit) takes a channels-last fp16 3x3 call here."""
+    x = torch.randn(1, 64, 8, 8, device="cuda").half().contiguous(memory_format=torch.channels_last)
+    return own_kernel_taken("implicit", "conv_mma_kernel", x, [64, 64, 3, 3], 1)
+
+
+def depthwise_conv_taken() -> bool:
+    """Whether the CUDA depthwise kernel (WS_CUDA_CONV=depthwise) takes an NCHW fp16 3x3 call here."""
+    x = torch.randn(1, 64, 8, 8, device="cuda").half()
+    return own_kernel_taken("depthwise", "depthwise_n", x, [64, 1, 3, 3], 64)
+
+
+def timed_with(mode: str, fn) -> tuple[float, torch.Tensor]:
+    """(time_cuda(fn), fn()) with WS_CUDA_CONV=mode, which is read per call: at capture and in the check call."""
+    from _common import time_cuda
+    os.environ["WS_CUDA_CONV"] = mode
+    try:
+        return time_cuda(fn), fn()
+    finally:
+        os.environ.pop("WS_CUDA_CONV", None)
 
 
 def run_cuda() -> dict:
     """The issue's GPU conv target: at least parity with cuDNN fp16, batch 1 (and 8), the same convs, times from
     CUDA-graph replays (time_cuda). Per conv: cuDNN and ours on the input as listed (NCHW unless named channels-last:
     decode + cuDNN); for groups-1 layers also both on channels-last x and weight, ours by the implicit GEMM
-    (WS_CUDA_CONV=implicit, csrc/cuda/shared_conv_implicit.cu) where it takes the calls."""
+    (WS_CUDA_CONV=implicit, csrc/cuda/shared_conv_implicit.cu), and for depthwise layers ours by the depthwise
+    kernel (WS_CUDA_CONV=depthwise, shared_conv_depthwise.cu), where they take the calls."""
     from _common import time_cuda
-    implicit = implicit_conv_taken()
-    out = {"machine": machine(), "bits": BITS, "dtype": "float16", "implicit_conv_taken": implicit, "results": []}
-    print(f"implicit-GEMM conv takes these calls: {implicit}", flush=True)
+    implicit, depthwise = implicit_conv_taken(), depthwise_conv_taken()
+    out = {"machine": machine(), "bits": BITS, "dtype": "float16", "implicit_conv_taken": implicit,
+           "depthwise_conv_taken": depthwise, "results": []}
+    print(f"own kernels that take these calls: implicit GEMM {implicit}, depthwise {depthwise}", flush=True)
     for name in CONVS:
         x, packed, cb, shape, dense, (s, p, d, g) = make(name)
         packed, cb = packed.cuda(), cb.half().cuda()
@@ -144,24 +169,27 @@ def run_cuda() -> dict:
             got = ws.ops.shared_conv2d(xc, packed, cb, BITS, shape, None, s, p, d, g).float()
             row = {"conv": name, "batch": n, "cudnn_fp16_ms": t_dense * 1e3, "ws_ms": t_ws * 1e3,
                    "ws_speed_vs_cudnn": t_dense / t_ws, "rel_err": float((got - ref).norm() / ref.norm())}
-            if implicit and g == 1:
+            if implicit and g == 1:  # both on channels-last x and weight, ours by the implicit GEMM
                 xl = xc.contiguous(memory_format=torch.channels_last)
                 wl = dense.contiguous(memory_format=torch.channels_last)
                 t_dense_cl = time_cuda(lambda: F.conv2d(xl, wl, None, s, p, d, g))
-                os.environ["WS_CUDA_CONV"] = "implicit"  # read per call: at capture and in the check below
-                try:
-                    t_implicit = time_cuda(lambda: ws.ops.shared_conv2d(xl, packed, cb, BITS, shape, None, s, p, d, g))
-                    got = ws.ops.shared_conv2d(xl, packed, cb, BITS, shape, None, s, p, d, g).float()
-                finally:
-                    os.environ.pop("WS_CUDA_CONV", None)
-                row.update({"cudnn_channels_last_ms": t_dense_cl * 1e3, "ws_implicit_ms": t_implicit * 1e3,
-                            "implicit_speed_vs_cudnn_channels_last": t_dense_cl / t_implicit,
-                            "implicit_rel_err": float((got - ref).norm() / ref.norm())})
+                t_own, got = timed_with("implicit", lambda: ws.ops.shared_conv2d(xl, packed, cb, BITS, shape, None, s,
+                                                                                 p, d, g))
+                row.update({"cudnn_channels_last_ms": t_dense_cl * 1e3, "ws_implicit_ms": t_own * 1e3,
+                            "implicit_speed_vs_cudnn_channels_last": t_dense_cl / t_own,
+                            "implicit_rel_err": float((got.float() - ref).norm() / ref.norm())})
+            if depthwise and shape[1] == 1 and g > 1:  # the depthwise kernel on the input as listed
+                t_own, got = timed_with("depthwise", lambda: ws.ops.shared_conv2d(xc, packed, cb, BITS, shape, None,
+                                                                                  s, p, d, g))
+                row.update({"ws_depthwise_ms": t_own * 1e3, "depthwise_speed_vs_cudnn": t_dense / t_own,
+                            "depthwise_rel_err": float((got.float() - ref).norm() / ref.norm())})
             out["results"].append(row)
             write_json("shared_conv_cuda.json", out)  # row by row: a run cut short by its timeout keeps them
             extra = (f"; channels-last cuDNN {row['cudnn_channels_last_ms']:.4f} ms implicit "
                      f"{row['ws_implicit_ms']:.4f} ms ({row['implicit_speed_vs_cudnn_channels_last']:.2f}x) err "
                      f"{row['implicit_rel_err']:.1e}" if "ws_implicit_ms" in row else "")
+            extra += (f"; depthwise kernel {row['ws_depthwise_ms']:.4f} ms ({row['depthwise_speed_vs_cudnn']:.2f}x) "
+                      f"err {row['depthwise_rel_err']:.1e}" if "ws_depthwise_ms" in row else "")
             print(f"cuda {name:34s} N={n}: cuDNN {row['cudnn_fp16_ms']:.4f} ms ws {row['ws_ms']:.4f} ms "
                   f"({row['ws_speed_vs_cudnn']:.2f}x) err {row['rel_err']:.1e}{extra}", flush=True)
     return out

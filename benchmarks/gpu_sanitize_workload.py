@@ -57,13 +57,14 @@ def fused() -> None:
                 ws.ops.shared_linear(x, p, cb, bits, out_f, in_f)
         finally:
             os.environ.pop("WS_CUDA_LINEAR")
-    implicit_conv()
+    own_convs()
 
 
-def implicit_conv() -> None:
-    """The implicit-GEMM conv (WS_CUDA_CONV=implicit): its repack, padding taps (zero-filled copies), a partial last
-    unit (64 channels x 9 taps), rows past the pixels, split-K (512 channels at 7x7), a 1x1 layer without repack."""
-    os.environ["WS_CUDA_CONV"] = "implicit"
+def own_convs() -> None:
+    """Our CUDA conv kernels (WS_CUDA_CONV=all). The implicit GEMM: its repack, padding taps (zero-filled copies), a
+    partial last unit (64 channels x 9 taps), rows past the pixels, split-K (512 channels at 7x7), a 1x1 layer
+    without repack. The depthwise kernel: both layouts, multiplier 2, stride 2."""
+    os.environ["WS_CUDA_CONV"] = "all"
     try:
         for bits, (o, c, k), n, hw in ((4, (64, 64, 3), 1, 9), (8, (512, 512, 3), 1, 7), (3, (96, 128, 1), 2, 7)):
             cb = torch.randn(1, 1 << bits, device="cuda")
@@ -71,6 +72,11 @@ def implicit_conv() -> None:
             x = torch.randn(n, c, hw, hw, device="cuda", dtype=torch.float16).contiguous(
                 memory_format=torch.channels_last)
             ws.ops.shared_conv2d(x, p, cb, bits, [o, c, k, k], None, 1, k // 2)
+        cb = torch.randn(1, 16, device="cuda")
+        p = ws.ops.pack(torch.randint(0, 16, (64, 9), dtype=torch.uint8, device="cuda"), 4)
+        for x in (torch.randn(2, 32, 11, 9, device="cuda"),
+                  torch.randn(2, 32, 11, 9, device="cuda").half().contiguous(memory_format=torch.channels_last)):
+            ws.ops.shared_conv2d(x, p, cb, 4, [64, 1, 3, 3], None, 2, 1, 1, 32)
     finally:
         os.environ.pop("WS_CUDA_CONV")
 
@@ -85,7 +91,7 @@ def small() -> None:
         x = torch.randn(m, 300, device="cuda", dtype=torch.float16, requires_grad=True)
         c = cb.half().clone().requires_grad_()
         ws.ops.shared_linear(x, p, c, 4, 512, 300).sum().backward()
-    fused()  # its shared-memory pipeline: x stages, code buffers, tables (and the implicit-GEMM conv's)
+    fused()  # its shared-memory pipeline: x stages, code buffers, tables (and the conv kernels')
     torch.cuda.synchronize()
     print("racecheck workload done")
 

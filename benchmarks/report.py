@@ -239,20 +239,25 @@ def cuda_linear_table(r):
 
 
 def cuda_conv_table(r):
-    """The CUDA shared_conv2d against cuDNN: decode + cuDNN on the input as listed, and where the run has them both
-    again on channels-last x, ours by the implicit GEMM."""
+    """The CUDA shared_conv2d against cuDNN: decode + cuDNN on the input as listed, and where the run has them our
+    depthwise kernel on that input, and both again on channels-last x with ours by the implicit GEMM."""
     m = r["machine"]
-    implicit = any("ws_implicit_ms" in x for x in r["results"])
+    columns = [(key, title, base, speed) for key, title, base, speed in (
+        ("ws_depthwise_ms", "ws depthwise kernel", None, "depthwise_speed_vs_cudnn"),
+        ("ws_implicit_ms", "ws implicit GEMM, channels-last", "cudnn_channels_last_ms",
+         "implicit_speed_vs_cudnn_channels_last")) if any(key in x for x in r["results"])]
+    head = "| conv | batch | cuDNN | ws (decode + cuDNN) |"
+    for key, title, base, _ in columns:
+        head += (" cuDNN, channels-last |" if base else "") + f" {title} |"
     out = [f"Shared Conv2d on the GPU, {r['bits']}-bit, fp16 ({m.get('gpu', 'GPU')}, torch {m['torch']}, {m['date']}; "
-           "CUDA graphs)", "", "| conv | batch | cuDNN | ws (decode + cuDNN) |" +
-           (" cuDNN, channels-last | ws implicit GEMM, channels-last |" if implicit else ""),
-           "|---|---|---|---|" + ("---|---|" if implicit else "")]
+           "CUDA graphs)", "", head, "|---" * head.count(" |") + "|"]
     for x in r["results"]:
         row = (f"| {x['conv']} | {x['batch']} | {x['cudnn_fp16_ms']:.4f} ms | {x['ws_ms']:.4f} ms "
                f"({x['ws_speed_vs_cudnn']:.2f}x) |")
-        if implicit:
-            row += (f" {x['cudnn_channels_last_ms']:.4f} ms | {x['ws_implicit_ms']:.4f} ms "
-                    f"({x['implicit_speed_vs_cudnn_channels_last']:.2f}x) |" if "ws_implicit_ms" in x else " | |")
+        for key, _, base, speed in columns:
+            if base:
+                row += f" {x[base]:.4f} ms |" if base in x else " |"
+            row += f" {x[key]:.4f} ms ({x[speed]:.2f}x) |" if key in x else " |"
         out.append(row)
     return "\n".join(out)
 

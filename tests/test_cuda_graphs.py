@@ -140,3 +140,19 @@ def test_cuda_graph_implicit_gemm_conv(shape, monkeypatch):
 
     x = image()
     replay_matches(lambda: ws.ops.shared_conv2d(x, packed, cb, bits, list(shape), bias, 1, 1), [x], [image()])
+
+
+# the depthwise conv kernel (asked for: not yet a default), both layouts
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_graph_depthwise_conv(channels_last, monkeypatch):
+    monkeypatch.setenv("WS_CUDA_CONV", "depthwise")
+    g = torch.Generator().manual_seed(5)
+    packed = ws.ops.pack(torch.randint(0, 16, (64, 9), generator=g, dtype=torch.uint8), 4).cuda()
+    cb = torch.randn(1, 16, generator=g).cuda()
+
+    def image():
+        x = torch.randn(2, 64, 14, 14, generator=g).cuda().half()
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+    x = image()
+    replay_matches(lambda: ws.ops.shared_conv2d(x, packed, cb, 4, [64, 1, 3, 3], None, 1, 1, 1, 64), [x], [image()])

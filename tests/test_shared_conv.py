@@ -396,3 +396,59 @@ def test_cuda_implicit_gemm_conv_takes_the_calls_it_should(monkeypatch, gen):
     assert not ran(last, groups=2)
     assert not ran(last, per_channel=True)
     assert not ran(last.float())
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("case", DEPTHWISE)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("codebooks", ["one", "per_channel"])
+def test_cuda_depthwise_kernel(case, dtype, layout, codebooks, monkeypatch, gen):
+    """The CUDA depthwise kernel (WS_CUDA_CONV=depthwise, csrc/cuda/shared_conv_depthwise.cu) on the CPU kernel's
+    edge cases, both layouts, against fp32 F.conv2d with the weight rounded to x's dtype, with bias; y in x's
+    memory format, as cuDNN's."""
+    monkeypatch.setenv("WS_CUDA_CONV", "depthwise")
+    c, mult, kh, kw, s, p, d, h, w_ = case
+    bits, out = 3, c * mult
+    idx = torch.randint(0, 1 << bits, (out, kh * kw), generator=gen, dtype=torch.uint8)
+    cb = torch.randn(1 if codebooks == "one" else out, 1 << bits, generator=gen) * 0.3
+    packed, shape = ws.ops.pack(idx, bits), [out, 1, kh, kw]
+    w = ws.ops.dequantize(packed, cb, bits, shape).to(dtype).float()
+    x = torch.randn(2, c, h, w_, generator=gen).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    b = torch.randn(out, generator=gen)
+    y = ws.ops.shared_conv2d(x.cuda(), packed.cuda(), cb.cuda(), bits, shape, b.cuda(), s, p, d, c).cpu()
+    want = F.conv2d(x.float(), w, b, s, p, d, c)
+    assert y.dtype == dtype
+    assert y.is_contiguous(memory_format=torch.channels_last) == want.is_contiguous(memory_format=torch.channels_last)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(y.float(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
+def test_cuda_depthwise_kernel_takes_the_calls_it_should(monkeypatch, gen):
+    """Which calls the CUDA depthwise kernel takes, by the profiler's kernel names: depthwise layers (multiplier 1
+    or 2) in either layout when asked (WS_CUDA_CONV=depthwise or =all); not unasked, not grouped non-depthwise
+    layers (those take decode + cuDNN)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def ran(x, out, cin_g, groups):
+        idx = torch.randint(0, 16, (out, cin_g * 9), generator=gen, dtype=torch.uint8)
+        cb = torch.randn(1, 16, generator=gen)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            ws.ops.shared_conv2d(x.cuda(), ws.ops.pack(idx, 4).cuda(), cb.cuda(), 4, [out, cin_g, 3, 3], None, 1, 1,
+                                 1, groups)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        if not names:
+            pytest.skip("the profiler recorded no CUDA kernels (no CUPTI)")
+        return any("depthwise_n" in name for name in names)
+
+    x = torch.randn(2, 16, 9, 9, generator=gen)
+    assert not ran(x, 16, 1, 16)
+    for mode in ("depthwise", "all"):
+        monkeypatch.setenv("WS_CUDA_CONV", mode)
+        assert ran(x, 16, 1, 16)
+        assert ran(x.half().contiguous(memory_format=torch.channels_last), 32, 1, 16)
+        assert not ran(x, 16, 2, 8)

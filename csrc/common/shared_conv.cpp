@@ -1,6 +1,6 @@
 // shared_conv2d for every device, composed from the device's own dequantize kernel and ATen's convolution
-// (oneDNN on CPU, cuDNN on CUDA), unless one of our direct kernels takes the call (CPU: below; CUDA: the implicit
-// GEMM of shared_conv_implicit.cu, opt-in until measured).
+// (oneDNN on CPU, cuDNN on CUDA), unless one of our direct kernels takes the call (CPU: below; CUDA:
+// shared_conv_cuda.h, opt-in until measured).
 //
 // Why decode-then-convolve is the fast path for convolutions: a conv weight is small (64x64x3x3 fp32 = 147 KB) and
 // each weight is reused at every output pixel, so decoding it is O(weights) next to the conv's O(weights x pixels)
@@ -20,7 +20,7 @@
 #include "../cpu/winograd_conv.h"
 #include "weightshare/checks.h"
 #ifdef WS_WITH_CUDA
-#include "../cuda/shared_conv_implicit.h"
+#include "../cuda/shared_conv_cuda.h"
 #endif
 
 namespace weightshare {
@@ -83,9 +83,12 @@ at::Tensor shared_conv2d(const at::Tensor& x, const at::Tensor& packed, const at
                       padding, dilation, g);
   };
 #ifdef WS_WITH_CUDA
-  if (x.is_cuda()) {  // the implicit GEMM on tensor cores, where asked and its rules allow (shared_conv_implicit.h)
+  if (x.is_cuda()) {  // our kernels (the implicit GEMM, depthwise) where asked and their rules allow
     at::Tensor y = cuda::implicit_conv2d(x, packed, codebook, bits, weight_shape, bias, stride, padding, dilation,
                                          groups);
+    if (!y.defined()) {
+      y = cuda::depthwise_conv2d(x, packed, codebook, bits, weight_shape, bias, stride, padding, dilation, groups);
+    }
     if (y.defined()) return y;
   }
 #endif

@@ -15,12 +15,9 @@
 // Status: written and compiled for sm_90 (2026-12-01); the index arithmetic checked on the host
 // (tests/native/implicit_conv_check.cpp), the GEMM's layout as shared_linear's. Not yet run on a GPU, so no call
 // takes it unless WS_CUDA_CONV=implicit.
-#include "shared_conv_implicit.h"
+#include "shared_conv_cuda.h"
 
 #include <ATen/ops/empty.h>
-
-#include <cstdlib>
-#include <string_view>
 
 #include "weightshare/cuda_linear.h"
 #include "weightshare/dispatch.h"
@@ -78,29 +75,12 @@ bool conv_compiled() {
   return ok;
 }
 
-bool asked() {
-  const char* sw = std::getenv("WS_CUDA_CONV");
-  return sw != nullptr && std::string_view(sw) == "implicit";
-}
-
-// stride / padding / dilation as conv2d takes them: one value for both axes, or two.
-bool pair_of(at::IntArrayRef v, int64_t lo, int32_t& h, int32_t& w) {
-  if (v.size() != 1 && v.size() != 2) return false;
-  const int64_t a = v[0], b = v.size() == 2 ? v[1] : v[0];
-  if (a < lo || b < lo || a > (1 << 20) || b > (1 << 20)) return false;
-  h = static_cast<int32_t>(a);
-  w = static_cast<int32_t>(b);
-  return true;
-}
-
-bool float_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
-
 }  // namespace
 
 at::Tensor implicit_conv2d(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook, int64_t bits,
                            at::IntArrayRef weight_shape, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  if (!asked() || groups != 1 || x.dim() != 4 || !conv_bits_instantiated(bits)) return {};
+  if (!conv_kernel_asked("implicit") || groups != 1 || x.dim() != 4 || !conv_bits_instantiated(bits)) return {};
   if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) return {};
   // channels-last as at::conv2d sees it (so y's layout is the one it, and the fake kernel, give)
   if (x.suggest_memory_format() != at::MemoryFormat::ChannelsLast || !x.is_contiguous(at::MemoryFormat::ChannelsLast) ||
@@ -109,17 +89,16 @@ at::Tensor implicit_conv2d(const at::Tensor& x, const at::Tensor& packed, const 
   }
   if (bias.has_value() && (!float_dtype(bias->scalar_type()) || bias->device() != x.device())) return {};
   ConvGeometry g{};
-  if (!pair_of(stride, 1, g.stride_h, g.stride_w) || !pair_of(padding, 0, g.pad_h, g.pad_w) ||
-      !pair_of(dilation, 1, g.dil_h, g.dil_w)) {
+  if (!conv_pair(stride, 1, g.stride_h, g.stride_w) || !conv_pair(padding, 0, g.pad_h, g.pad_w) ||
+      !conv_pair(dilation, 1, g.dil_h, g.dil_w)) {
     return {};
   }
   const int64_t batch = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t O = weight_shape[0], R = weight_shape[2], S = weight_shape[3];
   const int64_t K = R * S * C;
   if (C % 8 != 0 || x.numel() > INT32_MAX || K > INT32_MAX - 128) return {};
-  const int64_t Ho = (H + 2 * g.pad_h - g.dil_h * (R - 1) - 1) / g.stride_h + 1;
-  const int64_t Wo = (W + 2 * g.pad_w - g.dil_w * (S - 1) - 1) / g.stride_w + 1;
-  if (H + 2 * g.pad_h < g.dil_h * (R - 1) + 1 || W + 2 * g.pad_w < g.dil_w * (S - 1) + 1) return {};  // no output
+  const int64_t Ho = conv_out_extent(H, g.pad_h, g.dil_h, R, g.stride_h);
+  const int64_t Wo = conv_out_extent(W, g.pad_w, g.dil_w, S, g.stride_w);
   const int64_t P = batch * Ho * Wo;
   if (P < 1 || Ho > INT32_MAX || Wo > INT32_MAX) return {};
   g.H = static_cast<int32_t>(H);
