@@ -345,6 +345,29 @@ IMPLICIT = [  # (batch, in, out, k, stride, padding, dilation, H, W): the implic
 ]
 
 
+def cuda_kernels_of(fn):
+    """(fn()'s result, the names of the CUDA kernels it ran, or None where the profiler records none: no CUPTI)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return out, (names or None)
+
+
+def hopper():
+    """An H100/H200 (sm_90): the default build's code and 227 KiB of shared memory per block, so the implicit GEMM
+    takes every call of these tests (elsewhere a call may fall back, also correct)."""
+    return torch.cuda.get_device_capability() == (9, 0)
+
+
+def implicit_weight(out, cin, k, bits, groups, gen, dtype=torch.float32, entries=None):
+    idx = torch.randint(0, entries or 1 << bits, (out, cin * k * k), generator=gen, dtype=torch.uint8)
+    cb = (torch.randn(groups, entries or 1 << bits, generator=gen) * 0.2).to(dtype)
+    packed, shape = ws.ops.pack(idx, bits), [out, cin, k, k]
+    return packed, cb, shape, ws.ops.dequantize(packed, cb, bits, shape)
+
+
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
 @pytest.mark.parametrize("case", IMPLICIT)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -352,19 +375,43 @@ IMPLICIT = [  # (batch, in, out, k, stride, padding, dilation, H, W): the implic
 def test_cuda_implicit_gemm_conv(case, dtype, bits, monkeypatch, gen):
     """The implicit-GEMM conv (WS_CUDA_CONV=implicit, csrc/cuda/shared_conv_implicit.cu) on channels-last x against
     fp32 F.conv2d with the weight rounded to x's dtype, with bias (fp32, as a model keeps it); y channels-last as
-    cuDNN gives it. test_cuda_implicit_gemm_conv_takes_the_calls_it_should proves it ran."""
+    cuDNN gives it, and (on sm_90) computed by the implicit GEMM, not a fallback."""
     monkeypatch.setenv("WS_CUDA_CONV", "implicit")
     n, cin, out, k, s, p, d, h, w_ = case
-    idx = torch.randint(0, 1 << bits, (out, cin * k * k), generator=gen, dtype=torch.uint8)
-    cb = torch.randn(1, 1 << bits, generator=gen) * 0.2
-    packed, shape = ws.ops.pack(idx, bits), [out, cin, k, k]
-    w = ws.ops.dequantize(packed, cb, bits, shape).to(dtype).float()
+    packed, cb, shape, w = implicit_weight(out, cin, k, bits, 1, gen)
     x = torch.randn(n, cin, h, w_, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
     b = torch.randn(out, generator=gen)
-    y = ws.ops.shared_conv2d(x.cuda(), packed.cuda(), cb.cuda(), bits, shape, b.cuda(), s, p, d, 1)
+    y, names = cuda_kernels_of(lambda: ws.ops.shared_conv2d(x.cuda(), packed.cuda(), cb.cuda(), bits, shape, b.cuda(),
+                                                            s, p, d, 1))
+    if names is not None and hopper():
+        assert any("conv_mma_kernel" in name for name in names)
     assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
     tol = 2e-2 if dtype == torch.float16 else 5e-2
-    torch.testing.assert_close(y.cpu().float(), F.conv2d(x.float(), w, b, s, p, d), rtol=tol, atol=tol)
+    want = F.conv2d(x.float(), w.to(dtype).float(), b, s, p, d)
+    torch.testing.assert_close(y.cpu().float(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_cuda_implicit_gemm_conv_codebooks_and_training(bits, monkeypatch, gen):
+    """The implicit GEMM with two codebooks of 256 output channels, each shorter than 2**bits entries, in fp16 (as
+    an fp16 model holds them), without bias; and in training: its output feeds an in-place ReLU (it must not be a
+    view) and autograd's backward."""
+    monkeypatch.setenv("WS_CUDA_CONV", "implicit")
+    packed, cb, shape, w = implicit_weight(512, 64, 3, bits, 2, gen, torch.float16, entries=(1 << bits) - 1)
+    x = torch.randn(2, 64, 9, 9, generator=gen).half().contiguous(memory_format=torch.channels_last)
+    y, names = cuda_kernels_of(lambda: ws.ops.shared_conv2d(x.cuda(), packed.cuda(), cb.cuda(), bits, shape, None,
+                                                            1, 1))
+    if names is not None and hopper():
+        assert any("conv_mma_kernel" in name for name in names)
+    torch.testing.assert_close(y.cpu().float(), F.conv2d(x.float(), w.float(), None, 1, 1), rtol=2e-2, atol=2e-2)
+    xg = x.cuda().requires_grad_()
+    y = ws.ops.shared_conv2d(xg, packed.cuda(), cb.cuda(), bits, shape, None, 1, 1)
+    y.relu_()
+    y.float().sum().backward()
+    xf = x.float().requires_grad_()  # d sum(relu(conv(x, w))) / dx in fp32 (a few ReLU edges may differ)
+    F.conv2d(xf, w.float(), None, 1, 1).relu().sum().backward()
+    torch.testing.assert_close(xg.grad.cpu().float(), xf.grad, rtol=5e-2, atol=5e-2)
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
@@ -372,21 +419,19 @@ def test_cuda_implicit_gemm_conv_takes_the_calls_it_should(monkeypatch, gen):
     """Which calls the implicit GEMM takes, by the profiler's kernel names: channels-last 16-bit x of groups-1
     layers when asked; not NCHW x, grouped layers, per-channel codebooks, fp32 x or unasked calls (those take
     decode + cuDNN, also correct)."""
-    if torch.cuda.get_device_capability()[0] < 8:
-        pytest.skip("the tensor-core kernels need sm_80 or newer")
-    from torch.profiler import ProfilerActivity, profile
+    if not hopper():
+        pytest.skip("the default build's tensor-core code and shared memory: sm_90")
+    monkeypatch.delenv("WS_CUDA_CONV", raising=False)
 
     def ran(x, groups=1, per_channel=False):
         packed, cb, shape, _ = make(32, 32, 3, groups, 4, per_channel, gen)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            ws.ops.shared_conv2d(x.cuda(), packed.cuda(), cb.cuda(), 4, shape, None, 1, 1, 1, groups)
-            torch.cuda.synchronize()
-        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        if not names:
+        _, names = cuda_kernels_of(lambda: ws.ops.shared_conv2d(x.cuda(), packed.cuda(), cb.cuda(), 4, shape, None,
+                                                                1, 1, 1, groups))
+        if names is None:
             pytest.skip("the profiler recorded no CUDA kernels (no CUPTI)")
         return any("conv_mma_kernel" in name for name in names)
 
-    x = torch.randn(2, 32, 9, 9, generator=gen).half()
+    x = torch.randn(1, 32, 8, 8, generator=gen).half()
     last = x.contiguous(memory_format=torch.channels_last)
     assert not ran(last)
     monkeypatch.setenv("WS_CUDA_CONV", "implicit")
@@ -418,7 +463,10 @@ def test_cuda_depthwise_kernel(case, dtype, layout, codebooks, monkeypatch, gen)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     b = torch.randn(out, generator=gen)
-    y = ws.ops.shared_conv2d(x.cuda(), packed.cuda(), cb.cuda(), bits, shape, b.cuda(), s, p, d, c).cpu()
+    y, names = cuda_kernels_of(lambda: ws.ops.shared_conv2d(x.cuda(), packed.cuda(), cb.cuda(), bits, shape, b.cuda(),
+                                                            s, p, d, c).cpu())
+    if names is not None:
+        assert any("depthwise_n" in name for name in names)
     want = F.conv2d(x.float(), w, b, s, p, d, c)
     assert y.dtype == dtype
     assert y.is_contiguous(memory_format=torch.channels_last) == want.is_contiguous(memory_format=torch.channels_last)
@@ -431,17 +479,14 @@ def test_cuda_depthwise_kernel_takes_the_calls_it_should(monkeypatch, gen):
     """Which calls the CUDA depthwise kernel takes, by the profiler's kernel names: depthwise layers (multiplier 1
     or 2) in either layout when asked (WS_CUDA_CONV=depthwise or =all); not unasked, not grouped non-depthwise
     layers (those take decode + cuDNN)."""
-    from torch.profiler import ProfilerActivity, profile
+    monkeypatch.delenv("WS_CUDA_CONV", raising=False)
 
     def ran(x, out, cin_g, groups):
         idx = torch.randint(0, 16, (out, cin_g * 9), generator=gen, dtype=torch.uint8)
         cb = torch.randn(1, 16, generator=gen)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            ws.ops.shared_conv2d(x.cuda(), ws.ops.pack(idx, 4).cuda(), cb.cuda(), 4, [out, cin_g, 3, 3], None, 1, 1,
-                                 1, groups)
-            torch.cuda.synchronize()
-        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        if not names:
+        _, names = cuda_kernels_of(lambda: ws.ops.shared_conv2d(x.cuda(), ws.ops.pack(idx, 4).cuda(), cb.cuda(), 4,
+                                                                [out, cin_g, 3, 3], None, 1, 1, 1, groups))
+        if names is None:
             pytest.skip("the profiler recorded no CUDA kernels (no CUPTI)")
         return any("depthwise_n" in name for name in names)
 

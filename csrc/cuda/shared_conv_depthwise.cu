@@ -118,7 +118,10 @@ at::Tensor depthwise_conv2d(const at::Tensor& x, const at::Tensor& packed, const
                             at::IntArrayRef weight_shape, const std::optional<at::Tensor>& bias,
                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                             int64_t groups) {
-  if (!conv_kernel_asked("depthwise") || x.dim() != 4 || weight_shape[1] != 1 || groups != x.size(1)) return {};
+  if (!conv_kernel_asked("depthwise") || x.dim() != 4 || x.numel() == 0 || weight_shape[1] != 1 ||
+      groups != x.size(1)) {
+    return {};
+  }
   if (!float_dtype(x.scalar_type())) return {};
   if (bias.has_value() && (!float_dtype(bias->scalar_type()) || bias->device() != x.device())) return {};
   const at::MemoryFormat format = x.suggest_memory_format();  // y's, as at::conv2d (and the fake kernel) give it

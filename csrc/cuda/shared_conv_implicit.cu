@@ -32,6 +32,8 @@ namespace {
 // grid: as gemm_mma_kernel's (launch_fused), rows of x = output pixels.
 template <typename T, int BITS, int NT>
 __global__ void __launch_bounds__(FusedGemmLayout<BITS, NT>::kThreads, 1) conv_mma_kernel(const FusedArgs a) {
+  // kStages was chosen without the pixel origins: they must still fit an H100/H200 block with the static table
+  static_assert(fused_mma_smem_bytes<BITS, NT, false, true>() + 2 * (1 << BITS) <= 227 * 1024, "shared memory");
   fused_gemm_mma<T, BITS, NT, false, true>(a);
 }
 
@@ -80,7 +82,10 @@ bool conv_compiled() {
 at::Tensor implicit_conv2d(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook, int64_t bits,
                            at::IntArrayRef weight_shape, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  if (!conv_kernel_asked("implicit") || groups != 1 || x.dim() != 4 || !conv_bits_instantiated(bits)) return {};
+  if (!conv_kernel_asked("implicit") || groups != 1 || x.dim() != 4 || x.numel() == 0 ||
+      !conv_bits_instantiated(bits)) {
+    return {};
+  }
   if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) return {};
   // channels-last as at::conv2d sees it (so y's layout is the one it, and the fake kernel, give)
   if (x.suggest_memory_format() != at::MemoryFormat::ChannelsLast || !x.is_contiguous(at::MemoryFormat::ChannelsLast) ||
@@ -111,15 +116,17 @@ at::Tensor implicit_conv2d(const at::Tensor& x, const at::Tensor& packed, const 
   g.K = static_cast<int32_t>(K);
   const int64_t rows_per_group = O / codebook.size(0);
   if (!one_codebook_per_block(O, rows_per_group, bits <= 4 ? 256 : 128)) return {};
+  const c10::cuda::CUDAGuard guard(x.device());  // before conv_compiled, which asks the current device
   const int device = x.get_device();
   if (device_attribute<cudaDevAttrComputeCapabilityMajor>(device) < 8 || !conv_compiled()) return {};
   const int nt = tiles_n_for(P);
   int smem = 0;
-  dispatch_conv(bits, nt, [&]<int BITS, int NT>() { smem = fused_mma_smem_bytes<BITS, NT, false, true>(); });
+  dispatch_conv(bits, nt, [&]<int BITS, int NT>() {  // dynamic + the body's static `values`
+    smem = fused_mma_smem_bytes<BITS, NT, false, true>() + int(sizeof(uint16_t)) * (1 << BITS);
+  });
   if (smem > device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device)) return {};
   if (ceil_div(O, bits <= 4 ? 256 : 128) * ceil_div(P, 16 * nt) > INT32_MAX) return {};
 
-  const c10::cuda::CUDAGuard guard(x.device());
   const int b = static_cast<int>(bits);
   const int64_t units = ceil_div(K, 128), row_words = units * 4 * b;  // 128 indices = 4 bits words
   const int64_t src_row_bytes = packed_row_bytes(K, b);
@@ -138,7 +145,9 @@ at::Tensor implicit_conv2d(const at::Tensor& x, const at::Tensor& packed, const 
   PackedRows w{reinterpret_cast<const uint32_t*>(rows.data_ptr<uint8_t>()), row_words, 16, O, units * 128,
                rows_per_group, nullptr, static_cast<int>(cb.size(1)), cb.data_ptr(), out_kind(cb.scalar_type())};
 
-  at::Tensor y = at::empty({batch, Ho, Wo, O}, x.options());  // [P, O]: the output's channels-last layout
+  // [P, O] in memory: the output's channels-last layout. Allocated as such, not as a permuted view of an NHWC
+  // tensor: a view output makes autograd forbid an in-place op on it (conv + ReLU(inplace=True) in training).
+  at::Tensor y = at::empty({batch, O, Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   Epilogue e = make_epilogue(y, P, O);
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   e.bias = bc.defined() ? bc.data_ptr() : nullptr;
@@ -156,7 +165,7 @@ at::Tensor implicit_conv2d(const at::Tensor& x, const at::Tensor& packed, const 
                                                              L::kBlockBatch, sms, g);
     }
   });
-  return y.permute({0, 3, 1, 2});
+  return y;
 }
 
 }  // namespace weightshare::cuda

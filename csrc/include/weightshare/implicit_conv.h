@@ -28,7 +28,7 @@ struct ConvGeometry {
 };
 
 // Output pixel m's image (element offset of x[n]) and the input row and column its tap (0, 0) reads.
-struct PixelOrigin {
+struct alignas(16) PixelOrigin {
   int32_t image, ih0, iw0, unused;  // 16 bytes: one shared-memory load
 };
 
