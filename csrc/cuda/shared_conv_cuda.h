@@ -35,6 +35,25 @@ inline int64_t conv_out_extent(int64_t in, int32_t pad, int32_t dil, int64_t tap
 }
 inline bool float_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
 
+// What both kernels read from conv2d's arguments for 4-d x [N, C, H, W] and weight_shape [O, C / groups, R, S].
+struct ConvShape {
+  int32_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  int64_t Ho, Wo;
+};
+// False (the caller declines) where conv2d's own checks must answer: bad stride / padding / dilation, no output, a
+// bias of another dtype or device.
+inline bool conv_shape(const at::Tensor& x, at::IntArrayRef weight_shape, const std::optional<at::Tensor>& bias,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, ConvShape& s) {
+  if (bias.has_value() && (!float_dtype(bias->scalar_type()) || bias->device() != x.device())) return false;
+  if (!conv_pair(stride, 1, s.stride_h, s.stride_w) || !conv_pair(padding, 0, s.pad_h, s.pad_w) ||
+      !conv_pair(dilation, 1, s.dil_h, s.dil_w)) {
+    return false;
+  }
+  s.Ho = conv_out_extent(x.size(2), s.pad_h, s.dil_h, weight_shape[2], s.stride_h);
+  s.Wo = conv_out_extent(x.size(3), s.pad_w, s.dil_w, weight_shape[3], s.stride_w);
+  return s.Ho >= 1 && s.Wo >= 1;
+}
+
 // conv2d(x, W, bias) by the fused tensor-core GEMM. Takes: asked for, groups == 1, fp16/bf16 x [N, C, H, W] in
 // channels-last memory, C % 8 == 0, x's data 16-byte aligned and fewer than 2**31 elements, 2, 3, 4 or 8 bits, one
 // codebook per block of output channels (the layer's, or groups of a multiple of 256 channels at <= 4 bits, 128 at

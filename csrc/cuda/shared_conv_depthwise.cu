@@ -123,31 +123,18 @@ at::Tensor depthwise_conv2d(const at::Tensor& x, const at::Tensor& packed, const
     return {};
   }
   if (!float_dtype(x.scalar_type())) return {};
-  if (bias.has_value() && (!float_dtype(bias->scalar_type()) || bias->device() != x.device())) return {};
   const at::MemoryFormat format = x.suggest_memory_format();  // y's, as at::conv2d (and the fake kernel) give it
   const bool last = format == at::MemoryFormat::ChannelsLast;
-  if (!x.is_contiguous(format)) return {};
-  DepthwiseGeometry g{};
-  if (!conv_pair(stride, 1, g.stride_h, g.stride_w) || !conv_pair(padding, 0, g.pad_h, g.pad_w) ||
-      !conv_pair(dilation, 1, g.dil_h, g.dil_w)) {
-    return {};
-  }
+  ConvShape cs{};
+  if (!x.is_contiguous(format) || !conv_shape(x, weight_shape, bias, stride, padding, dilation, cs)) return {};
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t O = weight_shape[0], R = weight_shape[2], S = weight_shape[3];
-  const int64_t Ho = conv_out_extent(H, g.pad_h, g.dil_h, R, g.stride_h);
-  const int64_t Wo = conv_out_extent(W, g.pad_w, g.dil_w, S, g.stride_w);
-  if (N < 1 || Ho < 1 || Wo < 1 || R * S > 256 || O % C != 0) return {};
+  const int64_t O = weight_shape[0], R = weight_shape[2], S = weight_shape[3], Ho = cs.Ho, Wo = cs.Wo;
+  if (R * S > 256 || O % C != 0) return {};
   if (x.numel() > INT32_MAX || N * O * Ho * Wo > INT32_MAX || ceil_div(O, kLaneChannels) > 65535) return {};
-  g.C = static_cast<int32_t>(C);
-  g.H = static_cast<int32_t>(H);
-  g.W = static_cast<int32_t>(W);
-  g.O = static_cast<int32_t>(O);
-  g.M = static_cast<int32_t>(O / C);
-  g.R = static_cast<int32_t>(R);
-  g.S = static_cast<int32_t>(S);
-  g.Ho = static_cast<int32_t>(Ho);
-  g.Wo = static_cast<int32_t>(Wo);
-
+  const DepthwiseGeometry g{static_cast<int32_t>(C), static_cast<int32_t>(H), static_cast<int32_t>(W),
+                            static_cast<int32_t>(O / C), static_cast<int32_t>(O), static_cast<int32_t>(R),
+                            static_cast<int32_t>(S), cs.stride_h, cs.stride_w, cs.pad_h, cs.pad_w, cs.dil_h,
+                            cs.dil_w, static_cast<int32_t>(Ho), static_cast<int32_t>(Wo)};
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor rows = packed.contiguous(), cb = codebook.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();

@@ -88,32 +88,20 @@ at::Tensor implicit_conv2d(const at::Tensor& x, const at::Tensor& packed, const 
   }
   if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) return {};
   // channels-last as at::conv2d sees it (so y's layout is the one it, and the fake kernel, give)
-  if (x.suggest_memory_format() != at::MemoryFormat::ChannelsLast || !x.is_contiguous(at::MemoryFormat::ChannelsLast) ||
-      reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) {
+  const at::MemoryFormat last = at::MemoryFormat::ChannelsLast;
+  if (x.suggest_memory_format() != last || !x.is_contiguous(last) || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16) {
     return {};
   }
-  if (bias.has_value() && (!float_dtype(bias->scalar_type()) || bias->device() != x.device())) return {};
-  ConvGeometry g{};
-  if (!conv_pair(stride, 1, g.stride_h, g.stride_w) || !conv_pair(padding, 0, g.pad_h, g.pad_w) ||
-      !conv_pair(dilation, 1, g.dil_h, g.dil_w)) {
-    return {};
-  }
+  ConvShape cs{};
+  if (!conv_shape(x, weight_shape, bias, stride, padding, dilation, cs)) return {};
   const int64_t batch = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t O = weight_shape[0], R = weight_shape[2], S = weight_shape[3];
-  const int64_t K = R * S * C;
+  const int64_t K = R * S * C, Ho = cs.Ho, Wo = cs.Wo, P = batch * Ho * Wo;
   if (C % 8 != 0 || x.numel() > INT32_MAX || K > INT32_MAX - 128) return {};
-  const int64_t Ho = conv_out_extent(H, g.pad_h, g.dil_h, R, g.stride_h);
-  const int64_t Wo = conv_out_extent(W, g.pad_w, g.dil_w, S, g.stride_w);
-  const int64_t P = batch * Ho * Wo;
-  if (P < 1 || Ho > INT32_MAX || Wo > INT32_MAX) return {};
-  g.H = static_cast<int32_t>(H);
-  g.W = static_cast<int32_t>(W);
-  g.C = static_cast<int32_t>(C);
-  g.R = static_cast<int32_t>(R);
-  g.S = static_cast<int32_t>(S);
-  g.Ho = static_cast<int32_t>(Ho);
-  g.Wo = static_cast<int32_t>(Wo);
-  g.K = static_cast<int32_t>(K);
+  const ConvGeometry g{static_cast<int32_t>(H), static_cast<int32_t>(W), static_cast<int32_t>(C),
+                       static_cast<int32_t>(R), static_cast<int32_t>(S), cs.stride_h, cs.stride_w, cs.pad_h,
+                       cs.pad_w, cs.dil_h, cs.dil_w, static_cast<int32_t>(Ho), static_cast<int32_t>(Wo),
+                       static_cast<int32_t>(K)};
   const int64_t rows_per_group = O / codebook.size(0);
   if (!one_codebook_per_block(O, rows_per_group, bits <= 4 ? 256 : 128)) return {};
   const c10::cuda::CUDAGuard guard(x.device());  // before conv_compiled, which asks the current device
