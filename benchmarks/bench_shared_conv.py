@@ -128,7 +128,7 @@ def implicit_conv_taken() -> bool:
 def depthwise_conv_taken() -> bool:
     """Whether the CUDA depthwise kernel (WS_CUDA_CONV=depthwise) takes an NCHW fp16 3x3 call here."""
     x = torch.randn(1, 64, 8, 8, device="cuda").half()
-    return own_kernel_taken("depthwise", "depthwise_n", x, [64, 1, 3, 3], 64)
+    return own_kernel_taken("depthwise", "depthwise_nchw_kernel", x, [64, 1, 3, 3], 64)
 
 
 def timed_with(mode: str, fn) -> tuple[float, torch.Tensor]:
