@@ -46,6 +46,16 @@ def on(device, fn, *args):
     return fn(*[a.to(device) if isinstance(a, torch.Tensor) else a for a in args]).cpu()
 
 
+def cuda_kernels_of(fn):
+    """(fn()'s result, the names of the CUDA kernels it ran, or None where the profiler records none: no CUPTI)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return out, (names or None)
+
+
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)

@@ -9,7 +9,7 @@ import torch
 
 import weightshare as ws
 
-from conftest import DEVICES
+from conftest import DEVICES, cuda_kernels_of
 
 pytestmark = pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
 
@@ -139,6 +139,9 @@ def test_cuda_graph_implicit_gemm_conv(shape, monkeypatch):
             memory_format=torch.channels_last)
 
     x = image()
+    _, names = cuda_kernels_of(lambda: ws.ops.shared_conv2d(x, packed, cb, bits, list(shape), bias, 1, 1))
+    if names is not None and torch.cuda.get_device_capability() == (9, 0):  # the default build's code: sm_90
+        assert any("conv_mma_kernel" in n for n in names)
     replay_matches(lambda: ws.ops.shared_conv2d(x, packed, cb, bits, list(shape), bias, 1, 1), [x], [image()])
 
 
@@ -155,4 +158,7 @@ def test_cuda_graph_depthwise_conv(channels_last, monkeypatch):
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
     x = image()
+    _, names = cuda_kernels_of(lambda: ws.ops.shared_conv2d(x, packed, cb, 4, [64, 1, 3, 3], None, 1, 1, 1, 64))
+    if names is not None:  # the call is our kernel's, so its capture is what this tests
+        assert any("depthwise_nhwc_kernel" in n or "depthwise_nchw_kernel" in n for n in names)
     replay_matches(lambda: ws.ops.shared_conv2d(x, packed, cb, 4, [64, 1, 3, 3], None, 1, 1, 1, 64), [x], [image()])

@@ -6,7 +6,7 @@ from torch.library import opcheck
 
 import weightshare as ws
 
-from conftest import DEVICES, FLOAT_DTYPES, requires_native
+from conftest import DEVICES, FLOAT_DTYPES, cuda_kernels_of, requires_native
 
 pytestmark = requires_native
 
@@ -345,16 +345,6 @@ IMPLICIT = [  # (batch, in, out, k, stride, padding, dilation, H, W): the implic
 ]
 
 
-def cuda_kernels_of(fn):
-    """(fn()'s result, the names of the CUDA kernels it ran, or None where the profiler records none: no CUPTI)."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        out = fn()
-        torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return out, (names or None)
-
-
 def hopper():
     """An H100/H200 (sm_90): the default build's code and 227 KiB of shared memory per block, so the implicit GEMM
     takes every call of these tests (elsewhere a call may fall back, also correct)."""
@@ -477,6 +467,35 @@ def test_cuda_depthwise_kernel(case, dtype, layout, codebooks, monkeypatch, gen)
     assert y.is_contiguous(memory_format=torch.channels_last) == want.is_contiguous(memory_format=torch.channels_last)
     tol = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
     torch.testing.assert_close(y.float(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("case", [  # (batch, channels, multiplier, H, W)
+    (2, 64, 1, 40, 40),   # 1,600 outputs a plane: the NCHW kernel's threads loop over the plane
+    (2, 8, 1, 192, 192),  # 73,728 pixels: the channels-last kernel's blocks loop over pixels
+    (1, 1, 4, 13, 11),    # one input channel, multiplier 4, one image (ambiguous layouts)
+    (1, 40, 1, 5, 7),     # 40 channels: two channel blocks, the second partial
+])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cuda_depthwise_kernel_loops_and_plain_layers(case, layout, monkeypatch, gen):
+    """The CUDA depthwise kernel's loops and less common inputs: no bias, an fp16 codebook with x fp32 (its taps
+    exact), a single input channel; against fp32 F.conv2d, y in the layout cuDNN gives."""
+    monkeypatch.setenv("WS_CUDA_CONV", "depthwise")
+    n, c, mult, h, w_ = case
+    out = c * mult
+    idx = torch.randint(0, 16, (out, 9), generator=gen, dtype=torch.uint8)
+    cb = (torch.randn(1, 16, generator=gen) * 0.3).half()
+    packed, shape = ws.ops.pack(idx, 4), [out, 1, 3, 3]
+    w = ws.ops.dequantize(packed, cb, 4, shape).float()
+    x = torch.randn(n, c, h, w_, generator=gen)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    y, names = cuda_kernels_of(lambda: ws.ops.shared_conv2d(x.cuda(), packed.cuda(), cb.cuda(), 4, shape, None, 1, 1,
+                                                            1, c).cpu())
+    if names is not None:
+        assert any(ran_depthwise_kernel(name) for name in names)
+    assert y.stride() == F.conv2d(x.cuda(), w.cuda(), None, 1, 1, 1, c).stride()  # cuDNN's layout, the fallback's
+    torch.testing.assert_close(y, F.conv2d(x, w, None, 1, 1, 1, c), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")

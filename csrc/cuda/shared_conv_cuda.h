@@ -6,6 +6,7 @@
 // unless asked: WS_CUDA_CONV=implicit, =depthwise, or =all for both.
 #include <ATen/core/Tensor.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <optional>
 #include <string_view>
@@ -47,6 +48,10 @@ inline bool conv_shape(const at::Tensor& x, at::IntArrayRef weight_shape, const 
   if (bias.has_value() && (!float_dtype(bias->scalar_type()) || bias->device() != x.device())) return false;
   if (!conv_pair(stride, 1, s.stride_h, s.stride_w) || !conv_pair(padding, 0, s.pad_h, s.pad_w) ||
       !conv_pair(dilation, 1, s.dil_h, s.dil_w)) {
+    return false;
+  }
+  // the kernels' int32 positions (oh stride - pad + r dil) stay below 2**31
+  if (x.size(2) + 2 * s.pad_h + s.stride_h > INT32_MAX || x.size(3) + 2 * s.pad_w + s.stride_w > INT32_MAX) {
     return false;
   }
   s.Ho = conv_out_extent(x.size(2), s.pad_h, s.dil_h, weight_shape[2], s.stride_h);

@@ -13,6 +13,7 @@
 // Status: written and compiled for sm_90 (2026-12-01), its arithmetic checked on the host
 // (tests/native/depthwise_conv_check.cpp). Not yet run on a GPU, so no call takes it unless
 // WS_CUDA_CONV=depthwise (or =all).
+#include <ATen/Context.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -82,23 +83,23 @@ __global__ void __launch_bounds__(256) depthwise_nchw_kernel(const DepthwiseArgs
 constexpr int kLaneChannels = 32, kPixelLanes = 8;  // the channels-last block: 32 channels x 8 pixels
 
 // Channels-last. grid: (pixel groups of kPixelLanes, by stride; blocks of kLaneChannels output channels); dynamic
-// shared memory: kLaneChannels R S floats.
+// shared memory: kLaneChannels x (R S | 1) floats.
 template <typename T, int BITS>
 __global__ void __launch_bounds__(kLaneChannels * kPixelLanes) depthwise_nhwc_kernel(const DepthwiseArgs a) {
   extern __shared__ float w[];
   const DepthwiseGeometry& g = a.g;
-  const int taps = g.R * g.S;
+  const int taps = g.R * g.S, pitch = taps | 1;  // an odd pitch: a warp's 32 channels read 32 different banks
   const int32_t o0 = static_cast<int32_t>(blockIdx.y) * kLaneChannels;
   for (int i = threadIdx.x; i < kLaneChannels * taps; i += blockDim.x) {
     const int32_t o = o0 + i / taps;
-    if (o < g.O) w[i] = tap_value<T, BITS>(a, o, i % taps);
+    if (o < g.O) w[(i / taps) * pitch + i % taps] = tap_value<T, BITS>(a, o, i % taps);
   }
   __syncthreads();  // no barrier below: threads past the last channel may leave
   const int lane = threadIdx.x % kLaneChannels, pj = threadIdx.x / kLaneChannels;
   const int32_t o = o0 + lane;
   if (o >= g.O) return;
   const int32_t c = depthwise_input_channel(g, o);
-  const float* wo = w + lane * taps;
+  const float* wo = w + lane * pitch;
   const float b = a.bias != nullptr ? load_as_float(a.bias, a.bias_kind, o) : 0.0f;
   const int64_t per_image = int64_t(g.Ho) * g.Wo, pixels = a.N * per_image;
   for (int64_t p = int64_t(blockIdx.x) * kPixelLanes + pj; p < pixels; p += int64_t(gridDim.x) * kPixelLanes) {
@@ -123,14 +124,21 @@ at::Tensor depthwise_conv2d(const at::Tensor& x, const at::Tensor& packed, const
     return {};
   }
   if (!float_dtype(x.scalar_type())) return {};
-  const at::MemoryFormat format = x.suggest_memory_format();  // y's, as at::conv2d (and the fake kernel) give it
+  // y's layout: x's, as cuDNN (and so the fake kernel) gives it. Without cuDNN (disabled, or bf16 before sm_80)
+  // ATen's own depthwise kernel returns NCHW for channels-last x: those calls are left to it.
+  const at::MemoryFormat format = x.suggest_memory_format();
   const bool last = format == at::MemoryFormat::ChannelsLast;
+  if (last && (!at::globalContext().userEnabledCuDNN() ||
+               (x.scalar_type() == at::kBFloat16 &&
+                device_attribute<cudaDevAttrComputeCapabilityMajor>(x.get_device()) < 8))) {
+    return {};
+  }
   ConvShape cs{};
   if (!x.is_contiguous(format) || !conv_shape(x, weight_shape, bias, stride, padding, dilation, cs)) return {};
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t O = weight_shape[0], R = weight_shape[2], S = weight_shape[3], Ho = cs.Ho, Wo = cs.Wo;
   if (R * S > 256 || O % C != 0) return {};
-  if (x.numel() > INT32_MAX || N * O * Ho * Wo > INT32_MAX || ceil_div(O, kLaneChannels) > 65535) return {};
+  if (x.numel() > INT32_MAX || N * O * Ho * Wo > INT32_MAX || (last && ceil_div(O, kLaneChannels) > 65535)) return {};
   const DepthwiseGeometry g{static_cast<int32_t>(C), static_cast<int32_t>(H), static_cast<int32_t>(W),
                             static_cast<int32_t>(O / C), static_cast<int32_t>(O), static_cast<int32_t>(R),
                             static_cast<int32_t>(S), cs.stride_h, cs.stride_w, cs.pad_h, cs.pad_w, cs.dil_h,
@@ -160,8 +168,8 @@ at::Tensor depthwise_conv2d(const at::Tensor& x, const at::Tensor& packed, const
         const int64_t groups_of_pixels = ceil_div(N * Ho * Wo, kPixelLanes);
         const dim3 grid(static_cast<unsigned>(std::min<int64_t>(groups_of_pixels, 8192)),
                         static_cast<unsigned>(ceil_div(O, kLaneChannels)));
-        depthwise_nhwc_kernel<T, BITS><<<grid, kLaneChannels * kPixelLanes, kLaneChannels * taps * sizeof(float),
-                                         stream()>>>(a);
+        depthwise_nhwc_kernel<T, BITS><<<grid, kLaneChannels * kPixelLanes,
+                                         kLaneChannels * (taps | 1) * sizeof(float), stream()>>>(a);
       } else {
         const int threads = static_cast<int>(std::min<int64_t>(256, ceil_div(Ho * Wo, 32) * 32));
         const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(N * O, 65535LL * 32));
