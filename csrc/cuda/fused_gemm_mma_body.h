@@ -11,17 +11,18 @@
 namespace weightshare::cuda {
 
 // Dynamic shared memory of one kernel: tables, code buffers, x stages, and for CONV the block's pixel origins.
-template <int BITS, int NT, bool ROWS, bool CONV>
+template <int BITS, int NT, bool ROWS, bool CONV, int TM = 0>
 constexpr int fused_mma_smem_bytes() {
-  using L = FusedGemmLayout<BITS, NT, ROWS>;
+  using L = FusedGemmLayout<BITS, NT, ROWS, TM>;
   return L::kSmemBytes + (CONV ? int(sizeof(PixelOrigin)) * L::kBlockBatch : 0);
 }
 
 // One block's work. grid: (output blocks x x blocks, splits of the 128-index units); L::kThreads threads;
-// fused_mma_smem_bytes dynamic. CONV: rows of x are a.conv's output pixels (implicit_conv.h).
-template <typename T, int BITS, int NT, bool ROWS, bool CONV>
+// fused_mma_smem_bytes dynamic. CONV: rows of x are a.conv's output pixels (implicit_conv.h). TM: the layout's
+// tiles of W per warp (FusedGemmLayout).
+template <typename T, int BITS, int NT, bool ROWS, bool CONV, int TM = 0>
 __device__ __forceinline__ void fused_gemm_mma(const FusedArgs& a) {
-  using L = FusedGemmLayout<BITS, NT, ROWS>;
+  using L = FusedGemmLayout<BITS, NT, ROWS, TM>;
   constexpr int MT = L::kTilesM, CW = L::kCodeWords, S = L::kStages;
   extern __shared__ __align__(16) uint32_t smem[];
   __shared__ uint16_t values[1 << BITS];

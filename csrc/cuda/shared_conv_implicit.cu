@@ -29,12 +29,14 @@
 namespace weightshare::cuda {
 namespace {
 
-// grid: as gemm_mma_kernel's (launch_fused), rows of x = output pixels.
-template <typename T, int BITS, int NT>
-__global__ void __launch_bounds__(FusedGemmLayout<BITS, NT>::kThreads, 1) conv_mma_kernel(const FusedArgs a) {
+// grid: as gemm_mma_kernel's (launch_fused), rows of x = output pixels; TM: blocks of 64 TM output channels, or
+// 0 for the default 256 (<= 4 bits) / 128 (FusedGemmLayout).
+template <typename T, int BITS, int NT, int TM>
+__global__ void __launch_bounds__(FusedGemmLayout<BITS, NT, false, TM>::kThreads, 1) conv_mma_kernel(
+    const FusedArgs a) {
   // kStages was chosen without the pixel origins: they must still fit an H100/H200 block with the static table
-  static_assert(fused_mma_smem_bytes<BITS, NT, false, true>() + 2 * (1 << BITS) <= 227 * 1024, "shared memory");
-  fused_gemm_mma<T, BITS, NT, false, true>(a);
+  static_assert(fused_mma_smem_bytes<BITS, NT, false, true, TM>() + 2 * (1 << BITS) <= 227 * 1024, "shared memory");
+  fused_gemm_mma<T, BITS, NT, false, true, TM>(a);
 }
 
 // The packed rows (src: `rows` rows of src_row_bytes, (c, r, s) order) in the GEMM's order (repacked_word): dst rows
@@ -49,31 +51,53 @@ __global__ void repack_kernel(const uint8_t* src, int64_t src_row_bytes, uint32_
   }
 }
 
-// The widths the op promises fast; the others keep decode + cuDNN (24 kernels instead of 48).
+// The widths the op promises fast; the others keep decode + cuDNN (66 kernels instead of 114).
 constexpr bool conv_bits_instantiated(int64_t bits) { return bits == 2 || bits == 3 || bits == 4 || bits == 8; }
 
-// Calls f.template operator()<BITS, NT>() for run-time bits (conv_bits_instantiated) and 8-row tile count.
+// Blocks of output channels: the default (256 at <= 4 bits, 128 above) where a layer fills them, else 64 or 128
+// (TM 1 or 2), so that a 64-channel layer does not compute 192 rows for nothing.
+int conv_tiles_m(int64_t bits, int64_t out_channels) {
+  if (out_channels <= 64) return 1;
+  return bits <= 4 && out_channels <= 128 ? 2 : 0;
+}
+int64_t conv_block_out(int64_t bits, int tm) { return tm != 0 ? 64 * tm : (bits <= 4 ? 256 : 128); }
+
+// Calls f.template operator()<BITS, NT, TM>() for run-time bits (conv_bits_instantiated), 8-row tile count and
+// tiles of W per warp (conv_tiles_m).
 template <typename F>
-void dispatch_conv(int64_t bits, int nt, F&& f) {
-  auto tiles = [&]<int BITS>() {
+void dispatch_conv(int64_t bits, int nt, int tm, F&& f) {
+  auto tiles = [&]<int BITS, int TM>() {
     if (nt == 2) {
-      f.template operator()<BITS, 2>();
+      f.template operator()<BITS, 2, TM>();
     } else if (nt == 4) {
-      f.template operator()<BITS, 4>();
+      f.template operator()<BITS, 4, TM>();
     } else {
-      f.template operator()<BITS, 8>();
+      f.template operator()<BITS, 8, TM>();
     }
   };
+  auto blocks = [&]<int BITS>() {
+    if (tm == 1) {
+      tiles.template operator()<BITS, 1>();
+      return;
+    }
+    if constexpr (BITS <= 4) {  // 128-row blocks are the default above 4 bits
+      if (tm == 2) {
+        tiles.template operator()<BITS, 2>();
+        return;
+      }
+    }
+    tiles.template operator()<BITS, 0>();
+  };
   switch (bits) {
-    case 2: tiles.template operator()<2>(); break;
-    case 3: tiles.template operator()<3>(); break;
-    case 4: tiles.template operator()<4>(); break;
-    default: tiles.template operator()<8>(); break;
+    case 2: blocks.template operator()<2>(); break;
+    case 3: blocks.template operator()<3>(); break;
+    case 4: blocks.template operator()<4>(); break;
+    default: blocks.template operator()<8>(); break;
   }
 }
 
 bool conv_compiled() {
-  static const bool ok = has_sm80_code(reinterpret_cast<const void*>(conv_mma_kernel<__half, 4, 8>));
+  static const bool ok = has_sm80_code(reinterpret_cast<const void*>(conv_mma_kernel<__half, 4, 8, 0>));
   return ok;
 }
 
@@ -103,17 +127,19 @@ at::Tensor implicit_conv2d(const at::Tensor& x, const at::Tensor& packed, const 
                        cs.pad_w, cs.dil_h, cs.dil_w, static_cast<int32_t>(Ho), static_cast<int32_t>(Wo),
                        static_cast<int32_t>(K)};
   const int64_t rows_per_group = O / codebook.size(0);
-  if (!one_codebook_per_block(O, rows_per_group, bits <= 4 ? 256 : 128)) return {};
+  const int tm = conv_tiles_m(bits, O);
+  const int64_t block_out = conv_block_out(bits, tm);
+  if (!one_codebook_per_block(O, rows_per_group, block_out)) return {};
   const c10::cuda::CUDAGuard guard(x.device());  // before conv_compiled, which asks the current device
   const int device = x.get_device();
   if (device_attribute<cudaDevAttrComputeCapabilityMajor>(device) < 8 || !conv_compiled()) return {};
   const int nt = tiles_n_for(P);
   int smem = 0;
-  dispatch_conv(bits, nt, [&]<int BITS, int NT>() {  // dynamic + the body's static `values`
-    smem = fused_mma_smem_bytes<BITS, NT, false, true>() + int(sizeof(uint16_t)) * (1 << BITS);
+  dispatch_conv(bits, nt, tm, [&]<int BITS, int NT, int TM>() {  // dynamic + the body's static `values`
+    smem = fused_mma_smem_bytes<BITS, NT, false, true, TM>() + int(sizeof(uint16_t)) * (1 << BITS);
   });
   if (smem > device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device)) return {};
-  if (ceil_div(O, bits <= 4 ? 256 : 128) * ceil_div(P, 16 * nt) > INT32_MAX) return {};
+  if (ceil_div(O, block_out) * ceil_div(P, 16 * nt) > INT32_MAX) return {};
 
   const int b = static_cast<int>(bits);
   const int64_t units = ceil_div(K, 128), row_words = units * 4 * b;  // 128 indices = 4 bits words
@@ -142,15 +168,15 @@ at::Tensor implicit_conv2d(const at::Tensor& x, const at::Tensor& packed, const 
   e.bias_kind = bc.defined() ? out_kind(bc.scalar_type()) : OutKind::Float;
   e.rows_per_group = rows_per_group;
   const int sms = sm_count(device);
-  dispatch_conv(bits, nt, [&]<int BITS, int NT>() {
-    using L = FusedGemmLayout<BITS, NT>;
-    constexpr int kSmem = fused_mma_smem_bytes<BITS, NT, false, true>();
+  dispatch_conv(bits, nt, tm, [&]<int BITS, int NT, int TM>() {
+    using L = FusedGemmLayout<BITS, NT, false, TM>;
+    constexpr int kSmem = fused_mma_smem_bytes<BITS, NT, false, true, TM>();
     if (x.scalar_type() == at::kHalf) {
-      launch_fused<conv_mma_kernel<__half, BITS, NT>>(w, x, e, L::kThreads, kSmem, L::kBlockOut, L::kBlockBatch, sms,
-                                                      g);
+      launch_fused<conv_mma_kernel<__half, BITS, NT, TM>>(w, x, e, L::kThreads, kSmem, L::kBlockOut, L::kBlockBatch,
+                                                          sms, g);
     } else {
-      launch_fused<conv_mma_kernel<__nv_bfloat16, BITS, NT>>(w, x, e, L::kThreads, kSmem, L::kBlockOut,
-                                                             L::kBlockBatch, sms, g);
+      launch_fused<conv_mma_kernel<__nv_bfloat16, BITS, NT, TM>>(w, x, e, L::kThreads, kSmem, L::kBlockOut,
+                                                                 L::kBlockBatch, sms, g);
     }
   });
   return y;

@@ -44,9 +44,9 @@ static void random_weight(int N, int kin, int bits, std::mt19937& gen, std::vect
   }
 }
 
-template <int BITS, int NT, bool ROWS = false>
+template <int BITS, int NT, bool ROWS = false, int TM = 0>
 static void check(std::mt19937& gen) {
-  using L = FusedGemmLayout<BITS, NT, ROWS>;
+  using L = FusedGemmLayout<BITS, NT, ROWS, TM>;
   constexpr int kUnits = 2, kin = kUnits * L::kUnitK, N = L::kBlockOut, M = L::kBlockBatch;
   constexpr int row_words = kin * BITS / 32;
   std::vector<uint32_t> idx, packed;
@@ -345,6 +345,9 @@ static void check_widths(std::mt19937& gen) {
   check<BITS, 8>(gen);
   check<BITS, 2, true>(gen);
   check<BITS, 8, true>(gen);
+  check<BITS, 2, false, 1>(gen);  // the smaller blocks of the implicit-GEMM conv: 64 output rows
+  check<BITS, 8, false, 1>(gen);
+  if constexpr (BITS <= 4) check<BITS, 4, false, 2>(gen);  // 128 rows (pair codes' default is 256)
   check_wgmma<BITS, 64>(gen);
   check_wgmma<BITS, 128>(gen);
 }

@@ -34,17 +34,23 @@ namespace weightshare {
 // ROWS: a codebook per output row (or any groups that do not cover whole blocks): one 16-bit table per block row,
 // not replicated (2**BITS x 256 rows would not fit), codes (row * 2**BITS + idx) << 1, the byte offset of the entry;
 // lookups are 2-byte loads that may meet in a bank (8 rows' tables per warp load).
-template <int BITS, int NT, bool ROWS = false>
+//
+// TM: 16-row tiles of W per warp where a layer has fewer output rows than the default block (the implicit-GEMM
+// conv: 64 or 128 output channels are common): 0 = the default (4 with pair codes, 2 with single codes); 1 or 2
+// make blocks of 64 or 128 output rows, so that their rows past the layer's are not computed for nothing.
+template <int BITS, int NT, bool ROWS = false, int TM = 0>
 struct FusedGemmLayout {
   static_assert(BITS >= 1 && BITS <= 8, "1 to 8 bits");
   static_assert(NT == 2 || NT == 4 || NT == 8, "8-row tiles of x per warp: ldmatrix.x4 takes two at a time");
   static constexpr bool kPair = !ROWS && BITS <= 4;
   static constexpr int kWarpsOut = 4, kWarpsBatch = 2, kWarps = kWarpsOut * kWarpsBatch, kThreads = 32 * kWarps;
   // 16-row tiles of W per warp: 4 with pair codes (one 4-byte load per half2), 2 with single codes (two per half2)
-  static constexpr int kTilesM = kPair ? 4 : 2;
+  static constexpr int kDefaultTilesM = kPair ? 4 : 2;
+  static_assert(TM == 0 || ((TM == 1 || TM == 2) && TM < kDefaultTilesM), "fewer tiles than the default only");
+  static constexpr int kTilesM = TM != 0 ? TM : kDefaultTilesM;
   static constexpr int kTilesN = NT;
   static constexpr int kWarpOut = 16 * kTilesM, kWarpBatch = 8 * kTilesN;
-  static constexpr int kBlockOut = kWarpsOut * kWarpOut;        // 256 or 128
+  static constexpr int kBlockOut = kWarpsOut * kWarpOut;        // 256 or 128 (TM: 64 or 128)
   static constexpr int kBlockBatch = kWarpsBatch * kWarpBatch;  // 32, 64 or 128
   static constexpr int kUnitK = 128;
   static constexpr int kSteps = kUnitK / 16;  // k16 steps per unit
@@ -61,7 +67,7 @@ struct FusedGemmLayout {
 
   // ---- staging: the unit's packed words of a block row are read a quarter (32 indices, BITS words) at a time;
   // thread `tid` stages items tid + kThreads * v, item = (row, quarter).
-  static constexpr int kItems = kBlockOut * 4 / kThreads;  // 4 or 2
+  static constexpr int kItems = kBlockOut * 4 / kThreads;  // 4 or 2 (TM: 1 or 2)
   static_assert(kBlockOut * 4 % kThreads == 0, "whole items per thread");
   WS_HD static int item_row(int tid, int v) { return (tid + kThreads * v) >> 2; }
   WS_HD static int item_quarter(int tid, int v) { return (tid + kThreads * v) & 3; }
