@@ -143,8 +143,8 @@ def timed_with(mode: str, fn) -> tuple[float, torch.Tensor]:
 
 def run_cuda() -> dict:
     """The issue's GPU conv target: at least parity with cuDNN fp16, batch 1 (and 8), the same convs, times from
-    CUDA-graph replays (time_cuda). Per conv: cuDNN and ours on the input as listed (NCHW unless named channels-last:
-    decode + cuDNN); for groups-1 layers also both on channels-last x and weight, ours by the implicit GEMM
+    CUDA-graph replays (time_cuda). Per conv: cuDNN and ours on the input as listed (NCHW unless named channels-last)
+    by decode + cuDNN; for groups-1 layers also both on channels-last x and weight, ours by the implicit GEMM
     (WS_CUDA_CONV=implicit, csrc/cuda/shared_conv_implicit.cu), and for depthwise layers ours by the depthwise
     kernel (WS_CUDA_CONV=depthwise, shared_conv_depthwise.cu), where they take the calls."""
     from _common import time_cuda
@@ -164,9 +164,10 @@ def run_cuda() -> dict:
             else:
                 dense_w = dense
             t_dense = time_cuda(lambda: F.conv2d(xc, dense_w, None, s, p, d, g))
-            t_ws = time_cuda(lambda: ws.ops.shared_conv2d(xc, packed, cb, BITS, shape, None, s, p, d, g))
+            # "ws": decode + cuDNN, whatever the defaults of our own kernels (WS_CUDA_CONV=none)
+            t_ws, got = timed_with("none", lambda: ws.ops.shared_conv2d(xc, packed, cb, BITS, shape, None, s, p, d, g))
+            got = got.float()
             ref = F.conv2d(xc.float(), dense.float(), None, s, p, d, g)
-            got = ws.ops.shared_conv2d(xc, packed, cb, BITS, shape, None, s, p, d, g).float()
             row = {"conv": name, "batch": n, "cudnn_fp16_ms": t_dense * 1e3, "ws_ms": t_ws * 1e3,
                    "ws_speed_vs_cudnn": t_dense / t_ws, "rel_err": float((got - ref).norm() / ref.norm())}
             if implicit and g == 1:  # both on channels-last x and weight, ours by the implicit GEMM

@@ -407,8 +407,8 @@ def test_cuda_implicit_gemm_conv_codebooks_and_training(bits, monkeypatch, gen):
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
 def test_cuda_implicit_gemm_conv_takes_the_calls_it_should(monkeypatch, gen):
     """Which calls the implicit GEMM takes, by the profiler's kernel names: channels-last 16-bit x of groups-1
-    layers when asked; not NCHW x, grouped layers, per-channel codebooks, fp32 x or unasked calls (those take
-    decode + cuDNN, also correct)."""
+    layers when asked; not NCHW x, grouped layers, per-channel codebooks, fp32 x, unasked calls (off by default
+    until measured: kImplicitConvDefault) or refused ones (those take decode + cuDNN, also correct)."""
     if not hopper():
         pytest.skip("the default build's tensor-core code and shared memory: sm_90")
     monkeypatch.delenv("WS_CUDA_CONV", raising=False)
@@ -431,6 +431,8 @@ def test_cuda_implicit_gemm_conv_takes_the_calls_it_should(monkeypatch, gen):
     assert not ran(last, groups=2)
     assert not ran(last, per_channel=True)
     assert not ran(last.float())
+    monkeypatch.setenv("WS_CUDA_CONV", "none")
+    assert not ran(last)
 
 
 def ran_depthwise_kernel(name):
@@ -521,3 +523,6 @@ def test_cuda_depthwise_kernel_takes_the_calls_it_should(monkeypatch, gen):
         assert ran(x, 16, 1, 16)
         assert ran(x.half().contiguous(memory_format=torch.channels_last), 32, 1, 16)
         assert not ran(x, 16, 2, 8)
+    for mode in ("none", "implicit"):
+        monkeypatch.setenv("WS_CUDA_CONV", mode)
+        assert not ran(x, 16, 1, 16)

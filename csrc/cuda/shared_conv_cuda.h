@@ -3,7 +3,7 @@
 // kernel (shared_conv_depthwise.cu). Declared for csrc/common/shared_conv.cpp, which the C++ compiler builds: ATen
 // types only. Each returns y where it takes the call, else an undefined tensor (the caller's decode + cuDNN path
 // then runs). The inputs are checked by shared_conv2d before. Neither has run on a GPU yet, so neither takes a call
-// unless asked: WS_CUDA_CONV=implicit, =depthwise, or =all for both.
+// unless asked: WS_CUDA_CONV=implicit, =depthwise, or =all for both (conv_kernel_asked).
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
@@ -13,10 +13,15 @@
 
 namespace weightshare::cuda {
 
-// Whether WS_CUDA_CONV (read per call) asks for the kernel `name`.
+// Whether a call may take our kernel `name` ("implicit" or "depthwise"): WS_CUDA_CONV (read per call) = that name
+// or "all" asks for it, "none" (or another kernel's name) refuses it; unset, the default below decides. Both are
+// off by default until a GPU run has measured them (bench_shared_conv.py --cuda times each against cuDNN): then
+// this is the one line to change.
+constexpr bool kImplicitConvDefault = false, kDepthwiseConvDefault = false;
 inline bool conv_kernel_asked(std::string_view name) {
   const char* sw = std::getenv("WS_CUDA_CONV");
-  return sw != nullptr && (name == sw || std::string_view(sw) == "all");
+  if (sw == nullptr) return name == "implicit" ? kImplicitConvDefault : kDepthwiseConvDefault;
+  return name == sw || std::string_view(sw) == "all";
 }
 
 // Helpers of both .cu files. stride / padding / dilation as conv2d takes them (one value for both axes, or two,
