@@ -206,3 +206,48 @@ def test_binary_mlp_with_sign_assignments_is_exact():
     assert len(report.replaced) == 3 and all(m.bits == 1 for m in model.linears)
     # binary hidden activations amplify last-bit differences of the sums only where they sit exactly at 0
     torch.testing.assert_close(model(x), want, **TOL)
+
+
+class TinyCNN(nn.Module):
+    """A MobileNet/ResNet-style stack: a 3-channel stem (too few channels for the implicit GEMM: decode + cuDNN),
+    strided and plain 3x3 convs of 32-64 channels, a depthwise 3x3, a 1x1, in-place ReLUs, a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(64, 64, 3, padding=1, groups=64), nn.ReLU(inplace=True),
+            nn.Conv2d(64, 128, 1), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(128, 10)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and ws.cuda_built()), reason="needs a GPU and the CUDA kernels")
+def test_cnn_channels_last_fp16_on_our_cuda_conv_kernels(monkeypatch):
+    """A CNN replaced end to end, fp16 and channels-last on the GPU with our conv kernels asked for
+    (WS_CUDA_CONV=all: the implicit GEMM for the dense convs, the depthwise kernel), against the dequantised dense
+    model on cuDNN; then a training step through its in-place ReLUs."""
+    from conftest import cuda_kernels_of
+    monkeypatch.setenv("WS_CUDA_CONV", "all")
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    assignments = kmeans_assignments(model)
+    reference = dequantised_copy(model, assignments).cuda().half().to(memory_format=torch.channels_last)
+    ws.replace_layers(model, assignments)
+    model = model.cuda().half().to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 32, 32).cuda().half().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y, names = cuda_kernels_of(lambda: model(x))
+        want = reference(x)
+    if names is not None:
+        assert any("depthwise_nhwc_kernel" in n for n in names)
+        if torch.cuda.get_device_capability() == (9, 0):  # the default build's tensor-core code
+            assert any("conv_mma_kernel" in n for n in names)
+    assert float((y.float() - want.float()).norm() / want.float().norm()) < 1e-2
+    model.train()
+    model(x).float().square().mean().backward()
+    assert model.features[2].codebook.grad.abs().sum() > 0
