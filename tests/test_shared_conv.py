@@ -342,6 +342,8 @@ IMPLICIT = [  # (batch, in, out, k, stride, padding, dilation, H, W): the implic
     (1, 256, 64, 1, 2, 0, 1, 8, 8),             # 1x1 stride 2
     (1, 512, 512, 3, 1, 1, 1, 7, 7),            # ResNet's last stage: 49 pixels, K = 4608: split-K
     (8, 64, 64, 3, 1, 1, 1, 8, 8),              # 512 pixels: 128-pixel blocks
+    (1, 64, 96, 3, 1, 1, 1, 5, 5),              # 25 pixels, 96 channels: 128-channel blocks at <= 4 bits (TM 2)
+    (1, 32, 64, 3, 1, 1, 1, 8, 8),              # 64 pixels, 64 channels: 64-channel blocks of 64-pixel tiles
 ]
 
 

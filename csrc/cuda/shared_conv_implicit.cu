@@ -51,7 +51,7 @@ __global__ void repack_kernel(const uint8_t* src, int64_t src_row_bytes, uint32_
   }
 }
 
-// The widths the op promises fast; the others keep decode + cuDNN (66 kernels instead of 114).
+// The widths the op promises fast; the others keep decode + cuDNN (66 kernels instead of 120).
 constexpr bool conv_bits_instantiated(int64_t bits) { return bits == 2 || bits == 3 || bits == 4 || bits == 8; }
 
 // Blocks of output channels: the default (256 at <= 4 bits, 128 above) where a layer fills them, else 64 or 128
@@ -60,7 +60,7 @@ int conv_tiles_m(int64_t bits, int64_t out_channels) {
   if (out_channels <= 64) return 1;
   return bits <= 4 && out_channels <= 128 ? 2 : 0;
 }
-int64_t conv_block_out(int64_t bits, int tm) { return tm != 0 ? 64 * tm : (bits <= 4 ? 256 : 128); }
+constexpr int64_t conv_block_out(int64_t bits, int tm) { return tm != 0 ? 64 * tm : (bits <= 4 ? 256 : 128); }
 
 // Calls f.template operator()<BITS, NT, TM>() for run-time bits (conv_bits_instantiated), 8-row tile count and
 // tiles of W per warp (conv_tiles_m).
@@ -170,6 +170,7 @@ at::Tensor implicit_conv2d(const at::Tensor& x, const at::Tensor& packed, const 
   const int sms = sm_count(device);
   dispatch_conv(bits, nt, tm, [&]<int BITS, int NT, int TM>() {
     using L = FusedGemmLayout<BITS, NT, false, TM>;
+    static_assert(L::kBlockOut == conv_block_out(BITS, TM), "the host's codebook check sees the kernel's blocks");
     constexpr int kSmem = fused_mma_smem_bytes<BITS, NT, false, true, TM>();
     if (x.scalar_type() == at::kHalf) {
       launch_fused<conv_mma_kernel<__half, BITS, NT, TM>>(w, x, e, L::kThreads, kSmem, L::kBlockOut, L::kBlockBatch,

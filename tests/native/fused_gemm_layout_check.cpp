@@ -18,8 +18,10 @@ using namespace weightshare;
 
 static int failures = 0;
 
+static int current_tm = 0;  // the layout's TM under check, for the messages
+
 static void fail(const char* what, int bits, int nt, long a, long b) {
-  if (failures++ < 10) std::printf("FAIL %s bits=%d nt=%d (%ld, %ld)\n", what, bits, nt, a, b);
+  if (failures++ < 10) std::printf("FAIL %s bits=%d nt=%d tm=%d (%ld, %ld)\n", what, bits, nt, current_tm, a, b);
 }
 
 // The 16-bit halves of a register as the (small, non-negative) integers the test gives its values.
@@ -47,6 +49,7 @@ static void random_weight(int N, int kin, int bits, std::mt19937& gen, std::vect
 template <int BITS, int NT, bool ROWS = false, int TM = 0>
 static void check(std::mt19937& gen) {
   using L = FusedGemmLayout<BITS, NT, ROWS, TM>;
+  current_tm = TM;
   constexpr int kUnits = 2, kin = kUnits * L::kUnitK, N = L::kBlockOut, M = L::kBlockBatch;
   constexpr int row_words = kin * BITS / 32;
   std::vector<uint32_t> idx, packed;
@@ -77,6 +80,10 @@ static void check(std::mt19937& gen) {
     for (int tid = 0; tid < L::kThreads; ++tid) {
       for (int v = 0; v < L::kItems; ++v) {
         const int row = L::item_row(tid, v), q = L::item_quarter(tid, v);
+        if (row < 0 || row >= N || q < 0 || q > 3) {
+          fail("staging item outside the block", BITS, NT, row, q);
+          continue;
+        }
         uint32_t out[8 * L::kCodeWords];
         L::quarter_codes(&packed[size_t(row) * row_words + u * 4 * BITS + q * BITS], row, out);
         const int at = L::code_word(row, 2 * q, 0);
@@ -228,6 +235,7 @@ static void check(std::mt19937& gen) {
 // (warp w of the warpgroup rows 16 w + g / +8, d[4 j + 2 h + e] at column 8 j + 2t + e), and the kernel's epilogue.
 template <int BITS, int NB>
 static void check_wgmma(std::mt19937& gen) {
+  current_tm = 0;
   using L = FusedGemmLayout<BITS, 8>;
   using X = WgmmaLayoutFor<BITS, NB>;
   if (L::kBlockOut != X::kBlockOut) fail("wgmma block rows = the code layout's", BITS, NB, X::kBlockOut, L::kBlockOut);
@@ -248,6 +256,10 @@ static void check_wgmma(std::mt19937& gen) {
     for (int tid = 0; tid < L::kThreads; ++tid) {
       for (int v = 0; v < L::kItems; ++v) {
         const int row = L::item_row(tid, v), q = L::item_quarter(tid, v);
+        if (row < 0 || row >= N || q < 0 || q > 3) {
+          fail("staging item outside the block", BITS, NB, row, q);
+          continue;
+        }
         uint32_t out[8 * L::kCodeWords];
         L::quarter_codes(&packed[size_t(row) * row_words + u * 4 * BITS + q * BITS], row, out);
         for (int e = 0; e < 8 * L::kCodeWords; ++e) codes[L::code_word(row, 2 * q, 0) + e] = out[e];

@@ -68,7 +68,8 @@ struct FusedGemmLayout {
   // ---- staging: the unit's packed words of a block row are read a quarter (32 indices, BITS words) at a time;
   // thread `tid` stages items tid + kThreads * v, item = (row, quarter).
   static constexpr int kItems = kBlockOut * 4 / kThreads;  // 4 or 2 (TM: 1 or 2)
-  static_assert(kBlockOut * 4 % kThreads == 0, "whole items per thread");
+  static_assert(kItems * kThreads == 4 * kBlockOut, "whole items per thread, every (row, quarter) once");
+  static_assert(TM == 0 || kBlockOut == 64 * TM, "TM tiles of 16 rows per warp, 4 warps along the rows");
   WS_HD static int item_row(int tid, int v) { return (tid + kThreads * v) >> 2; }
   WS_HD static int item_quarter(int tid, int v) { return (tid + kThreads * v) & 3; }
   // The lane that reads a block row's codes in column t: rows g and g + 8 of every 16-row tile go to lanes 4 g + t.
