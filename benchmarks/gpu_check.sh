@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The one GPU check, for a lent H200 (device tool): build for sm_90 with all cores, run the CUDA tests, a
+# The one GPU check, for a lent H200 (device tool): build for sm_90a with all cores, run the CUDA tests, a
 # compute-sanitizer memcheck and racecheck over small kernel runs, the GPU benchmarks and an ncu probe of the GEMVs.
-#   device run:  WS_GPU_DEADLINE=430 bash benchmarks/gpu_check.sh [all|test|bench] 2>&1 | tee $OUT/gpu_check.log
-#                with timeout_s ~455 (2026-11-30: the whole check took 277 s, 108 of them the build; the machine's
-#                start adds ~35 s, and a second start needs 240 s of device time left)
+#   device run:  WS_GPU_DEADLINE=470 bash benchmarks/gpu_check.sh [all|test|bench] 2>&1 | tee $OUT/gpu_check.log
+#                with timeout_s ~495 (2026-11-30: the whole check took 277 s, 108 of them the build; since then two
+#                fused GEMMs, two conv kernels and ~1,000 CUDA tests more: expect ~420 s; the machine's start adds
+#                ~35 s, and a second start needs 240 s of device time left)
 # A session has 15 minutes of device time in all, so one call does everything, against a deadline: every step is
 # cut to the time left before WS_GPU_DEADLINE (default 560 s after the start), skipped when under 20 s are left, and
 # the order puts first what a cut-short run must not lose (build, CUDA tests, the shared_linear benchmark). The
