@@ -10,9 +10,9 @@
 // Two layouts, each coalesced: NCHW, a block per (image, channel) plane, threads along the plane's outputs; and
 // channels-last, a block per 32 channels x 8 pixel lanes, a warp's 32 channels of one pixel contiguous.
 //
-// Status: written and compiled for sm_90 (2026-12-01), its arithmetic checked on the host
-// (tests/native/depthwise_conv_check.cpp). Not yet run on a GPU, so no call takes it unless
-// WS_CUDA_CONV=depthwise (or =all).
+// Status: written and compiled for sm_90a (2026-12-01), its arithmetic checked on the host
+// (tests/native/depthwise_conv_check.cpp). Not yet run on a GPU, so no call takes it unless asked
+// (WS_CUDA_CONV=depthwise or =all; shared_conv_cuda.h).
 #include <ATen/Context.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>

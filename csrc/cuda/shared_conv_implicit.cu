@@ -12,9 +12,9 @@
 // that order (padded with index 0 to whole 128-index units, where x reads zeros), a read and a write of the packed
 // bytes; 1x1 convs whose channels fill whole units use the packed rows as they are.
 //
-// Status: written and compiled for sm_90 (2026-12-01); the index arithmetic checked on the host
-// (tests/native/implicit_conv_check.cpp), the GEMM's layout as shared_linear's. Not yet run on a GPU, so no call
-// takes it unless WS_CUDA_CONV=implicit.
+// Status: written and compiled for sm_90a (2026-12-01); the index arithmetic checked on the host
+// (tests/native/implicit_conv_check.cpp), the GEMM's layout as shared_linear's (fused_gemm_layout_check.cpp, the
+// TM layouts included). Not yet run on a GPU, so no call takes it unless asked (shared_conv_cuda.h).
 #include "shared_conv_cuda.h"
 
 #include <ATen/ops/empty.h>
@@ -142,7 +142,7 @@ at::Tensor implicit_conv2d(const at::Tensor& x, const at::Tensor& packed, const 
   if (ceil_div(O, block_out) * ceil_div(P, 16 * nt) > INT32_MAX) return {};
 
   const int b = static_cast<int>(bits);
-  const int64_t units = ceil_div(K, 128), row_words = units * 4 * b;  // 128 indices = 4 bits words
+  const int64_t units = ceil_div(K, 128), row_words = units * 4 * b;  // 128 indices of b bits = 4 b words
   const int64_t src_row_bytes = packed_row_bytes(K, b);
   at::Tensor rows = packed.contiguous();
   if (R != 1 || S != 1 || C % 128 != 0 || reinterpret_cast<uintptr_t>(rows.data_ptr()) % 16 != 0) {
