@@ -33,12 +33,7 @@ namespace {
 struct DepthwiseArgs {
   const void* x;
   void* y;
-  const uint8_t* packed;  // [O, row_bytes]
-  int64_t row_bytes;
-  const void* codebook;  // [G, K] in its own dtype
-  FloatKind codebook_kind;
-  int K;
-  int64_t rows_per_group;
+  PackedRows w;      // O rows of R S indices, the codebook read in its own dtype (codebook_entry)
   const void* bias;  // [O] in its own dtype, or null
   FloatKind bias_kind;
   int64_t N;
@@ -48,10 +43,8 @@ struct DepthwiseArgs {
 // Tap t of output channel o: its codebook entry (NaN for an index >= K, as dequantize), rounded to x's dtype T.
 template <typename T, int BITS>
 __device__ __forceinline__ float tap_value(const DepthwiseArgs& a, int32_t o, int t) {
-  const uint32_t e = unpack_one(a.packed + int64_t(o) * a.row_bytes, t, BITS);
-  const float v = e < uint32_t(a.K) ? load_as_float(a.codebook, a.codebook_kind, (o / a.rows_per_group) * a.K + e)
-                                    : __uint_as_float(0x7fc00000u);
-  return to_float(from_float<T>(v));
+  const uint8_t* row = reinterpret_cast<const uint8_t*>(a.w.packed) + int64_t(o) * a.w.row_words * 4;
+  return to_float(from_float<T>(codebook_entry(a.w, o / a.w.rows_per_group, unpack_one(row, t, BITS))));
 }
 
 // NCHW. grid.x: (image, output channel) planes, by stride; dynamic shared memory: R S floats.
@@ -150,12 +143,8 @@ at::Tensor depthwise_conv2d(const at::Tensor& x, const at::Tensor& packed, const
   DepthwiseArgs a{};
   a.x = x.data_ptr();
   a.y = y.data_ptr();
-  a.packed = rows.data_ptr<uint8_t>();
-  a.row_bytes = rows.size(1);
-  a.codebook = cb.data_ptr();
-  a.codebook_kind = out_kind(cb.scalar_type());
-  a.K = static_cast<int>(cb.size(1));
-  a.rows_per_group = O / cb.size(0);
+  a.w = PackedRows{reinterpret_cast<const uint32_t*>(rows.data_ptr<uint8_t>()), rows.size(1) / 4, 4, O, R * S,
+                   O / cb.size(0), nullptr, static_cast<int>(cb.size(1)), cb.data_ptr(), out_kind(cb.scalar_type())};
   a.bias = bc.defined() ? bc.data_ptr() : nullptr;
   a.bias_kind = bc.defined() ? out_kind(bc.scalar_type()) : FloatKind::Float;
   a.N = N;

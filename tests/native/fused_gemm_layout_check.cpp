@@ -46,6 +46,33 @@ static void random_weight(int N, int kin, int bits, std::mt19937& gen, std::vect
   }
 }
 
+// Unit u's code buffer as the block's threads stage it (every (row, quarter) item of layout L, its code words
+// stored where the warps read them), packed holding N rows of row_words words; `written` counts the stores per word.
+template <typename L, int BITS>
+static std::vector<uint32_t> staged_codes(const std::vector<uint32_t>& packed, int row_words, int u, int N, int nt,
+                                          std::vector<int>& written) {
+  std::vector<uint32_t> codes(L::kCodeBufferWords, 0xdeadbeefu);
+  written.assign(L::kCodeBufferWords, 0);
+  for (int tid = 0; tid < L::kThreads; ++tid) {
+    for (int v = 0; v < L::kItems; ++v) {
+      const int row = L::item_row(tid, v), q = L::item_quarter(tid, v);
+      if (row < 0 || row >= N || q < 0 || q > 3) {
+        fail("staging item outside the block", BITS, nt, row, q);
+        continue;
+      }
+      uint32_t out[8 * L::kCodeWords];
+      L::quarter_codes(&packed[size_t(row) * row_words + u * 4 * BITS + q * BITS], row, out);
+      const int at = L::code_word(row, 2 * q, 0);
+      if (at % 4 != 0) fail("16-byte code stores", BITS, nt, row, q);
+      for (int e = 0; e < 8 * L::kCodeWords; ++e) {
+        codes[at + e] = out[e];
+        written[at + e]++;
+      }
+    }
+  }
+  return codes;
+}
+
 template <int BITS, int NT, bool ROWS = false, int TM = 0>
 static void check(std::mt19937& gen) {
   using L = FusedGemmLayout<BITS, NT, ROWS, TM>;
@@ -75,25 +102,8 @@ static void check(std::mt19937& gen) {
   };
   for (int u = 0; u < kUnits; ++u) {
     // staging: every (row, quarter) item once, its code words where the warps read them
-    std::vector<uint32_t> codes(L::kCodeBufferWords, 0xdeadbeefu);
-    std::vector<int> written(L::kCodeBufferWords, 0);
-    for (int tid = 0; tid < L::kThreads; ++tid) {
-      for (int v = 0; v < L::kItems; ++v) {
-        const int row = L::item_row(tid, v), q = L::item_quarter(tid, v);
-        if (row < 0 || row >= N || q < 0 || q > 3) {
-          fail("staging item outside the block", BITS, NT, row, q);
-          continue;
-        }
-        uint32_t out[8 * L::kCodeWords];
-        L::quarter_codes(&packed[size_t(row) * row_words + u * 4 * BITS + q * BITS], row, out);
-        const int at = L::code_word(row, 2 * q, 0);
-        if (at % 4 != 0) fail("16-byte code stores", BITS, NT, row, q);
-        for (int e = 0; e < 8 * L::kCodeWords; ++e) {
-          codes[at + e] = out[e];
-          written[at + e]++;
-        }
-      }
-    }
+    std::vector<int> written;
+    const std::vector<uint32_t> codes = staged_codes<L, BITS>(packed, row_words, u, N, NT, written);
     for (int row = 0; row < N; ++row) {
       for (int s = 0; s < L::kSteps; ++s) {
         for (int t = 0; t < 4; ++t) {
@@ -252,19 +262,8 @@ static void check_wgmma(std::mt19937& gen) {
 
   std::vector<int64_t> D(size_t(N) * M, 0);  // D[block row][row of x], as the tensor cores accumulate it
   for (int u = 0; u < kUnits; ++u) {
-    std::vector<uint32_t> codes(L::kCodeBufferWords, 0xdeadbeefu);
-    for (int tid = 0; tid < L::kThreads; ++tid) {
-      for (int v = 0; v < L::kItems; ++v) {
-        const int row = L::item_row(tid, v), q = L::item_quarter(tid, v);
-        if (row < 0 || row >= N || q < 0 || q > 3) {
-          fail("staging item outside the block", BITS, NB, row, q);
-          continue;
-        }
-        uint32_t out[8 * L::kCodeWords];
-        L::quarter_codes(&packed[size_t(row) * row_words + u * 4 * BITS + q * BITS], row, out);
-        for (int e = 0; e < 8 * L::kCodeWords; ++e) codes[L::code_word(row, 2 * q, 0) + e] = out[e];
-      }
-    }
+    std::vector<int> written;
+    const std::vector<uint32_t> codes = staged_codes<L, BITS>(packed, row_words, u, N, NB, written);
     std::vector<uint16_t> stage(X::kStageBytes / 2, 0);
     std::vector<int> covered(X::kStageBytes / 16, 0);
     for (int c = 0; c < X::kChunks; ++c) {
