@@ -1,4 +1,4 @@
-"""Markdown tables for README from the JSON results (benchmarks/results/*.json and a demo's summary.json).
+"""Markdown tables for README and docs/ from the JSON results (benchmarks/results/*.json and a demo's summary.json).
 
     python benchmarks/report.py [--demo out/demo/summary.json]
 """

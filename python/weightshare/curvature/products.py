@@ -151,7 +151,7 @@ def hvp(model: nn.Module, loss_fn: LossFn, batch: Any, v: Mapping[str, Tensor], 
       "forward_over_reverse": torch.func.jvp of torch.func.grad over torch.func.functional_call.
     Why reverse_over_forward is the default, measured on this project's 2-core VM (AMD EPYC, AVX-512), torch
     2.14.1, 2 threads, batch 128, cross-entropy, medians of interleaved calls, as multiples of one gradient
-    (benchmarks/bench_curvature.py, README "Curvature"): LeNet-5 1.72x (double_backward 2.53x,
+    (benchmarks/bench_curvature.py, docs/kernels-cpu.md "Curvature"): LeNet-5 1.72x (double_backward 2.53x,
     forward_over_reverse 2.31x); the 2-layer transformer 2.64x (2.69x, 3.88x); the MLP 784-300-100-10 1.1x
     (1.4-1.6x; its gradient call carries fixed overhead of the same size as the products). It never lost to
     the others on a single product. Its floor: for a Linear layer it runs one forward, two tangent and five
