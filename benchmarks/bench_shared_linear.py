@@ -169,8 +169,10 @@ def run_cuda() -> dict:
                 paths = {"simt": ({"WS_CUDA_GEMV": "off"}, M <= 8), "mma": ({"WS_CUDA_GEMV": "mma"}, M <= 64),
                          "panels": ({"WS_CUDA_GEMV": "off", "WS_CUDA_LINEAR": "panels"}, M > 8),
                          "tiles": ({"WS_CUDA_GEMV": "off", "WS_CUDA_LINEAR": "tiles"}, M > 8),
-                         "fused": ({"WS_CUDA_LINEAR": "fused"}, M > 1 and fused_kernels["fused"]),
-                         "wgmma": ({"WS_CUDA_LINEAR": "wgmma"}, M > 1 and fused_kernels["wgmma"]),
+                         # the fused GEMMs at 1 row too: a decode into tensor-core fragments costs fewer
+                         # instructions per weight than the SIMT GEMV's (its bound at batch 1, ncu 2026-11-30)
+                         "fused": ({"WS_CUDA_LINEAR": "fused"}, fused_kernels["fused"]),
+                         "wgmma": ({"WS_CUDA_LINEAR": "wgmma"}, fused_kernels["wgmma"]),
                          "wgmma_drain": ({"WS_CUDA_LINEAR": "wgmma", "WS_CUDA_WGMMA_DRAIN": "1"},
                                          M > 16 and fused_kernels["wgmma"])}
                 for name, (env, applies) in paths.items():
