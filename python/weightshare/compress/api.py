@@ -5,16 +5,18 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
 
 from weightshare.compress.baselines import METHODS, fit_baseline
-from weightshare.compress.finetune import finetune_codebooks
+from weightshare.compress.finetune import check_batch_counts, finetune_codebooks
 from weightshare.compress.layers import compressible_layers, mean_loss, round_biases_to_half_, weights_swapped
 from weightshare.compress.lagrangian import LayerFits, Trial, search
 from weightshare.compress.quadratic import Fit
+from weightshare.compress.spread import fits_spread
+from weightshare.distributed import as_group
 
 
 @dataclass
@@ -123,7 +125,7 @@ def compress(model: nn.Module, data, loss_fn: Callable, method: str = "loss_awar
              eval_fn: Optional[Callable[[nn.Module], float]] = None, prune: bool = False, progress: bool = True,
              curvature: str = "fisher", finetune_data=None, finetune_epochs: int = 1, finetune_lr: float = 1e-4,
              shared_layers: bool = True, seed: int = 0, baseline_metric: Optional[float] = None,
-             half_bias: bool = True) -> CompressResult:
+             half_bias: bool = True, process_group: Any = None) -> CompressResult:
     """Compress `model`'s Linear/Conv1d/Conv2d layers by learned weight sharing.
 
     data: calibration batches [(x, y), ...] (iterated several times): the loss model's statistics (gradient and
@@ -148,40 +150,53 @@ def compress(model: nn.Module, data, loss_fn: Callable, method: str = "loss_awar
     half_bias: round the compressed layers' float32 biases to float16, which ws.save then stores at half the bytes
     (a LeNet-5's 580 biases are 2.3 kB, a quarter of a 200x file). The base loss and metric are the given model's,
     so the rounding is part of what the constraint checks.
+    process_group: a torch.distributed group (e.g. torch.distributed.group.WORLD, gloo or NCCL) whose every rank
+    calls compress with the same model and arguments and its own shard of `data` (and of `finetune_data`), at
+    least one batch each. The statistics and every measured loss are over all the shards together, the per-layer
+    fits are spread over the ranks by layer size, eval_fn runs on every rank and rank 0's value decides, so every
+    rank takes the same steps and returns the same result: the single-process result on the concatenated data
+    (up to float64 rounding in the statistics). Fine-tuning steps average the ranks' batch gradients
+    (data-parallel), which needs the same number of fine-tuning batches on every rank.
     """
     if method not in METHODS:
         raise ValueError(f"weightshare.compress: method must be one of {METHODS}, got {method!r}")
     if max_accuracy_drop is not None and eval_fn is None:
         raise ValueError("weightshare.compress: max_accuracy_drop needs eval_fn(model) -> accuracy")
     t0 = time.time()
+    group = as_group(process_group, "compress")
     batches = list(data)
-    if not batches:
-        raise ValueError("weightshare.compress: data is empty")
+
+    def check_data() -> None:
+        if not batches:
+            raise ValueError("weightshare.compress: data is empty" + (f" on rank {group.rank}" if
+                                                                      group.distributed else ""))
+    group.together(check_data)
     model = model.eval()
-    base_loss = mean_loss(model, loss_fn, batches)
-    base_metric = eval_fn(model) if eval_fn is not None and baseline_metric is None else baseline_metric
+    base_loss = mean_loss(model, loss_fn, batches, group)
+    base_metric = (group.rank0(group.together(lambda: eval_fn(model)))
+                   if eval_fn is not None and baseline_metric is None else baseline_metric)
     if half_bias:
         model = _with_half_biases(model)
     layers = compressible_layers(model)
     by_name = {l.name: l for l in layers}
     from weightshare.curvature import gather_stats
-    stats = gather_stats(model, loss_fn, batches, kind=curvature, seed=seed)
+    stats = gather_stats(model, loss_fn, batches, kind=curvature, seed=seed, process_group=group)
     lstats = {l.name: (l.weight, stats.gradient[l.param], stats.diagonal[l.param]) for l in layers}
 
     def log(msg: str) -> None:
-        if progress:
+        if progress and group.rank == 0:  # the ranks take the same steps: one log
             from tqdm import tqdm
             tqdm.write(msg)
 
     def measure(fits: dict[str, Fit]) -> float:
         with weights_swapped(by_name, {n: f.dequantized() for n, f in fits.items()}):
-            return mean_loss(model, loss_fn, batches)
+            return mean_loss(model, loss_fn, batches, group)
 
     def metric_of(fits: dict[str, Fit]) -> Optional[float]:
         if eval_fn is None:
             return None
         with weights_swapped(by_name, {n: f.dequantized() for n, f in fits.items()}):
-            return eval_fn(model)
+            return group.rank0(group.together(lambda: eval_fn(model)))
 
     def feasible(fits: dict[str, Fit], loss: float) -> tuple[bool, Optional[float]]:
         ok = budget is None or loss - base_loss <= budget + 1e-12
@@ -191,9 +206,16 @@ def compress(model: nn.Module, data, loss_fn: Callable, method: str = "loss_awar
         return ok, metric
 
     finetune_batches = list(finetune_data) if finetune_data is not None else None
+    check_batch_counts(group, finetune_batches)
 
     def fine_tuned(fits: dict[str, Fit]) -> dict[str, Fit]:
-        return finetune_codebooks(model, by_name, fits, finetune_batches, loss_fn, finetune_epochs, finetune_lr)
+        return finetune_codebooks(model, by_name, fits, finetune_batches, loss_fn, finetune_epochs, finetune_lr,
+                                  group)
+
+    def baseline_fits(per: dict[str, int]) -> dict[str, Fit]:
+        """The method's fit of each layer at 2**bits entries (spread over the ranks of a process group)."""
+        return fits_spread(group, list(per), lambda n: by_name[n].weight.shape,
+                           lambda n: fit_baseline(method, *lstats[n], 1 << int(per[n]), seed, prune))
 
     def tuned(fits: dict[str, Fit]) -> tuple[dict[str, Fit], float, bool, Optional[float]]:
         """(fits, loss, ok, metric), fine-tuning the codebooks first when the fits fail and data was given."""
@@ -212,13 +234,13 @@ def compress(model: nn.Module, data, loss_fn: Callable, method: str = "loss_awar
 
     if bits is not None:  # fixed sizes: every method fits each layer once
         per = bits if isinstance(bits, dict) else {l.name: int(bits) for l in layers}
-        fits = {n: fit_baseline(method, *lstats[n], 1 << int(b), seed, prune) for n, b in per.items()}
+        fits = baseline_fits(per)
         if finetune_batches:  # no constraint to meet: fine-tune whenever data was given
             fits = fine_tuned(fits)
         loss = measure(fits)
         chosen_budget = None
     elif method == "loss_aware":
-        fitter = LayerFits(lstats, prune)
+        fitter = LayerFits(lstats, prune, group)
         names = [l.name for l in layers]
 
         def evaluate(fits: dict[str, Fit]):
@@ -231,13 +253,14 @@ def compress(model: nn.Module, data, loss_fn: Callable, method: str = "loss_awar
 
         fits, trials = search(names, fitter, evaluate, log=log_trial)
         if fits is None:  # nothing feasible: the gentlest codebooks available (256 entries, no size price)
+            fitter.prefetch([(n, 256, 0.0) for n in names])
             fits = {n: fitter.get(n, 256) for n in names}
         loss = measure(fits)
         chosen_budget = budget
     else:  # a baseline's own operating point: the smallest uniform bit width meeting the constraint
         fits, loss, chosen_budget = None, None, budget
         for b in range(8, 0, -1):
-            trial = {l.name: fit_baseline(method, *lstats[l.name], 1 << b, seed, prune) for l in layers}
+            trial = baseline_fits({l.name: b for l in layers})
             trial, trial_loss, ok, metric = tuned(trial)
             log(f"{method} {b} bits: loss +{trial_loss - base_loss:.4f} metric {metric} -> "
                 f"{'feasible' if ok else 'infeasible'}")

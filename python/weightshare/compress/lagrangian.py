@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from weightshare.compress.quadratic import Fit, fit_layer
+from weightshare.compress.spread import fits_spread
+from weightshare.distributed import Group
 
 K_LADDER = (2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
 
@@ -34,18 +36,32 @@ class Trial:
 
 
 class LayerFits:
-    """fit_layer per (layer, k, mu), cached across proposals."""
+    """fit_layer per (layer, k, mu), cached across proposals. With a process group, prefetch spreads the fits a
+    step will ask for over the ranks (get alone would compute them on every rank)."""
 
-    def __init__(self, stats: dict, prune: bool):
+    def __init__(self, stats: dict, prune: bool, group: Optional[Group] = None):
         self.stats = stats
         self.prune = prune
+        self.group = group or Group()
         self._cache: dict = {}
+
+    def _fit(self, key: tuple) -> Fit:
+        name, k, mu = key
+        w, g, h = self.stats[name]
+        return fit_layer(w, g, h, k, prune=self.prune, entropy_weight=mu)
+
+    def prefetch(self, keys: list[tuple]) -> None:
+        """Compute the missing (name, k, mu) fits of `keys`, spread over the group's ranks."""
+        if not self.group.distributed:
+            return
+        missing = [key for key in dict.fromkeys(keys) if key not in self._cache]
+        if missing:
+            self._cache.update(fits_spread(self.group, missing, lambda key: self.stats[key[0]][0].shape, self._fit))
 
     def get(self, name: str, k: int, mu: float = 0.0) -> Fit:
         key = (name, k, mu)
         if key not in self._cache:
-            w, g, h = self.stats[name]
-            self._cache[key] = fit_layer(w, g, h, k, prune=self.prune, entropy_weight=mu)
+            self._cache[key] = self._fit(key)
         return self._cache[key]
 
 
@@ -80,6 +96,7 @@ def search(names: list[str], fits: LayerFits,
     # 1. uniform sizes
     current = None
     for b in range(8, 0, -1):
+        fits.prefetch([(n, 1 << b, 0.0) for n in names])
         judged = judge("uniform", f"{b} bits", {n: fits.get(n, 1 << b) for n in names})
         if judged is None:
             break
@@ -89,6 +106,8 @@ def search(names: list[str], fits: LayerFits,
     # 2. per-layer steps down the ladder, cheapest predicted loss per byte first
     frozen: set[str] = set()
     while True:
+        fits.prefetch([(n, [k for k in K_LADDER if k < current[n].k][-1], 0.0) for n in names
+                       if n not in frozen and current[n].k > K_LADDER[0]])
         proposals = []
         for n in names:
             if n in frozen:
@@ -113,6 +132,7 @@ def search(names: list[str], fits: LayerFits,
     # 3. a price per file bit, rising geometrically while feasible
     mu = price_scale(fits.stats) * 1e-7  # gentle start: the diagonal model underestimates these moves badly
     for _ in range(max_price_steps):
+        fits.prefetch([(n, current[n].k, mu) for n in names])
         judged = judge("price", f"mu={mu:.2e}", {n: fits.get(n, current[n].k, mu) for n in names})
         if judged is None:
             break

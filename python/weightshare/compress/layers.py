@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
+
+from weightshare.distributed import Group
 
 COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -66,15 +68,24 @@ def round_biases_to_half_(modules) -> None:
             bias.copy_(bias.half().float())
 
 
-def mean_loss(model: nn.Module, loss_fn, batches: list) -> float:
-    """Mean of loss_fn over the batches (weighted by batch size), in eval mode without gradients."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for x, y in batches:
-            n = len(y) if hasattr(y, "__len__") else 1
-            total += float(loss_fn(model(x), y)) * n
-            count += n
-    model.train(was_training)
+def mean_loss(model: nn.Module, loss_fn, batches: list, group: Optional[Group] = None) -> float:
+    """Mean of loss_fn over the batches (weighted by batch size), in eval mode without gradients; with a process
+    group, over every rank's batches."""
+    group = group or Group()
+
+    def local() -> tuple[float, int]:
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for x, y in batches:
+                n = len(y) if hasattr(y, "__len__") else 1
+                total += float(loss_fn(model(x), y)) * n
+                count += n
+        model.train(was_training)
+        return total, count
+
+    total, count = group.together(local)
+    if group.distributed:
+        total, count = (float(v) for v in group.sum([torch.tensor([total, float(count)])])[0])
     return total / max(count, 1)

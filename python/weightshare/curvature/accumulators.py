@@ -6,9 +6,13 @@ float32 running sums lose the digits the compressor's loss predictions need.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from weightshare.distributed import Group
 
 
 class WeightedMean:
@@ -33,6 +37,14 @@ class WeightedMean:
     def mean(self, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The mean, in the dtype of the matching tensor of `like` (the parameters)."""
         return {n: (self._sums[n] / self.total_weight).to(like[n].dtype) for n in like}
+
+    def reduce_(self, group: "Group", like: Mapping[str, Tensor]) -> None:
+        """Replace the sums and weight by their totals over the group's ranks (each rank's data seen once)."""
+        local = [self._sums.get(n, torch.zeros(like[n].shape, dtype=torch.float64, device=like[n].device))
+                 for n in like]
+        *sums, weight = group.sum(local + [torch.tensor([self.total_weight], dtype=torch.float64)])
+        self._sums = dict(zip(like, sums))
+        self.total_weight = float(weight[0])
 
 
 class WeightedMeanWithVariance:
@@ -70,6 +82,48 @@ class WeightedMeanWithVariance:
 
     def mean(self, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {n: self._mean[n].to(like[n].dtype) for n in like}
+
+    def merge_(self, other: "WeightedMeanWithVariance") -> None:
+        """Add another accumulator's samples (Chan, Golub and LeVeque's pairwise update of mean and spread): the
+        result equals one accumulator fed both sample sets, up to rounding."""
+        if other.total_weight <= 0:
+            return
+        if self.total_weight <= 0:
+            self._mean = {n: t.clone() for n, t in other._mean.items()}
+            self._spread = {n: t.clone() for n, t in other._spread.items()}
+        else:
+            wa, wb = self.total_weight, other.total_weight
+            for name, mb in other._mean.items():
+                delta = mb - self._mean[name]
+                self._spread[name] += other._spread[name] + delta * delta * (wa * wb / (wa + wb))
+                self._mean[name] += delta * (wb / (wa + wb))
+        self.count += other.count
+        self.total_weight += other.total_weight
+        self.total_squared_weight += other.total_squared_weight
+
+    def reduce_(self, group: "Group", like: Mapping[str, Tensor]) -> None:
+        """Merge the accumulators of the group's ranks, in rank order (the same result on every rank)."""
+        names = list(like)
+        scalars = torch.tensor([self.count, self.total_weight, self.total_squared_weight], dtype=torch.float64)
+        parts = [self._mean.get(n, torch.zeros(like[n].shape, dtype=torch.float64, device=like[n].device))
+                 for n in names]
+        parts += [self._spread.get(n, torch.zeros(like[n].shape, dtype=torch.float64, device=like[n].device))
+                  for n in names]
+        flat = torch.cat([scalars.to(parts[0].device)] + [p.reshape(-1) for p in parts])
+        merged = WeightedMeanWithVariance()
+        for state in group.gather(flat):
+            rank_acc = WeightedMeanWithVariance()
+            rank_acc.count, rank_acc.total_weight, rank_acc.total_squared_weight = (
+                int(state[0]), float(state[1]), float(state[2]))
+            at = 3
+            for field in (rank_acc._mean, rank_acc._spread):
+                for n in names:
+                    field[n] = state[at:at + like[n].numel()].reshape(like[n].shape).clone()
+                    at += like[n].numel()
+            merged.merge_(rank_acc)
+        self._mean, self._spread = merged._mean, merged._spread
+        self.count, self.total_weight = merged.count, merged.total_weight
+        self.total_squared_weight = merged.total_squared_weight
 
     def variance_of_mean(self, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if self.count < 2:

@@ -12,7 +12,7 @@ over every sample, the Hessian/GGN diagonals are those of that average loss, and
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,9 @@ from weightshare.curvature.parameters import ParamsArg, iterate_batches, resolve
 from weightshare.curvature.products import (DEFAULT_HVP_METHOD, GaussNewtonOperator, HessianOperator,
                                             check_hvp_method)
 
+if TYPE_CHECKING:
+    from weightshare.distributed import Group
+
 DEFAULT_PROBES = 16
 # Per-sample gradients are materialised a chunk of samples at a time: at most this many bytes of them.
 FISHER_CHUNK_BYTES = 64 * 2**20
@@ -30,6 +33,9 @@ FISHER_CHUNK_BYTES = 64 * 2**20
 
 class BatchPass(Protocol):
     def add_batch(self, x: Tensor, y: Any) -> None: ...
+
+    def reduce_(self, group: "Group") -> None:
+        """Combine with the same pass on the other ranks of the group (their data counted once each)."""
 
 
 class GradientPass:
@@ -46,6 +52,9 @@ class GradientPass:
             loss = self.f.loss(leaves, x, y)
             grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
         self._mean.add(self.f.zeros_for_unused(dict(zip(names, grads))), weight=float(x.shape[0]))
+
+    def reduce_(self, group: "Group") -> None:
+        self._mean.reduce_(group, self.f.params)
 
     def result(self) -> dict[str, Tensor]:
         return self._mean.mean(self.f.params)
@@ -77,6 +86,9 @@ class HutchinsonPass:
             z = {n: self._rademacher(p) for n, p in self.f.params.items()}
             az = operator(z)
             self._mean.add({n: z[n] * az[n] for n in z}, weight=float(x.shape[0]))
+
+    def reduce_(self, group: "Group") -> None:
+        self._mean.reduce_(group, self.f.params)
 
     def result(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         return self._mean.mean(self.f.params), self._mean.variance_of_mean(self.f.params)
@@ -126,6 +138,9 @@ class FisherPass:
                 term = g.square_().sum(0).to(torch.float64)
                 sums[name] = sums[name] + term if name in sums else term
         self._mean.add_sum(sums, weight=float(n))
+
+    def reduce_(self, group: "Group") -> None:
+        self._mean.reduce_(group, self.f.params)
 
     def result(self) -> dict[str, Tensor]:
         return self._mean.mean(self.f.params)

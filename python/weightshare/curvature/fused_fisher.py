@@ -102,5 +102,8 @@ class FusedFisherPass:
             sums.setdefault(name, torch.zeros(self.f.params[name].shape, dtype=torch.float64))
         self._mean.add_sum(sums, weight=float(x.shape[0]))
 
+    def reduce_(self, group) -> None:  # as FisherPass.reduce_
+        self._mean.reduce_(group, self.f.params)
+
     def result(self) -> dict[str, Tensor]:
         return self._mean.mean(self.f.params)
