@@ -5,7 +5,7 @@
 # where a failed build costs the session's device time (the 2026-11-30 run found error messages that crashed
 # under 2.11 that way).
 #
-# Usage:  bash scripts/device_torch_build.sh [pytest args]      (default: the whole suite, -x)
+# Usage:  bash scripts/device_torch_build.sh [pytest args]      (default: -x tests, the whole suite)
 # Env:    WS_DEVICE_TORCH (default 2.11.0), WS_DEVICE_VENV (default /tmp/ws-torch-<version>: reused),
 #         MAX_JOBS (default: all cores). The torch wheel comes from the local package index (no network).
 # Takes: ~5 min to build on 2 cores (2026-12-01: every .cu compiled, no ptxas C7515), then the tests.
@@ -28,4 +28,5 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} WS_CUDA=1 MAX_JOBS=${M
 "$VENV/bin/python" -m pip install --no-build-isolation --no-deps -v -e . > build.log 2>&1 || { tail -60 build.log; exit 1; }
 echo "build ok; ptxas C7515 (serialised wgmma) warnings: $(grep -c C7515 build.log || true)"
 "$VENV/bin/python" -c "import weightshare as ws; assert ws.cuda_built(), 'CUDA kernels missing'; print('cuda kernels built')"
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider "${@:--x}" tests
+[ $# -gt 0 ] || set -- -x tests
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
