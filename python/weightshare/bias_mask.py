@@ -1,5 +1,5 @@
-"""Masked bias storage ("bias_encoding": "masked" in io.py's layer spec): a bit per bias entry saying whether it is
-stored, and the stored values in order. Units that compress.dead_units zeroed, or pruned-away output rows, then
+"""Masked bias storage ("bias_encoding": "masked" in io_format.py's layer spec): a bit per bias entry saying whether it
+is stored, and the stored values in order. Units that compress.dead_units zeroed, or pruned-away output rows, then
 cost one bit instead of 2-4 bytes.
 
 Mask layout: uint8 [ceil(n / 8)]; bit i % 8 of byte i // 8 (least significant bit first) is set when bias[i] is
