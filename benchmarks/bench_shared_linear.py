@@ -1,5 +1,6 @@
-"""Shared-weight Linear speed on this CPU: ws.ops.shared_linear vs dense fp32 F.linear and torch's int8 dynamic
-quantized Linear on the same (dequantised) weight, all in one run.
+"""Shared-weight Linear speed on this CPU: ws.ops.shared_linear vs dense fp32 F.linear, torch's int8 dynamic
+quantized Linear and the naive way (ws.ops.dequantize, then F.linear) on the same (dequantised) weight, all in one
+run.
 
     python benchmarks/bench_shared_linear.py        # writes benchmarks/results/shared_linear_cpu.json
     # an AVX2-only CPU, emulated (our kernels, oneDNN, MKL and FBGEMM capped): *_avx2.json
@@ -89,11 +90,15 @@ def run() -> dict:
             t_int8 = time_cpu(lambda: ws.ops.shared_linear(x, packed_c(), cb, BITS, out_f, in_f, None, "int8"),
                               repeat=max(repeat, 2 * npk))
             t_q = time_cpu(lambda: qlin_c()(x), repeat=max(repeat, 2 * nq))
+            # the naive way to run a compressed layer: decode the whole weight (our own kernel), then F.linear
+            t_naive = time_cpu(lambda: F.linear(x, ws.ops.dequantize(packed_c(), cb, BITS, (out_f, in_f))),
+                               repeat=max(repeat, 2 * npk))
             ref = F.linear(x, dense)
             row = {
                 "shape": [out_f, in_f], "batch": M, "regime": regime, "copies": {"dense": nd, "packed": npk, "int8_module": nq},
                 "dense_fp32_ms": t_dense * 1e3, "ws_float_ms": t_float * 1e3, "ws_int8_ms": t_int8 * 1e3,
-                "torch_int8_dynamic_ms": t_q * 1e3,
+                "torch_int8_dynamic_ms": t_q * 1e3, "dequantize_then_linear_ms": t_naive * 1e3,
+                "ws_float_speedup_vs_dequantize_then_linear": t_naive / t_float,
                 "ws_float_speedup_vs_dense": t_dense / t_float,
                 "ws_int8_speedup_vs_torch_int8_dynamic": t_q / t_int8,
                 "ws_int8_speedup_vs_dense": t_dense / t_int8,

@@ -57,13 +57,19 @@ def linear_table(r):
            f"{_caps(r)})", "",
            "| layer | batch | weights from | dense fp32 | ws float | speed-up | ws int8 | torch int8 dynamic | "
            "int8 speed-up | int8 error (ws / torch) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    naive = all("dequantize_then_linear_ms" in x for x in r["results"])  # runs from 2026-12-01 on
+    if naive:
+        out[2] += " dequantize + F.linear | ws float vs it |"
+        out[3] += "---|---|"
     regimes = {"cache": "cache (one layer, repeated)", "dram": "DRAM (rotating copies, 2x L3)"}
     for x in r["results"]:
         out.append(f"| {x['shape'][0]}x{x['shape'][1]} | {x['batch']} | {regimes[x.get('regime', 'cache')]} | "
                    f"{x['dense_fp32_ms']:.3f} ms | "
                    f"{x['ws_float_ms']:.3f} ms | {x['ws_float_speedup_vs_dense']:.2f}x | {x['ws_int8_ms']:.3f} ms | "
                    f"{x['torch_int8_dynamic_ms']:.3f} ms | {x['ws_int8_speedup_vs_torch_int8_dynamic']:.2f}x | "
-                   f"{x['ws_int8_rel_err']:.2e} / {x['torch_int8_dynamic_rel_err']:.2e} |")
+                   f"{x['ws_int8_rel_err']:.2e} / {x['torch_int8_dynamic_rel_err']:.2e} |"
+                   + (f" {x['dequantize_then_linear_ms']:.3f} ms | "
+                      f"{x['ws_float_speedup_vs_dequantize_then_linear']:.2f}x |" if naive else ""))
     return "\n".join(out)
 
 
