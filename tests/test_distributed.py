@@ -127,6 +127,25 @@ def test_an_empty_shard_stops_every_rank(tmp_path):
     assert n0["error"][0] == "RuntimeError" and "rank(s) [1]" in n0["error"][1]
 
 
+def test_a_bits_dict_in_another_order_on_one_rank(tmp_path):
+    """The fits go out in the model's layer order, whatever order each rank built its bits dict in."""
+    results = ranks(tmp_path, "bits_order")
+    assert_ranks_identical(results)
+    assert results[0][0]["order"] == ["conv", "fc1", "fc2"]
+
+
+def test_user_code_failing_on_one_rank_stops_every_rank(tmp_path):
+    """A data iterator, an eval_fn and a loss_fn that fail on rank 1 only: rank 1 raises its own error, rank 0 a
+    RuntimeError naming rank 1, nobody waits; the group then compresses normally."""
+    (n0, _), (n1, _) = ranks(tmp_path, "user_failures")
+    assert n1["data"][0] == "OSError" and "data reader broke" in n1["data"][1]
+    assert n1["eval_fn"][0] == "ValueError" and "not a number" in n1["eval_fn"][1]
+    assert n1["loss_fn"][0] == "AttributeError"
+    for case in ("data", "eval_fn", "loss_fn"):
+        assert n0[case][0] == "RuntimeError" and "rank(s) [1]" in n0[case][1], case
+    assert n0["after"] == n1["after"] == {"conv": 4, "fc1": 4, "fc2": 4}
+
+
 def test_process_group_argument_checks():
     model, calib = setup.model(), setup.batches(2, seed=1)
     with pytest.raises(TypeError, match="process_group must be a torch.distributed.ProcessGroup"):
@@ -152,6 +171,45 @@ def test_variance_merge_equals_one_accumulator():
     empty = WeightedMeanWithVariance()
     empty.merge_(a)
     torch.testing.assert_close(empty.mean(like)["w"], whole.mean(like)["w"], rtol=1e-12, atol=1e-12)
+
+
+class RanksOf:
+    """A stand-in Group whose gather returns what each of several accumulators would contribute (no processes):
+    WeightedMeanWithVariance.reduce_ merges exactly these."""
+
+    def __init__(self, accumulators: list, like: dict):
+        self.states = []
+        for acc in accumulators:
+            flats = [torch.tensor([acc.count, acc.total_weight, acc.total_squared_weight], dtype=torch.float64)]
+            for field in (acc._mean, acc._spread):
+                flats += [field.get(n, torch.zeros_like(t)).reshape(-1) for n, t in like.items()]
+            self.states.append(torch.cat(flats))
+
+    def gather(self, t):
+        return self.states
+
+
+def test_variance_reduce_over_ranks_equals_one_accumulator():
+    """reduce_ over unequal shards and an empty rank: the mean, its variance, the sample count and the squared
+    weights of one accumulator fed every sample (a wrong merged count or squared-weight sum changes the variance)."""
+    g = torch.Generator().manual_seed(1)
+    like = {"a": torch.zeros(3, 2, dtype=torch.float64), "b": torch.zeros(5, dtype=torch.float64)}
+    samples = [({n: torch.randn(t.shape, generator=g, dtype=torch.float64) for n, t in like.items()}, float(w))
+               for w in (3, 1, 4, 1, 5, 9, 2)]
+    whole = WeightedMeanWithVariance()
+    shards = [WeightedMeanWithVariance() for _ in range(4)]
+    for i, (sample, w) in enumerate(samples):
+        whole.add(sample, w)
+        shards[[0, 0, 0, 2, 2, 3, 3][i]].add(sample, w)  # rank 1 has no sample
+    merged = WeightedMeanWithVariance()
+    merged.add(*samples[0])  # reduce_ replaces this rank's own state by the merge of all the states gathered
+    merged.reduce_(RanksOf(shards, like), like)
+    assert merged.count == whole.count == 7
+    assert merged.total_squared_weight == whole.total_squared_weight
+    for n in like:
+        torch.testing.assert_close(merged.mean(like)[n], whole.mean(like)[n], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(merged.variance_of_mean(like)[n], whole.variance_of_mean(like)[n], rtol=1e-12,
+                                   atol=1e-12)
 
 
 def test_layer_owners_balance_by_cost():

@@ -43,9 +43,12 @@ class Group:
         self.pg = process_group
         self.size = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)
-        # NCCL moves CUDA tensors only; gloo (and the others) CPU tensors
-        nccl = dist.get_backend(process_group) == "nccl"
-        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        # NCCL moves CUDA tensors only, on the group's bound device (init_process_group(device_id=...)) or else the
+        # current one (torch.cuda.set_device(local_rank), as torchrun scripts do); gloo (and the others) CPU tensors
+        self.device = torch.device("cpu")
+        if dist.get_backend(process_group) == "nccl":
+            bound = getattr(process_group, "bound_device_id", None)
+            self.device = bound if bound is not None else torch.device("cuda", torch.cuda.current_device())
 
     @property
     def distributed(self) -> bool:

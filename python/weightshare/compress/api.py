@@ -79,6 +79,17 @@ class CompressResult:
         return "\n".join(lines)
 
 
+def _progress_writer(progress: bool) -> Optional[Callable[[str], None]]:
+    """Where the search logs its steps: tqdm.write (it keeps progress bars intact) or print, None when quiet."""
+    if not progress:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return print
+    return tqdm.write
+
+
 def _parse_budget(max_loss_increase, base_loss: float) -> Optional[float]:
     if max_loss_increase is None:
         return None
@@ -155,8 +166,11 @@ def compress(model: nn.Module, data, loss_fn: Callable, method: str = "loss_awar
     least one batch each. The statistics and every measured loss are over all the shards together, the per-layer
     fits are spread over the ranks by layer size, eval_fn runs on every rank and rank 0's value decides, so every
     rank takes the same steps and returns the same result: the single-process result on the concatenated data
-    (up to float64 rounding in the statistics). Fine-tuning steps average the ranks' batch gradients
-    (data-parallel), which needs the same number of fine-tuning batches on every rank.
+    (up to float64 rounding in the statistics; curvature="hessian" / "ggn_diag" draw their probes per rank).
+    Fine-tuning steps average the ranks' batch gradients (data-parallel: one process's result when its batches
+    are the ranks' batches merged step by step), which needs the same number of fine-tuning batches on every rank.
+    A failure in any rank's data, loss_fn, eval_fn or fitting raises on every rank (the others a RuntimeError
+    naming it), so no rank is left waiting in a collective.
     """
     if method not in METHODS:
         raise ValueError(f"weightshare.compress: method must be one of {METHODS}, got {method!r}")
@@ -164,16 +178,35 @@ def compress(model: nn.Module, data, loss_fn: Callable, method: str = "loss_awar
         raise ValueError("weightshare.compress: max_accuracy_drop needs eval_fn(model) -> accuracy")
     t0 = time.time()
     group = as_group(process_group, "compress")
-    batches = list(data)
+    where = f" on rank {group.rank}" if group.distributed else ""
 
-    def check_data() -> None:
-        if not batches:
-            raise ValueError("weightshare.compress: data is empty" + (f" on rank {group.rank}" if
-                                                                      group.distributed else ""))
-    group.together(check_data)
+    def read_data() -> list:
+        """The calibration batches (every step that runs user code on one rank runs inside group.together, so a
+        failure there stops every rank instead of leaving the others in a collective)."""
+        out = list(data)
+        if not out:
+            raise ValueError(f"weightshare.compress: data is empty{where}")
+        return out
+
+    def read_finetune_data() -> Optional[list]:
+        if finetune_data is None:
+            return None
+        out = list(finetune_data)
+        empty = [i for i, (_, y) in enumerate(out) if hasattr(y, "__len__") and len(y) == 0]
+        if empty:
+            raise ValueError(f"weightshare.compress: finetune_data batches {empty} are empty{where}")
+        return out
+
+    def metric_now() -> Optional[float]:
+        """eval_fn(model) as a float (or None), converted on the rank that computed it."""
+        value = eval_fn(model)
+        return None if value is None else float(value)
+
+    batches = group.together(read_data)
+    writer = group.together(lambda: _progress_writer(progress))
     model = model.eval()
     base_loss = mean_loss(model, loss_fn, batches, group)
-    base_metric = (group.rank0(group.together(lambda: eval_fn(model)))
+    base_metric = (group.rank0(group.together(metric_now))
                    if eval_fn is not None and baseline_metric is None else baseline_metric)
     if half_bias:
         model = _with_half_biases(model)
@@ -184,9 +217,11 @@ def compress(model: nn.Module, data, loss_fn: Callable, method: str = "loss_awar
     lstats = {l.name: (l.weight, stats.gradient[l.param], stats.diagonal[l.param]) for l in layers}
 
     def log(msg: str) -> None:
-        if progress and group.rank == 0:  # the ranks take the same steps: one log
-            from tqdm import tqdm
-            tqdm.write(msg)
+        if writer is not None and group.rank == 0:  # the ranks take the same steps: one log
+            try:
+                writer(msg)
+            except OSError:  # a closed or broken stream must not stop this rank alone (the others would wait)
+                pass
 
     def measure(fits: dict[str, Fit]) -> float:
         with weights_swapped(by_name, {n: f.dequantized() for n, f in fits.items()}):
@@ -196,7 +231,7 @@ def compress(model: nn.Module, data, loss_fn: Callable, method: str = "loss_awar
         if eval_fn is None:
             return None
         with weights_swapped(by_name, {n: f.dequantized() for n, f in fits.items()}):
-            return group.rank0(group.together(lambda: eval_fn(model)))
+            return group.rank0(group.together(metric_now))
 
     def feasible(fits: dict[str, Fit], loss: float) -> tuple[bool, Optional[float]]:
         ok = budget is None or loss - base_loss <= budget + 1e-12
@@ -205,7 +240,7 @@ def compress(model: nn.Module, data, loss_fn: Callable, method: str = "loss_awar
             ok = ok and base_metric - metric <= max_accuracy_drop + 1e-12
         return ok, metric
 
-    finetune_batches = list(finetune_data) if finetune_data is not None else None
+    finetune_batches = group.together(read_finetune_data)
     check_batch_counts(group, finetune_batches)
 
     def fine_tuned(fits: dict[str, Fit]) -> dict[str, Fit]:
@@ -213,8 +248,13 @@ def compress(model: nn.Module, data, loss_fn: Callable, method: str = "loss_awar
                                   group)
 
     def baseline_fits(per: dict[str, int]) -> dict[str, Fit]:
-        """The method's fit of each layer at 2**bits entries (spread over the ranks of a process group)."""
-        return fits_spread(group, list(per), lambda n: by_name[n].weight.shape,
+        """The method's fit of each layer at 2**bits entries (spread over the ranks of a process group), in the
+        model's layer order (every rank the same order, whatever order the dict was built in)."""
+        unknown = sorted(set(per) - set(by_name))
+        if unknown:
+            raise ValueError(f"weightshare.compress: bits names {unknown}, which are not compressible layers of the "
+                             f"model (have {list(by_name)})")
+        return fits_spread(group, [l.name for l in layers if l.name in per], lambda n: by_name[n].weight,
                            lambda n: fit_baseline(method, *lstats[n], 1 << int(per[n]), seed, prune))
 
     def tuned(fits: dict[str, Fit]) -> tuple[dict[str, Fit], float, bool, Optional[float]]:

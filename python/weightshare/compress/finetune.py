@@ -14,12 +14,14 @@ from weightshare.distributed import Group
 
 
 def _average_over_ranks_(group: Group, codebooks: dict[str, torch.Tensor], batch_size: int) -> None:
-    """Each codebook's gradient := the batch-size-weighted mean of the ranks' gradients (data-parallel step)."""
+    """Each codebook's gradient := the batch-size-weighted mean of the ranks' gradients (data-parallel step). A
+    codebook no rank's forward pass reached keeps no gradient, so Adam skips it as it does in one process."""
     names = list(codebooks)
     grads = [codebooks[n].grad if codebooks[n].grad is not None else torch.zeros_like(codebooks[n]) for n in names]
-    *sums, size = group.sum([g * batch_size for g in grads] + [torch.tensor([float(batch_size)])])
-    for n, total in zip(names, sums):
-        codebooks[n].grad = (total / size[0]).to(codebooks[n].dtype)
+    reached = torch.tensor([float(codebooks[n].grad is not None) for n in names])
+    *sums, size, reached = group.sum([g * batch_size for g in grads] + [torch.tensor([float(batch_size)]), reached])
+    for i, (n, total) in enumerate(zip(names, sums)):
+        codebooks[n].grad = (total / size[0]).to(codebooks[n].dtype) if reached[i] > 0 else None
 
 
 def check_batch_counts(group: Group, batches: Optional[list]) -> None:

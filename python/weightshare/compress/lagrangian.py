@@ -56,7 +56,7 @@ class LayerFits:
             return
         missing = [key for key in dict.fromkeys(keys) if key not in self._cache]
         if missing:
-            self._cache.update(fits_spread(self.group, missing, lambda key: self.stats[key[0]][0].shape, self._fit))
+            self._cache.update(fits_spread(self.group, missing, lambda key: self.stats[key[0]][0], self._fit))
 
     def get(self, name: str, k: int, mu: float = 0.0) -> Fit:
         key = (name, k, mu)
