@@ -16,7 +16,7 @@ namespace weightshare::cuda {
 // Whether a call may take our kernel `name` ("implicit" or "depthwise"): WS_CUDA_CONV (read per call) = that name
 // or "all" asks for it, "none" (or another kernel's name) refuses it; unset, the default below decides. Both are
 // off by default until a GPU run has measured them (bench_shared_conv.py --cuda times each against cuDNN): then
-// this is the line to change (with the takes tests' assertions on unasked calls, tests/test_shared_conv.py).
+// this is the line to change (with the takes tests' assertions on unasked calls, tests/test_shared_conv_cuda.py).
 constexpr bool kImplicitConvDefault = false, kDepthwiseConvDefault = false;
 inline bool conv_kernel_asked(std::string_view name) {
   const char* sw = std::getenv("WS_CUDA_CONV");
