@@ -178,12 +178,7 @@ class RanksOf:
     WeightedMeanWithVariance.reduce_ merges exactly these."""
 
     def __init__(self, accumulators: list, like: dict):
-        self.states = []
-        for acc in accumulators:
-            flats = [torch.tensor([acc.count, acc.total_weight, acc.total_squared_weight], dtype=torch.float64)]
-            for field in (acc._mean, acc._spread):
-                flats += [field.get(n, torch.zeros_like(t)).reshape(-1) for n, t in like.items()]
-            self.states.append(torch.cat(flats))
+        self.states = [acc.flat_state(like) for acc in accumulators]
 
     def gather(self, t):
         return self.states

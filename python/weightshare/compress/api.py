@@ -12,7 +12,8 @@ from torch import nn
 
 from weightshare.compress.baselines import METHODS, fit_baseline
 from weightshare.compress.finetune import check_batch_counts, finetune_codebooks
-from weightshare.compress.layers import compressible_layers, mean_loss, round_biases_to_half_, weights_swapped
+from weightshare.compress.layers import (batch_size, compressible_layers, mean_loss, round_biases_to_half_,
+                                         weights_swapped)
 from weightshare.compress.lagrangian import LayerFits, Trial, search
 from weightshare.compress.quadratic import Fit
 from weightshare.compress.spread import fits_spread
@@ -192,7 +193,7 @@ def compress(model: nn.Module, data, loss_fn: Callable, method: str = "loss_awar
         if finetune_data is None:
             return None
         out = list(finetune_data)
-        empty = [i for i, (_, y) in enumerate(out) if hasattr(y, "__len__") and len(y) == 0]
+        empty = [i for i, (_, y) in enumerate(out) if batch_size(y) == 0]
         if empty:
             raise ValueError(f"weightshare.compress: finetune_data batches {empty} are empty{where}")
         return out

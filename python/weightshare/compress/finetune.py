@@ -8,18 +8,18 @@ from typing import Optional
 import torch
 from torch import nn
 
-from weightshare.compress.layers import Layer
+from weightshare.compress.layers import Layer, batch_size
 from weightshare.compress.quadratic import Fit
 from weightshare.distributed import Group
 
 
-def _average_over_ranks_(group: Group, codebooks: dict[str, torch.Tensor], batch_size: int) -> None:
+def _average_over_ranks_(group: Group, codebooks: dict[str, torch.Tensor], samples: int) -> None:
     """Each codebook's gradient := the batch-size-weighted mean of the ranks' gradients (data-parallel step). A
     codebook no rank's forward pass reached keeps no gradient, so Adam skips it as it does in one process."""
     names = list(codebooks)
     grads = [codebooks[n].grad if codebooks[n].grad is not None else torch.zeros_like(codebooks[n]) for n in names]
     reached = torch.tensor([float(codebooks[n].grad is not None) for n in names])
-    *sums, size, reached = group.sum([g * batch_size for g in grads] + [torch.tensor([float(batch_size)]), reached])
+    *sums, size, reached = group.sum([g * samples for g in grads] + [torch.tensor([float(samples)]), reached])
     for i, (n, total) in enumerate(zip(names, sums)):
         codebooks[n].grad = (total / size[0]).to(codebooks[n].dtype) if reached[i] > 0 else None
 
@@ -62,7 +62,7 @@ def finetune_codebooks(model: nn.Module, layers: dict[str, Layer], fits: dict[st
                     loss.backward()
                 group.together(local_step)
                 if group.distributed:
-                    _average_over_ranks_(group, codebooks, len(y) if hasattr(y, "__len__") else 1)
+                    _average_over_ranks_(group, codebooks, batch_size(y))
                 opt.step()
     finally:
         model.train(was_training)

@@ -68,6 +68,11 @@ def round_biases_to_half_(modules) -> None:
             bias.copy_(bias.half().float())
 
 
+def batch_size(y) -> int:
+    """The samples in a batch's targets (1 for a target without a length, e.g. a scalar)."""
+    return len(y) if hasattr(y, "__len__") else 1
+
+
 def mean_loss(model: nn.Module, loss_fn, batches: list, group: Optional[Group] = None) -> float:
     """Mean of loss_fn over the batches (weighted by batch size), in eval mode without gradients; with a process
     group, over every rank's batches."""
@@ -79,7 +84,7 @@ def mean_loss(model: nn.Module, loss_fn, batches: list, group: Optional[Group] =
         total, count = 0.0, 0
         with torch.no_grad():
             for x, y in batches:
-                n = len(y) if hasattr(y, "__len__") else 1
+                n = batch_size(y)
                 total += float(loss_fn(model(x), y)) * n
                 count += n
         model.train(was_training)

@@ -101,26 +101,32 @@ class WeightedMeanWithVariance:
         self.total_weight += other.total_weight
         self.total_squared_weight += other.total_squared_weight
 
+    def flat_state(self, like: Mapping[str, Tensor]) -> Tensor:
+        """count, total weight, total squared weight, then the means and the spreads of `like`'s names (zeros for
+        a name not yet seen), as one float64 vector: what a rank sends to the others."""
+        zeros = {n: torch.zeros(t.shape, dtype=torch.float64, device=t.device) for n, t in like.items()}
+        parts = [self._mean.get(n, zeros[n]).reshape(-1) for n in like]
+        parts += [self._spread.get(n, zeros[n]).reshape(-1) for n in like]
+        scalars = torch.tensor([self.count, self.total_weight, self.total_squared_weight], dtype=torch.float64)
+        return torch.cat([scalars.to(parts[0].device)] + parts)
+
+    @classmethod
+    def from_flat_state(cls, state: Tensor, like: Mapping[str, Tensor]) -> "WeightedMeanWithVariance":
+        """The accumulator flat_state(like) describes."""
+        acc = cls()
+        acc.count, acc.total_weight, acc.total_squared_weight = int(state[0]), float(state[1]), float(state[2])
+        at = 3
+        for field in (acc._mean, acc._spread):
+            for n, t in like.items():
+                field[n] = state[at:at + t.numel()].reshape(t.shape).clone()
+                at += t.numel()
+        return acc
+
     def reduce_(self, group: "Group", like: Mapping[str, Tensor]) -> None:
         """Merge the accumulators of the group's ranks, in rank order (the same result on every rank)."""
-        names = list(like)
-        scalars = torch.tensor([self.count, self.total_weight, self.total_squared_weight], dtype=torch.float64)
-        parts = [self._mean.get(n, torch.zeros(like[n].shape, dtype=torch.float64, device=like[n].device))
-                 for n in names]
-        parts += [self._spread.get(n, torch.zeros(like[n].shape, dtype=torch.float64, device=like[n].device))
-                  for n in names]
-        flat = torch.cat([scalars.to(parts[0].device)] + [p.reshape(-1) for p in parts])
         merged = WeightedMeanWithVariance()
-        for state in group.gather(flat):
-            rank_acc = WeightedMeanWithVariance()
-            rank_acc.count, rank_acc.total_weight, rank_acc.total_squared_weight = (
-                int(state[0]), float(state[1]), float(state[2]))
-            at = 3
-            for field in (rank_acc._mean, rank_acc._spread):
-                for n in names:
-                    field[n] = state[at:at + like[n].numel()].reshape(like[n].shape).clone()
-                    at += like[n].numel()
-            merged.merge_(rank_acc)
+        for state in group.gather(self.flat_state(like)):
+            merged.merge_(WeightedMeanWithVariance.from_flat_state(state, like))
         self._mean, self._spread = merged._mean, merged._spread
         self.count, self.total_weight = merged.count, merged.total_weight
         self.total_squared_weight = merged.total_squared_weight
