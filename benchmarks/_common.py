@@ -57,6 +57,18 @@ def time_interleaved(fns: list, repeat: int = 200, warmup: int = 5) -> list:
     return [statistics.median(t) for t in times]
 
 
+def time_rounds(fns: Sequence[Callable[[], object]], repeats: Sequence[int], rounds: int = 3) -> list[float]:
+    """Median over `rounds` rounds of each fn's time_cpu median (repeats[i] calls), the fns taking turns round by
+    round. Each fn still runs in a block of its own calls, so its operands stay in cache as in time_cpu (unlike
+    time_interleaved, where each call follows the others'); the rounds spread the candidates over the minutes in
+    which this shared VM's speed drifts (the same dense 4096x4096 GEMV measured 2.5 and 3.3 ms an hour apart)."""
+    per_fn: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            per_fn[i].append(time_cpu(fn, repeat=repeats[i]))
+    return [statistics.median(t) for t in per_fn]
+
+
 def time_cuda(fn: Callable[[], object] | Sequence[Callable[[], object]], repeat: int = 20, warmup: int = 3,
               graph: bool = True, calls_per_replay: int = 32) -> float:
     """Median GPU seconds per call of fn, measured with CUDA events on the current stream.
@@ -203,8 +215,8 @@ def plot_error_vs_ratio(panels: list, path: Path, log_error: bool = False) -> Pa
 
 
 def machine() -> dict:
-    from weightshare._sysinfo import cpu_name
-    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    from weightshare._sysinfo import cpu_isa, cpu_name
+    info = {"cpu": cpu_name(), "isa": cpu_isa(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "last_level_cache_mib": last_level_cache_bytes() >> 20,
             "torch": torch.__version__, "python": platform.python_version(),
             "date": datetime.date.today().isoformat()}

@@ -19,17 +19,19 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 import weightshare as ws  # noqa: E402
-from _common import parse_cli, cpu_results_name, machine, rotating, simd_env, time_cpu, write_json  # noqa: E402
+from _common import (parse_cli, cpu_results_name, machine, rotating, simd_env, time_cpu, time_rounds,  # noqa: E402
+                     write_json)
 from bench_shared_linear import dram_copies, int8_dynamic  # noqa: E402
 
 SHAPE = (4096, 4096)
 BATCHES = [1, 64]
+ROUNDS = 3  # every row's four timings in 3 rounds, medians reported (time_rounds)
 
 
 def run() -> dict:
     out_f, in_f = SHAPE
     g = torch.Generator().manual_seed(0)
-    out = {"machine": machine(), "simd_caps": simd_env(), "shape": list(SHAPE), "rows": []}
+    out = {"machine": machine(), "simd_caps": simd_env(), "shape": list(SHAPE), "rounds": ROUNDS, "rows": []}
     xs = {M: torch.randn(M, in_f, generator=g) for M in BATCHES}
     with torch.no_grad():
         dense_w = torch.randn(out_f, in_f, generator=g) * 0.02
@@ -51,18 +53,27 @@ def run() -> dict:
                 cb = torch.randn(groups, 1 << bits, generator=g) * 0.02
                 for M in BATCHES:
                     x = xs[M]
-                    t_f = time_cpu(lambda: ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f)) * 1e3
-                    t_8 = time_cpu(lambda: ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f, None, "int8")) * 1e3
+                    # the baselines again beside each row, in rounds: this VM's speed drifts within a run (dense
+                    # 4096x4096 batch 1 measured 2.5-3.4 ms in one hour), so a ratio takes both sides from one time
+                    t_dense, t_q, t_f, t_8 = (t * 1e3 for t in time_rounds(
+                        [lambda: F.linear(x, dense_w), lambda: qlin(x),
+                         lambda: ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f),
+                         lambda: ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f, None, "int8")],
+                        [15] * 4, rounds=ROUNDS))
                     row = {"bits": bits, "codebooks": "per layer" if groups == 1 else "per row", "batch": M,
-                           "ws_float_ms": t_f, "ws_int8_ms": t_8,
-                           "float_speedup_vs_dense": base[M]["dense_fp32_ms"] / t_f,
-                           "int8_speedup_vs_torch_int8": base[M]["torch_int8_dynamic_ms"] / t_8}
+                           "ws_float_ms": t_f, "ws_int8_ms": t_8, "dense_fp32_ms": t_dense,
+                           "torch_int8_dynamic_ms": t_q,
+                           "float_speedup_vs_dense": t_dense / t_f,
+                           "int8_speedup_vs_torch_int8": t_q / t_8}
                     if M == 1 and groups == 1:
                         copies = rotating([packed] + [packed.clone() for _ in range(dram_copies(packed.numel()) - 1)])
-                        t_d = time_cpu(lambda: ws.ops.shared_linear(x, copies(), cb, bits, out_f, in_f, None, "int8"),
-                                       repeat=30) * 1e3
+                        t_qd, t_d = (t * 1e3 for t in time_rounds(
+                            [lambda: qlin_dram()(x1),
+                             lambda: ws.ops.shared_linear(x, copies(), cb, bits, out_f, in_f, None, "int8")],
+                            [30, 30], rounds=ROUNDS))
                         row["ws_int8_dram_ms"] = t_d
-                        row["int8_dram_speedup_vs_torch_int8"] = base[1]["torch_int8_dynamic_dram_ms"] / t_d
+                        row["torch_int8_dynamic_dram_ms"] = t_qd
+                        row["int8_dram_speedup_vs_torch_int8"] = t_qd / t_d
                     out["rows"].append(row)
                     print(f"bits={bits} {row['codebooks']:9s} M={M:3d}: float {t_f:7.3f} ms "
                           f"({row['float_speedup_vs_dense']:5.2f}x dense) | int8 {t_8:7.3f} ms "

@@ -34,12 +34,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 import weightshare as ws  # noqa: E402
-from _common import (parse_cli, cpu_results_name, last_level_cache_bytes, machine, rotating, simd_env, time_cpu,  # noqa: E402
-                     write_json)
+from _common import (parse_cli, cpu_results_name, last_level_cache_bytes, machine, rotating, simd_env,  # noqa: E402
+                     time_rounds, write_json)
 
 SHAPES = [(4096, 4096), (11008, 4096)]
 BATCHES = [1, 8, 16, 64, 256]
 BITS = 4
+ROUNDS = 3  # each candidate timed in 3 rounds, the rounds' medians reported (time_rounds)
 
 
 def make_layer(out_f, in_f, bits=BITS, seed=0):
@@ -71,7 +72,7 @@ def dram_copies(nbytes: int) -> int:
 
 def run() -> dict:
     out = {"machine": machine(), "simd_caps": simd_env(), "bits": BITS, "simd": os.environ.get("WS_CPU_SIMD", "best"),
-           "results": []}
+           "rounds": ROUNDS, "results": []}
     for out_f, in_f in SHAPES:
         packed, cb, dense = make_layer(out_f, in_f)
         qlin = int8_dynamic(dense)
@@ -84,15 +85,14 @@ def run() -> dict:
             dense_c = rotating([dense] + [dense.clone() for _ in range(nd - 1)])
             packed_c = rotating([packed] + [packed.clone() for _ in range(npk - 1)])
             qlin_c = rotating([qlin] + [int8_dynamic(dense) for _ in range(nq - 1)])
-            t_dense = time_cpu(lambda: F.linear(x, dense_c()), repeat=max(repeat, 2 * nd))
-            t_float = time_cpu(lambda: ws.ops.shared_linear(x, packed_c(), cb, BITS, out_f, in_f),
-                               repeat=max(repeat, 2 * npk))
-            t_int8 = time_cpu(lambda: ws.ops.shared_linear(x, packed_c(), cb, BITS, out_f, in_f, None, "int8"),
-                              repeat=max(repeat, 2 * npk))
-            t_q = time_cpu(lambda: qlin_c()(x), repeat=max(repeat, 2 * nq))
             # the naive way to run a compressed layer: decode the whole weight (our own kernel), then F.linear
-            t_naive = time_cpu(lambda: F.linear(x, ws.ops.dequantize(packed_c(), cb, BITS, (out_f, in_f))),
-                               repeat=max(repeat, 2 * npk))
+            t_dense, t_float, t_int8, t_q, t_naive = time_rounds(
+                [lambda: F.linear(x, dense_c()),
+                 lambda: ws.ops.shared_linear(x, packed_c(), cb, BITS, out_f, in_f),
+                 lambda: ws.ops.shared_linear(x, packed_c(), cb, BITS, out_f, in_f, None, "int8"),
+                 lambda: qlin_c()(x),
+                 lambda: F.linear(x, ws.ops.dequantize(packed_c(), cb, BITS, (out_f, in_f)))],
+                [max(repeat, 2 * n) for n in (nd, npk, npk, nq, npk)], rounds=ROUNDS)
             ref = F.linear(x, dense)
             row = {
                 "shape": [out_f, in_f], "batch": M, "regime": regime, "copies": {"dense": nd, "packed": npk, "int8_module": nq},

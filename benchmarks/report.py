@@ -22,7 +22,8 @@ def _load(name):
 
 
 def _machine(m):
-    return f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}"
+    isa = f" ({m['isa']})" if m.get("isa") else ""
+    return f"{m['cpu']}{isa}, {m['cores']} cores, torch {m['torch']}, {m['date']}"
 
 
 def assign_table(r):
@@ -440,6 +441,10 @@ def main():
                      ("linear_widths_cpu_intel.json", widths_table),
                      ("linear_widths_cpu_avx2_intel.json", widths_table),
                      ("linear_widths_cpu_avx2vnni_intel.json", widths_table),
+                     # the issues' own machine: an AVX2-only AMD EPYC (Zen 3), 2 cores
+                     ("shared_linear_cpu_zen3.json", linear_table), ("linear_widths_cpu_zen3.json", widths_table),
+                     ("shared_conv_cpu_zen3.json", conv_table), ("transformer_cpu_zen3.json", transformer_table),
+                     ("resnet18_cpu_zen3.json", resnet_table),
                      ("small_layers_cpu.json", small_layers_table), ("transformer_cpu.json", transformer_table),
                      ("transformer_cpu_avx2.json", transformer_table),
                      ("shared_conv_cpu.json", conv_table), ("shared_conv_cpu_avx2.json", conv_table),

@@ -4,12 +4,12 @@
 // 4096x4096 at batch 1, AVX2 emulated, same run (session 10): 1 and 2 bits 0.455 -> 0.350 ms against the byte
 // planes below, 3 bits 0.864 -> 0.423 ms against the planes on unpacked indices.
 // Bit 4 (16 entries): the fp32 table is split into four byte planes (byte b of every entry), each a 16-entry pshufb
-// table. 32 indices, one per byte, look up their four bytes with four pshufb, and two rounds of unpacks interleave
-// the bytes back into 32 floats. AVX2 has no 16-entry float permute; two vpermps and a blend per 8 weights measured
-// 2.7x dense in the sketch against 5.3x for the byte planes (and 0.58 vs 0.44 ms here). The unpacks work
-// within 128-bit lanes, so the floats come out in a fixed permuted order and x is permuted to match once per call
-// (x_order below). The indices of a byte are split off with a shift and an AND, "the s-th index of every byte" per
-// vector, which is again a fixed order.
+// table. 32 indices, one per byte, look up their four bytes with four pshufb, and the bytes are put back together
+// into 32 floats (planes_to_floats). AVX2 has no 16-entry float permute; two vpermps and a blend per 8 weights
+// measured 2.7x dense in the sketch against 5.3x for the byte planes (and 0.58 vs 0.44 ms here). The
+// floats come out in a fixed permuted order and x is permuted to match once per call (x_order below). The indices
+// of a byte are split off with a shift and an AND, "the s-th index of every byte" per vector, which is again a
+// fixed order.
 // Bit 5: the same byte planes (two 16-entry halves per plane, picked by the index's bit 4) on indices unpacked to
 // bytes, 32 at a time (Avx2Unpack32 in cpu_decode.h).
 // Bits 6, 7, 8: each weight's table entry loaded by a scalar index (lookup8_scalar): a cost per weight that does
@@ -56,12 +56,17 @@ constexpr int64_t step_weights() {
   return 32 * (8 / BITS);
 }
 
+// The byte of a 32-byte plane vector whose weight float lane l of planes_to_floats' output k holds.
+constexpr int plane_byte(int k, int l) {
+  const int j = l % 4;  // dword within the 128-bit lane
+  return (l / 4) * 16 + (k == 0 ? 2 * j : k == 1 ? 2 * j + 1 : k == 2 ? 8 + j : 12 + j);
+}
+
 // Byte-plane path: the weight that float lane l of output vector (s, k) holds, within a step: byte p of the step's
 // 32 bytes, index s of that byte.
 template <int BITS>
 inline int64_t x_order(int s, int k, int l) {
-  const int64_t p = (l / 4) * 16 + 4 * k + (l % 4);
-  return p * (8 / BITS) + s;
+  return int64_t{plane_byte(k, l)} * (8 / BITS) + s;
 }
 
 // x rows permuted per step to the byte-plane order (whole steps only; the row tail keeps x's order).
@@ -110,12 +115,20 @@ struct BytePlanes {
   }
 };
 
-// Four byte planes -> 32 floats in the unpacks' order (float lane l of vector k: weight 16 (l / 4) + 4 k + l % 4).
-WS_AVX2 inline void interleave_planes(const __m256i (&p)[4], __m256 (&f)[4]) {
+// Four byte planes -> 32 floats, float lane l of vector k holding the weight at byte plane_byte(k, l).
+// Bytes to 16-bit halves by unpacks, halves to floats: for vectors 2 and 3 by unpacks too, for 0 and 1 by moving
+// one half across its dword with an integer multiply (x 65536 moves the low word up; vpmaddwd by (0, 1) moves the
+// high word down, its sign-extended top then overwritten) and a word blend. On Zen 3 the shuffles and shifts share
+// two pipes while the multiplies have two others and the blends any of four: the all-unpack form (12 shuffles per
+// 32 floats) was bound by those two pipes. 4096x4096 float batch 1, one thread, Zen 3 (2026-12-01): 3.8 -> 4.5
+// weights a cycle (all four word steps by multiplies: the same; none: 3.8).
+WS_AVX2 inline void planes_to_floats(const __m256i (&p)[4], __m256 (&f)[4]) {
   const __m256i lo01 = _mm256_unpacklo_epi8(p[0], p[1]), hi01 = _mm256_unpackhi_epi8(p[0], p[1]);
   const __m256i lo23 = _mm256_unpacklo_epi8(p[2], p[3]), hi23 = _mm256_unpackhi_epi8(p[2], p[3]);
-  f[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01, lo23));
-  f[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23));
+  const __m256i low_word_up = _mm256_mullo_epi32(lo23, _mm256_set1_epi32(1 << 16));
+  const __m256i high_word_down = _mm256_madd_epi16(lo01, _mm256_set1_epi32(1 << 16));
+  f[0] = _mm256_castsi256_ps(_mm256_blend_epi16(lo01, low_word_up, 0xAA));
+  f[1] = _mm256_castsi256_ps(_mm256_blend_epi16(high_word_down, lo23, 0xAA));
   f[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23));
   f[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23));
 }
@@ -128,7 +141,7 @@ WS_AVX2 inline __attribute__((always_inline)) void planes_fma(const BytePlanes<H
   __m256i p[4];
   t.lookup(idx, p);
   __m256 f[4];
-  interleave_planes(p, f);
+  planes_to_floats(p, f);
 #pragma GCC unroll 4
   for (int k = 0; k < 4; ++k)
 #pragma GCC unroll 4
@@ -164,10 +177,15 @@ WS_AVX2 void rows_byte_planes(const PackedLinear& w, const float* x, const float
   constexpr int NA = M == 1 ? 4 : M == 2 ? 2 : 1;  // independent FMA chains per x row
   const __m256i low = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1));
   GroupTable gt;
+  int64_t planes_group = r0 / w.rows_per_group;
+  BytePlanes<1> t(gt.get(w, r0));  // rebuilt when the codebook group changes (a scalar loop: ~5 % of a 4096 row)
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = w.packed + r * w.row_bytes;
     const DecodeTable& dt = gt.get(w, r);
-    const BytePlanes<1> t(dt);
+    if (r / w.rows_per_group != planes_group) {
+      planes_group = r / w.rows_per_group;
+      t = BytePlanes<1>(dt);
+    }
     __m256 acc[M][NA];
     for (int m = 0; m < M; ++m)
       for (int a = 0; a < NA; ++a) acc[m][a] = _mm256_setzero_ps();
@@ -176,7 +194,9 @@ WS_AVX2 void rows_byte_planes(const PackedLinear& w, const float* x, const float
       const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + st * 32));
 #pragma GCC unroll 8
       for (int s = 0; s < E; ++s) {
-        const __m256i idx = _mm256_and_si256(_mm256_srli_epi16(bytes, s * BITS), low);
+        // the shift as a multiply-high (s > 0): a multiply pipe, not the shuffle pipes the planes fill
+        const __m256i idx =
+            _mm256_and_si256(s == 0 ? bytes : _mm256_mulhi_epu16(bytes, _mm256_set1_epi16(1 << (16 - s * BITS))), low);
         planes_fma<1, M, NA>(t, idx, xp + st * S + s * 32, steps * S, acc);
       }
     }
@@ -309,13 +329,13 @@ void gemv_m(const PackedLinear& w, const float* x, float* y) {
     // whole 32-index steps whose second 16-byte load (at 2 BITS bytes into the step) stays inside the row
     const int64_t fit = w.row_bytes >= 16 + 2 * BITS ? (w.row_bytes - 16 - 2 * BITS) / (4 * BITS) + 1 : 0;
     const int64_t steps = std::min(w.in_features / 32, fit);
-    // x per 32-weight step in interleave_planes' order
+    // x per 32-weight step in planes_to_floats' order
     std::vector<float> xp(static_cast<size_t>(M * steps * 32));
     for (int64_t m = 0; m < M; ++m)
       for (int64_t st = 0; st < steps; ++st)
         for (int k = 0; k < 4; ++k)
           for (int l = 0; l < 8; ++l)
-            xp[(m * steps + st) * 32 + 8 * k + l] = x[m * w.in_features + st * 32 + (l / 4) * 16 + 4 * k + l % 4];
+            xp[(m * steps + st) * 32 + 8 * k + l] = x[m * w.in_features + st * 32 + plane_byte(k, l)];
     at::parallel_for(0, w.out_features, grain, [&](int64_t r0, int64_t r1) {
       rows_unpacked_planes<BITS, M>(w, x, xp.data(), steps, r0, r1, y);
     });
