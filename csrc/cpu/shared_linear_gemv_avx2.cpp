@@ -120,8 +120,8 @@ struct BytePlanes {
 // one half across its dword with an integer multiply (x 65536 moves the low word up; vpmaddwd by (0, 1) moves the
 // high word down, its sign-extended top then overwritten) and a word blend. On Zen 3 the shuffles and shifts share
 // two pipes while the multiplies have two others and the blends any of four: the all-unpack form (12 shuffles per
-// 32 floats) was bound by those two pipes. 4096x4096 float batch 1, one thread, Zen 3 (2026-12-01): 3.8 -> 4.5
-// weights a cycle (all four word steps by multiplies: the same; none: 3.8).
+// 32 floats) was bound by those two pipes. 4096x4096 float batch 1, one thread, Zen 3 (2026-12-01): 3.8 -> 4.3
+// weights a cycle (all four word steps by multiplies: 4.1; a stand-alone loop of this form reached 4.5).
 WS_AVX2 inline void planes_to_floats(const __m256i (&p)[4], __m256 (&f)[4]) {
   const __m256i lo01 = _mm256_unpacklo_epi8(p[0], p[1]), hi01 = _mm256_unpackhi_epi8(p[0], p[1]);
   const __m256i lo23 = _mm256_unpacklo_epi8(p[2], p[3]), hi23 = _mm256_unpackhi_epi8(p[2], p[3]);
