@@ -1,6 +1,6 @@
 """Small layers, where fixed per-call cost decides: LeNet-300-100's three layers one by one and the whole network at
-batch 1 (inference), and one training step of its first layer (forward + backward at batch 64), shared against
-dense, in one run.
+batch 1 (inference; the int8 path against torch's int8 dynamic Linear too), and one training step of its first layer
+(forward + backward at batch 64), shared against dense, in one run.
 
     python benchmarks/bench_small_layers.py        # writes benchmarks/results/small_layers_cpu.json
 
@@ -12,9 +12,12 @@ the candidates alternating round by round so that all see the same machine state
 from __future__ import annotations
 
 import os
+import copy
 import statistics
 import sys
 import time
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -43,11 +46,18 @@ def per_call_us(fns: dict, calls: int = 500, rounds: int = 15) -> dict:
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
-def shared_from(linear: nn.Linear, bits: int, gen: torch.Generator) -> ws.nn.SharedLinear:
+def shared_from(linear: nn.Linear, bits: int, gen: torch.Generator, activation: str = "float") -> ws.nn.SharedLinear:
     k = 1 << bits
     idx = torch.randint(0, k, linear.weight.shape, generator=gen, dtype=torch.uint8)
     codebook = torch.randn(k, generator=gen) * 0.05
-    return ws.nn.SharedLinear.from_dense(linear, codebook, idx)
+    return ws.nn.SharedLinear.from_dense(linear, codebook, idx, activation=activation)
+
+
+def torch_int8_of(module: nn.Module) -> nn.Module:
+    """torch's int8 dynamic quantization of every Linear in module (deprecated by torch, still the baseline it ships)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8)
 
 
 def run() -> dict:
@@ -62,25 +72,47 @@ def run() -> dict:
                 w = dense.weight.detach().clone()
                 b = dense.bias.detach().clone()
                 cb, packed = layer.codebook.detach(), layer.packed
+                # torch's int8 Linear of the shared weight (as bench_shared_linear compares them)
+                same = nn.Linear(in_f, out_f)
+                with torch.no_grad():
+                    same.weight.copy_(ws.ops.dequantize(packed, cb.view(1, -1), bits, (out_f, in_f)))
+                    same.bias.copy_(b)
+                torch_int8 = torch_int8_of(nn.Sequential(same))
                 t = per_call_us({
                     "F.linear": lambda: F.linear(x, w, b),
                     "nn.Linear": lambda: dense(x),
                     "ws.ops.shared_linear": lambda: ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f, b),
                     "SharedLinear": lambda: layer(x),
+                    "ws.ops.shared_linear_int8": lambda: ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f, b,
+                                                                              "int8"),
+                    "torch_int8_dynamic": lambda: torch_int8(x),
                 })
                 row = {"shape": [out_f, in_f], "bits": bits, "batch": 1, **{f"{k}_us": v for k, v in t.items()},
-                       "module_ratio": t["nn.Linear"] / t["SharedLinear"]}
+                       "module_ratio": t["nn.Linear"] / t["SharedLinear"],
+                       "int8_ratio_vs_torch_int8": t["torch_int8_dynamic"] / t["ws.ops.shared_linear_int8"]}
                 out["layers"].append(row)
                 print(f"{out_f}x{in_f} {bits}-bit: " + ", ".join(f"{k} {v:.2f} us" for k, v in t.items()), flush=True)
         for bits in BITS:
             net = nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
             shared = nn.Sequential(*[shared_from(m, bits, gen) if isinstance(m, nn.Linear) else m for m in net])
+            # the same layers on the int8 path, and torch's int8 Linear of the same (shared) weights
+            shared_int8 = copy.deepcopy(shared)
+            same = copy.deepcopy(net)
+            for s_layer, i_layer, d_layer in zip(shared, shared_int8, same):
+                if isinstance(s_layer, ws.nn.SharedLinear):
+                    i_layer.activation = "int8"
+                    with torch.no_grad():
+                        d_layer.weight.copy_(s_layer.to_dense().weight)
+            torch_int8 = torch_int8_of(same)
             x = torch.randn(1, 784, generator=gen)
-            t = per_call_us({"dense": lambda: net(x), "shared": lambda: shared(x)})
+            t = per_call_us({"dense": lambda: net(x), "shared": lambda: shared(x),
+                             "shared_int8": lambda: shared_int8(x), "torch_int8": lambda: torch_int8(x)})
             out["model"].append({"model": "LeNet-300-100", "bits": bits, "batch": 1, "dense_us": t["dense"],
-                                 "shared_us": t["shared"], "ratio": t["dense"] / t["shared"]})
-            print(f"LeNet-300-100 {bits}-bit batch 1: dense {t['dense']:.2f} us, shared {t['shared']:.2f} us",
-                  flush=True)
+                                 "shared_us": t["shared"], "ratio": t["dense"] / t["shared"],
+                                 "shared_int8_us": t["shared_int8"], "torch_int8_us": t["torch_int8"],
+                                 "int8_ratio_vs_torch_int8": t["torch_int8"] / t["shared_int8"]})
+            print(f"LeNet-300-100 {bits}-bit batch 1: dense {t['dense']:.2f} us, shared {t['shared']:.2f} us, "
+                  f"shared int8 {t['shared_int8']:.2f} us, torch int8 {t['torch_int8']:.2f} us", flush=True)
     # training: forward + backward of the first layer at batch 64 (gradients to x, the codebook and the bias)
     dense = nn.Linear(784, 300)
     x = torch.randn(64, 784, generator=gen, requires_grad=True)

@@ -122,20 +122,27 @@ def widths_table(r):
 
 
 def small_layers_table(r):
-    """Per-call microseconds of small layers at batch 1, the whole LeNet-300-100, and one training step."""
+    """Per-call microseconds of small layers at batch 1, the whole LeNet-300-100, and one training step; the int8
+    path against torch's int8 dynamic Linear where the run measured it (since session 25)."""
+    int8 = "ws.ops.shared_linear_int8_us" in (r["layers"] or [{}])[0]
+    i8_head = " ws int8 | torch int8 dynamic | torch int8 / ws int8 |" if int8 else ""
     out = [f"Small layers, per call ({_machine(r['machine'])}{_caps(r)}; microseconds, median of rounds)", "",
-           "| layer | bits | F.linear | nn.Linear | ws.ops.shared_linear | SharedLinear | nn.Linear / SharedLinear |",
-           "|---|---|---|---|---|---|---|"]
+           "| layer | bits | F.linear | nn.Linear | ws.ops.shared_linear | SharedLinear | nn.Linear / SharedLinear |"
+           + i8_head, "|---|---|---|---|---|---|---|" + ("---|---|---|" if int8 else "")]
     for x in r["layers"]:
+        i8 = (f" {x['ws.ops.shared_linear_int8_us']:.2f} | {x['torch_int8_dynamic_us']:.2f} | "
+              f"{x['int8_ratio_vs_torch_int8']:.2f}x |") if int8 else ""
         out.append(f"| {x['shape'][0]}x{x['shape'][1]}, batch 1 | {x['bits']} | {x['F.linear_us']:.2f} | "
                    f"{x['nn.Linear_us']:.2f} | {x['ws.ops.shared_linear_us']:.2f} | {x['SharedLinear_us']:.2f} | "
-                   f"{x['module_ratio']:.2f}x |")
+                   f"{x['module_ratio']:.2f}x |" + i8)
     for x in r["model"]:
+        i8 = (f" {x['shared_int8_us']:.2f} | {x['torch_int8_us']:.2f} | {x['int8_ratio_vs_torch_int8']:.2f}x |"
+              if int8 else "")
         out.append(f"| {x['model']}, batch {x['batch']} | {x['bits']} |  | {x['dense_us']:.2f} |  | "
-                   f"{x['shared_us']:.2f} | {x['ratio']:.2f}x |")
+                   f"{x['shared_us']:.2f} | {x['ratio']:.2f}x |" + i8)
     for x in r["training"]:
         out.append(f"| {x['shape'][0]}x{x['shape'][1]}, forward + backward, batch {x['batch']} | {x['bits']} |  | "
-                   f"{x['dense_us']:.1f} |  | {x['shared_us']:.1f} | {x['ratio']:.2f}x |")
+                   f"{x['dense_us']:.1f} |  | {x['shared_us']:.1f} | {x['ratio']:.2f}x |" + ("  |  |  |" if int8 else ""))
     return "\n".join(out)
 
 

@@ -229,6 +229,56 @@ def test_int8_longest_rows_stay_exact(in_f, bits, simd, gen):
     assert got[0, 0].item() == pytest.approx(cb[0, -1].item() * 2.5 * in_f, rel=1e-6)
 
 
+@pytest.mark.parametrize("in_f", [65536, 65793, 65794, 66000])
+def test_int8_batch_one_sums_at_their_largest(in_f, simd):
+    """At batch 1 the AVX-512 row kernel reduces 16 rows' lane sums together in int32 where a biased sum cannot
+    overflow (in_features <= (2**31 - 1) // (255 * 128) = 65793), in 64 bits above. Every product at its largest:
+    the codebook constant +0.75 (q = 127, biased 255) against x constant (127). Bit-exact against the definition, on
+    both sides of the bound, with rows that are not a multiple of 16."""
+    out_f, bits = 19, 2
+    packed = ws.ops.pack(torch.zeros(out_f, in_f, dtype=torch.uint8), bits)
+    cb = torch.full((1, 1 << bits), 0.75)
+    x = torch.full((1, in_f), 2.5)
+    got = ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f, None, "int8")
+    assert torch.equal(got, reference.shared_linear(x, packed, cb, bits, out_f, in_f, None, "int8"))
+    assert got[0, 0].item() == pytest.approx(0.75 * 2.5 * in_f, rel=1e-6)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_int8_codebook_cache_is_never_stale(groups, path, gen):
+    """Each thread keeps the quantized codebooks of its recent layers (shared_linear_int8_quantize.cpp) and serves
+    one only where the codebook and the packed bytes its index histogram samples compare equal. Codebooks and
+    indices changed in place (through .data too, which leaves the version counter alone), more layers of one shape
+    than the cache holds (64), visited twice, and other threads: every call bit-exact against the definition."""
+    out_f, in_f, bits = 40, 300, 4
+    x = torch.randn(1, in_f, generator=gen)
+
+    def check(packed, cb):
+        got = on(path, ws.ops.shared_linear, x, packed, cb, bits, out_f, in_f, None, "int8")
+        assert torch.equal(got, reference.shared_linear(x, packed, cb, bits, out_f, in_f, None, "int8"))
+        return got
+
+    packed, cb, _ = make_weight(out_f, in_f, bits, groups, gen)
+    first = check(packed, cb)
+    cb.data.mul_(1.7)
+    assert not torch.equal(check(packed, cb), first)
+    with torch.no_grad():
+        cb[0, 3] = 0.5
+    check(packed, cb)
+    packed.data.copy_(make_weight(out_f, in_f, bits, groups, gen)[0])
+    check(packed, cb)
+    packed.data[0, 0] ^= 0x0F  # one index of a sampled row
+    check(packed, cb)
+    layers = [make_weight(out_f, in_f, bits, groups, gen)[:2] for _ in range(70)]
+    for _ in range(2):
+        for p, c in layers:
+            check(p, c)
+    if path == "cpu":
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(lambda pc: check(*pc), layers[:12] * 2))
+
+
 def test_int8_error_is_small(gen):
     packed, cb, _ = make_weight(256, 1024, 4, 1, gen)
     x = torch.randn(3, 1024, generator=gen)

@@ -18,15 +18,17 @@ struct PackedLinear {
   int bits;
 };
 
-// Per-thread decode state: the table of the group last used.
+// Per-thread decode state: the table of the group last used (`group`, whose rows are [first, end)). A row inside
+// that range skips the division: a 64-bit idiv per row (10-20 cycles) showed in the profiles of short rows.
 struct GroupTable {
   DecodeTable table;
-  int64_t group = -1;
+  int64_t group = -1, first = 0, end = 0;
   const DecodeTable& get(const PackedLinear& w, int64_t row) {
-    const int64_t g = row / w.rows_per_group;
-    if (g != group) {
-      table.fill(w.codebook + g * w.K, static_cast<int>(w.K), w.bits);
-      group = g;
+    if (row < first || row >= end) {
+      group = row / w.rows_per_group;
+      first = group * w.rows_per_group;
+      end = first + w.rows_per_group;
+      table.fill(w.codebook + group * w.K, static_cast<int>(w.K), w.bits);
     }
     return table;
   }
@@ -68,13 +70,14 @@ template <int BITS>
 WS_AVX512 void decode_rows_planes_avx512(const PackedLinear& w, int64_t r0, int64_t rows, int64_t b0, int64_t n,
                                          GroupTable& gt, float* out, int64_t ld) {
   const Unpack64<BITS> unpack;
-  int64_t group = r0 / w.rows_per_group;
   BytePlanes<BITS> planes(gt.get(w, r0));
+  int64_t group = gt.group;
   for (int64_t m = 0; m < rows; ++m) {
     const int64_t r = r0 + m;
-    if (r / w.rows_per_group != group) {
-      group = r / w.rows_per_group;
-      planes = BytePlanes<BITS>(gt.get(w, r));
+    gt.get(w, r);
+    if (gt.group != group) {
+      group = gt.group;
+      planes = BytePlanes<BITS>(gt.table);
     }
     decode_blocks_planes<BITS>(unpack, planes, w.packed + r * w.row_bytes, w.row_bytes, b0, n, out + m * ld);
   }

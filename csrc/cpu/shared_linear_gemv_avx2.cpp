@@ -184,13 +184,13 @@ WS_AVX2 void rows_byte_planes(const PackedLinear& w, const float* x, const float
   constexpr int NA = M == 1 ? 4 : M == 2 ? 2 : 1;  // independent FMA chains per x row
   const __m256i low = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1));
   GroupTable gt;
-  int64_t planes_group = r0 / w.rows_per_group;
   BytePlanes<1> t(gt.get(w, r0));  // rebuilt when the codebook group changes (a scalar loop: ~5 % of a 4096 row)
+  int64_t planes_group = gt.group;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = w.packed + r * w.row_bytes;
     const DecodeTable& dt = gt.get(w, r);
-    if (r / w.rows_per_group != planes_group) {
-      planes_group = r / w.rows_per_group;
+    if (gt.group != planes_group) {
+      planes_group = gt.group;
       t = BytePlanes<1>(dt);
     }
     __m256 acc[M][NA];

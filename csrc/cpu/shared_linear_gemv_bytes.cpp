@@ -51,12 +51,12 @@ WS_AVX512 void gemv_rows_bytes(const PackedLinear& w, const float* xp, int64_t x
   const int64_t in = w.in_features, blocks = in / kBlock;
   const Unpack64<BITS> unpack64;  // 6 and 7 bits
   GroupTable gt;
-  int64_t planes_group = r0 / w.rows_per_group;
   BytePlanes<BITS> planes(gt.get(w, r0));
+  int64_t planes_group = gt.group;
   for (int64_t r = r0; r < r1; ++r) {
     const DecodeTable& dt = gt.get(w, r);
-    if (r / w.rows_per_group != planes_group) {
-      planes_group = r / w.rows_per_group;
+    if (gt.group != planes_group) {
+      planes_group = gt.group;
       planes = BytePlanes<BITS>(dt);
     }
     const uint8_t* row = w.packed + r * w.row_bytes;

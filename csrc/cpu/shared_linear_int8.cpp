@@ -71,6 +71,11 @@ void int8_rows_portable(const PackedLinear& w, const QuantizedX& xq, const Quant
   }
 }
 
+// Whether a row's biased int8 sum fits an int32 (products at most 255 * 128 in magnitude; padding adds zeros).
+inline bool int8_sums_fit_int32(const PackedLinear& w) {
+  return w.in_features <= std::numeric_limits<int32_t>::max() / (255 * 128);
+}
+
 #ifdef WS_X86
 WS_AVX512 inline int64_t reduce_epi32_as_64(__m512i v) {
   const __m512i lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(v));
@@ -148,15 +153,18 @@ WS_AVX512 inline __attribute__((always_inline)) void int8_unpacked_steps(const B
   }
 }
 
-// Rows [r0, r1) of W, R at a time, against x rows [m0, m0 + M): y[m][r] by the int8 definition.
+// Rows [r, r + R) of W against x rows [m0, m0 + M): total[i][m] holds 16 int32 partial sums whose total is the
+// biased dot product of weight row r + i with x row m0 + m.
 // One x row (the GEMV, R = 1) has only its own chain of vpdpbusd, whose latency (4-5 cycles) then paces the loop
 // (the profile showed it waiting with two chains), so U steps are unrolled into 8 chains (slot = u * E + s).
 // With 2-4 x rows (R = 2), two weight rows share each x vector load: with one x load per vpdpbusd (R = 1) the loop
 // took 22 cycles per 16 vpdpbusd even with x in L1 (a microbenchmark of that loop on this Zen 4 VM; 16 without the
 // loads), and 8 x rows ran at 0.72x of torch's int8 Linear.
 template <int BITS, int M, int R>
-WS_AVX512 void int8_rows_avx512(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq,
-                                int64_t m0, int64_t r0, int64_t r1, float* y) {
+WS_AVX512 inline __attribute__((always_inline)) void int8_dot_rows(const PackedLinear& w, const QuantizedX& xq,
+                                                                     const QuantizedCodebook& cq, int64_t m0,
+                                                                     int64_t r, const int64_t (&group)[R],
+                                                                     __m512i (&total)[R][M]) {
   constexpr int E = byte_aligned(BITS) ? 8 / BITS : 1;
   constexpr int U = M == 1 ? (E < 8 ? 8 / E : 1) : 1;
   constexpr int NA = M == 1 ? U * E : 1;
@@ -164,56 +172,133 @@ WS_AVX512 void int8_rows_avx512(const PackedLinear& w, const QuantizedX& xq, con
   const Unpack64<BITS> unpack64;  // widths that are not byte aligned
   const int64_t nsteps = xq.stride / step_elems(BITS);
   const int8_t* xrow = xq.q + m0 * xq.stride;
+  ByteLookup<BITS> lookup[R];
+  const uint8_t* row[R];
+  for (int i = 0; i < R; ++i) {
+    lookup[i] = ByteLookup<BITS>(cq.biased_table(group[i]));
+    row[i] = w.packed + (r + i) * w.row_bytes;
+  }
+  __m512i acc[R][M][NA];
+  for (int i = 0; i < R; ++i)
+    for (int m = 0; m < M; ++m)
+      for (int a = 0; a < NA; ++a) acc[i][m][a] = _mm512_setzero_si512();
+  if constexpr (byte_aligned(BITS)) {
+    // whole 64-byte steps U at a time (unmasked loads), then the rest masked (zero past the row end)
+    const int64_t whole = std::min(nsteps, w.row_bytes / 64);
+    int64_t st = 0;
+    for (; st + U <= whole; st += U) {
+      // two rows ahead: the hardware prefetcher alone left the stream at half the bandwidth dense GEMV reaches
+      for (int i = 0; i < R; ++i)
+        for (int u = 0; u < U; ++u)
+          _mm_prefetch(reinterpret_cast<const char*>(row[i] + 2 * R * w.row_bytes + (st + u) * 64), _MM_HINT_T0);
+      int8_steps<BITS, M, R, NA, 0, U>(lookup, row, st, xrow, xq.stride, acc);
+    }
+    for (; st < nsteps; ++st) {
+      __m512i bytes[R];
+      for (int i = 0; i < R; ++i) bytes[i] = steps.load(row[i], st);
+      int8_step<BITS, M, R, NA, 0>(lookup, bytes, st, xrow, xq.stride, acc);
+    }
+  } else {
+    // U steps (U x 8 BITS bytes, at least one cache line) per prefetch of the row two rows ahead
+    int64_t st = 0;
+    for (; st + U <= nsteps; st += U) {
+      for (int i = 0; i < R; ++i)
+        _mm_prefetch(reinterpret_cast<const char*>(row[i] + 2 * R * w.row_bytes + st * 8 * BITS), _MM_HINT_T0);
+      int8_unpacked_steps<BITS, M, R, NA, 0, U>(lookup, unpack64, row, w.row_bytes, st, xrow, xq.stride, acc);
+    }
+    for (; st < nsteps; ++st)
+      int8_unpacked_steps<BITS, M, R, NA, 0, 1>(lookup, unpack64, row, w.row_bytes, st, xrow, xq.stride, acc);
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int m = 0; m < M; ++m) {
+      __m512i t = acc[i][m][0];
+      for (int a = 1; a < NA; ++a) t = _mm512_add_epi32(t, acc[i][m][a]);
+      total[i][m] = t;
+    }
+  }
+}
+
+// Rows [r0, r1) of W, R at a time, against x rows [m0, m0 + M): y[m][r] by the int8 definition, each sum reduced
+// in 64 bits (any row length).
+template <int BITS, int M, int R>
+WS_AVX512 void int8_rows_avx512(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq,
+                                int64_t m0, int64_t r0, int64_t r1, float* y) {
+  // the group of row r, tracked rather than divided for (a 64-bit division per row showed in the profile)
+  int64_t g = r0 / w.rows_per_group, next_group_row = (g + 1) * w.rows_per_group;
   int64_t r = r0;
   for (; r + R <= r1; r += R) {
-    ByteLookup<BITS> lookup[R];
-    const uint8_t* row[R];
+    __m512i total[R][M];
+    int64_t group[R];
     for (int i = 0; i < R; ++i) {
-      lookup[i] = ByteLookup<BITS>(cq.biased_table((r + i) / w.rows_per_group));
-      row[i] = w.packed + (r + i) * w.row_bytes;
+      if (r + i == next_group_row) {
+        ++g;
+        next_group_row += w.rows_per_group;
+      }
+      group[i] = g;
     }
-    __m512i acc[R][M][NA];
-    for (int i = 0; i < R; ++i)
-      for (int m = 0; m < M; ++m)
-        for (int a = 0; a < NA; ++a) acc[i][m][a] = _mm512_setzero_si512();
-    if constexpr (byte_aligned(BITS)) {
-      // whole 64-byte steps U at a time (unmasked loads), then the rest masked (zero past the row end)
-      const int64_t whole = std::min(nsteps, w.row_bytes / 64);
-      int64_t st = 0;
-      for (; st + U <= whole; st += U) {
-        // two rows ahead: the hardware prefetcher alone left the stream at half the bandwidth dense GEMV reaches
-        for (int i = 0; i < R; ++i)
-          for (int u = 0; u < U; ++u)
-            _mm_prefetch(reinterpret_cast<const char*>(row[i] + 2 * R * w.row_bytes + (st + u) * 64), _MM_HINT_T0);
-        int8_steps<BITS, M, R, NA, 0, U>(lookup, row, st, xrow, xq.stride, acc);
-      }
-      for (; st < nsteps; ++st) {
-        __m512i bytes[R];
-        for (int i = 0; i < R; ++i) bytes[i] = steps.load(row[i], st);
-        int8_step<BITS, M, R, NA, 0>(lookup, bytes, st, xrow, xq.stride, acc);
-      }
-    } else {
-      // U steps (U x 8 BITS bytes, at least one cache line) per prefetch of the row two rows ahead
-      int64_t st = 0;
-      for (; st + U <= nsteps; st += U) {
-        for (int i = 0; i < R; ++i)
-          _mm_prefetch(reinterpret_cast<const char*>(row[i] + 2 * R * w.row_bytes + st * 8 * BITS), _MM_HINT_T0);
-        int8_unpacked_steps<BITS, M, R, NA, 0, U>(lookup, unpack64, row, w.row_bytes, st, xrow, xq.stride, acc);
-      }
-      for (; st < nsteps; ++st)
-        int8_unpacked_steps<BITS, M, R, NA, 0, 1>(lookup, unpack64, row, w.row_bytes, st, xrow, xq.stride, acc);
-    }
+    int8_dot_rows<BITS, M, R>(w, xq, cq, m0, r, group, total);
     for (int i = 0; i < R; ++i) {
       for (int m = 0; m < M; ++m) {
-        __m512i total = acc[i][m][0];
-        for (int a = 1; a < NA; ++a) total = _mm512_add_epi32(total, acc[i][m][a]);
-        y[(m0 + m) * w.out_features + r + i] = int8_output(reduce_epi32_as_64(total) - 128 * xq.sum[m0 + m], xq, cq,
-                                                           m0 + m, (r + i) / w.rows_per_group);
+        y[(m0 + m) * w.out_features + r + i] = int8_output(reduce_epi32_as_64(total[i][m]) - 128 * xq.sum[m0 + m],
+                                                           xq, cq, m0 + m, group[i]);
       }
     }
   }
   if constexpr (R > 1) {
     if (r < r1) int8_rows_avx512<BITS, M, 1>(w, xq, cq, m0, r, r1, y);
+  }
+}
+
+// Lane i of the result: the sum of the 16 lanes of v[i] (a transposing add tree: 45 instructions for 16 rows,
+// where reducing each row on its own took a dozen).
+WS_AVX512 inline __m512i reduce16_epi32(const __m512i (&v)[16]) {
+  __m512i a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit chunk: rows 2i, 2i+1 interleaved, two lanes each
+    a[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]),
+                            _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // per 128-bit chunk: rows 4i .. 4i+3, one lane each
+    b[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(a[2 * i], a[2 * i + 1]),
+                            _mm512_unpackhi_epi64(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 2; ++i)  // chunk pairs summed: rows 8i .. 8i+7, two chunks each
+    c[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(b[2 * i], b[2 * i + 1], 0x88),
+                            _mm512_shuffle_i32x4(b[2 * i], b[2 * i + 1], 0xDD));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(c[0], c[1], 0x88), _mm512_shuffle_i32x4(c[0], c[1], 0xDD));
+}
+
+// One x row, rows [r0, r1), 16 at a time: their lane sums reduced together by reduce16_epi32, then converted and
+// scaled as one vector. Only where an int32 total cannot overflow (int8_sums_fit_int32): every biased product is
+// at most 255 * 128 in magnitude. The per-row 64-bit reduction and scalar epilogue cost as much as the dot product
+// of a 768-long row (4096 x 768, 4 bits, one thread: about 13 ns a row, 6.5 of them the dot product).
+template <int BITS>
+WS_AVX512 void int8_gemv_avx512(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq,
+                                int64_t r0, int64_t r1, float* y) {
+  const __m512i bias_sum = _mm512_set1_epi32(static_cast<int32_t>(128 * xq.sum[0]));
+  const float sx = xq.scale[0];
+  alignas(64) float scale[16] = {};
+  // the group of row r, tracked rather than divided for (a 64-bit division per row showed in the profile)
+  int64_t group = r0 / w.rows_per_group, next_group_row = (group + 1) * w.rows_per_group;
+  for (int64_t r = r0; r < r1; r += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, r1 - r));
+    __m512i v[16];
+    for (int i = 0; i < 16; ++i) {
+      if (i < n) {
+        if (r + i == next_group_row) {
+          ++group;
+          next_group_row += w.rows_per_group;
+        }
+        __m512i t[1][1];
+        const int64_t g[1] = {group};
+        int8_dot_rows<BITS, 1, 1>(w, xq, cq, 0, r + i, g, t);
+        v[i] = t[0][0];
+        scale[i] = sx * cq.scale[group];
+      } else {
+        v[i] = _mm512_setzero_si512();
+      }
+    }
+    // the reference's float(exact integer sum) * (scale_x * scale_w): int32 -> float rounds as int64 -> float does
+    const __m512i sums = _mm512_sub_epi32(reduce16_epi32(v), bias_sum);
+    const __m512 out = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), _mm512_load_ps(scale));
+    _mm512_mask_storeu_ps(y + r, static_cast<__mmask16>((1u << n) - 1), out);
   }
 }
 
@@ -265,7 +350,11 @@ bool run_int8_kernels(const PackedLinear& w, const QuantizedX& xq, const Quantiz
       if (simd == Simd::Avx512) {
         // one x row: the 8-chain GEMV; more: groups of up to 4 x rows, two weight rows at a time
         if (M == 1) {
-          int8_rows_avx512<BITS, 1, 1>(w, xq, cq, 0, r0, r1, y);
+          if (int8_sums_fit_int32(w)) {
+            int8_gemv_avx512<BITS>(w, xq, cq, r0, r1, y);
+          } else {
+            int8_rows_avx512<BITS, 1, 1>(w, xq, cq, 0, r0, r1, y);
+          }
           return;
         }
         for (int64_t m0 = 0; m0 < M; m0 += 4) {

@@ -78,6 +78,8 @@ struct QuantizedCodebook {
   const uint8_t* biased_table(int64_t group) const { return biased + group * biased_stride; }
 };
 
+// Served from the calling thread's cache of recent layers where the codebook and the sampled packed bytes are
+// unchanged (shared_linear_int8_quantize.cpp); valid, like quantize_x's buffers, until this thread's next call.
 QuantizedCodebook quantize_codebook(const PackedLinear& w);
 
 // y[m, r] = (y[m, r] + (scale_x[m] * zero[group]) * float(sum of x_q[m])) + bias[r]: the zero points' term, then
