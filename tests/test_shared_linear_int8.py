@@ -17,8 +17,9 @@ pytestmark = requires_native
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
-# M 3-5: the row kernels' x-row groupings (4s; on AVX2 at 2 and 4 bits 2s and a 3)
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 11])
+# M 3-8 and 11: the row kernels' x-row groupings (AVX-512: 4s, up to 8 at widths that are not byte aligned; on
+# AVX2 4s, at 2 and 4 bits 2s and a 3)
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8, 11])
 @pytest.mark.parametrize("per_row", [False, True])
 def test_int8_is_bit_exact_to_its_definition(bits, M, per_row, path, gen):
     out_f, in_f = 24, 300
