@@ -452,7 +452,7 @@ def main():
                      ("shared_linear_cpu_zen3.json", linear_table), ("linear_widths_cpu_zen3.json", widths_table),
                      ("shared_conv_cpu_zen3.json", conv_table), ("transformer_cpu_zen3.json", transformer_table),
                      ("resnet18_cpu_zen3.json", resnet_table),
-                     ("small_layers_cpu.json", small_layers_table), ("transformer_cpu.json", transformer_table),
+                     ("small_layers_cpu.json", small_layers_table), ("small_layers_cpu_avx2.json", small_layers_table), ("transformer_cpu.json", transformer_table),
                      ("transformer_cpu_avx2.json", transformer_table),
                      ("shared_conv_cpu.json", conv_table), ("shared_conv_cpu_avx2.json", conv_table),
                      ("ops_cpu.json", ops_table), ("prune_curve_lenet300100.json", prune_curve_table),
