@@ -227,18 +227,14 @@ WS_AVX512 inline __attribute__((always_inline)) void int8_dot_rows(const PackedL
 template <int BITS, int M, int R>
 WS_AVX512 void int8_rows_avx512(const PackedLinear& w, const QuantizedX& xq, const QuantizedCodebook& cq,
                                 int64_t m0, int64_t r0, int64_t r1, float* y) {
-  // the group of row r, tracked rather than divided for (a 64-bit division per row showed in the profile)
-  int64_t g = r0 / w.rows_per_group, next_group_row = (g + 1) * w.rows_per_group;
+  RowGroups groups(w, r0);
   int64_t r = r0;
   for (; r + R <= r1; r += R) {
     __m512i total[R][M];
     int64_t group[R];
     for (int i = 0; i < R; ++i) {
-      if (r + i == next_group_row) {
-        ++g;
-        next_group_row += w.rows_per_group;
-      }
-      group[i] = g;
+      groups.advance(r + i);
+      group[i] = groups.group;
     }
     int8_dot_rows<BITS, M, R>(w, xq, cq, m0, r, group, total);
     for (int i = 0; i < R; ++i) {
@@ -279,22 +275,18 @@ WS_AVX512 void int8_gemv_avx512(const PackedLinear& w, const QuantizedX& xq, con
   const __m512i bias_sum = _mm512_set1_epi32(static_cast<int32_t>(128 * xq.sum[0]));
   const float sx = xq.scale[0];
   alignas(64) float scale[16] = {};
-  // the group of row r, tracked rather than divided for (a 64-bit division per row showed in the profile)
-  int64_t group = r0 / w.rows_per_group, next_group_row = (group + 1) * w.rows_per_group;
+  RowGroups groups(w, r0);
   for (int64_t r = r0; r < r1; r += 16) {
     const int n = static_cast<int>(std::min<int64_t>(16, r1 - r));
     __m512i v[16];
     for (int i = 0; i < 16; ++i) {
       if (i < n) {
-        if (r + i == next_group_row) {
-          ++group;
-          next_group_row += w.rows_per_group;
-        }
+        groups.advance(r + i);
         __m512i t[1][1];
-        const int64_t g[1] = {group};
+        const int64_t g[1] = {groups.group};
         int8_dot_rows<BITS, 1, 1>(w, xq, cq, 0, r + i, g, t);
         v[i] = t[0][0];
-        scale[i] = sx * cq.scale[group];
+        scale[i] = sx * cq.scale[groups.group];
       } else {
         v[i] = _mm512_setzero_si512();
       }

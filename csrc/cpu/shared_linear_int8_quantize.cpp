@@ -372,9 +372,8 @@ void count_row_indices(const uint8_t* row, int64_t cols, uint32_t (&bytes)[4][25
 // each (`bytes` packed bytes).
 struct SampledRows {
   int64_t n, cols, bytes;
-  explicit SampledRows(const PackedLinear& w)
-      : cols(std::min(w.in_features, kSampleMaxCols)),
-        bytes((std::min(w.in_features, kSampleMaxCols) * w.bits + 7) / 8) {
+  explicit SampledRows(const PackedLinear& w) : cols(std::min(w.in_features, kSampleMaxCols)) {
+    bytes = (cols * w.bits + 7) / 8;
     n = std::min(w.out_features, std::max<int64_t>(1, (kSampleTarget + cols - 1) / cols));
   }
   const uint8_t* row(const PackedLinear& w, int64_t i) const { return w.packed + i * w.out_features / n * w.row_bytes; }
