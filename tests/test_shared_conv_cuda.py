@@ -117,6 +117,31 @@ def test_cuda_implicit_gemm_conv_takes_the_calls_it_should(monkeypatch, gen):
     assert not ran(last)
 
 
+def depthwise_problem(case, dtype, layout, codebooks, gen):
+    """A depthwise layer (`case` in DEPTHWISE's form) for the CUDA depthwise kernel's tests (here and on the host
+    emulator, test_cuda_emu.py): 3-bit indices, one codebook or one per channel, 2 images of x in `layout`, a bias."""
+    c, mult, kh, kw, _, _, _, h, w_ = case
+    bits, out = 3, c * mult
+    idx = torch.randint(0, 1 << bits, (out, kh * kw), generator=gen, dtype=torch.uint8)
+    cb = torch.randn(1 if codebooks == "one" else out, 1 << bits, generator=gen) * 0.3
+    packed, shape = ws.ops.pack(idx, bits), [out, 1, kh, kw]
+    x = torch.randn(2, c, h, w_, generator=gen).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, packed, cb, bits, shape, torch.randn(out, generator=gen)
+
+
+def check_depthwise_output(y, case, x, packed, cb, bits, shape, b):
+    """y against fp32 F.conv2d with the weight rounded to x's dtype, in x's dtype and memory format (as cuDNN's)."""
+    _, _, _, _, s, p, d, _, _ = case
+    w = ws.ops.dequantize(packed, cb, bits, shape).to(x.dtype).float()
+    want = F.conv2d(x.float(), w, b, s, p, d, x.shape[1])
+    assert y.dtype == x.dtype
+    assert y.is_contiguous(memory_format=torch.channels_last) == want.is_contiguous(memory_format=torch.channels_last)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}[x.dtype]
+    torch.testing.assert_close(y.float(), want, rtol=tol, atol=tol)
+
+
 def ran_depthwise_kernel(name):
     """Whether a profiled kernel name is one of ours (not ATen's conv_depthwise2d_* or cuDNN's)."""
     return "depthwise_nchw_kernel" in name or "depthwise_nhwc_kernel" in name
@@ -132,25 +157,13 @@ def test_cuda_depthwise_kernel(case, dtype, layout, codebooks, monkeypatch, gen)
     edge cases, both layouts, against fp32 F.conv2d with the weight rounded to x's dtype, with bias; y in x's
     memory format, as cuDNN's."""
     monkeypatch.setenv("WS_CUDA_CONV", "depthwise")
-    c, mult, kh, kw, s, p, d, h, w_ = case
-    bits, out = 3, c * mult
-    idx = torch.randint(0, 1 << bits, (out, kh * kw), generator=gen, dtype=torch.uint8)
-    cb = torch.randn(1 if codebooks == "one" else out, 1 << bits, generator=gen) * 0.3
-    packed, shape = ws.ops.pack(idx, bits), [out, 1, kh, kw]
-    w = ws.ops.dequantize(packed, cb, bits, shape).to(dtype).float()
-    x = torch.randn(2, c, h, w_, generator=gen).to(dtype)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    b = torch.randn(out, generator=gen)
+    x, packed, cb, bits, shape, b = depthwise_problem(case, dtype, layout, codebooks, gen)
+    _, _, _, _, s, p, d, _, _ = case
     y, names = cuda_kernels_of(lambda: ws.ops.shared_conv2d(x.cuda(), packed.cuda(), cb.cuda(), bits, shape, b.cuda(),
-                                                            s, p, d, c).cpu())
+                                                            s, p, d, x.shape[1]).cpu())
     if names is not None:
         assert any(ran_depthwise_kernel(name) for name in names)
-    want = F.conv2d(x.float(), w, b, s, p, d, c)
-    assert y.dtype == dtype
-    assert y.is_contiguous(memory_format=torch.channels_last) == want.is_contiguous(memory_format=torch.channels_last)
-    tol = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
-    torch.testing.assert_close(y.float(), want, rtol=tol, atol=tol)
+    check_depthwise_output(y, case, x, packed, cb, bits, shape, b)
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")

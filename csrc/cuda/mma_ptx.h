@@ -1,8 +1,9 @@
 #pragma once
-// The PTX the tensor-core kernels of shared_linear use (shared_linear_gemv_mma.cu, shared_linear_gemm_mma.cu):
-// mma.sync m16n8k16 with fp32 accumulation, ldmatrix, cp.async and shared loads by address. Below sm_80 each one
-// traps: the host never launches these kernels there (their *_takes functions check the device and what was
-// compiled), but a build from PTX for an older arch must still compile.
+// The PTX the kernels of shared_linear use (the GEMVs, shared_linear_gemm_mma.cu, the implicit-GEMM conv): mma.sync
+// m16n8k16 with fp32 accumulation, ldmatrix, cp.async and shared loads by address. Below sm_80 each one traps: the
+// host never launches these kernels there (their *_takes functions check the device and what was compiled), but a
+// build from PTX for an older arch must still compile. tests/cuda_emu/ptx/mma_ptx.h defines the same functions for
+// the host emulator, as the PTX ISA defines the instructions: keep the two in step.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -49,6 +50,12 @@ __device__ __forceinline__ uint32_t lds_u32(uint32_t address) {
   return v;
 }
 
+__device__ __forceinline__ float lds_f32(uint32_t address) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(address) : "memory");
+  return v;
+}
+
 __device__ __forceinline__ uint32_t lds_u16(uint32_t address) {
   uint16_t v;
   asm volatile("ld.shared.u16 %0, [%1];" : "=h"(v) : "r"(address) : "memory");
@@ -58,6 +65,14 @@ __device__ __forceinline__ uint32_t lds_u16(uint32_t address) {
 __device__ __forceinline__ uint2 lds_u64(uint32_t address) {
   uint2 v;
   asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(address) : "memory");
+  return v;
+}
+
+// A register holding an unspecified value, made without an instruction (the tensor-core GEMV's A fragment rows 8-15
+// when no row of x lands there: an A row reaches only its own D row, and rows past M are never stored).
+__device__ __forceinline__ uint32_t unspecified() {
+  uint32_t v;
+  asm volatile("" : "=r"(v));
   return v;
 }
 

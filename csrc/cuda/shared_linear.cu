@@ -51,6 +51,7 @@
 #include "shared_linear_gemv_mma.h"
 #include "shared_linear_panels.h"
 #include "shared_linear_tables.h"
+#include "mma_ptx.h"
 
 namespace weightshare {
 namespace {
@@ -140,12 +141,6 @@ __device__ __forceinline__ void load_x8(const T* p, bool vec, float (&v)[8]) {
 template <int BITS>
 __device__ __forceinline__ uint32_t entry_address(const uint32_t* v, int e, uint32_t base) {
   return field_at<BITS, 2>(v, e) | base;
-}
-
-__device__ __forceinline__ float lds_f32(uint32_t address) {
-  float v;
-  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(address) : "memory");
-  return v;
 }
 
 // The lane's 8 indices (v: LaneSpan's bits from bit 0) of both rows against mc (<= MT) rows of x[., k .. k+8);

@@ -86,14 +86,6 @@ struct Tables {
   uint16_t single[PAIR ? TS : 1];
 };
 
-// A register holding an unspecified value, made without an instruction: the A fragment's rows 8-15 when no row of
-// x lands there (an A row reaches only its own D row, and rows past M are never stored).
-__device__ __forceinline__ uint32_t unspecified() {
-  uint32_t v;
-  asm volatile("" : "=r"(v));
-  return v;
-}
-
 // One 128-k unit. Rows of x past M are read from a valid row (x_lo / x_hi clamped) rather than zeroed, for the
 // reason above. HI: some row of x lands in fragment rows 8-15 (M > 8 in this block). On whole units with aligned
 // x rows the fragment registers are loaded 4 bytes at a time straight into their slots ({row g, row g + 8} x

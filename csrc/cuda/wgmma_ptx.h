@@ -3,11 +3,14 @@
 // mma with A in registers and B read by the tensor cores straight from shared memory through a matrix descriptor,
 // and the fences that order it. Compiled only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL: TORCH_CUDA_ARCH_LIST="9.0a");
 // elsewhere every function traps and the host never launches the kernel (gemm_wgmma_takes, WS_SM90A).
+// tests/cuda_emu/ptx/wgmma_ptx.h defines the same functions for the host emulator: keep the two in step.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdint>
 #include <type_traits>
+
+#include "weightshare/fused_gemm_layout.h"  // sw128_descriptor
 
 namespace weightshare::cuda {
 
@@ -16,16 +19,6 @@ namespace weightshare::cuda {
 #else
 #define WS_PTX_SM90A 0
 #endif
-
-// The shared-memory matrix descriptor of a K-major operand in the 128-byte swizzle: rows of 64 16-bit values (128
-// bytes), 8 rows to a 1024-byte atom (whose address must be 1024-byte aligned), atoms `stride` bytes apart along the
-// rows. Fields (PTX ISA, "Matrix Descriptor Format"): start address >> 4 in bits 0-13, leading-dimension byte offset
-// >> 4 in 16-29 (unused by swizzled K-major layouts: 1), stride-dimension byte offset >> 4 in 32-45, base offset 0 in
-// 49-51, layout type in 62-63 (1: 128-byte swizzle). A k16 step inside the atom's 64 values adds 32 bytes to the start.
-__host__ __device__ inline uint64_t sw128_descriptor(uint32_t shared_address, uint32_t stride) {
-  return uint64_t((shared_address & 0x3ffffu) >> 4) | (uint64_t(1) << 16) | (uint64_t((stride & 0x3ffffu) >> 4) << 32) |
-         (uint64_t(1) << 62);
-}
 
 // The asm of one m64nNk16 with A in registers for a PTX input type (f16, bf16): operands d[N / 2], a[4], desc, then
 // scale-d as a predicate from `accumulate` (0: d = A B, ignoring d's registers), scale-a = scale-b = 1, B not

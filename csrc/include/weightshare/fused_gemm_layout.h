@@ -181,6 +181,16 @@ struct WgmmaTileLayout {
   }
 };
 
+// The shared-memory matrix descriptor of a K-major operand in the 128-byte swizzle: rows of 64 16-bit values (128
+// bytes), 8 rows to a 1024-byte atom (whose address must be 1024-byte aligned), atoms `stride` bytes apart along the
+// rows. Fields (PTX ISA, "Matrix Descriptor Format"): start address >> 4 in bits 0-13, leading-dimension byte offset
+// >> 4 in 16-29 (unused by swizzled K-major layouts: 1), stride-dimension byte offset >> 4 in 32-45, base offset 0 in
+// 49-51, layout type in 62-63 (1: 128-byte swizzle). A k16 step inside the atom's 64 values adds 32 bytes to the start.
+WS_HD uint64_t sw128_descriptor(uint32_t shared_address, uint32_t stride) {
+  return uint64_t((shared_address & 0x3ffffu) >> 4) | (uint64_t(1) << 16) | (uint64_t((stride & 0x3ffffu) >> 4) << 32) |
+         (uint64_t(1) << 62);
+}
+
 // The wgmma layout of a width: two 64-row tiles per warpgroup with pair codes (256-row blocks), one with single
 // codes (128), so that its block rows are FusedGemmLayout<BITS, 8>'s.
 template <int BITS, int NB>
