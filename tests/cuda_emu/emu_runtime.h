@@ -5,8 +5,10 @@
 // runs as written, with its real control flow, on the CPU: its results can be compared with the CPU ops where no
 // GPU is lent. What the machine reports instead of running on: a barrier some threads of a block never reach
 // (deadlock), a warp collective whose lanes disagree on the kind of barrier, a shuffle naming an exited lane, a
-// __trap, a misaligned shared or asynchronous access; each abandons the block and raises a RuntimeError naming
-// the block and thread from the op that launched the kernel.
+// __trap, a misaligned shared or asynchronous access; each abandons the block (its other threads unwind) and raises
+// a RuntimeError naming the block and thread from the op that launched the kernel. Built under a sanitizer
+// (build.py's asan / tsan variants), the kernels are checked as compute-sanitizer's memcheck and racecheck would
+// (emu_runtime.cpp says how the fibers are announced to each).
 //
 // Not modelled: timing, memory consistency between blocks (they run one at a time), bank conflicts. Asynchronous
 // copies (cp.async) and wgmma are deferred to their wait, so a read before the wait sees stale data, and wgmma's
