@@ -65,8 +65,28 @@ namespace {
 constexpr size_t kStackBytes = 512 * 1024;
 constexpr int kMaxThreads = 1024;
 
-struct Group {
-  std::vector<std::function<void()>> ops;
+// One thread's asynchronous operations of one kind (cp.async, wgmma): issued into the open group, committed as a
+// group, run oldest first by a wait that leaves at most `keep` groups pending.
+struct AsyncGroups {
+  std::vector<std::function<void()>> open;  // issued since the last commit
+  std::deque<std::vector<std::function<void()>>> committed;  // oldest first
+
+  void push(std::function<void()> op) { open.push_back(std::move(op)); }
+  void commit() {
+    committed.push_back(std::move(open));
+    open.clear();
+  }
+  void wait(size_t keep) {
+    while (committed.size() > keep) {
+      std::vector<std::function<void()>> group = std::move(committed.front());
+      committed.pop_front();
+      for (auto& op : group) op();
+    }
+  }
+  void clear() {
+    open.clear();
+    committed.clear();
+  }
 };
 
 struct Fiber {
@@ -76,11 +96,7 @@ struct Fiber {
   Wait wait = Wait::None;
   bool started = false;  // has run in this block (a fiber never started has nothing to unwind)
   void* tsan_fiber = nullptr;
-  int barrier_scope = 0, barrier_episode = 0;  // the barrier this thread waits at (its sync object under TSan)
-  std::vector<std::function<void()>> cp_open;  // cp.async issued since the last commit
-  std::deque<Group> cp_groups;                 // committed, oldest first
-  std::vector<std::function<void()>> wg_open;
-  std::deque<Group> wg_groups;
+  AsyncGroups cp_async, wgmma;
 };
 
 ucontext_t scheduler;
@@ -169,14 +185,6 @@ __attribute__((always_inline)) inline void leave_fiber(Fiber& f, bool exiting) {
 #endif
 }
 
-void run_groups(std::deque<Group>& groups, size_t keep) {
-  while (groups.size() > keep) {
-    Group g = std::move(groups.front());
-    groups.pop_front();
-    for (auto& op : g.ops) op();
-  }
-}
-
 std::map<std::pair<int, const float*>, std::shared_ptr<AccumulatorState>> accumulators;
 std::string error;  // the failure that ended the running block ("" while none)
 
@@ -218,10 +226,10 @@ void entry() {
   Fiber& f = fibers[current];
   // a thread's outstanding asynchronous work completes (cp.async into shared memory nobody reads any more, or the
   // kernel's bug: the sanitizers' business on a GPU; here it simply lands)
-  if (!f.cp_open.empty()) f.cp_groups.push_back(Group{std::move(f.cp_open)});
-  run_groups(f.cp_groups, 0);
-  if (!f.wg_open.empty()) fail("wgmma issued but never committed");
-  run_groups(f.wg_groups, 0);
+  if (!f.cp_async.open.empty()) f.cp_async.commit();
+  f.cp_async.wait(0);
+  if (!f.wgmma.open.empty()) fail("wgmma issued but never committed");
+  f.wgmma.wait(0);
   finish_fiber(f);
 }
 
@@ -374,13 +382,9 @@ void* shared_pointer(uint32_t address) {
 
 unsigned char* dynamic_shared() { return dynamic_area; }
 
-void cp_async_push(std::function<void()> copy) { fibers[current].cp_open.push_back(std::move(copy)); }
-void cp_async_commit() {
-  Fiber& f = fibers[current];
-  f.cp_groups.push_back(Group{std::move(f.cp_open)});
-  f.cp_open.clear();
-}
-void cp_async_wait(int pending_allowed) { run_groups(fibers[current].cp_groups, pending_allowed); }
+void cp_async_push(std::function<void()> copy) { fibers[current].cp_async.push(std::move(copy)); }
+void cp_async_commit() { fibers[current].cp_async.commit(); }
+void cp_async_wait(int pending_allowed) { fibers[current].cp_async.wait(pending_allowed); }
 std::shared_ptr<AccumulatorState> accumulator_state(const float* registers) {
 #if WS_EMU_TSAN
   const HiddenFromTsan hidden;  // the emulator's table, not the kernel's memory
@@ -390,13 +394,9 @@ std::shared_ptr<AccumulatorState> accumulator_state(const float* registers) {
   return slot;
 }
 
-void wgmma_push(std::function<void()> op) { fibers[current].wg_open.push_back(std::move(op)); }
-void wgmma_commit() {
-  Fiber& f = fibers[current];
-  f.wg_groups.push_back(Group{std::move(f.wg_open)});
-  f.wg_open.clear();
-}
-void wgmma_wait(int pending_allowed) { run_groups(fibers[current].wg_groups, pending_allowed); }
+void wgmma_push(std::function<void()> op) { fibers[current].wgmma.push(std::move(op)); }
+void wgmma_commit() { fibers[current].wgmma.commit(); }
+void wgmma_wait(int pending_allowed) { fibers[current].wgmma.wait(pending_allowed); }
 
 namespace {
 std::vector<std::string> launch_log;
@@ -470,10 +470,8 @@ void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& ker
 #endif
           f.wait = Wait::None;
           f.started = false;
-          f.cp_open.clear();
-          f.cp_groups.clear();
-          f.wg_open.clear();
-          f.wg_groups.clear();
+          f.cp_async.clear();
+          f.wgmma.clear();
 #if WS_EMU_ASAN
           ASAN_UNPOISON_MEMORY_REGION(f.stack, kStackBytes);  // frames an abandoned block left behind
 #endif

@@ -76,9 +76,6 @@ unsigned char* dynamic_shared();  // the block's extern __shared__ area
 constexpr size_t kDynamicSharedBytes = 232448;  // 227 KiB: an H100/H200 block's opt-in maximum
 
 // Deferred work of the current thread: cp.async groups and wgmma groups, run by their waits (and at thread exit).
-struct Deferred {
-  std::function<void()> run;
-};
 void cp_async_push(std::function<void()> copy);
 void cp_async_commit();
 void cp_async_wait(int pending_allowed);
