@@ -54,6 +54,11 @@ def clean_env(monkeypatch):
     return monkeypatch
 
 
+def as_pair(v):
+    """A conv argument (an int or a per-axis pair) as the [h, w] list the conv_kernel op takes."""
+    return [v, v] if isinstance(v, int) else list(v)
+
+
 def launched(emu, fn):
     """fn()'s result and the kernels it launched (source names, with their launcher's signature)."""
     emu.clear_launches()
@@ -225,9 +230,8 @@ def test_emu_implicit_gemm_conv(emu, case, bits, clean_env, gen):
     w = ws.ops.dequantize(packed, cb, bits, shape)
     x = torch.randn(n, cin, h, w_, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
     b = torch.randn(out, generator=gen)
-    pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
-    y, names = launched(emu, lambda: emu.conv_kernel(x, packed, cb, bits, shape, b, pair(s), pair(p), pair(d), 1,
-                                                     "implicit"))
+    y, names = launched(emu, lambda: emu.conv_kernel(x, packed, cb, bits, shape, b, as_pair(s), as_pair(p),
+                                                     as_pair(d), 1, "implicit"))
     assert any("conv_mma_kernel" in n for n in names)
     assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
     tol = 2e-2 if dtype == torch.float16 else 5e-2
@@ -251,8 +255,7 @@ def test_emu_depthwise_conv(emu, case, dtype, layout, clean_env, gen):
     clean_env.setenv("WS_CUDA_CONV", "depthwise")
     x, packed, cb, bits, shape, b = depthwise_problem(case, dtype, layout, "per_channel", gen)
     _, _, _, _, s, p, d, _, _ = case
-    pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
-    y, names = launched(emu, lambda: emu.conv_kernel(x, packed, cb, bits, shape, b, pair(s), pair(p), pair(d),
+    y, names = launched(emu, lambda: emu.conv_kernel(x, packed, cb, bits, shape, b, as_pair(s), as_pair(p), as_pair(d),
                                                      x.shape[1], "depthwise"))
     assert any("depthwise" in n for n in names), names
     check_depthwise_output(y, case, x, packed, cb, bits, shape, b)
@@ -364,7 +367,7 @@ SANITIZER_SELECTION = "not orders and not three and not sanitizer and not report
 
 @pytest.mark.skipif(VARIANT != "", reason="this is the run under a sanitizer")
 @pytest.mark.parametrize("variant", ["asan", "tsan"])
-def test_emu_kernels_under_sanitizer(emu, variant):
+def test_emu_kernels_under_sanitizer(variant):
     """This file's kernel tests again with the emulator built under a sanitizer, each in a process of its own with
     the runtime preloaded. asan: a kernel that reads or writes outside its tensors, its __shared__ arrays or the
     shared memory it launched with is reported where it happens (compute-sanitizer's memcheck). tsan: two threads
@@ -379,7 +382,7 @@ def test_emu_kernels_under_sanitizer(emu, variant):
 
 
 @pytest.mark.skipif(VARIANT != "", reason="this is the run under a sanitizer")
-def test_emu_thread_sanitizer_reports_races(emu):
+def test_emu_thread_sanitizer_reports_races():
     """The tsan variant's racecheck itself: a thread reading its neighbour's shared slot with no barrier, or with
     only __syncwarp where the neighbour is in the other warp, is reported as a data race in that kernel; with
     __syncthreads, or with atomics on one shared counter, nothing is."""
@@ -397,7 +400,7 @@ def test_emu_thread_sanitizer_reports_races(emu):
 
 
 @pytest.mark.skipif(VARIANT != "", reason="this is the run under a sanitizer")
-def test_emu_address_sanitizer_reports_overruns(emu):
+def test_emu_address_sanitizer_reports_overruns():
     """The asan variant's memcheck itself: one float read past the shared memory a kernel was launched with, or
     past the end of its input tensor, is reported in that kernel; the same kernel in bounds is clean."""
     for mode, where in [(0, None), (1, "overrun_kernel"), (2, "overrun_kernel")]:
