@@ -28,6 +28,29 @@ BATCHES = [1, 64]
 ROUNDS = 3  # every row's four timings in 3 rounds, medians reported (time_rounds)
 
 
+def lookup8_forms(x, packed, cb, bits, dense_w) -> dict:
+    """The AVX2 GEMV's two 6-8-bit lookups (WS_CPU_LOOKUP8: gathers, scalar loads; unset, the one measured faster
+    at the first call) in rounds beside dense, batch 1 float from cache."""
+    out_f, in_f = dense_w.shape
+    env = os.environ.pop("WS_CPU_LOOKUP8", None)
+
+    def form(name):
+        def call():
+            os.environ["WS_CPU_LOOKUP8"] = name
+            return ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f)
+        return call
+    try:
+        t_dense, t_g, t_s = (t * 1e3 for t in time_rounds(
+            [lambda: F.linear(x, dense_w), form("gather"), form("scalar")], [15] * 3, rounds=ROUNDS))
+    finally:
+        os.environ.pop("WS_CPU_LOOKUP8", None)
+        if env is not None:
+            os.environ["WS_CPU_LOOKUP8"] = env
+    print(f"bits={bits} AVX2 lookups at batch 1: gathers {t_g:.3f} ms ({t_dense / t_g:.2f}x dense), scalar loads "
+          f"{t_s:.3f} ms ({t_dense / t_s:.2f}x)", flush=True)
+    return {"lookup8_gather_ms": t_g, "lookup8_scalar_ms": t_s, "lookup8_dense_fp32_ms": t_dense}
+
+
 def run() -> dict:
     out_f, in_f = SHAPE
     g = torch.Generator().manual_seed(0)
@@ -74,6 +97,8 @@ def run() -> dict:
                         row["ws_int8_dram_ms"] = t_d
                         row["torch_int8_dynamic_dram_ms"] = t_qd
                         row["int8_dram_speedup_vs_torch_int8"] = t_qd / t_d
+                        if bits >= 6 and os.environ.get("WS_CPU_SIMD", "").startswith("avx2"):
+                            row.update(lookup8_forms(x, packed, cb, bits, dense_w))
                     out["rows"].append(row)
                     print(f"bits={bits} {row['codebooks']:9s} M={M:3d}: float {t_f:7.3f} ms "
                           f"({row['float_speedup_vs_dense']:5.2f}x dense) | int8 {t_8:7.3f} ms "

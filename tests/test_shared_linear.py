@@ -124,6 +124,37 @@ def test_gemv_padded_last_step_adds_zeros(bits, in_f, simd, gen):
                                    reference.shared_linear(x, packed, cb, bits, out_f, in_f), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bits", [6, 7, 8])
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+@pytest.mark.parametrize("in_f", [8, 300, 1100])
+@pytest.mark.parametrize("groups", [1, 6])
+def test_avx2_gemv_lookup_forms_agree(bits, M, in_f, groups, monkeypatch, gen):
+    """The AVX2 GEMV's 6-8-bit lookups by gathers and by scalar loads (WS_CPU_LOOKUP8; unset, whichever ran faster
+    on this core) give the same bits, equal to the reference; an index past a short codebook gives NaN in both
+    (one codebook of 2**bits - 5 entries). Rows of one 8-index step, and of many with tails."""
+    monkeypatch.setenv("WS_CPU_SIMD", "avx2")
+    out_f, n = 12, 1 << bits
+    k = n - 5 if groups == 1 else n
+    idx = torch.randint(0, n, (out_f, in_f), generator=gen, dtype=torch.uint8)
+    if k < n and in_f > 8:  # rows with no index past the codebook too: the NaN must stay in its own rows
+        idx[::2] %= k
+    packed, cb = ws.ops.pack(idx, bits), torch.randn(groups, k, generator=gen) * 0.1
+    x = torch.randn(M, in_f, generator=gen)
+    got = {}
+    for form in ("gather", "scalar", None):
+        if form is None:
+            monkeypatch.delenv("WS_CPU_LOOKUP8")
+        else:
+            monkeypatch.setenv("WS_CPU_LOOKUP8", form)
+        got[form] = ws.ops.shared_linear(x, packed, cb, bits, out_f, in_f).view(torch.int32)
+    assert torch.equal(got["gather"], got["scalar"]) and torch.equal(got["gather"], got[None])
+    y = got["gather"].view(torch.float32)
+    rows_bad = (idx.long() >= k).any(dim=1)  # a row's outputs are NaN if and only if one of its indices is past the codebook
+    assert torch.equal(torch.isnan(y), rows_bad.expand(M, out_f))
+    want = reference.shared_linear(x, packed, cb, bits, out_f, in_f)
+    torch.testing.assert_close(y[:, ~rows_bad], want[:, ~rows_bad], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("bits", [1, 3, 4, 8])
 @pytest.mark.parametrize("M", [9, 37, 300])
 @pytest.mark.parametrize("groups", [1, 3])

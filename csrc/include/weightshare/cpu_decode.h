@@ -185,6 +185,32 @@ WS_AVX2 inline __m256 lookup8_scalar(uint64_t v, const float* table) {
   return _mm256_castsi256_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
 }
 
+// lookup8_scalar's 8 entries by one vgatherdps: the indices widened to dwords (8 bits: one vpmovzxbd; 5-7 bits:
+// two 64-bit variable shifts of the broadcast step put index 2q in qword q's low dword and 2q + 1 in its high one).
+// Which of the two is faster depends on the core, not the width: on the Zen 4 VM the gather took 10 cycles per 8
+// entries against 5.3-5.7, on the Intel VM (Xeon, no gather-data-sampling mitigation) 4.1 against 5.9
+// (benchmarks/bench_linear_widths.py records both), so lookup8_gathers() measures them once per process.
+template <int BITS>
+WS_AVX2 inline __m256 lookup8_gather(uint64_t v, const float* table) {
+  __m256i idx;
+  if constexpr (BITS == 8) {
+    idx = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(v)));
+  } else {
+    const __m256i b = _mm256_set1_epi64x(static_cast<long long>(v));
+    const __m256i even = _mm256_srlv_epi64(b, _mm256_setr_epi64x(0, 2 * BITS, 4 * BITS, 6 * BITS));
+    const __m256i odd = _mm256_srlv_epi64(b, _mm256_setr_epi64x(BITS, 3 * BITS, 5 * BITS, 7 * BITS));
+    idx = _mm256_and_si256(_mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA),
+                           _mm256_set1_epi32((1 << BITS) - 1));
+  }
+  return _mm256_i32gather_ps(table, idx, 4);
+}
+
+// Whether the AVX2 GEMV looks 5-8-bit codebooks up by gathers (lookup8_gather) rather than scalar loads
+// (lookup8_scalar), from WS_CPU_LOOKUP8 = gather | scalar (read on every call, so tests and benchmarks can compare
+// them); unset: whichever ran faster on this core in a timing of both taken at the first call
+// (csrc/cpu/lookup8_choice.cpp). The results are the same bits either way.
+bool lookup8_gathers();
+
 // The 8 indices of 8-index step `step` of a row (BITS bytes from byte step * BITS) as one 64-bit load; the caller
 // keeps step * BITS + 8 <= row_bytes.
 inline uint64_t load_step8(const uint8_t* row, int64_t step, int bits) {
