@@ -171,7 +171,10 @@ def run_cuda() -> dict:
                     finally:
                         for key in env:
                             os.environ.pop(key, None)
-                paths = {"simt": ({"WS_CUDA_GEMV": "off"}, M <= 8), "mma": ({"WS_CUDA_GEMV": "mma"}, M <= 64),
+                paths = {"simt": ({"WS_CUDA_GEMV": "off"}, M <= 8),
+                         # its byte-table form (2 and 4 bits; 16-bit x of 2 rows and more goes to the mma GEMV)
+                         "simt_bytes": ({"WS_CUDA_GEMV": "bytes"}, M == 1 and bits in (2, 4)),
+                         "mma": ({"WS_CUDA_GEMV": "mma"}, M <= 64),
                          "panels": ({"WS_CUDA_GEMV": "off", "WS_CUDA_LINEAR": "panels"}, M > 8),
                          "tiles": ({"WS_CUDA_GEMV": "off", "WS_CUDA_LINEAR": "tiles"}, M > 8),
                          # the fused GEMMs at 1 row too: a decode into tensor-core fragments costs fewer

@@ -1,6 +1,7 @@
 """What the GPU defaults should be, from a gpu_check.sh run's JSON: the first GPU run after sessions 19-20 must set
-kFusedDefaultFirstM (csrc/cuda/fused_gemm_staging.h) and kImplicitConvDefault / kDepthwiseConvDefault
-(csrc/cuda/shared_conv_cuda.h), which keep the fused GEMMs and our conv kernels opt-in until measured.
+kFusedDefaultFirstM (csrc/cuda/fused_gemm_staging.h), kImplicitConvDefault / kDepthwiseConvDefault
+(csrc/cuda/shared_conv_cuda.h) and kGemvBytesDefault (csrc/cuda/shared_linear.cu), which keep the fused GEMMs, our
+conv kernels and the SIMT GEMV's byte tables opt-in until measured.
 
     python benchmarks/gpu_defaults.py [benchmarks/results/gpu/<date>-H200]    (default: the newest such folder)
 
@@ -8,6 +9,7 @@ Rules (each printed with its evidence):
 * shared_linear: per batch size, the fastest path over every layer and bit width measured (the geometric mean of
   its time against the default's). The fused GEMMs become the default from the smallest batch at which one of them
   is fastest at that batch and at every larger one; the printed line is the constant to set (INT64_MAX: never).
+* the SIMT GEMV's byte tables: the default only if faster than the plain form on every row that timed both.
 * conv: a kernel becomes the default only if it beats what runs without it (decode + cuDNN, the "ws" column) on
   every layer and batch it took; one loss keeps it opt-in (a default must not slow down any layer measured).
 """
@@ -50,6 +52,18 @@ def linear_advice(rows: list[dict]) -> tuple[str, list[str]]:
     return f"constexpr int64_t kFusedDefaultFirstM = {value};", lines
 
 
+def gemv_bytes_advice(rows: list[dict]) -> tuple[str, list[str]]:
+    """(the kGemvBytesDefault line, the evidence lines): the SIMT GEMV's byte-table form on only if it beat the plain
+    form on every row where both ran."""
+    taken = [r for r in rows if "ws_simt_bytes_ms" in r and "ws_simt_ms" in r]
+    if not taken:
+        return "kGemvBytesDefault stays false (no row timed both forms)", []
+    lines = [f"  {r['shape'][0]}x{r['shape'][1]} {r['bits']}-bit M={r['batch']}: bytes "
+             f"{r['ws_simt_ms'] / r['ws_simt_bytes_ms']:.2f}x the plain SIMT GEMV" for r in taken]
+    on = all(r["ws_simt_bytes_ms"] < r["ws_simt_ms"] for r in taken)
+    return f"constexpr bool kGemvBytesDefault = {'true' if on else 'false'};", lines
+
+
 def conv_advice(rows: list[dict], column: str, constant: str) -> tuple[str, list[str]]:
     """(the constant's line, the evidence lines): on only if the kernel beat decode + cuDNN on every row it took."""
     taken = [r for r in rows if column in r]
@@ -76,6 +90,8 @@ def main(argv: list[str]) -> None:
     linear = json.loads((folder / "shared_linear_cuda.json").read_text())["results"]
     line, evidence = linear_advice(linear)
     print("shared_linear (fused_gemm_staging.h):", line, *evidence, sep="\n")
+    line, evidence = gemv_bytes_advice(linear)
+    print("SIMT GEMV byte tables (shared_linear.cu):", line, *evidence, sep="\n")
     conv_file = folder / "shared_conv_cuda.json"
     if conv_file.exists():
         conv = json.loads(conv_file.read_text())["results"]

@@ -118,6 +118,9 @@ def test_emu_assign_and_kmeans_step(emu, k, groups, gen):
 # path -> (environment, the kernel name that must take the call, in_features, rows of x)
 LINEAR_PATHS = {
     "simt": ({"WS_CUDA_GEMV": "off"}, "launch_gemv(", 300, [1, 5, 8]),
+    # the byte-table form takes 2 and 4 bits with a codebook per block (else the plain SIMT GEMV runs); 16-bit x of
+    # more rows goes to the tensor-core GEMV
+    "simt_bytes": ({"WS_CUDA_GEMV": "bytes"}, "byte_table_kernel", 300, [1, 1]),
     "mma_gemv": ({"WS_CUDA_GEMV": "mma"}, "gemv_mma_kernel", 300, [1, 5, 16, 17, 40]),
     "default": ({}, "", 300, [1, 2, 16, 17]),
     "panels": ({"WS_CUDA_GEMV": "off", "WS_CUDA_LINEAR": "panels"}, "panel", 300, [17, 40]),
@@ -151,9 +154,35 @@ def test_emu_linear_16bit(emu, path, bits, groups, clean_env, gen):
         torch.testing.assert_close(y.float(), want, rtol=TOL[dtype][0], atol=TOL[dtype][1])
         # the fused GEMMs' rules: wgmma one codebook per block of output rows; mma.sync per-row tables (any grouping
         # that splits a block) at 2, 3, 4 and 8 bits only
-        declines = (path == "wgmma" and groups != "one") or (path == "fused" and groups != "one" and bits in (1, 5))
+        declines = ((path == "wgmma" and groups != "one") or (path == "fused" and groups != "one" and bits in (1, 5))
+                    or (path == "simt_bytes" and (groups != "one" or bits not in (2, 4))))
         if kernel and not declines:
             assert any(kernel in n for n in names), (M, names)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("dtype, M", [(torch.float32, 1), (torch.float32, 3), (torch.float32, 16),
+                                      (torch.float16, 1), (torch.bfloat16, 1)])
+@pytest.mark.parametrize("out_f, in_f, groups", [(37, 300, 1), (64, 4096, 2), (48, 600, 3), (24, 300, 3)])
+def test_emu_gemv_byte_table_is_bit_identical(emu, bits, dtype, M, out_f, in_f, groups, clean_env, gen):
+    """The SIMT GEMV's byte-table form (WS_CUDA_GEMV=bytes) gives the plain form's output bit for bit (the same
+    products in the same order), NaN where an index is past a short codebook included, over whole spans and a
+    partial last one; it takes a call only where the rows of each 16-row block share a codebook (1 codebook; 2 of
+    32 rows; 3 of 16; not 3 of 8). 16-bit x at one row: more go to the tensor-core GEMV."""
+    k = (1 << bits) - 1
+    idx = torch.randint(0, 1 << bits, (out_f, in_f), generator=gen, dtype=torch.uint8)
+    idx[1::2] %= k  # every other row free of the index past the codebook
+    packed, cb = ws.ops.pack(idx, bits), torch.randn(groups, k, generator=gen)
+    x = torch.randn(M, in_f, generator=gen).to(dtype)
+    clean_env.setenv("WS_CUDA_GEMV", "off")
+    want, plain = launched(emu, lambda: emu.shared_linear(x, packed, cb, bits, out_f, in_f, None, "float"))
+    clean_env.setenv("WS_CUDA_GEMV", "bytes")
+    got, names = launched(emu, lambda: emu.shared_linear(x, packed, cb, bits, out_f, in_f, None, "float"))
+    assert torch.equal(got.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       want.view(torch.int16 if dtype != torch.float32 else torch.int32))
+    assert torch.isnan(got).any() and not torch.isnan(got[:, 1::2]).any()
+    assert any("byte_table_kernel" in n for n in names) == (groups == 1 or (out_f // groups) % 16 == 0), names
+    assert not any("byte_table_kernel" in n for n in plain)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
@@ -304,7 +333,7 @@ def test_emu_reports_broken_warp_synchronisation(emu):
 
 
 @pytest.mark.parametrize("schedule", ["reverse", "shuffle"])
-@pytest.mark.parametrize("path", ["simt", "mma_gemv", "fused", "wgmma", "panels", "tiles"])
+@pytest.mark.parametrize("path", ["simt", "simt_bytes", "mma_gemv", "fused", "wgmma", "panels", "tiles"])
 def test_emu_linear_under_other_thread_orders(emu, schedule, path, clean_env, gen):
     """The same results when the threads of each block run in reverse or a random order between barriers
     (WS_EMU_SCHEDULE): a kernel that reads shared memory another thread writes without a barrier in between would

@@ -41,3 +41,14 @@ def test_conv_kernels_become_default_only_without_a_loss():
     line, _ = gpu_defaults.conv_advice(conv, "ws_depthwise_ms", "kDepthwiseConvDefault")
     assert line == "constexpr bool kDepthwiseConvDefault = true;"
     assert "stays false" in gpu_defaults.conv_advice(conv[2:], "ws_depthwise_ms", "kDepthwiseConvDefault")[0]
+
+
+def test_gemv_byte_tables_become_the_default_only_if_they_win_every_row():
+    both = [{"shape": [8192, 8192], "bits": b, "batch": 1, "ws_simt_ms": 0.020, "ws_simt_bytes_ms": t}
+            for b, t in ((4, 0.015), (2, 0.012))]
+    line, evidence = gpu_defaults.gemv_bytes_advice(both + [{"shape": [8192, 8192], "bits": 8, "batch": 1,
+                                                             "ws_simt_ms": 0.03}])
+    assert line == "constexpr bool kGemvBytesDefault = true;" and len(evidence) == 2 and "1.33x" in evidence[0]
+    both[1]["ws_simt_bytes_ms"] = 0.021
+    assert gpu_defaults.gemv_bytes_advice(both)[0] == "constexpr bool kGemvBytesDefault = false;"
+    assert gpu_defaults.gemv_bytes_advice([])[0].startswith("kGemvBytesDefault stays false")

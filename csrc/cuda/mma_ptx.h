@@ -68,6 +68,13 @@ __device__ __forceinline__ uint2 lds_u64(uint32_t address) {
   return v;
 }
 
+__device__ __forceinline__ uint4 lds_u128(uint32_t address) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(address)
+               : "memory");
+  return v;
+}
+
 // A register holding an unspecified value, made without an instruction (the tensor-core GEMV's A fragment rows 8-15
 // when no row of x lands there: an A row reaches only its own D row, and rows past M are never stored).
 __device__ __forceinline__ uint32_t unspecified() {

@@ -16,6 +16,12 @@
 //    GPU: the x-alignment flag as a template parameter (XV), lookups addressed by OR (entry_address) and spans
 //    loaded without bounds checks where they lie inside the row cut the fp16 4-bit batch-1 loop from 995 to 673
 //    SASS instructions per 128 weights (5.3 per weight: shift, LOP3, LDS, FFMA, half an fp16 conversion, 0.8 other).
+//    Its byte-table form (BYTES; 2 and 4 bits, a codebook per block; kGemvBytesDefault: WS_CUDA_GEMV=bytes until a GPU
+//    run has timed it)
+//    looks each index *byte* up at once: a 256-entry table of the 2 (4 bits) or 4 (2 bits) fp32 weights a byte
+//    stands for, replicated so that the lanes of one shared-memory transaction read distinct banks. A PRMT, a LEA
+//    and one 8- or 16-byte load per byte instead of a shift, a LOP3 and a load per weight: SASS per 128 weights
+//    (fp16, batch 1) 673 -> 481 at 4 bits, 672 -> 401 at 2 bits. Same products in the same order: bit-identical.
 //  * the tensor-core GEMV (shared_linear_gemv_mma.cu) for fp16/bf16 x of 2 to 16 rows (gemv_mma_takes), so 16-bit x
 //    takes the SIMT GEMV at 1 row only.
 //  * WS_CUDA_LINEAR=fused: the fused tensor-core GEMM (shared_linear_gemm_mma.cu) for fp16/bf16 x of any number of
@@ -38,6 +44,8 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <string_view>
 #include <type_traits>
 
 #include "weightshare/checks.h"
@@ -62,6 +70,14 @@ constexpr int kGemvWarps = 8;
 constexpr int kGemvRows = 2;    // output rows per warp: each loaded x value feeds both
 constexpr int kGemvMaxMT = 8;   // x rows per GEMV block
 constexpr int kSpan = LaneSpan<1>::kSpan;  // indices of a row per GEMV warp step (packing.h)
+
+// The byte table (BYTES): entry b (a byte of packed indices) holds the 8 / BITS fp32 weights of its indices, one copy
+// per lane of a shared-memory transaction: 128 bytes per entry (16 copies of 8 bytes at 4 bits, 8 of 16 at 2 bits,
+// the lanes of a half- or quarter-warp each in their own banks), 32 KB in all.
+constexpr int kByteEntryBytes = 128;
+constexpr int kByteTableFloats = 256 * kByteEntryBytes / 4;
+template <int BITS>
+constexpr bool byte_table_bits() { return BITS == 2 || BITS == 4; }
 
 
 // One block per row of x: max|x| (NaN-propagating, as torch.amax), then the int8 row, zero padded to kp bytes (a
@@ -146,15 +162,35 @@ __device__ __forceinline__ uint32_t entry_address(const uint32_t* v, int e, uint
 // The lane's 8 indices (v: LaneSpan's bits from bit 0) of both rows against mc (<= MT) rows of x[., k .. k+8);
 // tab: the shared address of the rows' float tables (row r's at tab + 4 r 2**BITS). XV: x rows 16-byte aligned (a
 // template flag: as a run-time one, both load forms were issued, the unused one predicated off, on every span).
-template <typename T, int BITS, int MT, bool XV>
+// BYTES: tab is the lane's copy in the byte table (its address + lane % copies * entry bytes) and each of the BITS
+// bytes of v gives 8 / BITS weights with one load (byte b moved to bits 7.. by a PRMT and a LEA).
+template <typename T, int BITS, int MT, bool XV, bool BYTES>
 __device__ __forceinline__ void gemv_lane_float(const uint32_t (&v)[kGemvRows][LaneSpan<BITS>::kWords], uint32_t tab,
                                                 const T* x, int64_t x_ld, int mc, int64_t k,
                                                 float (&acc)[kGemvRows][MT]) {
   float wv[kGemvRows][8];
 #pragma unroll
   for (int r = 0; r < kGemvRows; ++r) {
+    if constexpr (BYTES) {
 #pragma unroll
-    for (int e = 0; e < 8; ++e) wv[r][e] = lds_f32(entry_address<BITS>(v[r], e, tab + 4u * r * (1u << BITS)));
+      for (int b = 0; b < BITS; ++b) {
+        const uint32_t address = tab + (__byte_perm(v[r][0], 0u, 0x4440u + b) << 7);
+        if constexpr (BITS == 4) {
+          const uint2 u = lds_u64(address);
+          wv[r][2 * b] = __uint_as_float(u.x);
+          wv[r][2 * b + 1] = __uint_as_float(u.y);
+        } else {
+          const uint4 u = lds_u128(address);
+          wv[r][4 * b] = __uint_as_float(u.x);
+          wv[r][4 * b + 1] = __uint_as_float(u.y);
+          wv[r][4 * b + 2] = __uint_as_float(u.z);
+          wv[r][4 * b + 3] = __uint_as_float(u.w);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) wv[r][e] = lds_f32(entry_address<BITS>(v[r], e, tab + 4u * r * (1u << BITS)));
+    }
   }
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
@@ -217,8 +253,11 @@ __device__ void gemv_tail_float(const uint32_t* const (&rows)[kGemvRows], const 
 // grid: (ceil(N / (8 warps * 2 rows)), splits, ceil(M / MT)). A warp walks its rows' spans (LaneSpan: lane l takes
 // indices [8 l, 8 l + 8) of each 256, so the warp's x loads are one contiguous run and its index loads consecutive
 // words), kAhead spans' words loaded before the first is used (the bytes in flight that hide HBM latency).
-template <typename T, int BITS, int MT, bool INT8, bool XV>
+// BYTES: the byte table, staged by the whole block (its rows share one codebook: the host checks) before any warp
+// leaves; the per-warp tables stay for the row's partial last span.
+template <typename T, int BITS, int MT, bool INT8, bool XV, bool BYTES>
 __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const GemvArgs a) {
+  static_assert(!BYTES || (!INT8 && byte_table_bits<BITS>()), "the byte table: float path, 2 or 4 bits");
   constexpr int TS = 1 << BITS;
   using Acc = std::conditional_t<INT8, int, float>;
   using Lane = LaneSpan<BITS>;
@@ -226,6 +265,18 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const GemvArgs a)
   // aligned to a whole table pair, so each table's address has zeros where entry_address ORs in the offset
   __shared__ __align__(8 * TS) Acc s_tab[kGemvWarps][kGemvRows][TS];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  uint32_t lane_bytes = 0;  // BYTES: the lane's copy in the byte table
+  if constexpr (BYTES) {
+    constexpr int E = 8 / BITS;  // weights per index byte
+    __shared__ __align__(128) float s_bytes[kByteTableFloats];
+    const int64_t g = int64_t(blockIdx.x) * kGemvWarps * kGemvRows / a.w.rows_per_group;
+    for (int i = threadIdx.x; i < kByteTableFloats; i += kGemvWarps * 32) {
+      const int byte = i / (kByteEntryBytes / 4), e = i % E;  // float i: weight e of byte `byte`, some copy
+      s_bytes[i] = codebook_entry(a.w, g, (byte >> (BITS * e)) & (TS - 1));
+    }
+    __syncthreads();
+    lane_bytes = shared_address(s_bytes) + (lane % (kByteEntryBytes / (4 * E))) * (4 * E);
+  }
   const int64_t n_first = (int64_t(blockIdx.x) * kGemvWarps + warp) * kGemvRows;
   if (n_first >= a.w.N) return;  // whole warps only: no block-wide barrier below
   int64_t n[kGemvRows];
@@ -286,7 +337,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const GemvArgs a)
       if constexpr (INT8) {
         gemv_lane_int8<BITS, MT>(v, s_tab[warp], xq, a.x_ld, mc, k, acc);
       } else {
-        gemv_lane_float<T, BITS, MT, XV>(v, tab, x, a.x_ld, mc, k, acc);
+        gemv_lane_float<T, BITS, MT, XV, BYTES>(v, BYTES ? lane_bytes : tab, x, a.x_ld, mc, k, acc);
       }
     }
   };
@@ -431,6 +482,17 @@ __global__ void __launch_bounds__(kTileThreads) grad_w_tile_kernel(const TileArg
 }
 
 
+// Whether the SIMT GEMV takes its byte-table form where it applies: off until a GPU run has timed it (the first
+// H200 run sets it: `python benchmarks/gpu_defaults.py` reads bench_shared_linear.py --cuda's simt / simt_bytes
+// columns). WS_CUDA_GEMV, read per call: "bytes" asks for it, "off" for the plain SIMT GEMV.
+constexpr bool kGemvBytesDefault = false;
+
+bool gemv_bytes_wanted() {
+  const char* sw = std::getenv("WS_CUDA_GEMV");
+  const std::string_view mode = sw == nullptr ? std::string_view() : std::string_view(sw);
+  return mode == "bytes" || (mode != "off" && kGemvBytesDefault);
+}
+
 template <typename T, int BITS, bool INT8>
 void launch_gemv(GemvArgs a, int sms, const at::Tensor& like) {
   const int64_t M = a.out.M;
@@ -442,19 +504,36 @@ void launch_gemv(GemvArgs a, int sms, const at::Tensor& like) {
   a.units_per_split = per;
   const at::Tensor ws = set_splits(a.out, splits, INT8, like);
   check_grid(splits, mblocks, nblocks);
-  // float x rows 16-byte aligned or not (int8 rows are padded: always)
+  // float x rows 16-byte aligned or not (int8 rows are padded: always); the byte table where asked and the block's
+  // rows share a codebook
+  const bool one_group = a.w.rows_per_group == a.w.N || a.w.rows_per_group % (kGemvWarps * kGemvRows) == 0;
+  [[maybe_unused]] const bool bytes = !INT8 && byte_table_bits<BITS>() && one_group && gemv_bytes_wanted();
   auto* kernel = [&] {
     if constexpr (INT8) {
-      return mt == 1 ? gemv_kernel<T, BITS, 1, true, true> : gemv_kernel<T, BITS, kGemvMaxMT, true, true>;
+      return mt == 1 ? gemv_kernel<T, BITS, 1, true, true, false> : gemv_kernel<T, BITS, kGemvMaxMT, true, true, false>;
     } else {
       if (a.x_vec) {
-        return mt == 1 ? gemv_kernel<T, BITS, 1, false, true> : gemv_kernel<T, BITS, kGemvMaxMT, false, true>;
+        return mt == 1 ? gemv_kernel<T, BITS, 1, false, true, false>
+                       : gemv_kernel<T, BITS, kGemvMaxMT, false, true, false>;
       }
-      return mt == 1 ? gemv_kernel<T, BITS, 1, false, false> : gemv_kernel<T, BITS, kGemvMaxMT, false, false>;
+      return mt == 1 ? gemv_kernel<T, BITS, 1, false, false, false>
+                     : gemv_kernel<T, BITS, kGemvMaxMT, false, false, false>;
     }
   }();
-  kernel<<<dim3(static_cast<unsigned>(nblocks), splits, static_cast<unsigned>(mblocks)), kGemvWarps * 32, 0,
-           cuda::stream()>>>(a);
+  const dim3 grid(static_cast<unsigned>(nblocks), splits, static_cast<unsigned>(mblocks));
+  if constexpr (!INT8 && byte_table_bits<BITS>()) {
+    if (bytes) {  // launched under its own name, which the emulator's launch log (tests) shows
+      auto* byte_table_kernel = a.x_vec ? (mt == 1 ? gemv_kernel<T, BITS, 1, false, true, true>
+                                                   : gemv_kernel<T, BITS, kGemvMaxMT, false, true, true>)
+                                        : (mt == 1 ? gemv_kernel<T, BITS, 1, false, false, true>
+                                                   : gemv_kernel<T, BITS, kGemvMaxMT, false, false, true>);
+      byte_table_kernel<<<grid, kGemvWarps * 32, 0, cuda::stream()>>>(a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      finalize(a.out, INT8);
+      return;
+    }
+  }
+  kernel<<<grid, kGemvWarps * 32, 0, cuda::stream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   finalize(a.out, INT8);
 }

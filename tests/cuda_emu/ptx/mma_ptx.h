@@ -86,6 +86,7 @@ inline uint2 lds_u64(uint32_t address) {
   const uint64_t v = emu_lds<uint64_t>(address);
   return make_uint2(static_cast<uint32_t>(v), static_cast<uint32_t>(v >> 32));
 }
+inline uint4 lds_u128(uint32_t address) { return emu_lds<uint4>(address); }
 
 // An unspecified register: NaN in both halves, so a value that should never reach a stored output shows if it does.
 inline uint32_t unspecified() { return 0x7fff7fffu; }
