@@ -42,7 +42,8 @@ double best_pass(const uint8_t* idx, const float* table, double best, float& sin
 }
 
 bool measure_gathers_faster() {
-  if (simd_level() < Simd::Avx2) return false;
+  // the CPU's own support, not simd_level(): WS_CPU_SIMD may cap the path of the call that happens to come first
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return false;
   alignas(64) float table[256];
   alignas(64) uint8_t idx[kIndexBytes];
   uint32_t s = 0x9E3779B9u;  // xorshift: indices spread over the whole table, as k-means codebooks are used
