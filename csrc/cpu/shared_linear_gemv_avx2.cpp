@@ -316,9 +316,6 @@ WS_AVX2 void rows_permute(const PackedLinear& w, const float* x, int64_t r0, int
 
 template <int BITS, int M, bool GATHER>
 WS_AVX2 void rows_lookup(const PackedLinear& w, const float* x, int64_t r0, int64_t r1, float* y) {
-  const auto lookup = [](uint64_t v, const float* table) {
-    return GATHER ? lookup8_gather<BITS>(v, table) : lookup8_scalar<BITS>(v, table);
-  };
   const int64_t steps = steps8_in_row(w.row_bytes, BITS, w.in_features / 8);
   GroupTable gt;
   for (int64_t r = r0; r < r1; ++r) {
@@ -329,8 +326,8 @@ WS_AVX2 void rows_lookup(const PackedLinear& w, const float* x, int64_t r0, int6
     int64_t st = 0;
     for (; st + 2 <= steps; st += 2) {  // two steps, two chains
       if (((st * BITS) & 63) < 2 * BITS) prefetch_two_rows_on(row, w.row_bytes, st * BITS);  // once per line
-      const __m256 w0 = lookup(load_step8(row, st, BITS), dt.v);
-      const __m256 w1 = lookup(load_step8(row, st + 1, BITS), dt.v);
+      const __m256 w0 = lookup8<BITS, GATHER>(load_step8(row, st, BITS), dt.v);
+      const __m256 w1 = lookup8<BITS, GATHER>(load_step8(row, st + 1, BITS), dt.v);
 #pragma GCC unroll 4
       for (int m = 0; m < M; ++m) {
         const float* xm = x + m * w.in_features + st * 8;
@@ -339,7 +336,7 @@ WS_AVX2 void rows_lookup(const PackedLinear& w, const float* x, int64_t r0, int6
       }
     }
     if (st < steps) {
-      const __m256 w0 = lookup(load_step8(row, st, BITS), dt.v);
+      const __m256 w0 = lookup8<BITS, GATHER>(load_step8(row, st, BITS), dt.v);
       for (int m = 0; m < M; ++m)
         acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * w.in_features + st * 8), acc[m][0]);
     }

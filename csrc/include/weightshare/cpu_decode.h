@@ -205,6 +205,16 @@ WS_AVX2 inline __m256 lookup8_gather(uint64_t v, const float* table) {
   return _mm256_i32gather_ps(table, idx, 4);
 }
 
+// One of the two, chosen at compile time (a function with the AVX2 target: a lambda would not inherit it).
+template <int BITS, bool GATHER>
+WS_AVX2 inline __m256 lookup8(uint64_t v, const float* table) {
+  if constexpr (GATHER) {
+    return lookup8_gather<BITS>(v, table);
+  } else {
+    return lookup8_scalar<BITS>(v, table);
+  }
+}
+
 // Whether the AVX2 GEMV looks 5-8-bit codebooks up by gathers (lookup8_gather) rather than scalar loads
 // (lookup8_scalar), from WS_CPU_LOOKUP8 = gather | scalar (read on every call, so tests and benchmarks can compare
 // them); unset: whichever ran faster on this core in a timing of both taken at the first call
