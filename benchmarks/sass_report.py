@@ -49,11 +49,7 @@ def find_cuobjdump() -> str | None:
     if found:
         return found
     nvcc = shutil.which("nvcc")
-    homes = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
-    if nvcc:
-        homes.append(str(Path(os.path.realpath(nvcc)).parents[1]))
-        text = Path(nvcc).read_text(errors="ignore") if Path(nvcc).stat().st_size < 4096 else ""
-        homes += [str(Path(m).parents[1]) for m in re.findall(r"(/\S+/bin/nvcc)", text)]  # a wrapper script
+    homes = [os.environ.get("CUDA_HOME"), "/usr/local/cuda", nvcc and str(Path(os.path.realpath(nvcc)).parents[1])]
     for home in filter(None, homes):
         cand = Path(home) / "bin" / "cuobjdump"
         if cand.is_file():

@@ -120,7 +120,7 @@ LINEAR_PATHS = {
     "simt": ({"WS_CUDA_GEMV": "off"}, "launch_gemv(", 300, [1, 5, 8]),
     # the byte-table form takes 2 and 4 bits with a codebook per block (else the plain SIMT GEMV runs); 16-bit x of
     # more rows goes to the tensor-core GEMV
-    "simt_bytes": ({"WS_CUDA_GEMV": "bytes"}, "byte_table_kernel", 300, [1, 1]),
+    "simt_bytes": ({"WS_CUDA_GEMV": "bytes"}, "bool BYTES = true", 300, [1, 1]),
     "mma_gemv": ({"WS_CUDA_GEMV": "mma"}, "gemv_mma_kernel", 300, [1, 5, 16, 17, 40]),
     "default": ({}, "", 300, [1, 2, 16, 17]),
     "panels": ({"WS_CUDA_GEMV": "off", "WS_CUDA_LINEAR": "panels"}, "panel", 300, [17, 40]),
@@ -181,8 +181,8 @@ def test_emu_gemv_byte_table_is_bit_identical(emu, bits, dtype, M, out_f, in_f, 
     assert torch.equal(got.view(torch.int16 if dtype != torch.float32 else torch.int32),
                        want.view(torch.int16 if dtype != torch.float32 else torch.int32))
     assert torch.isnan(got).any() and not torch.isnan(got[:, 1::2]).any()
-    assert any("byte_table_kernel" in n for n in names) == (groups == 1 or (out_f // groups) % 16 == 0), names
-    assert not any("byte_table_kernel" in n for n in plain)
+    assert any("bool BYTES = true" in n for n in names) == (groups == 1 or (out_f // groups) % 16 == 0), names
+    assert not any("bool BYTES = true" in n for n in plain)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])

@@ -1,4 +1,4 @@
-// lookup8_gathers(): gathers or scalar loads for the AVX2 GEMV's 5-8-bit table lookups, timed once on this core.
+// lookup8_gathers(): gathers or scalar loads for the AVX2 GEMV's 6-8-bit table lookups, timed once on this core.
 //
 // Neither wins everywhere: AVX2 gathers are microcoded and slow on AMD (Zen 4 VM: 10 cycles per 8 entries against
 // 5.3-5.7 for scalar loads into lanes) and on Intel cores running the gather-data-sampling microcode, but fast on

@@ -17,9 +17,9 @@
 //    loaded without bounds checks where they lie inside the row cut the fp16 4-bit batch-1 loop from 995 to 673
 //    SASS instructions per 128 weights (5.3 per weight: shift, LOP3, LDS, FFMA, half an fp16 conversion, 0.8 other).
 //    Its byte-table form (BYTES; 2 and 4 bits, a codebook per block; kGemvBytesDefault: WS_CUDA_GEMV=bytes until a GPU
-//    run has timed it)
-//    looks each index *byte* up at once: a 256-entry table of the 2 (4 bits) or 4 (2 bits) fp32 weights a byte
-//    stands for, replicated so that the lanes of one shared-memory transaction read distinct banks. A PRMT, a LEA
+//    run has timed it) looks each index *byte* up at once: a 256-entry table of the 2 (4 bits) or 4 (2 bits) fp32
+//    weights a byte stands for, replicated so that the lanes of one shared-memory transaction read distinct banks. A
+//    PRMT, a LEA
 //    and one 8- or 16-byte load per byte instead of a shift, a LOP3 and a load per weight: SASS per 128 weights
 //    (fp16, batch 1) 673 -> 481 at 4 bits, 672 -> 401 at 2 bits. Same products in the same order: bit-identical.
 //  * the tensor-core GEMV (shared_linear_gemv_mma.cu) for fp16/bf16 x of 2 to 16 rows (gemv_mma_takes), so 16-bit x
@@ -493,8 +493,13 @@ bool gemv_bytes_wanted() {
   return mode == "bytes" || (mode != "off" && kGemvBytesDefault);
 }
 
-template <typename T, int BITS, bool INT8>
+// BYTES: the byte-table form (its own instantiation, so the emulator's launch log shows which form ran).
+template <typename T, int BITS, bool INT8, bool BYTES = false>
 void launch_gemv(GemvArgs a, int sms, const at::Tensor& like) {
+  if constexpr (!INT8 && !BYTES && byte_table_bits<BITS>()) {  // where asked and the block's rows share a codebook
+    const bool one_group = a.w.rows_per_group == a.w.N || a.w.rows_per_group % (kGemvWarps * kGemvRows) == 0;
+    if (one_group && gemv_bytes_wanted()) return launch_gemv<T, BITS, false, true>(a, sms, like);
+  }
   const int64_t M = a.out.M;
   // Two specialisations: M = 1 (the decode case) and up to 8 rows per block (the kernel stops at the real count).
   const int mt = M == 1 ? 1 : kGemvMaxMT;
@@ -504,35 +509,20 @@ void launch_gemv(GemvArgs a, int sms, const at::Tensor& like) {
   a.units_per_split = per;
   const at::Tensor ws = set_splits(a.out, splits, INT8, like);
   check_grid(splits, mblocks, nblocks);
-  // float x rows 16-byte aligned or not (int8 rows are padded: always); the byte table where asked and the block's
-  // rows share a codebook
-  const bool one_group = a.w.rows_per_group == a.w.N || a.w.rows_per_group % (kGemvWarps * kGemvRows) == 0;
-  [[maybe_unused]] const bool bytes = !INT8 && byte_table_bits<BITS>() && one_group && gemv_bytes_wanted();
+  // float x rows 16-byte aligned or not (int8 rows are padded: always)
   auto* kernel = [&] {
     if constexpr (INT8) {
       return mt == 1 ? gemv_kernel<T, BITS, 1, true, true, false> : gemv_kernel<T, BITS, kGemvMaxMT, true, true, false>;
     } else {
       if (a.x_vec) {
-        return mt == 1 ? gemv_kernel<T, BITS, 1, false, true, false>
-                       : gemv_kernel<T, BITS, kGemvMaxMT, false, true, false>;
+        return mt == 1 ? gemv_kernel<T, BITS, 1, false, true, BYTES>
+                       : gemv_kernel<T, BITS, kGemvMaxMT, false, true, BYTES>;
       }
-      return mt == 1 ? gemv_kernel<T, BITS, 1, false, false, false>
-                     : gemv_kernel<T, BITS, kGemvMaxMT, false, false, false>;
+      return mt == 1 ? gemv_kernel<T, BITS, 1, false, false, BYTES>
+                     : gemv_kernel<T, BITS, kGemvMaxMT, false, false, BYTES>;
     }
   }();
   const dim3 grid(static_cast<unsigned>(nblocks), splits, static_cast<unsigned>(mblocks));
-  if constexpr (!INT8 && byte_table_bits<BITS>()) {
-    if (bytes) {  // launched under its own name, which the emulator's launch log (tests) shows
-      auto* byte_table_kernel = a.x_vec ? (mt == 1 ? gemv_kernel<T, BITS, 1, false, true, true>
-                                                   : gemv_kernel<T, BITS, kGemvMaxMT, false, true, true>)
-                                        : (mt == 1 ? gemv_kernel<T, BITS, 1, false, false, true>
-                                                   : gemv_kernel<T, BITS, kGemvMaxMT, false, false, true>);
-      byte_table_kernel<<<grid, kGemvWarps * 32, 0, cuda::stream()>>>(a);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      finalize(a.out, INT8);
-      return;
-    }
-  }
   kernel<<<grid, kGemvWarps * 32, 0, cuda::stream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   finalize(a.out, INT8);

@@ -215,7 +215,7 @@ WS_AVX2 inline __m256 lookup8(uint64_t v, const float* table) {
   }
 }
 
-// Whether the AVX2 GEMV looks 5-8-bit codebooks up by gathers (lookup8_gather) rather than scalar loads
+// Whether the AVX2 GEMV looks 6-8-bit codebooks up by gathers (lookup8_gather) rather than scalar loads
 // (lookup8_scalar), from WS_CPU_LOOKUP8 = gather | scalar (read on every call, so tests and benchmarks can compare
 // them); unset: whichever ran faster on this core in a timing of both taken at the first call
 // (csrc/cpu/lookup8_choice.cpp). The results are the same bits either way.
